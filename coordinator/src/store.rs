@@ -1,0 +1,355 @@
+//! Durable coordinator state in SQLite (WAL mode), through sqlx. Thin: each
+//! method is one statement or one transaction, and knows nothing of rounds.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::Context;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use tessera_protocol::ids::{JobId, SiteId};
+use tessera_protocol::stats::Normalization;
+
+/// Handle to the coordinator database.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// A job row as listed by the CLI.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct JobRow {
+    pub id: i64,
+    pub name: String,
+    pub job_toml: String,
+    pub job_hash: String,
+    pub status: String,
+    pub phase: String,
+    pub rounds_total: i64,
+    pub rounds_done: i64,
+    pub strategy: String,
+    pub model: String,
+    pub created_at_ms: i64,
+    pub error: String,
+    pub final_model_hash: Option<String>,
+    pub n_features: Option<i64>,
+    pub normalization: Option<String>,
+}
+
+/// One finished round.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RoundRow {
+    pub round: i64,
+    pub base_model_hash: String,
+    pub model_hash: String,
+    pub total_weight: f64,
+    pub mean_train_loss: f64,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct MemberRow {
+    pub round: i64,
+    pub site_id: String,
+    pub outcome: String,
+    pub n_samples: i64,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct MetricsRow {
+    pub round: i64,
+    pub site_id: String,
+    pub model_hash: String,
+    pub n_test: i64,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub auc: Option<f64>,
+}
+
+/// A finished round, ready to be written in one transaction.
+pub struct RoundRecord<'a> {
+    pub job_id: JobId,
+    pub round: u32,
+    pub base_model_hash: &'a str,
+    pub model_hash: &'a str,
+    pub model_bytes: &'a [u8],
+    pub n_params: usize,
+    pub total_weight: f64,
+    pub mean_train_loss: f64,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    /// (site, outcome, n_samples)
+    pub members: Vec<(SiteId, String, u64)>,
+}
+
+const JOB_COLUMNS: &str = "id, name, job_toml, job_hash, status, phase, rounds_total, rounds_done, strategy, model, \
+     created_at_ms, error, final_model_hash, n_features, normalization";
+
+impl Store {
+    /// Opens (creating if needed) the database and applies the embedded migrations.
+    pub async fn open(path: &Path) -> anyhow::Result<Self> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .with_context(|| format!("bad database path {}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("cannot open database {}", path.display()))?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .with_context(|| format!("cannot migrate database {}", path.display()))?;
+        Ok(Self { pool })
+    }
+
+    pub async fn insert_job(&self, job_toml: &str, job_hash: &str, name: &str, rounds: u32, strategy: &str, model: &str, now_ms: i64) -> anyhow::Result<JobId> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO jobs (name, job_toml, job_hash, status, rounds_total, strategy, model, created_at_ms) \
+             VALUES (?, ?, ?, 'queued', ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(job_toml)
+        .bind(job_hash)
+        .bind(i64::from(rounds))
+        .bind(strategy)
+        .bind(model)
+        .bind(now_ms)
+        .fetch_one(&self.pool)
+        .await
+        .context("cannot insert job")?;
+        Ok(JobId(id as u64))
+    }
+
+    pub async fn job(&self, job_id: JobId) -> anyhow::Result<Option<JobRow>> {
+        let row = sqlx::query_as::<_, JobRow>(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
+            .bind(job_id.0 as i64)
+            .fetch_optional(&self.pool)
+            .await
+            .with_context(|| format!("cannot read job {job_id}"))?;
+        Ok(row)
+    }
+
+    pub async fn jobs(&self) -> anyhow::Result<Vec<JobRow>> {
+        let rows = sqlx::query_as::<_, JobRow>(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await
+            .context("cannot list jobs")?;
+        Ok(rows)
+    }
+
+    /// The oldest queued job, if any.
+    pub async fn next_queued(&self) -> anyhow::Result<Option<JobRow>> {
+        let row = sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1"
+        ))
+        .fetch_optional(&self.pool)
+        .await
+        .context("cannot read job queue")?;
+        Ok(row)
+    }
+
+    pub async fn set_status(&self, job_id: JobId, status: &str, error: &str, now_ms: i64) -> anyhow::Result<()> {
+        let finished = matches!(status, "finished" | "failed" | "cancelled").then_some(now_ms);
+        sqlx::query("UPDATE jobs SET status = ?, error = ?, finished_at_ms = COALESCE(?, finished_at_ms) WHERE id = ?")
+            .bind(status)
+            .bind(error)
+            .bind(finished)
+            .bind(job_id.0 as i64)
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("cannot update job {job_id}"))?;
+        Ok(())
+    }
+
+    /// Cancels a job that has not started; returns false if it is not queued.
+    pub async fn cancel_if_queued(&self, job_id: JobId, now_ms: i64) -> anyhow::Result<bool> {
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', error = 'cancelled by operator', finished_at_ms = ? \
+             WHERE id = ? AND status = 'queued'",
+        )
+        .bind(now_ms)
+        .bind(job_id.0 as i64)
+        .execute(&self.pool)
+        .await
+        .with_context(|| format!("cannot cancel job {job_id}"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Jobs left `running` by a previous coordinator process cannot resume
+    /// (their round state lived in memory): mark them failed, saying why.
+    pub async fn fail_interrupted(&self, now_ms: i64) -> anyhow::Result<u64> {
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'failed', error = 'coordinator restarted while the job was running', \
+             finished_at_ms = ? WHERE status = 'running'",
+        )
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .context("cannot mark interrupted jobs")?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn set_phase(&self, job_id: JobId, phase: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE jobs SET phase = ? WHERE id = ?")
+            .bind(phase)
+            .bind(job_id.0 as i64)
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("cannot update job {job_id}"))?;
+        Ok(())
+    }
+
+    pub async fn set_preprocessing(&self, job_id: JobId, n_features: usize, normalization: &Normalization) -> anyhow::Result<()> {
+        let json = serde_json::json!({ "mean": normalization.mean, "std": normalization.std }).to_string();
+        sqlx::query("UPDATE jobs SET n_features = ?, normalization = ? WHERE id = ?")
+            .bind(n_features as i64)
+            .bind(json)
+            .bind(job_id.0 as i64)
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("cannot store preprocessing of job {job_id}"))?;
+        Ok(())
+    }
+
+    pub async fn put_model(&self, hash: &str, n_params: usize, bytes: &[u8], now_ms: i64) -> anyhow::Result<()> {
+        sqlx::query("INSERT OR IGNORE INTO models (hash, n_params, data, created_at_ms) VALUES (?, ?, ?, ?)")
+            .bind(hash)
+            .bind(n_params as i64)
+            .bind(bytes)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("cannot store model {hash}"))?;
+        Ok(())
+    }
+
+    pub async fn model(&self, hash: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let bytes: Option<Vec<u8>> = sqlx::query_scalar("SELECT data FROM models WHERE hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await
+            .with_context(|| format!("cannot read model {hash}"))?;
+        Ok(bytes)
+    }
+
+    /// Stores a round's model, its row, its members and the job's progress,
+    /// atomically: a crash leaves either all of the round or none of it.
+    pub async fn record_round(&self, r: &RoundRecord<'_>) -> anyhow::Result<()> {
+        let job = r.job_id.0 as i64;
+        let mut tx = self.pool.begin().await.context("cannot begin transaction")?;
+        sqlx::query("INSERT OR IGNORE INTO models (hash, n_params, data, created_at_ms) VALUES (?, ?, ?, ?)")
+            .bind(r.model_hash)
+            .bind(r.n_params as i64)
+            .bind(r.model_bytes)
+            .bind(r.finished_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO rounds (job_id, round, base_model_hash, model_hash, total_weight, mean_train_loss, \
+             started_at_ms, finished_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job)
+        .bind(i64::from(r.round))
+        .bind(r.base_model_hash)
+        .bind(r.model_hash)
+        .bind(r.total_weight)
+        .bind(r.mean_train_loss)
+        .bind(r.started_at_ms)
+        .bind(r.finished_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        for (site, outcome, n_samples) in &r.members {
+            sqlx::query("INSERT INTO round_members (job_id, round, site_id, outcome, n_samples) VALUES (?, ?, ?, ?, ?)")
+                .bind(job)
+                .bind(i64::from(r.round))
+                .bind(site.as_str())
+                .bind(outcome)
+                .bind(*n_samples as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("UPDATE jobs SET rounds_done = ?, final_model_hash = ? WHERE id = ?")
+            .bind(i64::from(r.round))
+            .bind(r.model_hash)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit()
+            .await
+            .with_context(|| format!("cannot store round {} of job {}", r.round, r.job_id))?;
+        Ok(())
+    }
+
+    pub async fn rounds(&self, job_id: JobId) -> anyhow::Result<Vec<RoundRow>> {
+        let rows = sqlx::query_as::<_, RoundRow>(
+            "SELECT round, base_model_hash, model_hash, total_weight, mean_train_loss, started_at_ms, finished_at_ms \
+             FROM rounds WHERE job_id = ? ORDER BY round",
+        )
+        .bind(job_id.0 as i64)
+        .fetch_all(&self.pool)
+        .await
+        .with_context(|| format!("cannot read rounds of job {job_id}"))?;
+        Ok(rows)
+    }
+
+    pub async fn members(&self, job_id: JobId) -> anyhow::Result<Vec<MemberRow>> {
+        let rows = sqlx::query_as::<_, MemberRow>(
+            "SELECT round, site_id, outcome, n_samples FROM round_members WHERE job_id = ? ORDER BY round, site_id",
+        )
+        .bind(job_id.0 as i64)
+        .fetch_all(&self.pool)
+        .await
+        .with_context(|| format!("cannot read round members of job {job_id}"))?;
+        Ok(rows)
+    }
+
+    /// Stores a site's evaluation; a repeated report for the same round is ignored.
+    pub async fn insert_metrics(&self, job_id: JobId, m: &MetricsRow) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO metrics (job_id, round, site_id, model_hash, n_test, loss, accuracy, auc) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job_id.0 as i64)
+        .bind(m.round)
+        .bind(&m.site_id)
+        .bind(&m.model_hash)
+        .bind(m.n_test)
+        .bind(m.loss)
+        .bind(m.accuracy)
+        .bind(m.auc)
+        .execute(&self.pool)
+        .await
+        .with_context(|| format!("cannot store metrics of job {job_id}"))?;
+        Ok(())
+    }
+
+    pub async fn metrics(&self, job_id: JobId) -> anyhow::Result<Vec<MetricsRow>> {
+        let rows = sqlx::query_as::<_, MetricsRow>(
+            "SELECT round, site_id, model_hash, n_test, loss, accuracy, auc FROM metrics WHERE job_id = ? \
+             ORDER BY round, site_id",
+        )
+        .bind(job_id.0 as i64)
+        .fetch_all(&self.pool)
+        .await
+        .with_context(|| format!("cannot read metrics of job {job_id}"))?;
+        Ok(rows)
+    }
+
+    pub async fn touch_site(&self, site: &SiteId, now_ms: i64) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO sites (site_id, first_seen_ms, last_seen_ms) VALUES (?, ?, ?) \
+             ON CONFLICT(site_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
+        )
+        .bind(site.as_str())
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .with_context(|| format!("cannot record site {site}"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,392 @@
+//! Reading a site's CSV file through its [`Schema`] into encoded rows.
+//!
+//! The file is streamed record by record (never read whole), each cell is
+//! checked, and the first malformed cell stops the read with an error naming
+//! the file, the line and the column. Rows with a missing value in a used
+//! column are dropped and counted per column, so `tessera-participant check`
+//! can show the data team exactly what was left out.
+
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha20Rng;
+
+use crate::schema::{ColumnKind, Schema, SplitSpec};
+
+/// Encoded rows of one site: features row-major, labels 0/1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub n_features: usize,
+    pub features: Vec<f32>,
+    pub labels: Vec<f32>,
+}
+
+/// What reading a file found, besides the rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadReport {
+    pub rows_read: usize,
+    pub rows_kept: usize,
+    /// Missing cells per used column, in file order.
+    pub missing_per_column: Vec<(String, usize)>,
+}
+
+/// Why a data file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read {}: {source}", file.display())]
+    Io {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: column {column} (`{name}`): {reason}", file.display())]
+    Malformed {
+        file: PathBuf,
+        line: u64,
+        /// 1-based column number.
+        column: usize,
+        name: String,
+        reason: String,
+    },
+    #[error("{}:{line}: expected {expected} fields, found {found}", file.display())]
+    FieldCount {
+        file: PathBuf,
+        line: u64,
+        expected: usize,
+        found: usize,
+    },
+    #[error("{}: header does not match the schema: expected `{expected}`, found `{found}`", file.display())]
+    Header {
+        file: PathBuf,
+        expected: String,
+        found: String,
+    },
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.features[i * self.n_features..(i + 1) * self.n_features]
+    }
+
+    pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.features.chunks_exact(self.n_features.max(1))
+    }
+
+    /// Positive labels.
+    pub fn n_positive(&self) -> usize {
+        self.labels.iter().filter(|&&y| y > 0.5).count()
+    }
+
+    /// Deterministic split: a ChaCha20 permutation seeded by `split.seed`;
+    /// the first `ceil(test_fraction * n)` permuted rows form the test split.
+    /// Returns `(train, test)`.
+    pub fn split(&self, split: &SplitSpec) -> (Dataset, Dataset) {
+        let n = self.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut ChaCha20Rng::seed_from_u64(split.seed));
+        // Guard against 0.34 * 100 = 34.000000000000004 rounding up to 35.
+        let n_test = ((split.test_fraction * n as f64) - 1e-9).ceil().max(0.0) as usize;
+        let n_test = n_test.min(n);
+        let (test_idx, train_idx) = order.split_at(n_test);
+        (self.select(train_idx), self.select(test_idx))
+    }
+
+    /// Rows at `indices`, in that order.
+    pub fn select(&self, indices: &[usize]) -> Dataset {
+        let mut features = Vec::with_capacity(indices.len() * self.n_features);
+        let mut labels = Vec::with_capacity(indices.len());
+        for &i in indices {
+            features.extend_from_slice(self.row(i));
+            labels.push(self.labels[i]);
+        }
+        Dataset {
+            n_features: self.n_features,
+            features,
+            labels,
+        }
+    }
+
+    /// Concatenation of several datasets of the same width.
+    pub fn concat(parts: &[Dataset]) -> Dataset {
+        let n_features = parts.first().map_or(0, |d| d.n_features);
+        let mut out = Dataset {
+            n_features,
+            features: Vec::new(),
+            labels: Vec::new(),
+        };
+        for part in parts {
+            assert_eq!(part.n_features, n_features, "datasets of different widths");
+            out.features.extend_from_slice(&part.features);
+            out.labels.extend_from_slice(&part.labels);
+        }
+        out
+    }
+}
+
+/// Reads and encodes a CSV file with `schema`.
+pub fn read_csv(path: &Path, schema: &Schema) -> Result<(Dataset, ReadReport), DataError> {
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+        file: path.to_owned(),
+        source,
+    })?;
+    read_csv_from(std::io::BufReader::new(file), path, schema)
+}
+
+/// [`read_csv`] over any reader; `path` is only used in error messages.
+pub fn read_csv_from(reader: impl std::io::Read, path: &Path, schema: &Schema) -> Result<(Dataset, ReadReport), DataError> {
+    let mut csv_reader = csv::ReaderBuilder::new()
+        .delimiter(schema.delimiter)
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(reader);
+    let n_features = schema.feature_names().len();
+    let mut dataset = Dataset {
+        n_features,
+        features: Vec::new(),
+        labels: Vec::new(),
+    };
+    let mut missing_per_column: Vec<(String, usize)> = schema
+        .columns
+        .iter()
+        .filter(|c| c.kind != ColumnKind::Drop)
+        .map(|c| (c.name.clone(), 0))
+        .collect();
+    let mut rows_read = 0;
+    let mut record = csv::StringRecord::new();
+    let mut encoded = Vec::with_capacity(n_features);
+    let mut first = true;
+    loop {
+        let more = csv_reader.read_record(&mut record).map_err(|e| csv_error(path, e))?;
+        if !more {
+            break;
+        }
+        let line = record.position().map_or(0, |p| p.line());
+        if first && schema.header {
+            first = false;
+            check_header(path, schema, &record)?;
+            continue;
+        }
+        first = false;
+        if record.len() == 1 && record[0].trim().is_empty() {
+            continue; // blank line
+        }
+        if record.len() != schema.columns.len() {
+            return Err(DataError::FieldCount {
+                file: path.to_owned(),
+                line,
+                expected: schema.columns.len(),
+                found: record.len(),
+            });
+        }
+        rows_read += 1;
+        encoded.clear();
+        let mut label = None;
+        let mut row_missing = false;
+        let mut used_index = 0;
+        for (index, (column, cell)) in schema.columns.iter().zip(record.iter()).enumerate() {
+            if column.kind == ColumnKind::Drop {
+                continue;
+            }
+            let cell = cell.trim();
+            let malformed = |reason: String| DataError::Malformed {
+                file: path.to_owned(),
+                line,
+                column: index + 1,
+                name: column.name.clone(),
+                reason,
+            };
+            let is_missing = cell.is_empty()
+                || schema.missing_markers.iter().any(|m| m == cell)
+                || (column.zero_means_missing && cell.parse::<f64>() == Ok(0.0));
+            if is_missing {
+                missing_per_column[used_index].1 += 1;
+                row_missing = true;
+                used_index += 1;
+                continue;
+            }
+            used_index += 1;
+            match &column.kind {
+                ColumnKind::Numeric => {
+                    let value = parse_number(cell).map_err(malformed)?;
+                    encoded.push(value as f32);
+                }
+                ColumnKind::Categorical { categories } => {
+                    let hit = categories.iter().position(|c| same_category(c, cell)).ok_or_else(|| {
+                        malformed(format!("`{cell}` is not one of the declared categories {categories:?}"))
+                    })?;
+                    encoded.extend((0..categories.len()).map(|k| if k == hit { 1.0 } else { 0.0 }));
+                }
+                ColumnKind::Label => {
+                    let value = parse_number(cell).map_err(malformed)?;
+                    label = Some(if schema.label.op.holds(value, schema.label.threshold) { 1.0 } else { 0.0 });
+                }
+                ColumnKind::Drop => unreachable!("skipped above"),
+            }
+        }
+        if row_missing {
+            continue;
+        }
+        // The schema has exactly one label column and no missing cell was
+        // seen, so the label is set.
+        dataset.labels.push(label.expect("label column present"));
+        dataset.features.extend_from_slice(&encoded);
+    }
+    let report = ReadReport {
+        rows_read,
+        rows_kept: dataset.len(),
+        missing_per_column,
+    };
+    Ok((dataset, report))
+}
+
+fn parse_number(cell: &str) -> Result<f64, String> {
+    match cell.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err(format!("`{cell}` is not a finite number")),
+        Err(_) => Err(format!("`{cell}` is not a number")),
+    }
+}
+
+/// Categories match as numbers when both parse (`1.0` is `1`), else as text.
+fn same_category(declared: &str, cell: &str) -> bool {
+    match (declared.parse::<f64>(), cell.parse::<f64>()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => declared == cell,
+    }
+}
+
+fn check_header(path: &Path, schema: &Schema, record: &csv::StringRecord) -> Result<(), DataError> {
+    let expected: Vec<&str> = schema.columns.iter().map(|c| c.name.as_str()).collect();
+    let found: Vec<&str> = record.iter().map(str::trim).collect();
+    if expected != found {
+        return Err(DataError::Header {
+            file: path.to_owned(),
+            expected: expected.join(","),
+            found: found.join(","),
+        });
+    }
+    Ok(())
+}
+
+fn csv_error(path: &Path, error: csv::Error) -> DataError {
+    let line = error.position().map_or(0, |p| p.line());
+    match error.into_kind() {
+        csv::ErrorKind::Io(source) => DataError::Io {
+            file: path.to_owned(),
+            source,
+        },
+        other => DataError::Malformed {
+            file: path.to_owned(),
+            line,
+            column: 0,
+            name: String::new(),
+            reason: format!("{other:?}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::Schema;
+    use proptest::prelude::*;
+
+    const SCHEMA: &str = r#"
+[format]
+missing_markers = ["?"]
+[label]
+column = "y"
+positive_if = "> 0"
+[split]
+test_fraction = 0.34
+seed = 42
+[[column]]
+name = "a"
+kind = "numeric"
+zero_means_missing = true
+[[column]]
+name = "c"
+kind = "categorical"
+categories = ["1", "2", "3"]
+[[column]]
+name = "skip"
+kind = "drop"
+[[column]]
+name = "y"
+kind = "label"
+"#;
+
+    fn read(text: &str) -> Result<(Dataset, ReadReport), DataError> {
+        let schema = Schema::from_toml(SCHEMA).unwrap();
+        read_csv_from(text.as_bytes(), Path::new("site.csv"), &schema)
+    }
+
+    #[test]
+    fn encodes_rows_and_drops_missing() {
+        let (data, report) = read("1.5,2,?,0\n?,1,x,3\n0,3,x,1\n2,3.0,x,2\n").unwrap();
+        assert_eq!(data.n_features, 4);
+        assert_eq!(data.features, vec![1.5, 0.0, 1.0, 0.0, 2.0, 0.0, 0.0, 1.0]);
+        assert_eq!(data.labels, vec![0.0, 1.0]);
+        assert_eq!(report.rows_read, 4);
+        assert_eq!(report.rows_kept, 2);
+        // `?` in a dropped column does not count; `0` in `a` means missing.
+        assert_eq!(
+            report.missing_per_column,
+            vec![("a".into(), 2), ("c".into(), 0), ("y".into(), 0)]
+        );
+    }
+
+    #[test]
+    fn malformed_cells_name_file_line_and_column() {
+        let err = read("1,2,x,0\n1,abc,x,0\n").unwrap_err().to_string();
+        assert_eq!(err, "site.csv:2: column 2 (`c`): `abc` is not one of the declared categories [\"1\", \"2\", \"3\"]");
+        let err = read("1,2,x,0\n1,2,x,0\nzz,2,x,0\n").unwrap_err().to_string();
+        assert_eq!(err, "site.csv:3: column 1 (`a`): `zz` is not a number");
+        let err = read("1,2,x,0\n1,2,x,inf\n").unwrap_err().to_string();
+        assert_eq!(err, "site.csv:2: column 4 (`y`): `inf` is not a finite number");
+        let err = read("1,2,x\n").unwrap_err().to_string();
+        assert_eq!(err, "site.csv:1: expected 4 fields, found 3");
+    }
+
+    #[test]
+    fn split_is_deterministic_and_sized_like_flamby() {
+        let text: String = (0..303).map(|i| format!("{i},1,x,{}\n", i % 2)).collect();
+        let (data, _) = read(&text).unwrap();
+        let schema = Schema::from_toml(SCHEMA).unwrap();
+        let (train, test) = data.split(&schema.split);
+        assert_eq!((train.len(), test.len()), (199, 104));
+        assert_eq!(data.split(&schema.split), (train.clone(), test.clone()));
+        let other = data.split(&SplitSpec { seed: 7, ..schema.split });
+        assert_ne!(other.1, test);
+        // Train and test partition the rows (first feature is the row number).
+        let mut seen: Vec<f32> = train.rows().chain(test.rows()).map(|r| r[0]).collect();
+        seen.sort_by(f32::total_cmp);
+        assert_eq!(seen, (0..303).map(|i| i as f32).collect::<Vec<_>>());
+    }
+
+    proptest! {
+        /// The reader never panics, whatever bytes a file holds.
+        #[test]
+        fn reader_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let schema = Schema::from_toml(SCHEMA).unwrap();
+            let _ = read_csv_from(bytes.as_slice(), Path::new("f"), &schema);
+        }
+
+        #[test]
+        fn split_sizes(n in 1usize..400, frac in 0.01f64..0.99) {
+            let data = Dataset { n_features: 1, features: (0..n).map(|i| i as f32).collect(), labels: vec![0.0; n] };
+            let (train, test) = data.split(&SplitSpec { test_fraction: frac, seed: 1 });
+            prop_assert_eq!(train.len() + test.len(), n);
+            prop_assert!((test.len() as f64) >= frac * n as f64 - 1e-6);
+            prop_assert!((test.len() as f64) < frac * n as f64 + 1.0);
+        }
+    }
+}

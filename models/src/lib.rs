@@ -1,0 +1,15 @@
+//! Everything that touches local data or Burn: dataset schemas and readers,
+//! the Burn networks built from a [`tessera_protocol::model::Layout`], and the
+//! local training and evaluation loops. Linked by the participant only; the
+//! coordinator never trains (DESIGN.md invariant 4).
+
+pub mod data;
+pub mod metrics;
+pub mod net;
+pub mod schema;
+pub mod train;
+
+/// The CPU device used by default: Burn's pure-Rust Flex backend with autodiff.
+pub fn default_device() -> burn::prelude::Device {
+    burn::prelude::Device::flex().autodiff()
+}

@@ -1,0 +1,33 @@
+//! Tessera's protocol core: everything two parties must agree on, and nothing
+//! that touches a socket, a clock or a file.
+//!
+//! ```text
+//!  job.toml ──► job::JobSpec (validated once, at submission)
+//!  site stats ──► stats::FeatureStats ──► stats::secure_sum_stats ──► Normalization
+//!  site updates ──► round::RoundCollector ──► aggregate::SecureSum ──► strategy::Strategy ──► new global model
+//! ```
+//!
+//! Non-goals: no async runtime, no tonic service implementations, no SQLite, no
+//! filesystem access. The coordinator and the participant wrap these pure types
+//! in thin IO layers, so a test can drive dozens of simulated sites in
+//! milliseconds. The only wire-level item here is [`pb`], the code generated from
+//! `proto/tessera.proto`, shared by both ends.
+
+pub mod aggregate;
+pub mod ids;
+pub mod job;
+pub mod model;
+pub mod round;
+pub mod stats;
+pub mod strategy;
+
+/// Generated protobuf messages and tonic stubs for `proto/tessera.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("tessera.v1");
+}
+
+/// Size of the chunks that models and updates are streamed in. Well under
+/// gRPC's default 4 MiB message limit, so a model of any size travels with
+/// default limits.
+pub const CHUNK_BYTES: usize = 1 << 20;
