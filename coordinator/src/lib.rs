@@ -1,1 +1,25 @@
+//! The coordinator: a tonic server that runs jobs round by round, persists
+//! everything in SQLite, and never links Burn (it handles flat parameter
+//! vectors only). Also the library behind the `tessera` CLI.
+//!
+//! - [`state`]: the in-memory view of the running job, shared by the RPC
+//!   handlers and the driver; protocol decisions are delegated to the pure
+//!   machines of `tessera_protocol`.
+//! - [`driver`]: the loop that takes queued jobs through preprocessing, rounds
+//!   and final evaluation.
+//! - [`rpc`]: thin tonic services (identify, decode, call one method, encode).
+//! - [`store`]: sqlx + SQLite persistence.
+//! - [`cli`]: the `tessera` command for ML leads.
 
+pub mod cli;
+pub mod driver;
+pub mod rpc;
+pub mod state;
+pub mod store;
+
+/// Wall-clock milliseconds since the Unix epoch, for stored timestamps.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

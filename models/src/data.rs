@@ -358,7 +358,7 @@ kind = "label"
 
     #[test]
     fn split_is_deterministic_and_sized_like_flamby() {
-        let text: String = (0..303).map(|i| format!("{i},1,x,{}\n", i % 2)).collect();
+        let text: String = (1..=303).map(|i| format!("{i},1,x,{}\n", i % 2)).collect();
         let (data, _) = read(&text).unwrap();
         let schema = Schema::from_toml(SCHEMA).unwrap();
         let (train, test) = data.split(&schema.split);
@@ -366,10 +366,10 @@ kind = "label"
         assert_eq!(data.split(&schema.split), (train.clone(), test.clone()));
         let other = data.split(&SplitSpec { seed: 7, ..schema.split });
         assert_ne!(other.1, test);
-        // Train and test partition the rows (first feature is the row number).
+        // Train and test partition the rows (first feature is the 1-based row number).
         let mut seen: Vec<f32> = train.rows().chain(test.rows()).map(|r| r[0]).collect();
         seen.sort_by(f32::total_cmp);
-        assert_eq!(seen, (0..303).map(|i| i as f32).collect::<Vec<_>>());
+        assert_eq!(seen, (1..=303).map(|i| i as f32).collect::<Vec<_>>());
     }
 
     proptest! {

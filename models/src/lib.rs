@@ -9,6 +9,8 @@ pub mod net;
 pub mod schema;
 pub mod train;
 
+pub use burn::prelude::Device;
+
 /// The CPU device used by default: Burn's pure-Rust Flex backend with autodiff.
 pub fn default_device() -> burn::prelude::Device {
     burn::prelude::Device::flex().autodiff()

@@ -82,7 +82,7 @@ impl Net {
 fn tensor_values(data: TensorData) -> Vec<f32> {
     // The tensors were created from f32 data on a float backend, so the
     // conversion cannot fail.
-    data.convert::<f32>().to_vec::<f32>().expect("float tensor data")
+    data.convert::<f32>().try_to_vec::<f32>().expect("float tensor data")
 }
 
 #[cfg(test)]

@@ -118,7 +118,7 @@ pub fn predict_logits(layout: &Layout, params: &[f32], data: &Dataset, device: &
     let model = Net::from_flat(layout, params, device)?;
     let x = Tensor::<2>::from_data(TensorData::new(data.features.clone(), [data.len(), data.n_features]), device);
     let out = model.forward(x).into_data();
-    Ok(out.convert::<f32>().to_vec::<f32>().expect("float logits"))
+    Ok(out.convert::<f32>().try_to_vec::<f32>().expect("float logits"))
 }
 
 fn check_width(layout: &Layout, data: &Dataset) -> Result<(), TrainError> {

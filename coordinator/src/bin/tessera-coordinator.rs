@@ -1,1 +1,84 @@
-fn main() {}
+//! `tessera-coordinator`: the gRPC server that runs federated jobs.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tessera_coordinator::rpc::{FederationService, JobsService};
+use tessera_coordinator::state::Shared;
+use tessera_coordinator::store::Store;
+use tessera_coordinator::{driver, unix_ms};
+use tessera_protocol::ids::SiteId;
+use tessera_protocol::pb::federation_server::FederationServer;
+use tessera_protocol::pb::jobs_server::JobsServer;
+use tracing::{info, warn};
+
+/// Runs federated training jobs for a consortium of sites.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// SQLite database holding jobs, rounds, models and metrics.
+    #[arg(long, default_value = "tessera-coordinator.db")]
+    db: PathBuf,
+    /// Site ids allowed to take part (comma-separated or repeated). Without
+    /// it, any well-formed site id is admitted.
+    #[arg(long = "allow-site", value_delimiter = ',')]
+    allow_sites: Vec<String>,
+    /// Write the bound port to this file once listening (for scripts and tests).
+    #[arg(long)]
+    port_file: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn,h2=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let allowed_sites = if args.allow_sites.is_empty() {
+        warn!("no --allow-site given: any site id is admitted");
+        None
+    } else {
+        let sites = args
+            .allow_sites
+            .iter()
+            .map(|s| SiteId::new(s).with_context(|| format!("bad --allow-site `{s}`")))
+            .collect::<anyhow::Result<BTreeSet<_>>>()?;
+        Some(sites)
+    };
+    let store = Store::open(&args.db).await?;
+    let interrupted = store.fail_interrupted(unix_ms()).await?;
+    if interrupted > 0 {
+        warn!(interrupted, "jobs interrupted by a previous shutdown were marked failed");
+    }
+    let shared = Arc::new(Shared::new(store, allowed_sites));
+    tokio::spawn(driver::run(shared.clone()));
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let bound = listener.local_addr()?;
+    if let Some(path) = &args.port_file {
+        std::fs::write(path, bound.port().to_string()).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    info!(addr = %bound, db = %args.db.display(), "coordinator listening");
+    tonic::transport::Server::builder()
+        .add_service(FederationServer::new(FederationService::new(shared.clone())))
+        .add_service(JobsServer::new(JobsService::new(shared)))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            let _ = tokio::signal::ctrl_c().await;
+            info!("shutting down");
+        })
+        .await
+        .context("server failed")?;
+    Ok(())
+}

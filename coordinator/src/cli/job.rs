@@ -1,0 +1,254 @@
+//! `tessera job submit | list | status | cancel`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tessera_protocol::job::JobSpec;
+use tessera_protocol::pb;
+use tessera_protocol::pb::jobs_client::JobsClient;
+use tonic::transport::Channel;
+
+use super::{CliError, CliResult, connect};
+
+#[derive(Subcommand)]
+pub(crate) enum JobCommand {
+    /// Validate a job file and submit it.
+    Submit {
+        file: PathBuf,
+        /// Print the job id and hash as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List all jobs.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a job's rounds and per-site metrics.
+    Status {
+        job_id: u64,
+        /// Follow the job live until it ends.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or running job.
+    Cancel { job_id: u64 },
+}
+
+pub(crate) async fn exec(addr: &str, cmd: JobCommand) -> CliResult {
+    match cmd {
+        JobCommand::Submit { file, json } => submit(addr, &file, json).await,
+        JobCommand::List { json } => list(addr, json).await,
+        JobCommand::Status { job_id, watch, json } => {
+            let mut client = JobsClient::new(connect(addr).await?);
+            if watch {
+                watch_job(&mut client, job_id).await?;
+            }
+            let status = client.job_status(pb::JobStatusRequest { job_id }).await?.into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status_json(&status)).context("cannot encode JSON")?);
+            } else {
+                print_status(&status);
+            }
+            let finished = status.job.as_ref().is_some_and(|j| j.status == "finished");
+            Ok(if !watch || finished { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        JobCommand::Cancel { job_id } => {
+            let mut client = JobsClient::new(connect(addr).await?);
+            let reply = client.cancel_job(pb::CancelJobRequest { job_id }).await?.into_inner();
+            eprintln!("job {job_id}: {}", reply.status);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn submit(addr: &str, file: &PathBuf, json: bool) -> CliResult {
+    let job_toml = std::fs::read_to_string(file).map_err(|e| CliError::User(format!("cannot read {}: {e}", file.display())))?;
+    // Validate locally first: the same rules as the coordinator, with the
+    // file name in the message.
+    JobSpec::from_toml(&job_toml).map_err(|e| CliError::User(format!("{}: {e}", file.display())))?;
+    let mut client = JobsClient::new(connect(addr).await?);
+    let reply = client.submit_job(pb::SubmitJobRequest { job_toml }).await?.into_inner();
+    if json {
+        println!("{}", json!({ "job_id": reply.job_id, "job_hash": reply.job_hash }));
+    } else {
+        println!("{}", reply.job_id);
+        eprintln!("submitted job {} (sha256 {})", reply.job_id, reply.job_hash);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(addr: &str, json: bool) -> CliResult {
+    let mut client = JobsClient::new(connect(addr).await?);
+    let jobs = client.list_jobs(pb::ListJobsRequest {}).await?.into_inner().jobs;
+    if json {
+        let rows: Vec<_> = jobs.iter().map(summary_json).collect();
+        println!("{}", serde_json::to_string_pretty(&rows).context("cannot encode JSON")?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:>4}  {:<24} {:<10} {:>8}  {:<16} {}", "id", "name", "status", "rounds", "strategy", "model");
+    for j in &jobs {
+        println!(
+            "{:>4}  {:<24} {:<10} {:>8}  {:<16} {}",
+            j.job_id,
+            j.name,
+            j.status,
+            format!("{}/{}", j.rounds_done, j.rounds_total),
+            j.strategy,
+            j.model
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Follows a job with a progress bar, printing a line per completed round.
+async fn watch_job(client: &mut JobsClient<Channel>, job_id: u64) -> Result<(), CliError> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} job {prefix} [{bar:30}] {pos}/{len} rounds  {elapsed_precise}  {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(job_id.to_string());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut printed = 0usize;
+    loop {
+        let status = client.job_status(pb::JobStatusRequest { job_id }).await?.into_inner();
+        let job = status.job.clone().unwrap_or_default();
+        bar.set_length(u64::from(job.rounds_total));
+        bar.set_position(u64::from(job.rounds_done));
+        bar.set_message(job.phase.clone());
+        let metrics = metrics_by_round(&status.metrics);
+        for round in status.rounds.iter().skip(printed) {
+            bar.println(round_line(round, job.rounds_total, metrics.get(&round.round)));
+            printed += 1;
+        }
+        if matches!(job.status.as_str(), "finished" | "failed" | "cancelled") {
+            bar.finish_and_clear();
+            if !job.error.is_empty() {
+                eprintln!("job {job_id} {}: {}", job.status, job.error);
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Metrics of the model *before* each round, keyed by the round that produced
+/// the model (metrics reported in round r describe the model of round r-1).
+fn metrics_by_round(metrics: &[pb::SiteMetrics]) -> BTreeMap<u32, Vec<&pb::SiteMetrics>> {
+    let mut by_round: BTreeMap<u32, Vec<&pb::SiteMetrics>> = BTreeMap::new();
+    for m in metrics {
+        by_round.entry(m.round.saturating_sub(1)).or_default().push(m);
+    }
+    by_round
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 { f64::NAN } else { sum / n as f64 }
+}
+
+fn round_line(round: &pb::RoundSummary, total: u32, metrics: Option<&Vec<&pb::SiteMetrics>>) -> String {
+    let dropped = if round.dropped.is_empty() {
+        String::new()
+    } else {
+        format!("  dropped: {}", round.dropped.join(", "))
+    };
+    let accuracy = metrics
+        .map(|ms| format!("{:.3}", mean(ms.iter().map(|m| m.accuracy))))
+        .unwrap_or_else(|| "  -  ".into());
+    format!(
+        "round {:>3}/{total}  sites {}  train loss {:.4}  test acc of previous model {accuracy}  {:>6} ms  model {}{dropped}",
+        round.round,
+        round.sites.len(),
+        round.mean_train_loss,
+        round.duration_ms,
+        &round.model_hash[..12.min(round.model_hash.len())],
+    )
+}
+
+fn print_status(status: &pb::JobStatusResponse) {
+    let Some(job) = &status.job else { return };
+    println!(
+        "job {} \"{}\": {} ({}/{} rounds), {}, {}",
+        job.job_id, job.name, job.status, job.rounds_done, job.rounds_total, job.strategy, job.model
+    );
+    if !job.error.is_empty() {
+        println!("  reason: {}", job.error);
+    }
+    let metrics = metrics_by_round(&status.metrics);
+    for round in &status.rounds {
+        println!("  {}", round_line(round, job.rounds_total, metrics.get(&round.round)));
+    }
+    let last_model_round = job.rounds_done;
+    if let Some(final_metrics) = metrics.get(&last_model_round).filter(|_| last_model_round > 0) {
+        println!("final model (after round {last_model_round}) on each site's test split:");
+        println!("  {:<16} {:>6} {:>9} {:>7} {:>7}", "site", "n_test", "accuracy", "auc", "loss");
+        for m in final_metrics {
+            println!(
+                "  {:<16} {:>6} {:>9.4} {:>7.4} {:>7.4}",
+                m.site_id, m.n_test, m.accuracy, m.auc, m.loss
+            );
+        }
+        println!(
+            "  {:<16} {:>6} {:>9.4}",
+            "mean over sites",
+            "",
+            mean(final_metrics.iter().map(|m| m.accuracy))
+        );
+    }
+}
+
+fn summary_json(j: &pb::JobSummary) -> serde_json::Value {
+    json!({
+        "job_id": j.job_id, "name": j.name, "status": j.status, "phase": j.phase,
+        "rounds_done": j.rounds_done, "rounds_total": j.rounds_total,
+        "strategy": j.strategy, "model": j.model, "job_hash": j.job_hash,
+        "created_at_ms": j.created_at_ms, "error": j.error,
+    })
+}
+
+fn finite(v: f64) -> serde_json::Value {
+    if v.is_finite() { json!(v) } else { serde_json::Value::Null }
+}
+
+fn status_json(status: &pb::JobStatusResponse) -> serde_json::Value {
+    let job = status.job.clone().unwrap_or_default();
+    let rounds: Vec<_> = status
+        .rounds
+        .iter()
+        .map(|r| {
+            json!({
+                "round": r.round, "sites": r.sites, "dropped": r.dropped, "model_hash": r.model_hash,
+                "total_weight": r.total_weight, "duration_ms": r.duration_ms, "mean_train_loss": finite(r.mean_train_loss),
+            })
+        })
+        .collect();
+    let metrics: Vec<_> = status
+        .metrics
+        .iter()
+        .map(|m| {
+            json!({
+                "model_of_round": m.round.saturating_sub(1), "site_id": m.site_id, "n_test": m.n_test,
+                "accuracy": m.accuracy, "auc": finite(m.auc), "loss": m.loss, "model_hash": m.model_hash,
+            })
+        })
+        .collect();
+    let by_round = metrics_by_round(&status.metrics);
+    let final_metrics = by_round.get(&job.rounds_done).filter(|_| job.rounds_done > 0);
+    json!({
+        "job": summary_json(&job),
+        "rounds": rounds,
+        "metrics": metrics,
+        "final_mean_accuracy": final_metrics.map(|ms| finite(mean(ms.iter().map(|m| m.accuracy)))),
+    })
+}

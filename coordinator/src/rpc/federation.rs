@@ -1,0 +1,313 @@
+//! The `Federation` service, called by participant daemons.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_protocol::ids::{JobId, SiteId};
+use tessera_protocol::model::decode_params;
+use tessera_protocol::pb::federation_server::Federation;
+use tessera_protocol::pb::{self, update_chunk};
+use tessera_protocol::round::UpdateHeader;
+use tessera_protocol::stats::FeatureStats;
+use tessera_protocol::CHUNK_BYTES;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use super::RpcError;
+use crate::state::{Phase, Shared};
+use crate::store::MetricsRow;
+use crate::unix_ms;
+
+/// How long a `PollTask` waits for work before answering `Idle`.
+const LONG_POLL: Duration = Duration::from_secs(5);
+
+pub struct FederationService {
+    shared: Arc<Shared>,
+}
+
+impl FederationService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// The caller's identity. Until mutual TLS lands (issue 5) it is the id in
+    /// the message, checked against the allow-list.
+    async fn identify(&self, site_id: &str) -> Result<SiteId, RpcError> {
+        let site = SiteId::new(site_id).map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
+        if let Some(allowed) = &self.shared.allowed_sites
+            && !allowed.contains(&site)
+        {
+            warn!(%site, "request from unknown site refused");
+            return Err(RpcError::PermissionDenied(format!("unknown site `{site}`")));
+        }
+        self.shared.saw(&site);
+        self.shared.store.touch_site(&site, unix_ms()).await?;
+        Ok(site)
+    }
+}
+
+pub(crate) type ChunkStreamAlias = ChunkStream;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
+
+/// Streams `bytes` as model chunks; the first chunk may carry a manifest.
+pub(crate) fn chunk_stream(bytes: Vec<u8>, model_hash: String, manifest_json: String) -> ChunkStream {
+    let total_len = bytes.len() as u64;
+    let chunks: Vec<Result<pb::ModelChunk, Status>> = if bytes.is_empty() {
+        vec![Ok(pb::ModelChunk {
+            offset: 0,
+            data: Vec::new(),
+            total_len,
+            model_hash,
+            manifest_json,
+        })]
+    } else {
+        bytes
+            .chunks(CHUNK_BYTES)
+            .enumerate()
+            .map(|(i, chunk)| {
+                Ok(pb::ModelChunk {
+                    offset: (i * CHUNK_BYTES) as u64,
+                    data: chunk.to_vec(),
+                    total_len,
+                    model_hash: model_hash.clone(),
+                    manifest_json: if i == 0 { manifest_json.clone() } else { String::new() },
+                })
+            })
+            .collect()
+    };
+    Box::pin(tokio_stream::iter(chunks))
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.identify(&request.get_ref().site_id).await?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            server_time_ms: unix_ms() as u64,
+        }))
+    }
+
+    async fn poll_task(&self, request: Request<pb::PollTaskRequest>) -> Result<Response<pb::Task>, Status> {
+        let site = self.identify(&request.get_ref().site_id).await?;
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        loop {
+            let notified = self.shared.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(kind) = self.shared.lock().task_for(&site) {
+                return Ok(Response::new(pb::Task { kind: Some(kind) }));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Response::new(pb::Task {
+                    kind: Some(pb::task::Kind::Idle(pb::Idle { retry_after_ms: 0 })),
+                }));
+            }
+        }
+    }
+
+    type FetchModelStream = ChunkStream;
+
+    async fn fetch_model(&self, request: Request<pb::FetchModelRequest>) -> Result<Response<Self::FetchModelStream>, Status> {
+        let request = request.into_inner();
+        self.identify(&request.site_id).await?;
+        let bytes = self
+            .shared
+            .store
+            .model(&request.model_hash)
+            .await
+            .map_err(RpcError::from)?
+            .ok_or_else(|| RpcError::NotFound(format!("no model with hash {}", request.model_hash)))?;
+        Ok(Response::new(chunk_stream(bytes, request.model_hash, String::new())))
+    }
+
+    async fn submit_stats(&self, request: Request<pb::StatsReport>) -> Result<Response<pb::Ack>, Status> {
+        let report = request.into_inner();
+        let site = self.identify(&report.site_id).await?;
+        let stats = FeatureStats {
+            count: report.count,
+            sum: report.sum,
+            sum_sq: report.sum_sq,
+        };
+        if stats.sum.len() != stats.sum_sq.len() || stats.sum.is_empty() {
+            return Err(RpcError::InvalidArgument("sum and sum_sq must be non-empty and of equal length".into()).into());
+        }
+        if stats.sum.iter().chain(&stats.sum_sq).any(|v| !v.is_finite()) {
+            return Err(RpcError::InvalidArgument("statistics contain a non-finite value".into()).into());
+        }
+        let mut inner = self.shared.lock();
+        let Some(active) = inner.active.as_mut().filter(|a| a.job_id == JobId(report.job_id)) else {
+            return Err(RpcError::FailedPrecondition(format!("job {} is not running", report.job_id)).into());
+        };
+        let Phase::Stats(phase) = &mut active.phase else {
+            return Err(RpcError::FailedPrecondition("job is not collecting statistics".into()).into());
+        };
+        if !phase.pending.contains(&site) {
+            return Err(RpcError::FailedPrecondition(format!("no statistics expected from `{site}`")).into());
+        }
+        match &phase.features_hash {
+            Some(hash) if *hash != report.features_hash => {
+                warn!(%site, "statistics with a different feature encoding refused");
+                return Err(RpcError::InvalidArgument(format!(
+                    "site `{site}` encodes its data differently from the other sites (features hash {} != {hash})",
+                    report.features_hash
+                ))
+                .into());
+            }
+            Some(_) => {}
+            None => phase.features_hash = Some(report.features_hash),
+        }
+        if let Some(width) = phase.reports.values().next().map(|s| s.sum.len())
+            && width != stats.sum.len()
+        {
+            return Err(RpcError::InvalidArgument(format!("{} features, other sites have {width}", stats.sum.len())).into());
+        }
+        phase.pending.remove(&site);
+        phase.reports.insert(site.clone(), stats);
+        info!(%site, job = report.job_id, "statistics received");
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn submit_update(&self, request: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::Ack>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::UpdateChunk { kind: Some(update_chunk::Kind::Header(h)) })) => h,
+            Some(Err(status)) => return Err(status),
+            _ => return Err(RpcError::InvalidArgument("an update stream must start with its header".into()).into()),
+        };
+        let site = self.identify(&header.site_id).await?;
+        let update = UpdateHeader {
+            site: site.clone(),
+            job_id: JobId(header.job_id),
+            round: header.round,
+            n_samples: header.n_samples,
+            base_model_hash: header.base_model_hash.clone(),
+            train_loss: header.train_loss,
+        };
+        // Refuse early, before reading a possibly large body.
+        let n_params = self.open_round_params(&update).inspect_err(|e| warn!(%site, "update refused: {e}"))?;
+        if header.n_params as usize != n_params {
+            let e = RpcError::InvalidArgument(format!("update has {} values, expected {n_params}", header.n_params));
+            warn!(%site, "update refused: {e}");
+            return Err(e.into());
+        }
+        let expected_bytes = n_params * 4;
+        let mut bytes = Vec::with_capacity(expected_bytes);
+        while let Some(chunk) = stream.next().await {
+            match chunk?.kind {
+                Some(update_chunk::Kind::Data(data)) => {
+                    if bytes.len() + data.len() > expected_bytes {
+                        let e = RpcError::InvalidArgument(format!("update is longer than the declared {n_params} values"));
+                        warn!(%site, "update refused: {e}");
+                        return Err(e.into());
+                    }
+                    bytes.extend_from_slice(&data);
+                }
+                _ => return Err(RpcError::InvalidArgument("a second header in one update stream".into()).into()),
+            }
+        }
+        if bytes.len() != expected_bytes {
+            let e = RpcError::InvalidArgument(format!("update has {} values, expected {n_params}", bytes.len() / 4));
+            warn!(%site, "update refused: {e}");
+            return Err(e.into());
+        }
+        let delta = decode_params(&bytes).map_err(|e| {
+            warn!(%site, "update refused: {e}");
+            RpcError::InvalidArgument(format!("update rejected: {e}"))
+        })?;
+        let now = self.shared.now_ms();
+        let mut inner = self.shared.lock();
+        let Some(collector) = inner.active.as_mut().and_then(|a| match &mut a.phase {
+            Phase::Round(r) => r.collector.as_mut(),
+            _ => None,
+        }) else {
+            return Err(RpcError::FailedPrecondition("the round closed while the update was uploading".into()).into());
+        };
+        collector.handle_update(now, &update, &delta).map_err(|e| {
+            warn!(%site, round = update.round, "update refused: {e}");
+            RpcError::from(e)
+        })?;
+        info!(%site, round = update.round, n_samples = update.n_samples, "update accepted");
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn report_metrics(&self, request: Request<pb::MetricsReport>) -> Result<Response<pb::Ack>, Status> {
+        let report = request.into_inner();
+        let site = self.identify(&report.site_id).await?;
+        if !(0.0..=1.0).contains(&report.accuracy) || !report.loss.is_finite() || report.loss < 0.0 {
+            return Err(RpcError::InvalidArgument("accuracy must be in [0, 1] and loss finite and >= 0".into()).into());
+        }
+        if !report.auc.is_nan() && !(0.0..=1.0).contains(&report.auc) {
+            return Err(RpcError::InvalidArgument("auc must be in [0, 1] or NaN".into()).into());
+        }
+        let job_id = JobId(report.job_id);
+        {
+            let mut inner = self.shared.lock();
+            let Some(active) = inner.active.as_mut().filter(|a| a.job_id == job_id) else {
+                return Err(RpcError::FailedPrecondition(format!("job {job_id} is not running")).into());
+            };
+            let Phase::Round(round) = &mut active.phase else {
+                return Err(RpcError::FailedPrecondition("no round is open".into()).into());
+            };
+            if round.announcement.round != report.round || round.announcement.model_hash != report.model_hash {
+                return Err(RpcError::FailedPrecondition(format!(
+                    "metrics are for round {} but round {} is open",
+                    report.round, round.announcement.round
+                ))
+                .into());
+            }
+            if !round.awaiting_metrics.remove(&site) {
+                return Err(RpcError::FailedPrecondition(format!("no metrics expected from `{site}`")).into());
+            }
+        }
+        self.shared
+            .store
+            .insert_metrics(
+                job_id,
+                &MetricsRow {
+                    round: i64::from(report.round),
+                    site_id: site.to_string(),
+                    model_hash: report.model_hash,
+                    n_test: report.n_test as i64,
+                    loss: report.loss,
+                    accuracy: report.accuracy,
+                    auc: (!report.auc.is_nan()).then_some(report.auc),
+                },
+            )
+            .await
+            .map_err(RpcError::from)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+}
+
+impl FederationService {
+    /// Checks that an update targets the open round, without changing it, and
+    /// returns the round's vector length.
+    fn open_round_params(&self, update: &UpdateHeader) -> Result<usize, RpcError> {
+        let inner = self.shared.lock();
+        let Some(active) = inner.active.as_ref().filter(|a| a.job_id == update.job_id) else {
+            return Err(RpcError::FailedPrecondition(format!("job {} is not running", update.job_id)));
+        };
+        let Phase::Round(round) = &active.phase else {
+            return Err(RpcError::FailedPrecondition(format!("job {} has no open round", update.job_id)));
+        };
+        let Some(collector) = round.collector.as_ref() else {
+            return Err(RpcError::FailedPrecondition(format!(
+                "round {} of job {} is finished; no updates accepted",
+                update.round, update.job_id
+            )));
+        };
+        let params = collector.params();
+        if update.round != params.round {
+            return Err(RpcError::FailedPrecondition(format!(
+                "update is for round {}, the open round is {}",
+                update.round, params.round
+            )));
+        }
+        if !collector.members().contains_key(&update.site) {
+            return Err(RpcError::PermissionDenied(format!("site `{}` is not a member of this round", update.site)));
+        }
+        Ok(params.n_params)
+    }
+}

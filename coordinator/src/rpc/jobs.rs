@@ -1,0 +1,193 @@
+//! The `Jobs` service, called by the `tessera` CLI of ML leads.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tessera_protocol::ids::JobId;
+use tessera_protocol::job::JobSpec;
+use tessera_protocol::pb;
+use tessera_protocol::pb::jobs_server::Jobs;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::RpcError;
+use super::federation::chunk_stream;
+use crate::state::Shared;
+use crate::store::JobRow;
+use crate::unix_ms;
+
+pub struct JobsService {
+    shared: Arc<Shared>,
+}
+
+impl JobsService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    async fn job_row(&self, job_id: u64) -> Result<JobRow, RpcError> {
+        self.shared
+            .store
+            .job(JobId(job_id))
+            .await?
+            .ok_or_else(|| RpcError::NotFound(format!("no job {job_id}")))
+    }
+}
+
+fn summary(row: &JobRow) -> pb::JobSummary {
+    pb::JobSummary {
+        job_id: row.id as u64,
+        name: row.name.clone(),
+        status: row.status.clone(),
+        rounds_done: row.rounds_done as u32,
+        rounds_total: row.rounds_total as u32,
+        strategy: row.strategy.clone(),
+        model: row.model.clone(),
+        created_at_ms: row.created_at_ms as u64,
+        error: row.error.clone(),
+        job_hash: row.job_hash.clone(),
+        phase: row.phase.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    async fn submit_job(&self, request: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let job_toml = request.into_inner().job_toml;
+        let spec = JobSpec::from_toml(&job_toml).map_err(|e| RpcError::InvalidArgument(format!("job refused: {e}")))?;
+        let job_hash = JobSpec::hash_of(&job_toml);
+        let job_id = self
+            .shared
+            .store
+            .insert_job(
+                &job_toml,
+                &job_hash,
+                &spec.name,
+                spec.rounds,
+                &spec.strategy_label(),
+                &spec.model.label(),
+                unix_ms(),
+            )
+            .await
+            .map_err(RpcError::from)?;
+        info!(job = %job_id, name = %spec.name, hash = %job_hash, "job submitted");
+        self.shared.wake.notify_waiters();
+        Ok(Response::new(pb::SubmitJobResponse {
+            job_id: job_id.0,
+            job_hash,
+        }))
+    }
+
+    async fn list_jobs(&self, _request: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let rows = self.shared.store.jobs().await.map_err(RpcError::from)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: rows.iter().map(summary).collect(),
+        }))
+    }
+
+    async fn job_status(&self, request: Request<pb::JobStatusRequest>) -> Result<Response<pb::JobStatusResponse>, Status> {
+        let row = self.job_row(request.get_ref().job_id).await?;
+        let job_id = JobId(row.id as u64);
+        let store = &self.shared.store;
+        let rounds = store.rounds(job_id).await.map_err(RpcError::from)?;
+        let mut members: BTreeMap<i64, (Vec<String>, Vec<String>)> = BTreeMap::new();
+        for m in store.members(job_id).await.map_err(RpcError::from)? {
+            let entry = members.entry(m.round).or_default();
+            if m.outcome == "submitted" {
+                entry.0.push(m.site_id);
+            } else {
+                entry.1.push(format!("{} ({})", m.site_id, m.outcome));
+            }
+        }
+        let rounds = rounds
+            .into_iter()
+            .map(|r| {
+                let (sites, dropped) = members.remove(&r.round).unwrap_or_default();
+                pb::RoundSummary {
+                    round: r.round as u32,
+                    sites,
+                    dropped,
+                    model_hash: r.model_hash,
+                    total_weight: r.total_weight,
+                    duration_ms: (r.finished_at_ms - r.started_at_ms).max(0) as u64,
+                    mean_train_loss: r.mean_train_loss,
+                }
+            })
+            .collect();
+        let metrics = store
+            .metrics(job_id)
+            .await
+            .map_err(RpcError::from)?
+            .into_iter()
+            .map(|m| pb::SiteMetrics {
+                round: m.round as u32,
+                site_id: m.site_id,
+                n_test: m.n_test as u64,
+                loss: m.loss,
+                accuracy: m.accuracy,
+                auc: m.auc.unwrap_or(f64::NAN),
+                model_hash: m.model_hash,
+            })
+            .collect();
+        Ok(Response::new(pb::JobStatusResponse {
+            job: Some(summary(&row)),
+            rounds,
+            metrics,
+        }))
+    }
+
+    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let row = self.job_row(request.get_ref().job_id).await?;
+        let job_id = JobId(row.id as u64);
+        if self.shared.store.cancel_if_queued(job_id, unix_ms()).await.map_err(RpcError::from)? {
+            info!(job = %job_id, "queued job cancelled");
+            return Ok(Response::new(pb::CancelJobResponse { status: "cancelled".into() }));
+        }
+        {
+            let mut inner = self.shared.lock();
+            if let Some(active) = inner.active.as_mut().filter(|a| a.job_id == job_id) {
+                active.cancel_requested = true;
+                info!(job = %job_id, "cancellation requested");
+                return Ok(Response::new(pb::CancelJobResponse { status: "cancelling".into() }));
+            }
+        }
+        Err(RpcError::FailedPrecondition(format!("job {job_id} is already {}", row.status)).into())
+    }
+
+    type ExportModelStream = super::federation::ChunkStreamAlias;
+
+    async fn export_model(&self, request: Request<pb::ExportModelRequest>) -> Result<Response<Self::ExportModelStream>, Status> {
+        let row = self.job_row(request.get_ref().job_id).await?;
+        let Some(hash) = row.final_model_hash.clone() else {
+            return Err(RpcError::FailedPrecondition(format!("job {} has no model yet (status {})", row.id, row.status)).into());
+        };
+        let bytes = self
+            .shared
+            .store
+            .model(&hash)
+            .await
+            .map_err(RpcError::from)?
+            .ok_or_else(|| RpcError::NotFound(format!("model {hash} is missing from the store")))?;
+        let normalization: serde_json::Value = row
+            .normalization
+            .as_deref()
+            .and_then(|n| serde_json::from_str(n).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let manifest = serde_json::json!({
+            "format": "tessera-model-v1",
+            "encoding": "little-endian f32, layer by layer: weight [d_in, d_out] row-major, then bias",
+            "job_id": row.id,
+            "job_name": row.name,
+            "job_hash": row.job_hash,
+            "job_status": row.status,
+            "rounds_done": row.rounds_done,
+            "model": row.model,
+            "model_hash": hash,
+            "n_params": bytes.len() / 4,
+            "n_features": row.n_features,
+            "normalization": normalization,
+            "job_toml": row.job_toml,
+        });
+        Ok(Response::new(chunk_stream(bytes, hash, manifest.to_string())))
+    }
+}

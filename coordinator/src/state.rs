@@ -1,0 +1,132 @@
+//! State shared between the RPC handlers and the job driver.
+//!
+//! One `std::sync::Mutex` guards it; it is never held across an `.await`.
+//! Every decision about an update is taken by
+//! [`tessera_protocol::round::RoundCollector`]; this module only decides which
+//! task a polling site gets.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tessera_protocol::ids::{JobId, SiteId};
+use tessera_protocol::job::JobSpec;
+use tessera_protocol::pb;
+use tessera_protocol::round::RoundCollector;
+use tessera_protocol::stats::FeatureStats;
+use tokio::sync::Notify;
+
+use crate::store::Store;
+
+/// Everything the services and the driver share.
+pub struct Shared {
+    pub store: Store,
+    pub inner: Mutex<Inner>,
+    /// Woken whenever a site may have a new task or the driver new input.
+    pub wake: Notify,
+    /// Sites allowed to take part; `None` admits any well-formed site id.
+    pub allowed_sites: Option<BTreeSet<SiteId>>,
+    started: Instant,
+}
+
+/// Mutable state behind [`Shared::inner`].
+#[derive(Default)]
+pub struct Inner {
+    /// Monotonic milliseconds at which each site was last heard from.
+    pub last_seen: HashMap<SiteId, u64>,
+    pub active: Option<ActiveJob>,
+}
+
+/// The job currently being run (one at a time; others wait in the queue).
+pub struct ActiveJob {
+    pub job_id: JobId,
+    pub spec: JobSpec,
+    pub job_toml: String,
+    pub job_hash: String,
+    pub cancel_requested: bool,
+    pub phase: Phase,
+}
+
+/// What the active job is waiting for.
+pub enum Phase {
+    WaitingForSites,
+    Stats(StatsPhase),
+    Round(RoundPhase),
+}
+
+/// Federated preprocessing: waiting for each member's statistics.
+pub struct StatsPhase {
+    pub pending: BTreeSet<SiteId>,
+    pub reports: BTreeMap<SiteId, FeatureStats>,
+    pub features_hash: Option<String>,
+}
+
+/// A training round (or the final evaluation when `collector` is `None`).
+pub struct RoundPhase {
+    pub announcement: pb::RoundAnnouncement,
+    pub collector: Option<RoundCollector>,
+    pub awaiting_metrics: BTreeSet<SiteId>,
+}
+
+impl Shared {
+    pub fn new(store: Store, allowed_sites: Option<BTreeSet<SiteId>>) -> Self {
+        Self {
+            store,
+            inner: Mutex::new(Inner::default()),
+            wake: Notify::new(),
+            allowed_sites,
+            started: Instant::now(),
+        }
+    }
+
+    /// Monotonic milliseconds since the coordinator started.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Locks the shared state. A poisoned lock means a handler panicked while
+    /// holding it; the state may be half-updated, so stopping is the only safe
+    /// answer.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("coordinator state lock poisoned")
+    }
+
+    /// Records that `site` is alive.
+    pub fn saw(&self, site: &SiteId) {
+        let now = self.now_ms();
+        self.lock().last_seen.insert(site.clone(), now);
+    }
+
+    /// Sites heard from within the last `window_ms`.
+    pub fn online(&self, window_ms: u64) -> BTreeSet<SiteId> {
+        let now = self.now_ms();
+        self.lock()
+            .last_seen
+            .iter()
+            .filter(|(_, &t)| now.saturating_sub(t) < window_ms)
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+}
+
+impl Inner {
+    /// The task `site` should work on now, if any.
+    pub fn task_for(&self, site: &SiteId) -> Option<pb::task::Kind> {
+        let active = self.active.as_ref()?;
+        match &active.phase {
+            Phase::WaitingForSites => None,
+            Phase::Stats(stats) => stats.pending.contains(site).then(|| {
+                pb::task::Kind::ComputeStats(pb::ComputeStats {
+                    job_id: active.job_id.0,
+                    job_toml: active.job_toml.clone(),
+                    job_hash: active.job_hash.clone(),
+                })
+            }),
+            Phase::Round(round) => {
+                let owes_update = round.collector.as_ref().is_some_and(|c| c.is_expected(site));
+                let owes_metrics = round.awaiting_metrics.contains(site);
+                (owes_update || owes_metrics).then(|| pb::task::Kind::Round(round.announcement.clone()))
+            }
+        }
+    }
+}

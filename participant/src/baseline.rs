@@ -1,0 +1,56 @@
+//! The pooled baseline: the job's model trained centrally on the union of the
+//! sites' training splits, evaluated on each site's test split. A research
+//! tool for consortia (what would centralising the data have given?); it only
+//! runs where all the data files are readable, e.g. the local demo.
+
+use tessera_models::data::Dataset;
+use tessera_models::train::{LocalTraining, evaluate, train_local};
+use tessera_protocol::ids::SiteId;
+use tessera_protocol::job::{JobSpec, LocalWork};
+use tessera_protocol::model::initial_params;
+use tessera_protocol::stats::{FeatureStats, Normalization};
+
+use crate::local::LocalData;
+
+/// Test accuracy of the pooled model at each site.
+pub struct Baseline {
+    pub per_site: Vec<(SiteId, usize, f64)>,
+    pub mean_accuracy: f64,
+}
+
+/// Trains centrally for as many passes over the data as the federated job
+/// makes (rounds × local epochs, or rounds × local steps).
+pub fn pooled_baseline(job: &JobSpec, sites: &[(SiteId, LocalData)]) -> anyhow::Result<Baseline> {
+    let train = Dataset::concat(&sites.iter().map(|(_, d)| d.train.clone()).collect::<Vec<_>>());
+    let stats = FeatureStats::of_rows(train.n_features, train.rows());
+    let normalization = Normalization::from_stats(&stats)?;
+    let normalize = |d: &Dataset| {
+        let mut out = d.clone();
+        for row in out.features.chunks_exact_mut(d.n_features.max(1)) {
+            normalization.apply(row);
+        }
+        out
+    };
+    let layout = job.model.layout(train.n_features);
+    let mut spec = job.training.clone();
+    spec.local_work = match spec.local_work {
+        LocalWork::Epochs(e) => LocalWork::Epochs(e * job.rounds),
+        LocalWork::Steps(s) => LocalWork::Steps(s * job.rounds),
+    };
+    let device = tessera_models::default_device();
+    let cfg = LocalTraining {
+        layout: &layout,
+        spec: &spec,
+        proximal_mu: 0.0,
+        seed: job.seed,
+    };
+    let init = initial_params(&layout, job.seed);
+    let trained = train_local(&cfg, &init, &normalize(&train), &device)?;
+    let mut per_site = Vec::new();
+    for (site, data) in sites {
+        let eval = evaluate(&layout, &trained.params, &normalize(&data.test), &device)?;
+        per_site.push((site.clone(), eval.n, eval.accuracy));
+    }
+    let mean_accuracy = per_site.iter().map(|s| s.2).sum::<f64>() / per_site.len().max(1) as f64;
+    Ok(Baseline { per_site, mean_accuracy })
+}

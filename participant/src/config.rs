@@ -1,0 +1,61 @@
+//! The site configuration file (`site.toml`), owned by the hospital.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+use tessera_protocol::ids::SiteId;
+
+/// A validated site configuration; relative paths are resolved against the
+/// directory of the config file.
+#[derive(Clone, Debug)]
+pub struct SiteConfig {
+    pub site_id: SiteId,
+    pub coordinator: String,
+    pub data_path: PathBuf,
+    pub schema_path: PathBuf,
+    /// Where the egress log and other local state go.
+    pub state_dir: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    site_id: String,
+    #[serde(default = "default_coordinator")]
+    coordinator: String,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    data: RawData,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawData {
+    path: PathBuf,
+    schema: PathBuf,
+}
+
+fn default_coordinator() -> String {
+    "http://127.0.0.1:50051".into()
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("tessera-site-state")
+}
+
+impl SiteConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read site config {}", path.display()))?;
+        let raw: RawConfig = toml::from_str(&text).with_context(|| format!("invalid site config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let site_id = SiteId::new(&raw.site_id).with_context(|| format!("{}: site_id", path.display()))?;
+        Ok(Self {
+            site_id,
+            coordinator: raw.coordinator,
+            data_path: base.join(raw.data.path),
+            schema_path: base.join(raw.data.schema),
+            state_dir: base.join(raw.state_dir),
+        })
+    }
+}
