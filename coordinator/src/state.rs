@@ -103,7 +103,7 @@ impl Shared {
         self.lock()
             .last_seen
             .iter()
-            .filter(|(_, &t)| now.saturating_sub(t) < window_ms)
+            .filter(|&(_, &t)| now.saturating_sub(t) < window_ms)
             .map(|(s, _)| s.clone())
             .collect()
     }

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use anyhow::Context;
+use sqlx::AssertSqlSafe;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use tessera_protocol::ids::{JobId, SiteId};
 use tessera_protocol::stats::Normalization;
@@ -82,6 +83,7 @@ pub struct RoundRecord<'a> {
     pub members: Vec<(SiteId, String, u64)>,
 }
 
+/// Columns of [`JobRow`]; a constant, so the formatted queries carry no input.
 const JOB_COLUMNS: &str = "id, name, job_toml, job_hash, status, phase, rounds_total, rounds_done, strategy, model, \
      created_at_ms, error, final_model_hash, n_features, normalization";
 
@@ -125,7 +127,7 @@ impl Store {
     }
 
     pub async fn job(&self, job_id: JobId) -> anyhow::Result<Option<JobRow>> {
-        let row = sqlx::query_as::<_, JobRow>(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
+        let row = sqlx::query_as::<_, JobRow>(AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?")))
             .bind(job_id.0 as i64)
             .fetch_optional(&self.pool)
             .await
@@ -134,7 +136,7 @@ impl Store {
     }
 
     pub async fn jobs(&self) -> anyhow::Result<Vec<JobRow>> {
-        let rows = sqlx::query_as::<_, JobRow>(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY id"))
+        let rows = sqlx::query_as::<_, JobRow>(AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY id")))
             .fetch_all(&self.pool)
             .await
             .context("cannot list jobs")?;
@@ -143,9 +145,9 @@ impl Store {
 
     /// The oldest queued job, if any.
     pub async fn next_queued(&self) -> anyhow::Result<Option<JobRow>> {
-        let row = sqlx::query_as::<_, JobRow>(&format!(
+        let row = sqlx::query_as::<_, JobRow>(AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1"
-        ))
+        )))
         .fetch_optional(&self.pool)
         .await
         .context("cannot read job queue")?;

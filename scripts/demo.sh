@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The main job: a coordinator and four hospital participants on loopback train
+# one model on the real UCI heart-disease data (../shared/data/heart-disease),
+# with per-round progress, then the final test accuracy per site, the mean over
+# sites, and the pooled (centralised) baseline.
+#
+#   scripts/demo.sh                 # the demo, with a live progress bar
+#   scripts/demo.sh --seed 3 --quiet --json-out FILE   # used by the benchmark
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+seed=""
+quiet=0
+json_out=""
+job_file="examples/heart-disease/job.toml"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seed) seed="$2"; shift 2 ;;
+    --job) job_file="$2"; shift 2 ;;
+    --quiet) quiet=1; shift ;;
+    --json-out) json_out="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+data_dir="$repo/../shared/data/heart-disease"
+if [ ! -f "$data_dir/processed.cleveland.data" ]; then
+  echo "error: heart-disease data not found in $data_dir (expected ../shared beside the repo)" >&2
+  exit 1
+fi
+
+cargo build --release --quiet --bins
+bin="$repo/target/release"
+run_dir="$repo/runs/demo-$(date +%Y%m%d-%H%M%S)-$$"
+mkdir -p "$run_dir"
+sites=(cleveland hungary switzerland va)
+
+job="$run_dir/job.toml"
+cp "$job_file" "$job"
+if [ -n "$seed" ]; then
+  sed -i "s/^seed = .*/seed = $seed/" "$job"
+fi
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+"$bin/tessera-coordinator" --listen 127.0.0.1:0 --port-file "$run_dir/port" \
+  --db "$run_dir/coordinator.db" --allow-site "$(IFS=,; echo "${sites[*]}")" \
+  2> "$run_dir/coordinator.log" &
+coordinator_pid=$!
+pids+=("$coordinator_pid")
+for _ in $(seq 100); do [ -s "$run_dir/port" ] && break; sleep 0.1; done
+[ -s "$run_dir/port" ] || { echo "error: coordinator did not start; see $run_dir/coordinator.log" >&2; exit 1; }
+addr="http://127.0.0.1:$(cat "$run_dir/port")"
+
+participant_pids=()
+for s in "${sites[@]}"; do
+  "$bin/tessera-participant" run --config "examples/heart-disease/sites/$s.toml" \
+    --coordinator "$addr" --state-dir "$run_dir/site-$s" 2> "$run_dir/site-$s.log" &
+  pids+=("$!")
+  participant_pids+=("$!")
+done
+
+[ "$quiet" = 1 ] || echo "coordinator on $addr, sites: ${sites[*]}; logs in $run_dir"
+job_id=$("$bin/tessera" --coordinator "$addr" job submit "$job")
+start=$(date +%s.%N)
+if [ "$quiet" = 1 ]; then
+  until "$bin/tessera" --coordinator "$addr" job status "$job_id" --json > "$run_dir/status.json" \
+        && python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['job']['status']; sys.exit(0 if s in ('finished','failed','cancelled') else 1)" "$run_dir/status.json"; do
+    sleep 0.5
+  done
+else
+  "$bin/tessera" --coordinator "$addr" job status "$job_id" --watch || true
+fi
+end=$(date +%s.%N)
+"$bin/tessera" --coordinator "$addr" job status "$job_id" --json > "$run_dir/status.json"
+
+# Peak resident memory (VmHWM) of the coordinator and of one participant.
+peak() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+coord_kb=$(peak "$coordinator_pid")
+site_kb=$(peak "${participant_pids[0]}")
+
+configs=()
+for s in "${sites[@]}"; do configs+=(--config "examples/heart-disease/sites/$s.toml"); done
+baseline_args=()
+[ -n "$seed" ] && baseline_args=(--seed "$seed")
+"$bin/tessera-participant" pooled-baseline --job "$job" "${configs[@]}" "${baseline_args[@]}" --json \
+  > "$run_dir/baseline.json" 2> "$run_dir/baseline.log"
+
+python3 - "$run_dir/status.json" "$run_dir/baseline.json" "$start" "$end" "$coord_kb" "$site_kb" "$json_out" "$quiet" <<'PY'
+import json, sys
+status = json.load(open(sys.argv[1])); baseline = json.load(open(sys.argv[2]))
+start, end = float(sys.argv[3]), float(sys.argv[4])
+coord_kb, site_kb, json_out, quiet = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7], sys.argv[8] == "1"
+job = status["job"]
+last = job["rounds_done"]
+final = [m for m in status["metrics"] if m["model_of_round"] == last]
+rounds = status["rounds"]
+per_round_ms = sorted(r["duration_ms"] for r in rounds)
+median_ms = per_round_ms[len(per_round_ms) // 2] if per_round_ms else 0
+fed_mean = sum(m["accuracy"] for m in final) / len(final) if final else float("nan")
+result = {
+    "status": job["status"], "error": job["error"], "rounds": last, "strategy": job["strategy"],
+    "model": job["model"], "federated_mean_accuracy": fed_mean,
+    "federated_per_site": {m["site_id"]: m["accuracy"] for m in final},
+    "pooled_mean_accuracy": baseline["mean_accuracy"],
+    "pooled_per_site": {s["site_id"]: s["accuracy"] for s in baseline["per_site"]},
+    "wall_s": end - start, "median_round_ms": median_ms,
+    "coordinator_peak_rss_kb": coord_kb, "participant_peak_rss_kb": site_kb,
+}
+if json_out:
+    json.dump(result, open(json_out, "w"), indent=2)
+if not quiet:
+    print()
+    print(f"job {job['job_id']} {job['status']}: {last} rounds of {job['strategy']} on {job['model']}"
+          + (f" ({job['error']})" if job["error"] else ""))
+    print(f"{'site':<14}{'n_test':>7}{'federated':>11}{'pooled':>9}")
+    pooled = result["pooled_per_site"]
+    for m in final:
+        print(f"{m['site_id']:<14}{m['n_test']:>7}{m['accuracy']:>11.4f}{pooled.get(m['site_id'], float('nan')):>9.4f}")
+    print(f"{'mean over sites':<21}{fed_mean:>11.4f}{baseline['mean_accuracy']:>9.4f}")
+    print(f"wall time {result['wall_s']:.1f} s, median round {median_ms} ms; "
+          f"peak RSS coordinator {coord_kb/1024:.1f} MiB, participant {site_kb/1024:.1f} MiB")
+sys.exit(0 if job["status"] == "finished" else 1)
+PY
