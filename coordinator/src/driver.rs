@@ -23,6 +23,8 @@ use crate::state::{ActiveJob, Phase, RoundPhase, Shared, StatsPhase};
 use crate::store::{JobRow, RoundRecord};
 use crate::unix_ms;
 
+/// Longest wait between two looks at a phase (dropouts are noticed this late
+/// at most); deliveries wake the driver at once through `Shared::progress`.
 const TICK: Duration = Duration::from_millis(100);
 /// Once `min_sites` are online, how long to wait for more before starting.
 const GATHER_GRACE_MS: u64 = 3_000;
@@ -112,7 +114,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
     );
     let deadline = shared.now_ms() + timing.round_timeout_s * 1000;
     let reports: Vec<FeatureStats> = loop {
-        tokio::time::sleep(TICK).await;
+        let _ = tokio::time::timeout(TICK, shared.progress.notified()).await;
         let now = shared.now_ms();
         let mut inner = shared.lock();
         let last_seen = inner.last_seen.clone();
@@ -278,7 +280,7 @@ async fn run_round_phase(
         }),
     );
     loop {
-        tokio::time::sleep(TICK).await;
+        let _ = tokio::time::timeout(TICK, shared.progress.notified()).await;
         let now = shared.now_ms();
         let mut inner = shared.lock();
         let last_seen = inner.last_seen.clone();

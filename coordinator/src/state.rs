@@ -22,8 +22,11 @@ use crate::store::Store;
 pub struct Shared {
     pub store: Store,
     pub inner: Mutex<Inner>,
-    /// Woken whenever a site may have a new task or the driver new input.
+    /// Wakes long-polling sites when the phase changes (all waiters).
     pub wake: Notify,
+    /// Wakes the driver when a site delivered something (one stored permit,
+    /// so a delivery between two driver ticks is never missed).
+    pub progress: Notify,
     /// Sites allowed to take part; `None` admits any well-formed site id.
     pub allowed_sites: Option<BTreeSet<SiteId>>,
     started: Instant,
@@ -74,6 +77,7 @@ impl Shared {
             store,
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),
+            progress: Notify::new(),
             allowed_sites,
             started: Instant::now(),
         }

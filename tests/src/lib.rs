@@ -1,1 +1,180 @@
+//! Harness for integration tests: builds the real binaries once, starts a
+//! coordinator and participants as child processes on free loopback ports in
+//! a temporary directory, drives them with the real `tessera` CLI, and kills
+//! them all when dropped.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repo").to_owned()
+}
+
+/// The heart-disease site ids of `examples/heart-disease/sites/`.
+pub const SITES: [&str; 4] = ["cleveland", "hungary", "switzerland", "va"];
+
+/// Path of a workspace binary, built (once per test process) with the same
+/// profile as the tests.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(repo())
+            .args(["build", "--quiet", "--bins", "-p", "tessera-coordinator", "-p", "tessera-participant"]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+        // target/<profile>/deps/<test-exe> -> target/<profile>
+        let exe = std::env::current_exe().expect("test executable path");
+        exe.parent().and_then(Path::parent).expect("target profile dir").to_owned()
+    });
+    dir.join(name)
+}
+
+/// A running federation; every process is killed on drop.
+pub struct Federation {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    children: Vec<(String, Child)>,
+}
+
+impl Federation {
+    /// Starts a coordinator admitting `allowed` site ids.
+    pub fn start(allowed: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port_file = dir.path().join("port");
+        let log = std::fs::File::create(dir.path().join("coordinator.log")).expect("log file");
+        let child = Command::new(bin("tessera-coordinator"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--port-file")
+            .arg(&port_file)
+            .arg("--db")
+            .arg(dir.path().join("coordinator.db"))
+            .arg("--allow-site")
+            .arg(allowed.join(","))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start coordinator");
+        let mut federation = Self {
+            dir,
+            addr: String::new(),
+            children: vec![("coordinator".into(), child)],
+        };
+        for _ in 0..200 {
+            if let Ok(port) = std::fs::read_to_string(&port_file)
+                && !port.is_empty()
+            {
+                federation.addr = format!("http://127.0.0.1:{port}");
+                return federation;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("coordinator did not write its port; log:\n{}", federation.log("coordinator"));
+    }
+
+    /// Starts the participant of one example hospital.
+    pub fn add_site(&mut self, site: &str) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{site}.log"))).expect("log file");
+        let child = Command::new(bin("tessera-participant"))
+            .arg("run")
+            .arg("--config")
+            .arg(repo().join(format!("examples/heart-disease/sites/{site}.toml")))
+            .arg("--coordinator")
+            .arg(&self.addr)
+            .arg("--state-dir")
+            .arg(self.state_dir(site))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start participant");
+        self.children.push((site.to_owned(), child));
+    }
+
+    pub fn state_dir(&self, site: &str) -> PathBuf {
+        self.dir.path().join(format!("site-{site}"))
+    }
+
+    /// The log of the coordinator or of a site.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Runs the `tessera` CLI against this coordinator.
+    pub fn tessera(&self, args: &[&str]) -> Output {
+        Command::new(bin("tessera"))
+            .arg("--coordinator")
+            .arg(&self.addr)
+            .args(args)
+            .output()
+            .expect("run tessera")
+    }
+
+    /// Writes a job file into the federation's directory.
+    pub fn write_job(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write job");
+        path
+    }
+
+    /// Submits a job file and returns its id.
+    pub fn submit(&self, job: &Path) -> u64 {
+        let out = self.tessera(&["job", "submit", job.to_str().expect("utf-8 path"), "--json"]);
+        assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("submit JSON");
+        reply["job_id"].as_u64().expect("job id")
+    }
+
+    pub fn status(&self, job_id: u64) -> serde_json::Value {
+        let out = self.tessera(&["job", "status", &job_id.to_string(), "--json"]);
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Polls the job until its status is one of `states` (bounded: a hung
+    /// federation fails the test with the logs instead of hanging CI).
+    pub fn wait_for(&self, job_id: u64, states: &[&str]) -> serde_json::Value {
+        for _ in 0..1200 {
+            let status = self.status(job_id);
+            if states.contains(&status["job"]["status"].as_str().unwrap_or("")) {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "job {job_id} never reached {states:?}; coordinator log:\n{}",
+            self.log("coordinator")
+        );
+    }
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The example job with some keys replaced (`key = value` lines).
+pub fn example_job(overrides: &[(&str, &str)]) -> String {
+    let mut text = std::fs::read_to_string(repo().join("examples/heart-disease/job.toml")).expect("example job");
+    for (key, value) in overrides {
+        let prefix = format!("{key} = ");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("example job has no `{key}`"))
+            .to_owned();
+        text = text.replace(&line, &format!("{key} = {value}"));
+    }
+    text
+}

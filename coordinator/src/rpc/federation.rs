@@ -165,6 +165,7 @@ impl Federation for FederationService {
         }
         phase.pending.remove(&site);
         phase.reports.insert(site.clone(), stats);
+        self.shared.progress.notify_one();
         info!(%site, job = report.job_id, "statistics received");
         Ok(Response::new(pb::Ack {}))
     }
@@ -228,6 +229,7 @@ impl Federation for FederationService {
             warn!(%site, round = update.round, "update refused: {e}");
             RpcError::from(e)
         })?;
+        self.shared.progress.notify_one();
         info!(%site, round = update.round, n_samples = update.n_samples, "update accepted");
         Ok(Response::new(pb::Ack {}))
     }
@@ -242,25 +244,9 @@ impl Federation for FederationService {
             return Err(RpcError::InvalidArgument("auc must be in [0, 1] or NaN".into()).into());
         }
         let job_id = JobId(report.job_id);
-        {
-            let mut inner = self.shared.lock();
-            let Some(active) = inner.active.as_mut().filter(|a| a.job_id == job_id) else {
-                return Err(RpcError::FailedPrecondition(format!("job {job_id} is not running")).into());
-            };
-            let Phase::Round(round) = &mut active.phase else {
-                return Err(RpcError::FailedPrecondition("no round is open".into()).into());
-            };
-            if round.announcement.round != report.round || round.announcement.model_hash != report.model_hash {
-                return Err(RpcError::FailedPrecondition(format!(
-                    "metrics are for round {} but round {} is open",
-                    report.round, round.announcement.round
-                ))
-                .into());
-            }
-            if !round.awaiting_metrics.remove(&site) {
-                return Err(RpcError::FailedPrecondition(format!("no metrics expected from `{site}`")).into());
-            }
-        }
+        // Check, store, then mark as received: the driver may close the phase
+        // only once the metrics are durable.
+        self.check_metrics_expected(job_id, &site, &report)?;
         self.shared
             .store
             .insert_metrics(
@@ -268,7 +254,7 @@ impl Federation for FederationService {
                 &MetricsRow {
                     round: i64::from(report.round),
                     site_id: site.to_string(),
-                    model_hash: report.model_hash,
+                    model_hash: report.model_hash.clone(),
                     n_test: report.n_test as i64,
                     loss: report.loss,
                     accuracy: report.accuracy,
@@ -277,11 +263,40 @@ impl Federation for FederationService {
             )
             .await
             .map_err(RpcError::from)?;
+        if let Some(round) = self.shared.lock().active.as_mut().and_then(|a| match &mut a.phase {
+            Phase::Round(r) if r.announcement.round == report.round => Some(r),
+            _ => None,
+        }) {
+            round.awaiting_metrics.remove(&site);
+        }
+        self.shared.progress.notify_one();
         Ok(Response::new(pb::Ack {}))
     }
 }
 
 impl FederationService {
+    /// Checks that metrics answer the open round's announcement and that this
+    /// site still owes them.
+    fn check_metrics_expected(&self, job_id: JobId, site: &SiteId, report: &pb::MetricsReport) -> Result<(), RpcError> {
+        let inner = self.shared.lock();
+        let Some(active) = inner.active.as_ref().filter(|a| a.job_id == job_id) else {
+            return Err(RpcError::FailedPrecondition(format!("job {job_id} is not running")));
+        };
+        let Phase::Round(round) = &active.phase else {
+            return Err(RpcError::FailedPrecondition("no round is open".into()));
+        };
+        if round.announcement.round != report.round || round.announcement.model_hash != report.model_hash {
+            return Err(RpcError::FailedPrecondition(format!(
+                "metrics are for round {} but round {} is open",
+                report.round, round.announcement.round
+            )));
+        }
+        if !round.awaiting_metrics.contains(site) {
+            return Err(RpcError::FailedPrecondition(format!("no metrics expected from `{site}`")));
+        }
+        Ok(())
+    }
+
     /// Checks that an update targets the open round, without changing it, and
     /// returns the round's vector length.
     fn open_round_params(&self, update: &UpdateHeader) -> Result<usize, RpcError> {
