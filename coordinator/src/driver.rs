@@ -122,7 +122,9 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
         if active.cancel_requested {
             return Err(Stop::Cancelled);
         }
-        let Phase::Stats(stats) = &mut active.phase else { unreachable!("phase set above") };
+        let Phase::Stats(stats) = &mut active.phase else {
+            unreachable!("phase set above")
+        };
         stats
             .pending
             .retain(|s| now < deadline && now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) < dropout_ms);
@@ -140,7 +142,10 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
     let total = secure_sum_stats(&reports).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
     let normalization = Normalization::from_stats(&total).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
     let n_features = total.sum.len();
-    shared.store.set_preprocessing(job_id, n_features, &normalization).await?;
+    shared
+        .store
+        .set_preprocessing(job_id, n_features, &normalization)
+        .await?;
     info!(job = %job_id, n_features, rows = total.count, "global feature statistics computed");
 
     let layout = spec.model.layout(n_features);
@@ -201,9 +206,11 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
             .iter()
             .map(|(site, state)| match state {
                 MemberState::Submitted { n_samples, .. } => (site.clone(), "submitted".to_owned(), *n_samples),
-                MemberState::Dropped { reason } => {
-                    (site.clone(), format!("dropped:{}", format!("{reason:?}").to_lowercase()), 0)
-                }
+                MemberState::Dropped { reason } => (
+                    site.clone(),
+                    format!("dropped:{}", format!("{reason:?}").to_lowercase()),
+                    0,
+                ),
                 MemberState::Expected { .. } => (site.clone(), "expected".to_owned(), 0),
             })
             .collect();
@@ -268,16 +275,19 @@ async fn run_round_phase(
         let active = inner.active.as_ref().expect("active job installed by run_job");
         announcement.job_toml = active.job_toml.clone();
         announcement.job_hash = active.job_hash.clone();
-        (active.spec.timing.round_timeout_s * 1000, active.spec.timing.dropout_after_s * 1000)
+        (
+            active.spec.timing.round_timeout_s * 1000,
+            active.spec.timing.dropout_after_s * 1000,
+        )
     };
     let opened = shared.now_ms();
     install(
         shared,
-        Phase::Round(RoundPhase {
+        Phase::Round(Box::new(RoundPhase {
             announcement,
             collector,
             awaiting_metrics: members.clone(),
-        }),
+        })),
     );
     loop {
         let _ = tokio::time::timeout(TICK, shared.progress.notified()).await;
@@ -288,7 +298,9 @@ async fn run_round_phase(
         if active.cancel_requested {
             return Err(Stop::Cancelled);
         }
-        let Phase::Round(round) = &mut active.phase else { unreachable!("phase set above") };
+        let Phase::Round(round) = &mut active.phase else {
+            unreachable!("phase set above")
+        };
         let timed_out = now.saturating_sub(opened) >= timeout_ms;
         if let Some(collector) = round.collector.as_mut() {
             for (site, &seen) in &last_seen {
@@ -299,9 +311,9 @@ async fn run_round_phase(
                 round.awaiting_metrics.remove(&site);
             }
         }
-        round.awaiting_metrics.retain(|s| {
-            !timed_out && now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) < dropout_ms
-        });
+        round
+            .awaiting_metrics
+            .retain(|s| !timed_out && now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) < dropout_ms);
         let settled = round.collector.as_ref().is_none_or(|c| c.is_settled());
         if settled && round.awaiting_metrics.is_empty() {
             return Ok(round.collector.take());
@@ -321,7 +333,10 @@ async fn wait_for_sites(shared: &Arc<Shared>, spec: &JobSpec) -> Result<BTreeSet
         }
         let now = shared.now_ms();
         let online = shared.online(window);
-        let all_allowed_online = shared.allowed_sites.as_ref().is_some_and(|allowed| allowed.is_subset(&online));
+        let all_allowed_online = shared
+            .allowed_sites
+            .as_ref()
+            .is_some_and(|allowed| allowed.is_subset(&online));
         if online.len() >= spec.min_sites as usize {
             let since = *ready_since.get_or_insert(now);
             if all_allowed_online || now - since >= GATHER_GRACE_MS {

@@ -54,7 +54,7 @@ pub struct ActiveJob {
 pub enum Phase {
     WaitingForSites,
     Stats(StatsPhase),
-    Round(RoundPhase),
+    Round(Box<RoundPhase>),
 }
 
 /// Federated preprocessing: waiting for each member's statistics.

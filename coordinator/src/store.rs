@@ -67,6 +67,17 @@ pub struct MetricsRow {
     pub auc: Option<f64>,
 }
 
+/// A validated job about to be queued.
+pub struct NewJob<'a> {
+    pub job_toml: &'a str,
+    pub job_hash: &'a str,
+    pub name: &'a str,
+    pub rounds: u32,
+    pub strategy: &'a str,
+    pub model: &'a str,
+    pub now_ms: i64,
+}
+
 /// A finished round, ready to be written in one transaction.
 pub struct RoundRecord<'a> {
     pub job_id: JobId,
@@ -108,18 +119,18 @@ impl Store {
         Ok(Self { pool })
     }
 
-    pub async fn insert_job(&self, job_toml: &str, job_hash: &str, name: &str, rounds: u32, strategy: &str, model: &str, now_ms: i64) -> anyhow::Result<JobId> {
+    pub async fn insert_job(&self, job: &NewJob<'_>) -> anyhow::Result<JobId> {
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO jobs (name, job_toml, job_hash, status, rounds_total, strategy, model, created_at_ms) \
              VALUES (?, ?, ?, 'queued', ?, ?, ?, ?) RETURNING id",
         )
-        .bind(name)
-        .bind(job_toml)
-        .bind(job_hash)
-        .bind(i64::from(rounds))
-        .bind(strategy)
-        .bind(model)
-        .bind(now_ms)
+        .bind(job.name)
+        .bind(job.job_toml)
+        .bind(job.job_hash)
+        .bind(i64::from(job.rounds))
+        .bind(job.strategy)
+        .bind(job.model)
+        .bind(job.now_ms)
         .fetch_one(&self.pool)
         .await
         .context("cannot insert job")?;
@@ -205,7 +216,12 @@ impl Store {
         Ok(())
     }
 
-    pub async fn set_preprocessing(&self, job_id: JobId, n_features: usize, normalization: &Normalization) -> anyhow::Result<()> {
+    pub async fn set_preprocessing(
+        &self,
+        job_id: JobId,
+        n_features: usize,
+        normalization: &Normalization,
+    ) -> anyhow::Result<()> {
         let json = serde_json::json!({ "mean": normalization.mean, "std": normalization.std }).to_string();
         sqlx::query("UPDATE jobs SET n_features = ?, normalization = ? WHERE id = ?")
             .bind(n_features as i64)
@@ -265,14 +281,16 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         for (site, outcome, n_samples) in &r.members {
-            sqlx::query("INSERT INTO round_members (job_id, round, site_id, outcome, n_samples) VALUES (?, ?, ?, ?, ?)")
-                .bind(job)
-                .bind(i64::from(r.round))
-                .bind(site.as_str())
-                .bind(outcome)
-                .bind(*n_samples as i64)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO round_members (job_id, round, site_id, outcome, n_samples) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(job)
+            .bind(i64::from(r.round))
+            .bind(site.as_str())
+            .bind(outcome)
+            .bind(*n_samples as i64)
+            .execute(&mut *tx)
+            .await?;
         }
         sqlx::query("UPDATE jobs SET rounds_done = ?, final_model_hash = ? WHERE id = ?")
             .bind(i64::from(r.round))
@@ -353,5 +371,104 @@ impl Store {
         .await
         .with_context(|| format!("cannot record site {site}"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_job<'a>(toml: &'a str) -> NewJob<'a> {
+        NewJob {
+            job_toml: toml,
+            job_hash: "hash",
+            name: "j",
+            rounds: 2,
+            strategy: "fedavg",
+            model: "logistic_regression",
+            now_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_rounds_and_restart_survive_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let store = Store::open(&path).await.unwrap();
+        let a = store.insert_job(&new_job("a")).await.unwrap();
+        let b = store.insert_job(&new_job("b")).await.unwrap();
+        assert_eq!(store.next_queued().await.unwrap().unwrap().id, a.0 as i64);
+        store.set_status(a, "running", "", 2).await.unwrap();
+        let site = SiteId::new("s1").unwrap();
+        store
+            .record_round(&RoundRecord {
+                job_id: a,
+                round: 1,
+                base_model_hash: "m0",
+                model_hash: "m1",
+                model_bytes: &[1, 2, 3, 4],
+                n_params: 1,
+                total_weight: 10.0,
+                mean_train_loss: 0.5,
+                started_at_ms: 3,
+                finished_at_ms: 4,
+                members: vec![(site.clone(), "submitted".into(), 10)],
+            })
+            .await
+            .unwrap();
+        assert!(store.cancel_if_queued(b, 5).await.unwrap());
+        assert!(
+            !store.cancel_if_queued(a, 5).await.unwrap(),
+            "a running job is not cancelled here"
+        );
+        drop(store);
+
+        // A new coordinator process: the running job is marked failed, the
+        // round and its model are intact.
+        let store = Store::open(&path).await.unwrap();
+        assert_eq!(store.fail_interrupted(6).await.unwrap(), 1);
+        let job = store.job(a).await.unwrap().unwrap();
+        assert_eq!(job.status, "failed");
+        assert!(job.error.contains("restarted"));
+        assert_eq!(job.rounds_done, 1);
+        assert_eq!(job.final_model_hash.as_deref(), Some("m1"));
+        assert_eq!(store.model("m1").await.unwrap(), Some(vec![1, 2, 3, 4]));
+        let members = store.members(a).await.unwrap();
+        assert_eq!(members.len(), 1);
+        assert_eq!(members[0].n_samples, 10);
+        assert_eq!(store.job(b).await.unwrap().unwrap().status, "cancelled");
+        assert!(store.next_queued().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_round_write_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+        let a = store.insert_job(&new_job("a")).await.unwrap();
+        let record = |round| RoundRecord {
+            job_id: a,
+            round,
+            base_model_hash: "m0",
+            model_hash: "m1",
+            model_bytes: &[0; 4],
+            n_params: 1,
+            total_weight: 1.0,
+            mean_train_loss: 0.1,
+            started_at_ms: 0,
+            finished_at_ms: 1,
+            members: vec![],
+        };
+        store.record_round(&record(1)).await.unwrap();
+        // The same round twice violates the primary key: the transaction
+        // rolls back and the job's progress is unchanged.
+        let mut again = record(1);
+        again.model_hash = "m2";
+        assert!(store.record_round(&again).await.is_err());
+        assert_eq!(
+            store.job(a).await.unwrap().unwrap().final_model_hash.as_deref(),
+            Some("m1")
+        );
+        assert_eq!(store.model("m2").await.unwrap(), None);
+        assert_eq!(store.rounds(a).await.unwrap().len(), 1);
     }
 }

@@ -35,10 +35,7 @@ pub struct ReadReport {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("cannot read {}: {source}", file.display())]
-    Io {
-        file: PathBuf,
-        source: std::io::Error,
-    },
+    Io { file: PathBuf, source: std::io::Error },
     #[error("{}:{line}: column {column} (`{name}`): {reason}", file.display())]
     Malformed {
         file: PathBuf,
@@ -141,7 +138,11 @@ pub fn read_csv(path: &Path, schema: &Schema) -> Result<(Dataset, ReadReport), D
 }
 
 /// [`read_csv`] over any reader; `path` is only used in error messages.
-pub fn read_csv_from(reader: impl std::io::Read, path: &Path, schema: &Schema) -> Result<(Dataset, ReadReport), DataError> {
+pub fn read_csv_from(
+    reader: impl std::io::Read,
+    path: &Path,
+    schema: &Schema,
+) -> Result<(Dataset, ReadReport), DataError> {
     let mut csv_reader = csv::ReaderBuilder::new()
         .delimiter(schema.delimiter)
         .has_headers(false)
@@ -226,7 +227,11 @@ pub fn read_csv_from(reader: impl std::io::Read, path: &Path, schema: &Schema) -
                 }
                 ColumnKind::Label => {
                     let value = parse_number(cell).map_err(malformed)?;
-                    label = Some(if schema.label.op.holds(value, schema.label.threshold) { 1.0 } else { 0.0 });
+                    label = Some(if schema.label.op.holds(value, schema.label.threshold) {
+                        1.0
+                    } else {
+                        0.0
+                    });
                 }
                 ColumnKind::Drop => unreachable!("skipped above"),
             }
@@ -347,7 +352,10 @@ kind = "label"
     #[test]
     fn malformed_cells_name_file_line_and_column() {
         let err = read("1,2,x,0\n1,abc,x,0\n").unwrap_err().to_string();
-        assert_eq!(err, "site.csv:2: column 2 (`c`): `abc` is not one of the declared categories [\"1\", \"2\", \"3\"]");
+        assert_eq!(
+            err,
+            "site.csv:2: column 2 (`c`): `abc` is not one of the declared categories [\"1\", \"2\", \"3\"]"
+        );
         let err = read("1,2,x,0\n1,2,x,0\nzz,2,x,0\n").unwrap_err().to_string();
         assert_eq!(err, "site.csv:3: column 1 (`a`): `zz` is not a number");
         let err = read("1,2,x,0\n1,2,x,inf\n").unwrap_err().to_string();
@@ -364,7 +372,10 @@ kind = "label"
         let (train, test) = data.split(&schema.split);
         assert_eq!((train.len(), test.len()), (199, 104));
         assert_eq!(data.split(&schema.split), (train.clone(), test.clone()));
-        let other = data.split(&SplitSpec { seed: 7, ..schema.split });
+        let other = data.split(&SplitSpec {
+            seed: 7,
+            ..schema.split
+        });
         assert_ne!(other.1, test);
         // Train and test partition the rows (first feature is the 1-based row number).
         let mut seen: Vec<f32> = train.rows().chain(test.rows()).map(|r| r[0]).collect();

@@ -42,7 +42,11 @@ pub fn accuracy(logits: &[f32], labels: &[f32]) -> f64 {
     if logits.is_empty() {
         return f64::NAN;
     }
-    let correct = logits.iter().zip(labels).filter(|(z, y)| (**z > 0.0) == (**y > 0.5)).count();
+    let correct = logits
+        .iter()
+        .zip(labels)
+        .filter(|(z, y)| (**z > 0.0) == (**y > 0.5))
+        .count();
     correct as f64 / logits.len() as f64
 }
 

@@ -33,7 +33,9 @@ pub enum ColumnKind {
     Numeric,
     /// One-hot encoded over exactly these categories, in this order. Declared,
     /// not discovered, so that every site produces the same features.
-    Categorical { categories: Vec<String> },
+    Categorical {
+        categories: Vec<String>,
+    },
     Label,
     Drop,
 }
@@ -276,9 +278,10 @@ fn parse_rule(rule: &str) -> Result<LabelRule, SchemaError> {
     ];
     for (text, op) in ops {
         if let Some(rest) = rule.strip_prefix(text) {
-            let threshold: f64 = rest.trim().parse().map_err(|_| {
-                invalid("label.positive_if", format!("`{}` is not a number", rest.trim()))
-            })?;
+            let threshold: f64 = rest
+                .trim()
+                .parse()
+                .map_err(|_| invalid("label.positive_if", format!("`{}` is not a number", rest.trim())))?;
             return Ok(LabelRule { op, threshold });
         }
     }
@@ -333,19 +336,45 @@ kind = "label"
     fn small_schema_parses() {
         let schema = Schema::from_toml(SMALL).unwrap();
         assert_eq!(schema.feature_names(), vec!["a", "c=1", "c=2"]);
-        assert_eq!(schema.label, LabelRule { op: CompareOp::Gt, threshold: 0.0 });
+        assert_eq!(
+            schema.label,
+            LabelRule {
+                op: CompareOp::Gt,
+                threshold: 0.0
+            }
+        );
         assert!(schema.columns[0].zero_means_missing);
         assert_eq!(schema.delimiter, b',');
     }
 
     #[test]
     fn schema_errors_name_the_field() {
-        check_err("positive_if = \"> 0\"", "positive_if = \"bigger 0\"", "label.positive_if", "should look like");
-        check_err("positive_if = \"> 0\"", "positive_if = \"> x\"", "label.positive_if", "not a number");
-        check_err("kind = \"drop\"", "kind = \"dropp\"", "column[2] (skip).kind", "unknown kind `dropp`");
+        check_err(
+            "positive_if = \"> 0\"",
+            "positive_if = \"bigger 0\"",
+            "label.positive_if",
+            "should look like",
+        );
+        check_err(
+            "positive_if = \"> 0\"",
+            "positive_if = \"> x\"",
+            "label.positive_if",
+            "not a number",
+        );
+        check_err(
+            "kind = \"drop\"",
+            "kind = \"dropp\"",
+            "column[2] (skip).kind",
+            "unknown kind `dropp`",
+        );
         check_err("categories = [\"1\", \"2\"]", "", "column[1] (c)", "needs `categories`");
         check_err("column = \"y\"", "column = \"z\"", "label.column", "names `z`");
-        check_err("test_fraction = 0.25", "test_fraction = 1.5", "split.test_fraction", "(0, 1)");
+        check_err(
+            "test_fraction = 0.25",
+            "test_fraction = 1.5",
+            "split.test_fraction",
+            "(0, 1)",
+        );
         check_err("name = \"skip\"", "name = \"a\"", "column[2] (a)", "duplicate");
         assert!(matches!(Schema::from_toml("[label"), Err(SchemaError::Syntax(_))));
         assert!(matches!(
@@ -356,7 +385,15 @@ kind = "label"
 
     #[test]
     fn comparison_operators() {
-        for (rule, v, expect) in [("> 0", 1.0, true), ("> 0", 0.0, false), (">= 1", 1.0, true), ("< 2", 2.0, false), ("<= 2", 2.0, true), ("== 3", 3.0, true), ("!= 3", 3.0, false)] {
+        for (rule, v, expect) in [
+            ("> 0", 1.0, true),
+            ("> 0", 0.0, false),
+            (">= 1", 1.0, true),
+            ("< 2", 2.0, false),
+            ("<= 2", 2.0, true),
+            ("== 3", 3.0, true),
+            ("!= 3", 3.0, false),
+        ] {
             let r = parse_rule(rule).unwrap();
             assert_eq!(r.op.holds(v, r.threshold), expect, "{rule} on {v}");
         }

@@ -48,7 +48,12 @@ pub enum TrainError {
 
 /// Trains from `global` on `data` (already standardised) and returns the new
 /// weights. Deterministic for a given seed.
-pub fn train_local(cfg: &LocalTraining<'_>, global: &[f32], data: &Dataset, device: &Device) -> Result<LocalUpdate, TrainError> {
+pub fn train_local(
+    cfg: &LocalTraining<'_>,
+    global: &[f32],
+    data: &Dataset,
+    device: &Device,
+) -> Result<LocalUpdate, TrainError> {
     let n = data.len();
     if n == 0 {
         return Err(TrainError::NoData);
@@ -94,7 +99,11 @@ pub fn train_local(cfg: &LocalTraining<'_>, global: &[f32], data: &Dataset, devi
     Ok(LocalUpdate {
         params: model.to_flat(),
         n_samples: n,
-        train_loss: if loss_count > 0 { loss_sum / loss_count as f64 } else { f64::NAN },
+        train_loss: if loss_count > 0 {
+            loss_sum / loss_count as f64
+        } else {
+            f64::NAN
+        },
     })
 }
 
@@ -111,12 +120,20 @@ pub fn evaluate(layout: &Layout, params: &[f32], data: &Dataset, device: &Device
 }
 
 /// Logits of `params` on every row of `data`, in row order.
-pub fn predict_logits(layout: &Layout, params: &[f32], data: &Dataset, device: &Device) -> Result<Vec<f32>, TrainError> {
+pub fn predict_logits(
+    layout: &Layout,
+    params: &[f32],
+    data: &Dataset,
+    device: &Device,
+) -> Result<Vec<f32>, TrainError> {
     if data.is_empty() {
         return Ok(Vec::new());
     }
     let model = Net::from_flat(layout, params, device)?;
-    let x = Tensor::<2>::from_data(TensorData::new(data.features.clone(), [data.len(), data.n_features]), device);
+    let x = Tensor::<2>::from_data(
+        TensorData::new(data.features.clone(), [data.len(), data.n_features]),
+        device,
+    );
     let out = model.forward(x).into_data();
     Ok(out.convert::<f32>().try_to_vec::<f32>().expect("float logits"))
 }
@@ -198,7 +215,11 @@ mod tests {
             features.extend([x0, ((i * 7) % 5) as f32 / 5.0]);
             labels.push(if x0 > 0.0 { 1.0 } else { 0.0 });
         }
-        Dataset { n_features: 2, features, labels }
+        Dataset {
+            n_features: 2,
+            features,
+            labels,
+        }
     }
 
     fn spec(optimizer: OptimizerKind, epochs: u32) -> TrainingSpec {
@@ -222,7 +243,12 @@ mod tests {
             let init = initial_params(&layout, 3);
             let before = evaluate(&layout, &init, &data, &device).unwrap();
             let spec = spec(optimizer, 20);
-            let cfg = LocalTraining { layout: &layout, spec: &spec, proximal_mu: 0.0, seed: 1 };
+            let cfg = LocalTraining {
+                layout: &layout,
+                spec: &spec,
+                proximal_mu: 0.0,
+                seed: 1,
+            };
             let update = train_local(&cfg, &init, &data, &device).unwrap();
             let after = evaluate(&layout, &update.params, &data, &device).unwrap();
             assert_eq!(update.n_samples, 200);
@@ -240,7 +266,12 @@ mod tests {
         let init = initial_params(&layout, 0);
         let spec = spec(OptimizerKind::Sgd, 2);
         let run = |seed| {
-            let cfg = LocalTraining { layout: &layout, spec: &spec, proximal_mu: 0.0, seed };
+            let cfg = LocalTraining {
+                layout: &layout,
+                spec: &spec,
+                proximal_mu: 0.0,
+                seed,
+            };
             train_local(&cfg, &init, &data, &device).unwrap().params
         };
         assert_eq!(run(5), run(5));
@@ -255,7 +286,12 @@ mod tests {
         let init = initial_params(&layout, 0);
         let spec = spec(OptimizerKind::Sgd, 10);
         let distance = |mu| {
-            let cfg = LocalTraining { layout: &layout, spec: &spec, proximal_mu: mu, seed: 1 };
+            let cfg = LocalTraining {
+                layout: &layout,
+                spec: &spec,
+                proximal_mu: mu,
+                seed: 1,
+            };
             let p = train_local(&cfg, &init, &data, &device).unwrap().params;
             p.iter().zip(&init).map(|(a, b)| (a - b) * (a - b)).sum::<f32>()
         };
@@ -268,10 +304,28 @@ mod tests {
         let data = separable(10);
         let layout = ModelSpec::LogisticRegression.layout(3);
         let init = initial_params(&layout, 0);
-        let spec = TrainingSpec { local_work: LocalWork::Steps(3), ..spec(OptimizerKind::Sgd, 1) };
-        let cfg = LocalTraining { layout: &layout, spec: &spec, proximal_mu: 0.0, seed: 1 };
-        assert_eq!(train_local(&cfg, &init, &data, &device).unwrap_err(), TrainError::Width { expected: 3, got: 2 });
-        let empty = Dataset { n_features: 3, features: vec![], labels: vec![] };
-        assert_eq!(train_local(&cfg, &init, &empty, &device).unwrap_err(), TrainError::NoData);
+        let spec = TrainingSpec {
+            local_work: LocalWork::Steps(3),
+            ..spec(OptimizerKind::Sgd, 1)
+        };
+        let cfg = LocalTraining {
+            layout: &layout,
+            spec: &spec,
+            proximal_mu: 0.0,
+            seed: 1,
+        };
+        assert_eq!(
+            train_local(&cfg, &init, &data, &device).unwrap_err(),
+            TrainError::Width { expected: 3, got: 2 }
+        );
+        let empty = Dataset {
+            n_features: 3,
+            features: vec![],
+            labels: vec![],
+        };
+        assert_eq!(
+            train_local(&cfg, &init, &empty, &device).unwrap_err(),
+            TrainError::NoData
+        );
     }
 }

@@ -52,5 +52,8 @@ pub fn pooled_baseline(job: &JobSpec, sites: &[(SiteId, LocalData)]) -> anyhow::
         per_site.push((site.clone(), eval.n, eval.accuracy));
     }
     let mean_accuracy = per_site.iter().map(|s| s.2).sum::<f64>() / per_site.len().max(1) as f64;
-    Ok(Baseline { per_site, mean_accuracy })
+    Ok(Baseline {
+        per_site,
+        mean_accuracy,
+    })
 }

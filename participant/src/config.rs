@@ -46,8 +46,10 @@ fn default_state_dir() -> PathBuf {
 
 impl SiteConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read site config {}", path.display()))?;
-        let raw: RawConfig = toml::from_str(&text).with_context(|| format!("invalid site config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read site config {}", path.display()))?;
+        let raw: RawConfig =
+            toml::from_str(&text).with_context(|| format!("invalid site config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let site_id = SiteId::new(&raw.site_id).with_context(|| format!("{}: site_id", path.display()))?;
         Ok(Self {

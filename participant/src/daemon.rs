@@ -9,13 +9,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tessera_models::data::Dataset;
 use tessera_models::train::{LocalTraining, evaluate, train_local};
+use tessera_protocol::CHUNK_BYTES;
 use tessera_protocol::ids::{SiteId, sha256_hex};
 use tessera_protocol::job::JobSpec;
 use tessera_protocol::model::{Layout, decode_params, encode_params};
 use tessera_protocol::pb::federation_client::FederationClient;
 use tessera_protocol::pb::{self, task, update_chunk};
 use tessera_protocol::stats::Normalization;
-use tessera_protocol::CHUNK_BYTES;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{error, info, warn};
@@ -54,7 +54,11 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
             Ok(channel) => {
                 info!(coordinator = %config.coordinator, "connected");
                 backoff = Duration::from_millis(250);
-                let heartbeat = tokio::spawn(heartbeat_loop(FederationClient::new(channel.clone()), site.id.clone(), site.egress.clone()));
+                let heartbeat = tokio::spawn(heartbeat_loop(
+                    FederationClient::new(channel.clone()),
+                    site.id.clone(),
+                    site.egress.clone(),
+                ));
                 let result = site.serve(FederationClient::new(channel)).await;
                 heartbeat.abort();
                 if let Err(e) = result {
@@ -118,7 +122,9 @@ impl Site {
             if let Err(e) = result {
                 // A refused task is logged and the site carries on; transport
                 // errors end this connection and trigger a reconnect.
-                if e.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::Unavailable) {
+                if e.downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| s.code() == tonic::Code::Unavailable)
+                {
                     return Err(e);
                 }
                 error!("task failed: {e:#}");
@@ -135,7 +141,11 @@ impl Site {
         JobSpec::from_toml(job_toml).context("announced job is invalid")
     }
 
-    async fn compute_stats(&mut self, client: &mut FederationClient<Channel>, task: pb::ComputeStats) -> anyhow::Result<()> {
+    async fn compute_stats(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        task: pb::ComputeStats,
+    ) -> anyhow::Result<()> {
         if !self.done.insert((task.job_id, 0, Work::Stats)) {
             return Ok(());
         }
@@ -170,7 +180,9 @@ impl Site {
             mean: normalization.mean,
             std: normalization.std,
         };
-        if normalization.mean.len() != self.data.train.n_features || normalization.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        if normalization.mean.len() != self.data.train.n_features
+            || normalization.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+        {
             bail!("announced normalization does not fit this site's features");
         }
         let global = self.fetch_model(client, &a.model_hash, a.n_params).await?;
@@ -180,14 +192,28 @@ impl Site {
             self.report_metrics(client, &a, &layout, &global, &test).await?;
         }
         if a.train && self.done.insert((a.job_id, a.round, Work::Update)) {
-            self.train_and_submit(client, &a, &spec, &layout, &global, &train).await?;
+            self.train_and_submit(client, &a, &spec, &layout, &global, &train)
+                .await?;
         }
         Ok(())
     }
 
-    async fn report_metrics(&self, client: &mut FederationClient<Channel>, a: &pb::RoundAnnouncement, layout: &Layout, global: &[f32], test: &Dataset) -> anyhow::Result<()> {
+    async fn report_metrics(
+        &self,
+        client: &mut FederationClient<Channel>,
+        a: &pb::RoundAnnouncement,
+        layout: &Layout,
+        global: &[f32],
+        test: &Dataset,
+    ) -> anyhow::Result<()> {
         let eval = evaluate(layout, global, test, &self.device)?;
-        info!(job = a.job_id, round = a.round, accuracy = eval.accuracy, loss = eval.loss, "evaluated global model");
+        info!(
+            job = a.job_id,
+            round = a.round,
+            accuracy = eval.accuracy,
+            loss = eval.loss,
+            "evaluated global model"
+        );
         let report = pb::MetricsReport {
             site_id: self.id.to_string(),
             job_id: a.job_id,
@@ -214,8 +240,13 @@ impl Site {
     ) -> anyhow::Result<()> {
         let seed = spec.seed ^ (u64::from(a.round) << 32) ^ seed_of(&self.id);
         let proximal_mu = a.proximal_mu;
-        let (device, layout_owned, training, global_owned, train_owned) =
-            (self.device.clone(), layout.clone(), spec.training.clone(), global.to_vec(), train.clone());
+        let (device, layout_owned, training, global_owned, train_owned) = (
+            self.device.clone(),
+            layout.clone(),
+            spec.training.clone(),
+            global.to_vec(),
+            train.clone(),
+        );
         // Training is CPU-bound: keep it off the async threads so heartbeats go on.
         let update = tokio::task::spawn_blocking(move || {
             let cfg = LocalTraining {
@@ -229,7 +260,13 @@ impl Site {
         .await
         .context("training task panicked")??;
         let delta: Vec<f32> = update.params.iter().zip(global).map(|(w, g)| w - g).collect();
-        info!(job = a.job_id, round = a.round, n = update.n_samples, train_loss = update.train_loss, "local training done");
+        info!(
+            job = a.job_id,
+            round = a.round,
+            n = update.n_samples,
+            train_loss = update.train_loss,
+            "local training done"
+        );
         let header = pb::UpdateChunk {
             kind: Some(update_chunk::Kind::Header(pb::UpdateHeader {
                 site_id: self.id.to_string(),
@@ -255,7 +292,12 @@ impl Site {
         Ok(())
     }
 
-    async fn fetch_model(&self, client: &mut FederationClient<Channel>, model_hash: &str, n_params: u64) -> anyhow::Result<Vec<f32>> {
+    async fn fetch_model(
+        &self,
+        client: &mut FederationClient<Channel>,
+        model_hash: &str,
+        n_params: u64,
+    ) -> anyhow::Result<Vec<f32>> {
         let request = pb::FetchModelRequest {
             site_id: self.id.to_string(),
             model_hash: model_hash.to_owned(),
@@ -266,8 +308,14 @@ impl Site {
         let mut bytes = Vec::with_capacity(expected_len as usize);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
-            if chunk.offset != bytes.len() as u64 || chunk.total_len != expected_len || bytes.len() + chunk.data.len() > expected_len as usize {
-                bail!("model {model_hash} arrived malformed (chunk at offset {})", chunk.offset);
+            if chunk.offset != bytes.len() as u64
+                || chunk.total_len != expected_len
+                || bytes.len() + chunk.data.len() > expected_len as usize
+            {
+                bail!(
+                    "model {model_hash} arrived malformed (chunk at offset {})",
+                    chunk.offset
+                );
             }
             bytes.extend_from_slice(&chunk.data);
         }

@@ -20,7 +20,8 @@ impl LocalData {
     pub fn load(config: &SiteConfig) -> anyhow::Result<Self> {
         let schema_text = std::fs::read_to_string(&config.schema_path)
             .with_context(|| format!("cannot read schema {}", config.schema_path.display()))?;
-        let schema = Schema::from_toml(&schema_text).with_context(|| format!("invalid schema {}", config.schema_path.display()))?;
+        let schema = Schema::from_toml(&schema_text)
+            .with_context(|| format!("invalid schema {}", config.schema_path.display()))?;
         let (data, report) = read_csv(&config.data_path, &schema)?;
         let (train, test) = data.split(&schema.split);
         Ok(Self {

@@ -6,7 +6,7 @@ mod daemon;
 mod egress;
 mod local;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -59,7 +59,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
@@ -69,7 +71,12 @@ fn main() -> ExitCode {
             state_dir,
         } => run(&config, coordinator, state_dir),
         Command::Check { config } => check(&config),
-        Command::PooledBaseline { job, configs, seed, json } => pooled(&job, &configs, seed, json),
+        Command::PooledBaseline {
+            job,
+            configs,
+            seed,
+            json,
+        } => pooled(&job, &configs, seed, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -80,7 +87,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: &PathBuf, coordinator: Option<String>, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(path: &Path, coordinator: Option<String>, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let mut config = SiteConfig::load(path)?;
     if let Some(addr) = coordinator {
         config.coordinator = addr;
@@ -92,7 +99,7 @@ fn run(path: &PathBuf, coordinator: Option<String>, state_dir: Option<PathBuf>) 
     runtime.block_on(daemon::run(config))
 }
 
-fn check(path: &PathBuf) -> anyhow::Result<()> {
+fn check(path: &Path) -> anyhow::Result<()> {
     let config = SiteConfig::load(path)?;
     let data = LocalData::load(&config)?;
     let r = &data.report;
@@ -132,7 +139,7 @@ fn check(path: &PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pooled(job_path: &PathBuf, configs: &[PathBuf], seed: Option<u64>, json: bool) -> anyhow::Result<()> {
+fn pooled(job_path: &Path, configs: &[PathBuf], seed: Option<u64>, json: bool) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(job_path).with_context(|| format!("cannot read {}", job_path.display()))?;
     let mut job = JobSpec::from_toml(&text).with_context(|| format!("{}", job_path.display()))?;
     if let Some(seed) = seed {
@@ -150,9 +157,15 @@ fn pooled(job_path: &PathBuf, configs: &[PathBuf], seed: Option<u64>, json: bool
             .iter()
             .map(|(s, n, a)| serde_json::json!({ "site_id": s.as_str(), "n_test": n, "accuracy": a }))
             .collect();
-        println!("{}", serde_json::json!({ "per_site": per_site, "mean_accuracy": result.mean_accuracy }));
+        println!(
+            "{}",
+            serde_json::json!({ "per_site": per_site, "mean_accuracy": result.mean_accuracy })
+        );
     } else {
-        println!("pooled baseline ({} trained centrally on all training splits):", job.model.label());
+        println!(
+            "pooled baseline ({} trained centrally on all training splits):",
+            job.model.label()
+        );
         for (site, n, acc) in &result.per_site {
             println!("  {:<16} {:>6} {:>9.4}", site.as_str(), n, acc);
         }

@@ -118,7 +118,10 @@ mod tests {
             sum.add(site(2), 1.0, &[1.0]),
             Err(SumError::WrongLength { expected: 2, got: 1 })
         );
-        assert_eq!(sum.add(site(2), 1.0, &[1.0, f32::NAN]), Err(SumError::NonFinite { index: 1 }));
+        assert_eq!(
+            sum.add(site(2), 1.0, &[1.0, f32::NAN]),
+            Err(SumError::NonFinite { index: 1 })
+        );
         assert_eq!(
             sum.add(site(2), 1.0, &[f32::NEG_INFINITY, 0.0]),
             Err(SumError::NonFinite { index: 0 })

@@ -54,7 +54,9 @@ pub enum LocalWork {
 pub enum StrategySpec {
     FedAvg,
     /// FedAvg aggregation; sites add `mu / 2 * ||w - w_global||^2` to their loss.
-    FedProx { mu: f64 },
+    FedProx {
+        mu: f64,
+    },
     /// Server-side Adam or Yogi over the averaged update (Reddi et al. 2021).
     FedOpt(FedOptParams),
 }
@@ -336,10 +338,16 @@ impl RawTraining {
             (Some(e), None) => LocalWork::Epochs(positive_int("training.local_epochs", e, 10_000)? as u32),
             (None, Some(s)) => LocalWork::Steps(positive_int("training.local_steps", s, 10_000_000)? as u32),
             (None, None) => {
-                return Err(invalid("training.local_epochs", "set one of local_epochs or local_steps"));
+                return Err(invalid(
+                    "training.local_epochs",
+                    "set one of local_epochs or local_steps",
+                ));
             }
             (Some(_), Some(_)) => {
-                return Err(invalid("training.local_steps", "set local_epochs or local_steps, not both"));
+                return Err(invalid(
+                    "training.local_steps",
+                    "set local_epochs or local_steps, not both",
+                ));
             }
         };
         Ok(TrainingSpec {
@@ -378,7 +386,9 @@ impl RawStrategy {
             }
             "fedprox" => {
                 only(&["mu"])?;
-                let mu = self.mu.ok_or_else(|| invalid("strategy.mu", "fedprox needs mu (e.g. 0.01)"))?;
+                let mu = self
+                    .mu
+                    .ok_or_else(|| invalid("strategy.mu", "fedprox needs mu (e.g. 0.01)"))?;
                 if !mu.is_finite() || !(0.0..=100.0).contains(&mu) {
                     return Err(invalid("strategy.mu", format!("must be in [0, 100], got {mu}")));
                 }
@@ -425,8 +435,7 @@ impl RawTiming {
         Ok(TimingSpec {
             round_timeout_s: positive_int("timing.round_timeout_s", self.round_timeout_s, 86_400)? as u64,
             dropout_after_s: positive_int("timing.dropout_after_s", self.dropout_after_s, 86_400)? as u64,
-            wait_for_sites_s: positive_int("timing.wait_for_sites_s", self.wait_for_sites_s, 7 * 86_400)?
-                as u64,
+            wait_for_sites_s: positive_int("timing.wait_for_sites_s", self.wait_for_sites_s, 7 * 86_400)? as u64,
         })
     }
 }
@@ -472,12 +481,32 @@ local_epochs = 1
     #[test]
     fn invalid_values_name_their_field() {
         check_err("logistic_regression", "resnet", "model.kind", "unknown model `resnet`");
-        check_err("learning_rate = 0.1", "learning_rate = -1.0", "training.learning_rate", "-1");
-        check_err("learning_rate = 0.1", "learning_rate = nan", "training.learning_rate", "NaN");
+        check_err(
+            "learning_rate = 0.1",
+            "learning_rate = -1.0",
+            "training.learning_rate",
+            "-1",
+        );
+        check_err(
+            "learning_rate = 0.1",
+            "learning_rate = nan",
+            "training.learning_rate",
+            "NaN",
+        );
         check_err("rounds = 5", "rounds = 0", "rounds", "between 1");
         check_err("rounds = 5", "rounds = 5\nmin_sites = 2", "min_sites", "at least 3");
-        check_err("local_epochs = 1", "local_epochs = 0", "training.local_epochs", "between 1");
-        check_err("local_epochs = 1", "local_epochs = 1\nlocal_steps = 3", "training.local_steps", "not both");
+        check_err(
+            "local_epochs = 1",
+            "local_epochs = 0",
+            "training.local_epochs",
+            "between 1",
+        );
+        check_err(
+            "local_epochs = 1",
+            "local_epochs = 1\nlocal_steps = 3",
+            "training.local_steps",
+            "not both",
+        );
         check_err("local_epochs = 1", "", "training.local_epochs", "set one of");
         check_err(
             "learning_rate = 0.1",
@@ -503,7 +532,12 @@ local_epochs = 1
             "strategy.beta1",
             "[0, 1)",
         );
-        check_err("kind = \"logistic_regression\"", "kind = \"mlp\"", "model.hidden", "at least one");
+        check_err(
+            "kind = \"logistic_regression\"",
+            "kind = \"mlp\"",
+            "model.hidden",
+            "at least one",
+        );
         check_err(
             "kind = \"logistic_regression\"",
             "kind = \"mlp\"\nhidden = [0]",
@@ -523,7 +557,9 @@ local_epochs = 1
     #[test]
     fn strategies_parse() {
         let job = JobSpec::from_toml(&format!("{BASE}[strategy]\nkind = \"fedyogi\"\ntau = 0.01\n")).unwrap();
-        let StrategySpec::FedOpt(p) = job.strategy else { panic!() };
+        let StrategySpec::FedOpt(p) = job.strategy else {
+            panic!()
+        };
         assert_eq!(p.variant, FedOptVariant::Yogi);
         assert_eq!(p.tau, 0.01);
         assert_eq!(p.beta1, 0.9);

@@ -111,7 +111,7 @@ pub enum DecodeError {
 /// Inverse of [`encode_params`]; refuses NaN and infinities, which no valid
 /// model or update contains.
 pub fn decode_params(bytes: &[u8]) -> Result<Vec<f32>, DecodeError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(DecodeError::Truncated(bytes.len()));
     }
     let mut params = Vec::with_capacity(bytes.len() / 4);

@@ -300,19 +300,45 @@ mod tests {
 
     #[test]
     fn bad_updates_are_rejected_precisely_and_change_nothing() {
-        check_rejected(|h| h.round = 1, &[0.0; N], UpdateRejection::WrongRound { expected: 2, got: 1 });
-        check_rejected(|h| h.job_id = JobId(9), &[0.0; N], UpdateRejection::WrongJob { expected: JobId(1), got: JobId(9) });
+        check_rejected(
+            |h| h.round = 1,
+            &[0.0; N],
+            UpdateRejection::WrongRound { expected: 2, got: 1 },
+        );
+        check_rejected(
+            |h| h.job_id = JobId(9),
+            &[0.0; N],
+            UpdateRejection::WrongJob {
+                expected: JobId(1),
+                got: JobId(9),
+            },
+        );
         check_rejected(|h| h.site = site(7), &[0.0; N], UpdateRejection::UnknownSite(site(7)));
         check_rejected(
             |h| h.base_model_hash = "old".into(),
             &[0.0; N],
-            UpdateRejection::WrongBaseModel { expected: "h".into(), got: "old".into() },
+            UpdateRejection::WrongBaseModel {
+                expected: "h".into(),
+                got: "old".into(),
+            },
         );
         check_rejected(|h| h.n_samples = 0, &[0.0; N], UpdateRejection::NoSamples);
         check_rejected(|h| h.train_loss = f64::NAN, &[0.0; N], UpdateRejection::BadLoss);
-        check_rejected(|_| {}, &[0.0; 3], UpdateRejection::Vector(SumError::WrongLength { expected: N, got: 3 }));
-        check_rejected(|_| {}, &[0.0, f32::NAN, 0.0, 0.0], UpdateRejection::Vector(SumError::NonFinite { index: 1 }));
-        check_rejected(|_| {}, &[0.0, 0.0, f32::INFINITY, 0.0], UpdateRejection::Vector(SumError::NonFinite { index: 2 }));
+        check_rejected(
+            |_| {},
+            &[0.0; 3],
+            UpdateRejection::Vector(SumError::WrongLength { expected: N, got: 3 }),
+        );
+        check_rejected(
+            |_| {},
+            &[0.0, f32::NAN, 0.0, 0.0],
+            UpdateRejection::Vector(SumError::NonFinite { index: 1 }),
+        );
+        check_rejected(
+            |_| {},
+            &[0.0, 0.0, f32::INFINITY, 0.0],
+            UpdateRejection::Vector(SumError::NonFinite { index: 2 }),
+        );
     }
 
     #[test]
@@ -333,11 +359,17 @@ mod tests {
     fn duplicate_and_returning_dropped_sites_are_refused() {
         let mut round = collector(4, 3);
         round.handle_update(0, &header(0), &[1.0; N]).unwrap();
-        assert_eq!(round.handle_update(0, &header(0), &[1.0; N]), Err(UpdateRejection::Duplicate(site(0))));
+        assert_eq!(
+            round.handle_update(0, &header(0), &[1.0; N]),
+            Err(UpdateRejection::Duplicate(site(0)))
+        );
         // site 1 heartbeats, site 2 and 3 stay silent past dropout_after.
         round.handle_heartbeat(900, &site(1));
         assert_eq!(round.handle_tick(1_500), vec![site(2), site(3)]);
-        assert_eq!(round.handle_update(1_600, &header(2), &[1.0; N]), Err(UpdateRejection::Dropped(site(2))));
+        assert_eq!(
+            round.handle_update(1_600, &header(2), &[1.0; N]),
+            Err(UpdateRejection::Dropped(site(2)))
+        );
         round.handle_update(1_600, &header(1), &[1.0; N]).unwrap();
         assert!(round.is_settled());
         // Two contributors: no aggregate is released.
@@ -393,7 +425,12 @@ mod tests {
             assert!(round.handle_tick(t).is_empty());
         }
         assert_eq!(round.handle_tick(10_000), vec![site(1), site(2)]);
-        assert_eq!(round.members()[&site(1)], MemberState::Dropped { reason: DropReason::Timeout });
+        assert_eq!(
+            round.members()[&site(1)],
+            MemberState::Dropped {
+                reason: DropReason::Timeout
+            }
+        );
         assert!(round.finish().is_err());
     }
 }

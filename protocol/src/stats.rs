@@ -147,12 +147,19 @@ mod tests {
     fn mismatched_sites_are_refused() {
         let a = FeatureStats::of_rows(2, [[1.0f32, 2.0].as_slice()]);
         let b = FeatureStats::of_rows(3, [[1.0f32, 2.0, 3.0].as_slice()]);
-        assert_eq!(secure_sum_stats(&[a.clone(), b]), Err(StatsError::Width { expected: 2, got: 3 }));
+        assert_eq!(
+            secure_sum_stats(&[a.clone(), b]),
+            Err(StatsError::Width { expected: 2, got: 3 })
+        );
         let mut bad = a.clone();
         bad.sum_sq[0] = -1.0;
         assert_eq!(secure_sum_stats(&[a.clone(), bad]), Err(StatsError::NotFinite));
         assert_eq!(secure_sum_stats(&[]), Err(StatsError::Empty));
-        let empty = FeatureStats { count: 0, sum: vec![0.0], sum_sq: vec![0.0] };
+        let empty = FeatureStats {
+            count: 0,
+            sum: vec![0.0],
+            sum_sq: vec![0.0],
+        };
         assert_eq!(Normalization::from_stats(&empty), Err(StatsError::NoRows));
     }
 

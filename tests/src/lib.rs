@@ -10,7 +10,10 @@ use std::time::Duration;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repo").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the repo")
+        .to_owned()
 }
 
 /// The heart-disease site ids of `examples/heart-disease/sites/`.
@@ -23,8 +26,15 @@ pub fn bin(name: &str) -> PathBuf {
     let dir = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(repo())
-            .args(["build", "--quiet", "--bins", "-p", "tessera-coordinator", "-p", "tessera-participant"]);
+        cmd.current_dir(repo()).args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "tessera-coordinator",
+            "-p",
+            "tessera-participant",
+        ]);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
@@ -32,7 +42,10 @@ pub fn bin(name: &str) -> PathBuf {
         assert!(status.success(), "building the binaries failed");
         // target/<profile>/deps/<test-exe> -> target/<profile>
         let exe = std::env::current_exe().expect("test executable path");
-        exe.parent().and_then(Path::parent).expect("target profile dir").to_owned()
+        exe.parent()
+            .and_then(Path::parent)
+            .expect("target profile dir")
+            .to_owned()
     });
     dir.join(name)
 }
@@ -77,7 +90,10 @@ impl Federation {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("coordinator did not write its port; log:\n{}", federation.log("coordinator"));
+        panic!(
+            "coordinator did not write its port; log:\n{}",
+            federation.log("coordinator")
+        );
     }
 
     /// Starts the participant of one example hospital.
@@ -127,14 +143,22 @@ impl Federation {
     /// Submits a job file and returns its id.
     pub fn submit(&self, job: &Path) -> u64 {
         let out = self.tessera(&["job", "submit", job.to_str().expect("utf-8 path"), "--json"]);
-        assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "submit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("submit JSON");
         reply["job_id"].as_u64().expect("job id")
     }
 
     pub fn status(&self, job_id: u64) -> serde_json::Value {
         let out = self.tessera(&["job", "status", &job_id.to_string(), "--json"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 

@@ -18,13 +18,23 @@ fn four_hospitals_train_three_rounds() {
     let job = federation.write_job("job.toml", &example_job(&[("rounds", "3")]));
     let job_id = federation.submit(&job);
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
-    assert_eq!(status["job"]["status"], "finished", "{status:#}\n{}", federation.log("coordinator"));
+    assert_eq!(
+        status["job"]["status"],
+        "finished",
+        "{status:#}\n{}",
+        federation.log("coordinator")
+    );
 
     let rounds = status["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 3);
     let all: BTreeSet<&str> = SITES.into_iter().collect();
     for round in rounds {
-        let sites: BTreeSet<&str> = round["sites"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+        let sites: BTreeSet<&str> = round["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
         assert_eq!(sites, all, "round {} lacks a site", round["round"]);
         assert!(round["dropped"].as_array().unwrap().is_empty());
     }
@@ -32,7 +42,9 @@ fn four_hospitals_train_three_rounds() {
     // The global model changes every round: the initial model (evaluated in
     // round 1) and each round's result all differ.
     let metrics = status["metrics"].as_array().unwrap();
-    let initial_hash = metrics.iter().find(|m| m["model_of_round"] == 0).unwrap()["model_hash"].as_str().unwrap();
+    let initial_hash = metrics.iter().find(|m| m["model_of_round"] == 0).unwrap()["model_hash"]
+        .as_str()
+        .unwrap();
     let mut hashes = vec![initial_hash];
     hashes.extend(rounds.iter().map(|r| r["model_hash"].as_str().unwrap()));
     let distinct: BTreeSet<&str> = hashes.iter().copied().collect();
@@ -57,16 +69,31 @@ fn four_hospitals_train_three_rounds() {
     };
     let final_mean = status["final_mean_accuracy"].as_f64().unwrap();
     assert!((final_mean - mean_of(3)).abs() < 1e-12);
-    assert!(final_mean > ACCURACY_FLOOR, "final mean accuracy {final_mean} <= {ACCURACY_FLOOR}");
+    assert!(
+        final_mean > ACCURACY_FLOOR,
+        "final mean accuracy {final_mean} <= {ACCURACY_FLOOR}"
+    );
     assert!(final_mean > mean_of(0), "training did not improve on the initial model");
 
     // Each site's egress log lists only protocol messages.
-    let allowed = ["Heartbeat", "PollTask", "SubmitStats", "FetchModel", "ReportMetrics", "SubmitUpdate"];
+    let allowed = [
+        "Heartbeat",
+        "PollTask",
+        "SubmitStats",
+        "FetchModel",
+        "ReportMetrics",
+        "SubmitUpdate",
+    ];
     for site in SITES {
         let log = std::fs::read_to_string(federation.state_dir(site).join("egress.jsonl")).unwrap();
         let kinds: BTreeSet<String> = log
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_owned())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
             .collect();
         assert!(kinds.iter().all(|k| allowed.contains(&k.as_str())), "{site}: {kinds:?}");
         for needed in ["SubmitStats", "SubmitUpdate", "ReportMetrics"] {
@@ -76,7 +103,13 @@ fn four_hospitals_train_three_rounds() {
 
     // Export: the model file matches the last round's hash and the manifest.
     let out_path = federation.dir.path().join("model.bin");
-    let out = federation.tessera(&["model", "export", &job_id.to_string(), "--out", out_path.to_str().unwrap()]);
+    let out = federation.tessera(&[
+        "model",
+        "export",
+        &job_id.to_string(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bytes = std::fs::read(&out_path).unwrap();
     let manifest: serde_json::Value =
@@ -107,7 +140,11 @@ fn invalid_job_is_refused_naming_the_field() {
     let federation = Federation::start(&SITES);
     for (from, to, field) in [
         ("kind = \"logistic_regression\"", "kind = \"transformer\"", "model.kind"),
-        ("learning_rate = 0.05", "learning_rate = -0.05", "training.learning_rate"),
+        (
+            "learning_rate = 0.05",
+            "learning_rate = -0.05",
+            "training.learning_rate",
+        ),
         ("min_sites = 3", "min_sites = 1", "min_sites"),
     ] {
         let text = example_job(&[]).replace(from, to);
@@ -140,7 +177,10 @@ fn check_reports_flamby_preprocessing_offline() {
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains(&format!("rows: {read} read, {kept} kept")), "{site}: {text}");
+        assert!(
+            text.contains(&format!("rows: {read} read, {kept} kept")),
+            "{site}: {text}"
+        );
         assert!(text.contains(&format!("train {train} (")), "{site}: {text}");
         assert!(text.contains(&format!("test {test} (")), "{site}: {text}");
         assert!(text.contains("15 encoded features"), "{site}: {text}");

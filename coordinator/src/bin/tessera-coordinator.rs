@@ -58,7 +58,10 @@ async fn main() -> anyhow::Result<()> {
     let store = Store::open(&args.db).await?;
     let interrupted = store.fail_interrupted(unix_ms()).await?;
     if interrupted > 0 {
-        warn!(interrupted, "jobs interrupted by a previous shutdown were marked failed");
+        warn!(
+            interrupted,
+            "jobs interrupted by a previous shutdown were marked failed"
+        );
     }
     let shared = Arc::new(Shared::new(store, allowed_sites));
     tokio::spawn(driver::run(shared.clone()));

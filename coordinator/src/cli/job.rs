@@ -1,7 +1,7 @@
 //! `tessera job submit | list | status | cancel`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -54,12 +54,19 @@ pub(crate) async fn exec(addr: &str, cmd: JobCommand) -> CliResult {
             }
             let status = client.job_status(pb::JobStatusRequest { job_id }).await?.into_inner();
             if json {
-                println!("{}", serde_json::to_string_pretty(&status_json(&status)).context("cannot encode JSON")?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status_json(&status)).context("cannot encode JSON")?
+                );
             } else {
                 print_status(&status);
             }
             let finished = status.job.as_ref().is_some_and(|j| j.status == "finished");
-            Ok(if !watch || finished { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if !watch || finished {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         JobCommand::Cancel { job_id } => {
             let mut client = JobsClient::new(connect(addr).await?);
@@ -70,8 +77,9 @@ pub(crate) async fn exec(addr: &str, cmd: JobCommand) -> CliResult {
     }
 }
 
-async fn submit(addr: &str, file: &PathBuf, json: bool) -> CliResult {
-    let job_toml = std::fs::read_to_string(file).map_err(|e| CliError::User(format!("cannot read {}: {e}", file.display())))?;
+async fn submit(addr: &str, file: &Path, json: bool) -> CliResult {
+    let job_toml =
+        std::fs::read_to_string(file).map_err(|e| CliError::User(format!("cannot read {}: {e}", file.display())))?;
     // Validate locally first: the same rules as the coordinator, with the
     // file name in the message.
     JobSpec::from_toml(&job_toml).map_err(|e| CliError::User(format!("{}: {e}", file.display())))?;
@@ -94,7 +102,10 @@ async fn list(addr: &str, json: bool) -> CliResult {
         println!("{}", serde_json::to_string_pretty(&rows).context("cannot encode JSON")?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:>4}  {:<24} {:<10} {:>8}  {:<16} {}", "id", "name", "status", "rounds", "strategy", "model");
+    println!(
+        "{:>4}  {:<24} {:<10} {:>8}  {:<16} model",
+        "id", "name", "status", "rounds", "strategy"
+    );
     for j in &jobs {
         println!(
             "{:>4}  {:<24} {:<10} {:>8}  {:<16} {}",
@@ -192,7 +203,10 @@ fn print_status(status: &pb::JobStatusResponse) {
     let last_model_round = job.rounds_done;
     if let Some(final_metrics) = metrics.get(&last_model_round).filter(|_| last_model_round > 0) {
         println!("final model (after round {last_model_round}) on each site's test split:");
-        println!("  {:<16} {:>6} {:>9} {:>7} {:>7}", "site", "n_test", "accuracy", "auc", "loss");
+        println!(
+            "  {:<16} {:>6} {:>9} {:>7} {:>7}",
+            "site", "n_test", "accuracy", "auc", "loss"
+        );
         for m in final_metrics {
             println!(
                 "  {:<16} {:>6} {:>9.4} {:>7.4} {:>7.4}",
@@ -218,7 +232,11 @@ fn summary_json(j: &pb::JobSummary) -> serde_json::Value {
 }
 
 fn finite(v: f64) -> serde_json::Value {
-    if v.is_finite() { json!(v) } else { serde_json::Value::Null }
+    if v.is_finite() {
+        json!(v)
+    } else {
+        serde_json::Value::Null
+    }
 }
 
 fn status_json(status: &pb::JobStatusResponse) -> serde_json::Value {

@@ -19,7 +19,12 @@ use tonic::transport::Channel;
 #[command(name = "tessera", version)]
 struct Cli {
     /// Coordinator address.
-    #[arg(long, global = true, env = "TESSERA_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     coordinator: String,
     #[command(subcommand)]
     command: Command,
@@ -50,10 +55,16 @@ impl From<anyhow::Error> for CliError {
 impl From<tonic::Status> for CliError {
     fn from(status: tonic::Status) -> Self {
         match status.code() {
-            Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists | Code::PermissionDenied => {
-                CliError::User(status.message().to_owned())
-            }
-            _ => CliError::Unexpected(anyhow::anyhow!("coordinator error ({:?}): {}", status.code(), status.message())),
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::PermissionDenied => CliError::User(status.message().to_owned()),
+            _ => CliError::Unexpected(anyhow::anyhow!(
+                "coordinator error ({:?}): {}",
+                status.code(),
+                status.message()
+            )),
         }
     }
 }
@@ -61,7 +72,8 @@ impl From<tonic::Status> for CliError {
 pub(crate) type CliResult = Result<ExitCode, CliError>;
 
 pub(crate) async fn connect(addr: &str) -> Result<Channel, CliError> {
-    let endpoint = Channel::from_shared(addr.to_owned()).map_err(|e| CliError::User(format!("bad coordinator address `{addr}`: {e}")))?;
+    let endpoint = Channel::from_shared(addr.to_owned())
+        .map_err(|e| CliError::User(format!("bad coordinator address `{addr}`: {e}")))?;
     endpoint
         .connect()
         .await

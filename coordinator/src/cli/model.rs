@@ -25,14 +25,19 @@ pub(crate) enum ModelCommand {
 pub(crate) async fn exec(addr: &str, cmd: ModelCommand) -> CliResult {
     let ModelCommand::Export { job_id, out } = cmd;
     let mut client = JobsClient::new(connect(addr).await?);
-    let mut stream = client.export_model(pb::ExportModelRequest { job_id }).await?.into_inner();
+    let mut stream = client
+        .export_model(pb::ExportModelRequest { job_id })
+        .await?
+        .into_inner();
     let mut bytes = Vec::new();
     let mut manifest = String::new();
     let mut expected_hash = String::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         if chunk.offset != bytes.len() as u64 {
-            return Err(CliError::Unexpected(anyhow::anyhow!("model chunks arrived out of order")));
+            return Err(CliError::Unexpected(anyhow::anyhow!(
+                "model chunks arrived out of order"
+            )));
         }
         if manifest.is_empty() {
             manifest = chunk.manifest_json;

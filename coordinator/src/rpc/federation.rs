@@ -4,13 +4,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tessera_protocol::CHUNK_BYTES;
 use tessera_protocol::ids::{JobId, SiteId};
 use tessera_protocol::model::decode_params;
 use tessera_protocol::pb::federation_server::Federation;
 use tessera_protocol::pb::{self, update_chunk};
 use tessera_protocol::round::UpdateHeader;
 use tessera_protocol::stats::FeatureStats;
-use tessera_protocol::CHUNK_BYTES;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -82,7 +82,10 @@ pub(crate) fn chunk_stream(bytes: Vec<u8>, model_hash: String, manifest_json: St
 
 #[tonic::async_trait]
 impl Federation for FederationService {
-    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.identify(&request.get_ref().site_id).await?;
         Ok(Response::new(pb::HeartbeatResponse {
             server_time_ms: unix_ms() as u64,
@@ -109,7 +112,10 @@ impl Federation for FederationService {
 
     type FetchModelStream = ChunkStream;
 
-    async fn fetch_model(&self, request: Request<pb::FetchModelRequest>) -> Result<Response<Self::FetchModelStream>, Status> {
+    async fn fetch_model(
+        &self,
+        request: Request<pb::FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
         let request = request.into_inner();
         self.identify(&request.site_id).await?;
         let bytes = self
@@ -131,7 +137,9 @@ impl Federation for FederationService {
             sum_sq: report.sum_sq,
         };
         if stats.sum.len() != stats.sum_sq.len() || stats.sum.is_empty() {
-            return Err(RpcError::InvalidArgument("sum and sum_sq must be non-empty and of equal length".into()).into());
+            return Err(
+                RpcError::InvalidArgument("sum and sum_sq must be non-empty and of equal length".into()).into(),
+            );
         }
         if stats.sum.iter().chain(&stats.sum_sq).any(|v| !v.is_finite()) {
             return Err(RpcError::InvalidArgument("statistics contain a non-finite value".into()).into());
@@ -161,7 +169,9 @@ impl Federation for FederationService {
         if let Some(width) = phase.reports.values().next().map(|s| s.sum.len())
             && width != stats.sum.len()
         {
-            return Err(RpcError::InvalidArgument(format!("{} features, other sites have {width}", stats.sum.len())).into());
+            return Err(
+                RpcError::InvalidArgument(format!("{} features, other sites have {width}", stats.sum.len())).into(),
+            );
         }
         phase.pending.remove(&site);
         phase.reports.insert(site.clone(), stats);
@@ -173,7 +183,9 @@ impl Federation for FederationService {
     async fn submit_update(&self, request: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::Ack>, Status> {
         let mut stream = request.into_inner();
         let header = match stream.next().await {
-            Some(Ok(pb::UpdateChunk { kind: Some(update_chunk::Kind::Header(h)) })) => h,
+            Some(Ok(pb::UpdateChunk {
+                kind: Some(update_chunk::Kind::Header(h)),
+            })) => h,
             Some(Err(status)) => return Err(status),
             _ => return Err(RpcError::InvalidArgument("an update stream must start with its header".into()).into()),
         };
@@ -187,7 +199,9 @@ impl Federation for FederationService {
             train_loss: header.train_loss,
         };
         // Refuse early, before reading a possibly large body.
-        let n_params = self.open_round_params(&update).inspect_err(|e| warn!(%site, "update refused: {e}"))?;
+        let n_params = self
+            .open_round_params(&update)
+            .inspect_err(|e| warn!(%site, "update refused: {e}"))?;
         if header.n_params as usize != n_params {
             let e = RpcError::InvalidArgument(format!("update has {} values, expected {n_params}", header.n_params));
             warn!(%site, "update refused: {e}");
@@ -199,7 +213,8 @@ impl Federation for FederationService {
             match chunk?.kind {
                 Some(update_chunk::Kind::Data(data)) => {
                     if bytes.len() + data.len() > expected_bytes {
-                        let e = RpcError::InvalidArgument(format!("update is longer than the declared {n_params} values"));
+                        let e =
+                            RpcError::InvalidArgument(format!("update is longer than the declared {n_params} values"));
                         warn!(%site, "update refused: {e}");
                         return Err(e.into());
                     }
@@ -292,7 +307,9 @@ impl FederationService {
             )));
         }
         if !round.awaiting_metrics.contains(site) {
-            return Err(RpcError::FailedPrecondition(format!("no metrics expected from `{site}`")));
+            return Err(RpcError::FailedPrecondition(format!(
+                "no metrics expected from `{site}`"
+            )));
         }
         Ok(())
     }
@@ -302,10 +319,16 @@ impl FederationService {
     fn open_round_params(&self, update: &UpdateHeader) -> Result<usize, RpcError> {
         let inner = self.shared.lock();
         let Some(active) = inner.active.as_ref().filter(|a| a.job_id == update.job_id) else {
-            return Err(RpcError::FailedPrecondition(format!("job {} is not running", update.job_id)));
+            return Err(RpcError::FailedPrecondition(format!(
+                "job {} is not running",
+                update.job_id
+            )));
         };
         let Phase::Round(round) = &active.phase else {
-            return Err(RpcError::FailedPrecondition(format!("job {} has no open round", update.job_id)));
+            return Err(RpcError::FailedPrecondition(format!(
+                "job {} has no open round",
+                update.job_id
+            )));
         };
         let Some(collector) = round.collector.as_ref() else {
             return Err(RpcError::FailedPrecondition(format!(
@@ -321,8 +344,40 @@ impl FederationService {
             )));
         }
         if !collector.members().contains_key(&update.site) {
-            return Err(RpcError::PermissionDenied(format!("site `{}` is not a member of this round", update.site)));
+            return Err(RpcError::PermissionDenied(format!(
+                "site `{}` is not a member of this round",
+                update.site
+            )));
         }
         Ok(params.n_params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn models_stream_in_chunks_under_the_message_limit() {
+        // 2.5 chunks: any model size travels within gRPC's default 4 MiB limit.
+        let bytes: Vec<u8> = (0..CHUNK_BYTES * 5 / 2).map(|i| (i % 251) as u8).collect();
+        let chunks: Vec<pb::ModelChunk> = chunk_stream(bytes.clone(), "h".into(), "{}".into())
+            .map(|c| c.unwrap())
+            .collect()
+            .await;
+        assert_eq!(chunks.len(), 3);
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.data.len() <= CHUNK_BYTES && c.total_len == bytes.len() as u64)
+        );
+        assert_eq!(chunks[0].manifest_json, "{}");
+        assert!(chunks[1..].iter().all(|c| c.manifest_json.is_empty()));
+        let mut joined = Vec::new();
+        for c in &chunks {
+            assert_eq!(c.offset, joined.len() as u64);
+            joined.extend_from_slice(&c.data);
+        }
+        assert_eq!(joined, bytes);
     }
 }

@@ -13,7 +13,7 @@ use tracing::info;
 use super::RpcError;
 use super::federation::chunk_stream;
 use crate::state::Shared;
-use crate::store::JobRow;
+use crate::store::{JobRow, NewJob};
 use crate::unix_ms;
 
 pub struct JobsService {
@@ -52,22 +52,25 @@ fn summary(row: &JobRow) -> pb::JobSummary {
 
 #[tonic::async_trait]
 impl Jobs for JobsService {
-    async fn submit_job(&self, request: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let job_toml = request.into_inner().job_toml;
         let spec = JobSpec::from_toml(&job_toml).map_err(|e| RpcError::InvalidArgument(format!("job refused: {e}")))?;
         let job_hash = JobSpec::hash_of(&job_toml);
         let job_id = self
             .shared
             .store
-            .insert_job(
-                &job_toml,
-                &job_hash,
-                &spec.name,
-                spec.rounds,
-                &spec.strategy_label(),
-                &spec.model.label(),
-                unix_ms(),
-            )
+            .insert_job(&NewJob {
+                job_toml: &job_toml,
+                job_hash: &job_hash,
+                name: &spec.name,
+                rounds: spec.rounds,
+                strategy: &spec.strategy_label(),
+                model: &spec.model.label(),
+                now_ms: unix_ms(),
+            })
             .await
             .map_err(RpcError::from)?;
         info!(job = %job_id, name = %spec.name, hash = %job_hash, "job submitted");
@@ -78,14 +81,20 @@ impl Jobs for JobsService {
         }))
     }
 
-    async fn list_jobs(&self, _request: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let rows = self.shared.store.jobs().await.map_err(RpcError::from)?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: rows.iter().map(summary).collect(),
         }))
     }
 
-    async fn job_status(&self, request: Request<pb::JobStatusRequest>) -> Result<Response<pb::JobStatusResponse>, Status> {
+    async fn job_status(
+        &self,
+        request: Request<pb::JobStatusRequest>,
+    ) -> Result<Response<pb::JobStatusResponse>, Status> {
         let row = self.job_row(request.get_ref().job_id).await?;
         let job_id = JobId(row.id as u64);
         let store = &self.shared.store;
@@ -136,19 +145,32 @@ impl Jobs for JobsService {
         }))
     }
 
-    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let row = self.job_row(request.get_ref().job_id).await?;
         let job_id = JobId(row.id as u64);
-        if self.shared.store.cancel_if_queued(job_id, unix_ms()).await.map_err(RpcError::from)? {
+        if self
+            .shared
+            .store
+            .cancel_if_queued(job_id, unix_ms())
+            .await
+            .map_err(RpcError::from)?
+        {
             info!(job = %job_id, "queued job cancelled");
-            return Ok(Response::new(pb::CancelJobResponse { status: "cancelled".into() }));
+            return Ok(Response::new(pb::CancelJobResponse {
+                status: "cancelled".into(),
+            }));
         }
         {
             let mut inner = self.shared.lock();
             if let Some(active) = inner.active.as_mut().filter(|a| a.job_id == job_id) {
                 active.cancel_requested = true;
                 info!(job = %job_id, "cancellation requested");
-                return Ok(Response::new(pb::CancelJobResponse { status: "cancelling".into() }));
+                return Ok(Response::new(pb::CancelJobResponse {
+                    status: "cancelling".into(),
+                }));
             }
         }
         Err(RpcError::FailedPrecondition(format!("job {job_id} is already {}", row.status)).into())
@@ -156,10 +178,17 @@ impl Jobs for JobsService {
 
     type ExportModelStream = super::federation::ChunkStreamAlias;
 
-    async fn export_model(&self, request: Request<pb::ExportModelRequest>) -> Result<Response<Self::ExportModelStream>, Status> {
+    async fn export_model(
+        &self,
+        request: Request<pb::ExportModelRequest>,
+    ) -> Result<Response<Self::ExportModelStream>, Status> {
         let row = self.job_row(request.get_ref().job_id).await?;
         let Some(hash) = row.final_model_hash.clone() else {
-            return Err(RpcError::FailedPrecondition(format!("job {} has no model yet (status {})", row.id, row.status)).into());
+            return Err(RpcError::FailedPrecondition(format!(
+                "job {} has no model yet (status {})",
+                row.id, row.status
+            ))
+            .into());
         };
         let bytes = self
             .shared

@@ -40,7 +40,11 @@ mod tests {
 
     #[test]
     fn mismatched_sum_keeps_the_model() {
-        let sum = SecureSum { weighted_sum: vec![1.0], total_weight: 1.0, contributors: vec![] };
+        let sum = SecureSum {
+            weighted_sum: vec![1.0],
+            total_weight: 1.0,
+            contributors: vec![],
+        };
         assert_eq!(FedAvg.aggregate_train(&[0.0, 0.0], &sum), None);
     }
 }

@@ -79,7 +79,11 @@ mod tests {
     }
 
     fn sum(delta: f64) -> SecureSum {
-        SecureSum { weighted_sum: vec![2.0 * delta], total_weight: 2.0, contributors: vec![] }
+        SecureSum {
+            weighted_sum: vec![2.0 * delta],
+            total_weight: 2.0,
+            contributors: vec![],
+        }
     }
 
     #[test]

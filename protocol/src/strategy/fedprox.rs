@@ -31,7 +31,11 @@ mod tests {
     fn tells_sites_mu_and_averages_like_fedavg() {
         let mut s = FedProx { mu: 0.25 };
         assert_eq!(s.configure_train(3).proximal_mu, 0.25);
-        let sum = SecureSum { weighted_sum: vec![2.0], total_weight: 4.0, contributors: vec![] };
+        let sum = SecureSum {
+            weighted_sum: vec![2.0],
+            total_weight: 4.0,
+            contributors: vec![],
+        };
         assert_eq!(s.aggregate_train(&[1.0], &sum), Some(vec![1.5]));
     }
 }

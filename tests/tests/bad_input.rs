@@ -1,0 +1,316 @@
+//! Bad input from a site is refused with a precise gRPC status, and the round
+//! goes on with the others. Three real participants run; the test itself
+//! plays the fourth hospital (`va`) over a real gRPC connection and sends the
+//! coordinator every kind of bad update before behaving.
+
+use std::time::Duration;
+
+use tessera_models::data::read_csv;
+use tessera_models::schema::Schema;
+use tessera_protocol::model::encode_params;
+use tessera_protocol::pb::federation_client::FederationClient;
+use tessera_protocol::pb::{self, task, update_chunk};
+use tessera_protocol::stats::FeatureStats;
+use tessera_tests::{Federation, SITES, example_job, repo};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const ME: &str = "va";
+
+type Client = FederationClient<Channel>;
+
+async fn poll(client: &mut Client) -> task::Kind {
+    // Bounded: the job moves on within a few long polls or the test fails.
+    for _ in 0..60 {
+        let reply = client
+            .poll_task(pb::PollTaskRequest { site_id: ME.into() })
+            .await
+            .expect("poll")
+            .into_inner();
+        match reply.kind {
+            Some(task::Kind::Idle(_)) | None => tokio::time::sleep(Duration::from_millis(50)).await,
+            Some(kind) => return kind,
+        }
+    }
+    panic!("no task for {ME}");
+}
+
+async fn poll_round(client: &mut Client, round: u32) -> pb::RoundAnnouncement {
+    for _ in 0..60 {
+        if let task::Kind::Round(a) = poll(client).await
+            && a.round == round
+        {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("round {round} never announced");
+}
+
+#[derive(Clone)]
+struct Update {
+    site: String,
+    job_id: u64,
+    round: u32,
+    base: String,
+    declared_len: u64,
+    values: Vec<f32>,
+}
+
+async fn send(client: &mut Client, u: &Update) -> Result<(), tonic::Status> {
+    let mut messages = vec![pb::UpdateChunk {
+        kind: Some(update_chunk::Kind::Header(pb::UpdateHeader {
+            site_id: u.site.clone(),
+            job_id: u.job_id,
+            round: u.round,
+            n_samples: 85,
+            n_params: u.declared_len,
+            base_model_hash: u.base.clone(),
+            train_loss: 0.5,
+        })),
+    }];
+    messages.push(pb::UpdateChunk {
+        kind: Some(update_chunk::Kind::Data(encode_params(&u.values))),
+    });
+    client.submit_update(tokio_stream::iter(messages)).await.map(|_| ())
+}
+
+fn check(result: Result<(), tonic::Status>, code: Code, message_part: &str) {
+    let status = result.expect_err("bad update accepted");
+    assert_eq!(status.code(), code, "{}", status.message());
+    assert!(
+        status.message().contains(message_part),
+        "`{}` lacks `{message_part}`",
+        status.message()
+    );
+}
+
+async fn report_metrics(client: &mut Client, a: &pb::RoundAnnouncement) {
+    client
+        .report_metrics(pb::MetricsReport {
+            site_id: ME.into(),
+            job_id: a.job_id,
+            round: a.round,
+            model_hash: a.model_hash.clone(),
+            n_test: 45,
+            loss: 0.6,
+            accuracy: 0.5,
+            auc: f64::NAN,
+        })
+        .await
+        .expect("metrics");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_updates_are_refused_precisely_and_the_round_goes_on() {
+    let mut federation = Federation::start(&SITES);
+    for site in &SITES[..3] {
+        federation.add_site(site);
+    }
+    let mut client = FederationClient::connect(federation.addr.clone()).await.unwrap();
+    let job = federation.write_job("job.toml", &example_job(&[("rounds", "2")]));
+    let job_id = federation.submit(&job);
+
+    // Preprocessing: honest statistics of the real VA data.
+    let task::Kind::ComputeStats(stats_task) = poll(&mut client).await else {
+        panic!("expected stats task")
+    };
+    let schema =
+        Schema::from_toml(&std::fs::read_to_string(repo().join("examples/heart-disease/schema.toml")).unwrap())
+            .unwrap();
+    let data_path = repo().join("../shared/data/heart-disease/processed.va.data");
+    let (data, _) = read_csv(&data_path, &schema).unwrap();
+    let (train, _) = data.split(&schema.split);
+    let stats = FeatureStats::of_rows(train.n_features, train.rows());
+    client
+        .submit_stats(pb::StatsReport {
+            site_id: ME.into(),
+            job_id: stats_task.job_id,
+            count: stats.count,
+            sum: stats.sum,
+            sum_sq: stats.sum_sq,
+            features_hash: schema.features_hash(),
+        })
+        .await
+        .unwrap();
+
+    // Round 1: every kind of bad update, then a good one.
+    let a = poll_round(&mut client, 1).await;
+    let n = a.n_params as usize;
+    let good = Update {
+        site: ME.into(),
+        job_id,
+        round: 1,
+        base: a.model_hash.clone(),
+        declared_len: n as u64,
+        values: vec![0.0; n],
+    };
+    let mut nan = good.clone();
+    nan.values[3] = f32::NAN;
+    let mut inf = good.clone();
+    inf.values[0] = f32::INFINITY;
+    check(
+        send(
+            &mut client,
+            &Update {
+                site: "mallory".into(),
+                ..good.clone()
+            },
+        )
+        .await,
+        Code::PermissionDenied,
+        "unknown site `mallory`",
+    );
+    check(
+        send(
+            &mut client,
+            &Update {
+                site: "Not A Site".into(),
+                ..good.clone()
+            },
+        )
+        .await,
+        Code::InvalidArgument,
+        "may only contain",
+    );
+    check(
+        send(
+            &mut client,
+            &Update {
+                declared_len: n as u64 - 1,
+                values: vec![0.0; n - 1],
+                ..good.clone()
+            },
+        )
+        .await,
+        Code::InvalidArgument,
+        &format!("expected {n}"),
+    );
+    check(
+        send(
+            &mut client,
+            &Update {
+                values: vec![0.0; n - 1],
+                ..good.clone()
+            },
+        )
+        .await,
+        Code::InvalidArgument,
+        &format!("expected {n}"),
+    );
+    check(
+        send(
+            &mut client,
+            &Update {
+                values: vec![0.0; n + 1],
+                ..good.clone()
+            },
+        )
+        .await,
+        Code::InvalidArgument,
+        "longer than",
+    );
+    check(
+        send(&mut client, &nan).await,
+        Code::InvalidArgument,
+        "parameter 3 is not finite",
+    );
+    check(
+        send(&mut client, &inf).await,
+        Code::InvalidArgument,
+        "parameter 0 is not finite",
+    );
+    check(
+        send(
+            &mut client,
+            &Update {
+                round: 2,
+                ..good.clone()
+            },
+        )
+        .await,
+        Code::FailedPrecondition,
+        "open round is 1",
+    );
+    check(
+        send(
+            &mut client,
+            &Update {
+                job_id: 999,
+                ..good.clone()
+            },
+        )
+        .await,
+        Code::FailedPrecondition,
+        "job 999 is not running",
+    );
+    check(
+        send(
+            &mut client,
+            &Update {
+                base: "0".repeat(64),
+                ..good.clone()
+            },
+        )
+        .await,
+        Code::FailedPrecondition,
+        "relative to model",
+    );
+    // Metrics last: the round stays open until this site has reported them.
+    send(&mut client, &good).await.expect("good update refused");
+    check(send(&mut client, &good).await, Code::AlreadyExists, "already submitted");
+    report_metrics(&mut client, &a).await;
+
+    // Round 2: an update for the finished round 1 is stale.
+    let a2 = poll_round(&mut client, 2).await;
+    check(
+        send(&mut client, &good).await,
+        Code::FailedPrecondition,
+        "open round is 2",
+    );
+    report_metrics(&mut client, &a2).await;
+    send(
+        &mut client,
+        &Update {
+            round: 2,
+            base: a2.model_hash.clone(),
+            ..good.clone()
+        },
+    )
+    .await
+    .expect("round 2 update");
+
+    // Final evaluation: no round accepts updates any more.
+    let a3 = poll_round(&mut client, 3).await;
+    assert!(!a3.train);
+    check(
+        send(
+            &mut client,
+            &Update {
+                round: 3,
+                base: a3.model_hash.clone(),
+                ..good.clone()
+            },
+        )
+        .await,
+        Code::FailedPrecondition,
+        "no updates accepted",
+    );
+    report_metrics(&mut client, &a3).await;
+
+    let status = tokio::task::spawn_blocking(move || {
+        let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+        (status, federation.log("coordinator"))
+    })
+    .await
+    .unwrap();
+    let (status, log) = status;
+    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    for round in status["rounds"].as_array().unwrap() {
+        assert_eq!(round["sites"].as_array().unwrap().len(), 4, "{round}");
+    }
+    // Refusals are logged with the site and the reason.
+    assert!(log.contains("update refused"), "{log}");
+    assert!(log.contains("parameter 3 is not finite"), "{log}");
+    assert!(log.contains("request from unknown site refused"), "{log}");
+}
