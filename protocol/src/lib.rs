@@ -18,6 +18,7 @@ pub mod ids;
 pub mod job;
 pub mod model;
 pub mod round;
+pub mod secagg;
 pub mod stats;
 pub mod strategy;
 

@@ -1,0 +1,251 @@
+//! Secure aggregation (Bonawitz et al. 2017, "Practical Secure Aggregation for
+//! Privacy-Preserving Machine Learning"), with SecAgg+'s sparse masking graph
+//! (Bell et al. 2020) as an option. Pure state machines: the coordinator runs
+//! a [`server`] machine, each site a [`client`] machine; the IO layers only
+//! move the messages defined here.
+//!
+//! ```text
+//!  site u                                   coordinator
+//!  ExpectKeys     ── AdvertisedKeys (signed) ──►  ExpectKeys        U1 = advertisers
+//!                 ◄── all AdvertisedKeys ───────
+//!  ExpectShares   ── EncryptedShare per peer ──►  ExpectShares      U2 = sharers
+//!                 ◄── shares addressed to u ────
+//!  ExpectUnmask   ── masked input y_u ─────────►  ExpectMaskedInputs U3 = maskers
+//!                 ◄── UnmaskRequest ────────────
+//!  (done)         ── UnmaskResponse ───────────►  ExpectUnmasking   → Σ x_u over U3
+//! ```
+//!
+//! `y_u = x_u + PRG(b_u) + Σ_{v∈U2∩N(u)} ±PRG(s_uv) (mod 2^32)`: pairwise
+//! masks cancel in the sum; self masks `b_u` of survivors and pairwise masks
+//! of sites that dropped after sharing are rebuilt from Shamir shares.
+//! Advertised keys are signed with each site's long-term Ed25519 key and
+//! verified by every peer against the consortium roster, so a coordinator
+//! cannot substitute keys.
+
+pub mod client;
+pub mod crypto;
+pub mod graph;
+pub mod mask;
+pub mod quantize;
+pub mod server;
+pub mod shamir;
+
+use crate::ids::SiteId;
+
+/// What binds every signature, key derivation and ciphertext to one round of
+/// one job, so nothing can be replayed into another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundContext {
+    pub job_id: u64,
+    pub round: u32,
+}
+
+impl RoundContext {
+    pub fn bytes(&self) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        out[..8].copy_from_slice(&self.job_id.to_le_bytes());
+        out[8..].copy_from_slice(&self.round.to_le_bytes());
+        out
+    }
+}
+
+/// Phase 1 message: a site's two fresh X25519 public keys and a commitment to
+/// its self-mask seed, signed with its long-term key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdvertisedKeys {
+    pub site: SiteId,
+    /// Key agreement for encrypting shares.
+    pub enc_pk: [u8; 32],
+    /// Key agreement for pairwise masks.
+    pub mask_pk: [u8; 32],
+    /// SHA-256 of the self-mask seed `b_u`; lets the coordinator check a
+    /// reconstructed seed.
+    pub self_mask_hash: [u8; 32],
+    /// Ed25519 over [`AdvertisedKeys::signed_bytes`].
+    pub signature: Vec<u8>,
+}
+
+impl AdvertisedKeys {
+    /// The exact bytes that are signed.
+    pub fn signed_bytes(&self, ctx: &RoundContext) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160);
+        out.extend_from_slice(b"tessera/secagg/v1/advertise");
+        out.extend_from_slice(&ctx.bytes());
+        out.extend_from_slice(&(self.site.as_str().len() as u32).to_le_bytes());
+        out.extend_from_slice(self.site.as_str().as_bytes());
+        out.extend_from_slice(&self.enc_pk);
+        out.extend_from_slice(&self.mask_pk);
+        out.extend_from_slice(&self.self_mask_hash);
+        out
+    }
+}
+
+/// Phase 2 message: Shamir shares of the sender's self-mask seed and mask key
+/// for one recipient, encrypted so only that recipient can read them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncryptedShare {
+    pub from: SiteId,
+    pub to: SiteId,
+    pub ciphertext: Vec<u8>,
+}
+
+/// Phase 4 request: which of the site's neighbours survived (reveal their
+/// self-mask share) and which dropped after sharing (reveal their mask-key
+/// share).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnmaskRequest {
+    pub survivors: Vec<SiteId>,
+    pub dropped: Vec<SiteId>,
+}
+
+/// Phase 4 response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnmaskResponse {
+    /// (owner, share of owner's self-mask seed), one per requested survivor.
+    pub self_mask_shares: Vec<(SiteId, shamir::Share)>,
+    /// (owner, share of owner's mask key), one per requested dropped site.
+    pub mask_key_shares: Vec<(SiteId, shamir::Share)>,
+}
+
+/// The phase at which a site left a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedInput,
+    Unmask,
+}
+
+/// Sizes and thresholds of one secure round.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SecAggParams {
+    pub graph: graph::Graph,
+    /// Shamir threshold t.
+    pub threshold: usize,
+    /// No sum over fewer sites is released (never below 3).
+    pub min_sites: usize,
+    /// Length of each input vector (update coordinates + 1 weight).
+    pub vector_len: usize,
+}
+
+impl SecAggParams {
+    /// The fewest contributors a released sum may have.
+    pub fn min_contributors(&self) -> usize {
+        self.min_sites.max(3).max(self.threshold)
+    }
+}
+
+/// Encodes a share pair for encryption: `x_b ‖ y_b ‖ x_s ‖ y_s` (66 bytes).
+fn encode_share_pair(b: &shamir::Share, s: &shamir::Share) -> Vec<u8> {
+    let mut out = Vec::with_capacity(66);
+    out.push(b.x);
+    out.extend_from_slice(&b.y);
+    out.push(s.x);
+    out.extend_from_slice(&s.y);
+    out
+}
+
+fn decode_share_pair(bytes: &[u8]) -> Option<(shamir::Share, shamir::Share)> {
+    if bytes.len() != 66 {
+        return None;
+    }
+    let mut yb = [0u8; 32];
+    yb.copy_from_slice(&bytes[1..33]);
+    let mut ys = [0u8; 32];
+    ys.copy_from_slice(&bytes[34..66]);
+    Some((
+        shamir::Share { x: bytes[0], y: yb },
+        shamir::Share { x: bytes[33], y: ys },
+    ))
+}
+
+/// Associated data of a share ciphertext: context, sender, recipient.
+fn share_aad(ctx: &RoundContext, from: &SiteId, to: &SiteId) -> Vec<u8> {
+    let mut aad = ctx.bytes().to_vec();
+    for id in [from, to] {
+        aad.extend_from_slice(&(id.as_str().len() as u32).to_le_bytes());
+        aad.extend_from_slice(id.as_str().as_bytes());
+    }
+    aad
+}
+
+/// Key for the share ciphertext from `from` to `to` (direction-specific).
+fn share_key(
+    own: &crypto::DhKeyPair,
+    peer_pk: &[u8; 32],
+    ctx: &RoundContext,
+    from: &SiteId,
+    to: &SiteId,
+) -> Option<[u8; 32]> {
+    own.agree(
+        peer_pk,
+        &[
+            b"tessera/secagg/v1/share",
+            &ctx.bytes(),
+            from.as_str().as_bytes(),
+            b"\0",
+            to.as_str().as_bytes(),
+        ],
+    )
+}
+
+/// Seed of the pairwise mask between `a` and `b` (symmetric).
+fn pair_seed(
+    own: &crypto::DhKeyPair,
+    peer_pk: &[u8; 32],
+    ctx: &RoundContext,
+    a: &SiteId,
+    b: &SiteId,
+) -> Option<[u8; 32]> {
+    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+    own.agree(
+        peer_pk,
+        &[
+            b"tessera/secagg/v1/mask",
+            &ctx.bytes(),
+            lo.as_str().as_bytes(),
+            b"\0",
+            hi.as_str().as_bytes(),
+        ],
+    )
+}
+
+/// The sign with which `owner` adds its pairwise mask with `peer`.
+fn pair_sign(owner: &SiteId, peer: &SiteId) -> mask::Sign {
+    if owner < peer {
+        mask::Sign::Plus
+    } else {
+        mask::Sign::Minus
+    }
+}
+
+/// Public seed of the sparse graph: hash of the context and every advertised
+/// key, known only once all keys are fixed.
+fn graph_seed(ctx: &RoundContext, keys: &[AdvertisedKeys]) -> [u8; 32] {
+    let mut ctx_bytes = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx_bytes.update(b"tessera/secagg/v1/graph");
+    ctx_bytes.update(&ctx.bytes());
+    for k in keys {
+        ctx_bytes.update(k.site.as_str().as_bytes());
+        ctx_bytes.update(&k.mask_pk);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx_bytes.finish().as_ref());
+    out
+}
+
+/// SHA-256 of a masked input (little-endian u32 words): the commitment that
+/// goes into the round transcript.
+pub fn commitment(masked: &[u32]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for chunk in masked.chunks(4096) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|w| w.to_le_bytes()).collect();
+        ctx.update(&bytes);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+#[cfg(test)]
+mod sim;
