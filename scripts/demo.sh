@@ -6,12 +6,14 @@
 #
 #   scripts/demo.sh                 # the demo, with a live progress bar
 #   scripts/demo.sh --seed 3 --quiet --json-out FILE   # used by the benchmark
+#   scripts/demo.sh --insecure-plaintext                # same job without secure aggregation
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 seed=""
 quiet=0
+plaintext=0
 json_out=""
 job_file="examples/heart-disease/job.toml"
 while [ $# -gt 0 ]; do
@@ -19,6 +21,7 @@ while [ $# -gt 0 ]; do
     --seed) seed="$2"; shift 2 ;;
     --job) job_file="$2"; shift 2 ;;
     --quiet) quiet=1; shift ;;
+    --insecure-plaintext) plaintext=1; shift ;;
     --json-out) json_out="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -41,13 +44,29 @@ cp "$job_file" "$job"
 if [ -n "$seed" ]; then
   sed -i "s/^seed = .*/seed = $seed/" "$job"
 fi
+plaintext_flag=()
+if [ "$plaintext" = 1 ]; then
+  # For comparison only: the same job with updates in the clear.
+  sed -i '0,/^name = /s//insecure_plaintext = true\nname = /' "$job"
+  plaintext_flag=(--allow-insecure-plaintext)
+fi
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
+# Each hospital creates its Ed25519 key; the consortium collects the public
+# keys into the roster (out of band: here, a file).
+{
+  echo "# Ed25519 public keys of the consortium's sites."
+  echo "[sites]"
+  for s in "${sites[@]}"; do
+    "$bin/tessera-participant" keygen --config "examples/heart-disease/sites/$s.toml" --state-dir "$run_dir/site-$s"
+  done
+} > "$run_dir/roster.toml"
+
 "$bin/tessera-coordinator" --listen 127.0.0.1:0 --port-file "$run_dir/port" \
-  --db "$run_dir/coordinator.db" --allow-site "$(IFS=,; echo "${sites[*]}")" \
+  --db "$run_dir/coordinator.db" --roster "$run_dir/roster.toml" \
   2> "$run_dir/coordinator.log" &
 coordinator_pid=$!
 pids+=("$coordinator_pid")
@@ -58,7 +77,8 @@ addr="http://127.0.0.1:$(cat "$run_dir/port")"
 participant_pids=()
 for s in "${sites[@]}"; do
   "$bin/tessera-participant" run --config "examples/heart-disease/sites/$s.toml" \
-    --coordinator "$addr" --state-dir "$run_dir/site-$s" 2> "$run_dir/site-$s.log" &
+    --coordinator "$addr" --state-dir "$run_dir/site-$s" --roster "$run_dir/roster.toml" \
+    "${plaintext_flag[@]}" 2> "$run_dir/site-$s.log" &
   pids+=("$!")
   participant_pids+=("$!")
 done

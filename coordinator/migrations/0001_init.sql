@@ -39,7 +39,8 @@ CREATE TABLE rounds (
     base_model_hash TEXT    NOT NULL,
     model_hash      TEXT    NOT NULL,
     total_weight    REAL    NOT NULL,
-    mean_train_loss REAL    NOT NULL,
+    mean_train_loss REAL,                       -- NULL under secure aggregation (per-site losses stay local)
+    transcript      TEXT,                       -- secure aggregation transcript (JSON)
     started_at_ms   INTEGER NOT NULL,
     finished_at_ms  INTEGER NOT NULL,
     PRIMARY KEY (job_id, round)
@@ -49,8 +50,8 @@ CREATE TABLE round_members (
     job_id    INTEGER NOT NULL REFERENCES jobs(id),
     round     INTEGER NOT NULL,
     site_id   TEXT    NOT NULL,
-    outcome   TEXT    NOT NULL,                 -- submitted | dropped:silent | dropped:timeout
-    n_samples INTEGER NOT NULL DEFAULT 0,
+    outcome   TEXT    NOT NULL,                 -- submitted | dropped:<reason or phase>
+    n_samples INTEGER NOT NULL DEFAULT 0,       -- 0 under secure aggregation (weights stay in the sum)
     PRIMARY KEY (job_id, round, site_id)
 );
 

@@ -10,15 +10,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tessera_protocol::aggregate::SecureSum;
 use tessera_protocol::ids::{JobId, SiteId};
-use tessera_protocol::job::JobSpec;
+use tessera_protocol::job::{Aggregation, JobSpec, SecureAggSpec};
 use tessera_protocol::model::{encode_params, initial_params, model_hash};
 use tessera_protocol::pb;
 use tessera_protocol::round::{MemberState, RoundCollector, RoundParams};
+use tessera_protocol::secagg::server::{Abort, Transcript};
+use tessera_protocol::secagg::{Phase as SecPhase, RoundContext, exact};
 use tessera_protocol::stats::{FeatureStats, Normalization, secure_sum_stats};
 use tessera_protocol::strategy;
 use tracing::{error, info, warn};
 
+use crate::secure::SecureSession;
 use crate::state::{ActiveJob, Phase, RoundPhase, Shared, StatsPhase};
 use crate::store::{JobRow, RoundRecord};
 use crate::unix_ms;
@@ -98,48 +102,21 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
 async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<(), Stop> {
     let timing = spec.timing;
     let dropout_ms = timing.dropout_after_s * 1000;
+    let secure = match &spec.aggregation {
+        Aggregation::Secure(s) => Some(*s),
+        Aggregation::InsecurePlaintext => None,
+    };
+    if secure.is_some() && shared.roster.is_empty() {
+        return Err(Stop::Failed(
+            "secure aggregation needs the consortium roster (start the coordinator with --roster)".into(),
+        ));
+    }
     set_phase(shared, job_id, "waiting for sites").await;
     let members = wait_for_sites(shared, spec).await?;
-    info!(job = %job_id, sites = ?names(&members), "sites gathered");
+    info!(job = %job_id, sites = ?names(&members), secure = secure.is_some(), "sites gathered");
 
-    // Federated preprocessing.
     set_phase(shared, job_id, "preprocessing").await;
-    install(
-        shared,
-        Phase::Stats(StatsPhase {
-            pending: members.clone(),
-            reports: BTreeMap::new(),
-            features_hash: None,
-        }),
-    );
-    let deadline = shared.now_ms() + timing.round_timeout_s * 1000;
-    let reports: Vec<FeatureStats> = loop {
-        let _ = tokio::time::timeout(TICK, shared.progress.notified()).await;
-        let now = shared.now_ms();
-        let mut inner = shared.lock();
-        let last_seen = inner.last_seen.clone();
-        let active = inner.active.as_mut().expect("active job installed by run_job");
-        if active.cancel_requested {
-            return Err(Stop::Cancelled);
-        }
-        let Phase::Stats(stats) = &mut active.phase else {
-            unreachable!("phase set above")
-        };
-        stats
-            .pending
-            .retain(|s| now < deadline && now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) < dropout_ms);
-        if stats.pending.is_empty() {
-            break stats.reports.values().cloned().collect();
-        }
-    };
-    if reports.len() < spec.min_sites as usize {
-        return Err(Stop::Failed(format!(
-            "preprocessing: only {} sites sent statistics, min_sites is {}",
-            reports.len(),
-            spec.min_sites
-        )));
-    }
-    let total = secure_sum_stats(&reports).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
+    let total = preprocess(shared, job_id, spec, &members).await?;
     let normalization = Normalization::from_stats(&total).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
     let n_features = total.sum.len();
     shared
@@ -164,8 +141,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
     for round in 1..=spec.rounds {
         set_phase(shared, job_id, &format!("round {round}/{}", spec.rounds)).await;
         let started_at_ms = unix_ms();
-        let members: BTreeSet<SiteId> = shared.online(dropout_ms).intersection(&members).cloned().collect();
-        let instructions = strategy.configure_train(round);
+        let round_members: BTreeSet<SiteId> = shared.online(dropout_ms).intersection(&members).cloned().collect();
         let announcement = pb::RoundAnnouncement {
             job_id: job_id.0,
             round,
@@ -175,25 +151,16 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
             n_params: global.len() as u64,
             train: true,
             normalization: Some(pb_normalization.clone()),
-            proximal_mu: instructions.proximal_mu,
+            proximal_mu: strategy.configure_train(round).proximal_mu,
+            members: round_members.iter().map(|s| s.to_string()).collect(),
+            secure: secure.is_some(),
         };
-        let params = RoundParams {
-            job_id,
-            round,
-            n_params: global.len(),
-            base_model_hash: global_hash.clone(),
-            min_sites: spec.min_sites as usize,
-            round_timeout_ms: timing.round_timeout_s * 1000,
-            dropout_after_ms: dropout_ms,
+        let result = match secure {
+            None => plaintext_round(shared, spec, announcement, &round_members, global.len()).await?,
+            Some(secure) => secure_round(shared, spec, &secure, announcement, &round_members, global.len()).await?,
         };
-        let collector = RoundCollector::new(params, members.iter().cloned(), shared.now_ms());
-        let collector = run_round_phase(shared, announcement, Some(collector), &members).await?;
-        let collector = collector.expect("training round keeps its collector");
-        let outcome = collector
-            .finish()
-            .map_err(|e| Stop::Failed(format!("round {round}: {e}; no aggregate released")))?;
         let next = strategy
-            .aggregate_train(&global, &outcome.sum)
+            .aggregate_train(&global, &result.sum)
             .ok_or_else(|| Stop::Failed(format!("round {round}: strategy produced no model")))?;
         if let Some(i) = next.iter().position(|v| !v.is_finite()) {
             return Err(Stop::Failed(format!(
@@ -201,19 +168,6 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
             )));
         }
         let next_hash = model_hash(&next);
-        let members_out: Vec<(SiteId, String, u64)> = outcome
-            .members
-            .iter()
-            .map(|(site, state)| match state {
-                MemberState::Submitted { n_samples, .. } => (site.clone(), "submitted".to_owned(), *n_samples),
-                MemberState::Dropped { reason } => (
-                    site.clone(),
-                    format!("dropped:{}", format!("{reason:?}").to_lowercase()),
-                    0,
-                ),
-                MemberState::Expected { .. } => (site.clone(), "expected".to_owned(), 0),
-            })
-            .collect();
         shared
             .store
             .record_round(&RoundRecord {
@@ -223,19 +177,19 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
                 model_hash: &next_hash,
                 model_bytes: &encode_params(&next),
                 n_params: next.len(),
-                total_weight: outcome.sum.total_weight,
-                mean_train_loss: outcome.mean_train_loss(),
+                total_weight: result.sum.total_weight,
+                mean_train_loss: result.mean_train_loss,
                 started_at_ms,
                 finished_at_ms: unix_ms(),
-                members: members_out,
+                transcript: result.transcript,
+                members: result.members,
             })
             .await?;
         info!(
             job = %job_id,
             round,
-            sites = outcome.sum.contributors.len(),
-            dropped = ?names(&outcome.dropped().into_iter().collect()),
-            train_loss = outcome.mean_train_loss(),
+            sites = result.sum.contributors.len(),
+            train_loss = ?result.mean_train_loss,
             model = %&next_hash[..12],
             "round complete"
         );
@@ -256,40 +210,142 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
         train: false,
         normalization: Some(pb_normalization),
         proximal_mu: 0.0,
+        members: Vec::new(),
+        secure: secure.is_some(),
     };
-    run_round_phase(shared, announcement, None, &members).await?;
+    install_round(shared, announcement, None, None, &members);
+    run_phase(shared).await?;
     set_phase(shared, job_id, "done").await;
     Ok(())
 }
 
-/// Installs a round phase and ticks until every member has submitted (or
-/// dropped) and reported metrics (or gone silent). Returns the collector.
-async fn run_round_phase(
+/// What a round hands to the strategy and the store.
+struct RoundResult {
+    sum: SecureSum,
+    mean_train_loss: Option<f64>,
+    transcript: Option<String>,
+    /// (site, outcome, n_samples)
+    members: Vec<(SiteId, String, u64)>,
+}
+
+async fn plaintext_round(
     shared: &Arc<Shared>,
-    mut announcement: pb::RoundAnnouncement,
-    collector: Option<RoundCollector>,
+    spec: &JobSpec,
+    announcement: pb::RoundAnnouncement,
     members: &BTreeSet<SiteId>,
-) -> Result<Option<RoundCollector>, Stop> {
-    let (timeout_ms, dropout_ms) = {
-        let inner = shared.lock();
-        let active = inner.active.as_ref().expect("active job installed by run_job");
-        announcement.job_toml = active.job_toml.clone();
-        announcement.job_hash = active.job_hash.clone();
-        (
-            active.spec.timing.round_timeout_s * 1000,
-            active.spec.timing.dropout_after_s * 1000,
-        )
+    n_params: usize,
+) -> Result<RoundResult, Stop> {
+    let round = announcement.round;
+    let params = RoundParams {
+        job_id: JobId(announcement.job_id),
+        round,
+        n_params,
+        base_model_hash: announcement.model_hash.clone(),
+        min_sites: spec.min_sites as usize,
+        round_timeout_ms: spec.timing.round_timeout_s * 1000,
+        dropout_after_ms: spec.timing.dropout_after_s * 1000,
     };
-    let opened = shared.now_ms();
+    let collector = RoundCollector::new(params, members.iter().cloned(), shared.now_ms());
+    install_round(shared, announcement, Some(collector), None, members);
+    let (collector, _) = run_phase(shared).await?;
+    let collector = collector.expect("training round keeps its collector");
+    let outcome = collector
+        .finish()
+        .map_err(|e| Stop::Failed(format!("round {round}: {e}; no aggregate released")))?;
+    let members = outcome
+        .members
+        .iter()
+        .map(|(site, state)| match state {
+            MemberState::Submitted { n_samples, .. } => (site.clone(), "submitted".to_owned(), *n_samples),
+            MemberState::Dropped { reason } => (
+                site.clone(),
+                format!("dropped:{}", format!("{reason:?}").to_lowercase()),
+                0,
+            ),
+            MemberState::Expected { .. } => (site.clone(), "expected".to_owned(), 0),
+        })
+        .collect();
+    Ok(RoundResult {
+        mean_train_loss: Some(outcome.mean_train_loss()),
+        sum: outcome.sum,
+        transcript: None,
+        members,
+    })
+}
+
+async fn secure_round(
+    shared: &Arc<Shared>,
+    spec: &JobSpec,
+    secure: &SecureAggSpec,
+    announcement: pb::RoundAnnouncement,
+    members: &BTreeSet<SiteId>,
+    n_params: usize,
+) -> Result<RoundResult, Stop> {
+    let round = announcement.round;
+    let ctx = RoundContext {
+        job_id: announcement.job_id,
+        round,
+    };
+    let params = secure.params(members.len(), spec.min_sites as usize, n_params + 1);
+    let session = SecureSession::new(ctx, params, members.clone(), shared.roster.clone());
+    install_round(shared, announcement, None, Some(session), members);
+    let (_, outcome) = run_phase(shared).await?;
+    let (sum, transcript) = outcome.expect("secure round yields its outcome").map_err(|e| {
+        Stop::Failed(format!(
+            "round {round}: secure aggregation aborted: {e}; no aggregate released"
+        ))
+    })?;
+    let quantizer = secure.quantizer(members.len());
+    let m = transcript.masked.len();
+    let (weighted_sum, total_weight) = quantizer.decode_update_sum(&sum, m);
+    let contributors: Vec<SiteId> = transcript.masked.iter().map(|(s, _)| s.clone()).collect();
+    let mut outcomes: Vec<(SiteId, String, u64)> = contributors
+        .iter()
+        .map(|s| (s.clone(), "submitted".to_owned(), 0))
+        .collect();
+    outcomes.extend(
+        transcript
+            .dropped
+            .iter()
+            .map(|(s, phase)| (s.clone(), format!("dropped:{}", phase_name(*phase)), 0)),
+    );
+    Ok(RoundResult {
+        sum: SecureSum {
+            weighted_sum,
+            total_weight,
+            contributors,
+        },
+        mean_train_loss: None,
+        transcript: Some(transcript_json(&transcript, quantizer.bits, secure.clip_norm)),
+        members: outcomes,
+    })
+}
+
+/// Federated preprocessing: the sum of every member's training-split
+/// statistics, securely summed unless the job is plaintext.
+async fn preprocess(
+    shared: &Arc<Shared>,
+    job_id: JobId,
+    spec: &JobSpec,
+    members: &BTreeSet<SiteId>,
+) -> Result<FeatureStats, Stop> {
+    let secure = match &spec.aggregation {
+        Aggregation::Secure(s) => Some(*s),
+        Aggregation::InsecurePlaintext => None,
+    };
     install(
         shared,
-        Phase::Round(Box::new(RoundPhase {
-            announcement,
-            collector,
-            awaiting_metrics: members.clone(),
+        Phase::Stats(Box::new(StatsPhase {
+            pending: members.clone(),
+            reports: BTreeMap::new(),
+            features_hash: None,
+            secure: secure.is_some(),
+            session: None,
         })),
     );
-    loop {
+    let deadline = shared.now_ms() + spec.timing.round_timeout_s * 1000;
+    let dropout_ms = spec.timing.dropout_after_s * 1000;
+    let reports: BTreeMap<SiteId, FeatureStats> = loop {
         let _ = tokio::time::timeout(TICK, shared.progress.notified()).await;
         let now = shared.now_ms();
         let mut inner = shared.lock();
@@ -298,27 +354,189 @@ async fn run_round_phase(
         if active.cancel_requested {
             return Err(Stop::Cancelled);
         }
-        let Phase::Round(round) = &mut active.phase else {
+        let Phase::Stats(stats) = &mut active.phase else {
             unreachable!("phase set above")
         };
+        stats
+            .pending
+            .retain(|s| now < deadline && now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) < dropout_ms);
+        if stats.pending.is_empty() {
+            break stats.reports.clone();
+        }
+    };
+    if reports.len() < spec.min_sites as usize {
+        return Err(Stop::Failed(format!(
+            "preprocessing: only {} sites sent statistics, min_sites is {}",
+            reports.len(),
+            spec.min_sites
+        )));
+    }
+    let Some(secure) = secure else {
+        let reports: Vec<FeatureStats> = reports.into_values().collect();
+        return secure_sum_stats(&reports).map_err(|e| Stop::Failed(format!("preprocessing: {e}")));
+    };
+    // Secure: the reports carried only the encoding; now sum the statistics.
+    let n_features = reports.values().next().map_or(0, |r| r.sum.len());
+    let sites: BTreeSet<SiteId> = reports.keys().cloned().collect();
+    let vector_len = (1 + 2 * n_features) * exact::LIMBS;
+    let params = secure.params(sites.len(), spec.min_sites as usize, vector_len);
+    let ctx = RoundContext {
+        job_id: job_id.0,
+        round: 0,
+    };
+    let session = SecureSession::new(ctx, params, sites, shared.roster.clone());
+    if let Some(Phase::Stats(stats)) = shared.lock().active.as_mut().map(|a| &mut a.phase) {
+        stats.session = Some(session);
+    }
+    shared.wake.notify_waiters();
+    let (_, outcome) = run_phase(shared).await?;
+    let (sum, transcript) = outcome
+        .expect("secure preprocessing yields its outcome")
+        .map_err(|e| Stop::Failed(format!("preprocessing: secure aggregation aborted: {e}")))?;
+    info!(job = %job_id, sites = transcript.masked.len(), "feature statistics securely summed");
+    let values = exact::decode_sum(&sum);
+    Ok(FeatureStats {
+        count: values[0].round().max(0.0) as u64,
+        sum: values[1..1 + n_features].to_vec(),
+        sum_sq: values[1 + n_features..].to_vec(),
+    })
+}
+
+fn install_round(
+    shared: &Arc<Shared>,
+    mut announcement: pb::RoundAnnouncement,
+    collector: Option<RoundCollector>,
+    session: Option<SecureSession>,
+    members: &BTreeSet<SiteId>,
+) {
+    {
+        let inner = shared.lock();
+        let active = inner.active.as_ref().expect("active job installed by run_job");
+        announcement.job_toml = active.job_toml.clone();
+        announcement.job_hash = active.job_hash.clone();
+    }
+    install(
+        shared,
+        Phase::Round(Box::new(RoundPhase {
+            announcement,
+            collector,
+            session,
+            awaiting_metrics: members.clone(),
+        })),
+    );
+}
+
+/// Ticks the installed phase until every member has done its part or
+/// dropped: plaintext updates (collector), each secure stage (closed when
+/// no live site is pending or its deadline passed) and metrics. Returns the
+/// collector or the secure outcome.
+async fn run_phase(shared: &Arc<Shared>) -> Result<(Option<RoundCollector>, Option<SecureOutcome>), Stop> {
+    let (timeout_ms, dropout_ms) = {
+        let inner = shared.lock();
+        let active = inner.active.as_ref().expect("active job installed by run_job");
+        (
+            active.spec.timing.round_timeout_s * 1000,
+            active.spec.timing.dropout_after_s * 1000,
+        )
+    };
+    let opened = shared.now_ms();
+    let mut stage_opened = opened;
+    loop {
+        let _ = tokio::time::timeout(TICK, shared.progress.notified()).await;
+        let now = shared.now_ms();
+        let mut inner = shared.lock();
+        let last_seen = inner.last_seen.clone();
+        let silent = |s: &SiteId| now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) >= dropout_ms;
+        let active = inner.active.as_mut().expect("active job installed by run_job");
+        if active.cancel_requested {
+            return Err(Stop::Cancelled);
+        }
         let timed_out = now.saturating_sub(opened) >= timeout_ms;
-        if let Some(collector) = round.collector.as_mut() {
+        let (collector, session, awaiting_metrics, round_number) = match &mut active.phase {
+            Phase::Round(round) => (
+                round.collector.as_mut(),
+                round.session.as_mut(),
+                Some(&mut round.awaiting_metrics),
+                round.announcement.round,
+            ),
+            Phase::Stats(stats) => (None, stats.session.as_mut(), None, 0),
+            Phase::WaitingForSites => unreachable!("run_phase runs after sites gathered"),
+        };
+        if let Some(collector) = collector {
             for (site, &seen) in &last_seen {
                 collector.handle_heartbeat(seen, site);
             }
             for site in collector.handle_tick(now) {
-                warn!(%site, round = round.announcement.round, "site dropped from round");
-                round.awaiting_metrics.remove(&site);
+                warn!(%site, round = round_number, "site dropped from round");
             }
         }
-        round
-            .awaiting_metrics
-            .retain(|s| !timed_out && now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) < dropout_ms);
-        let settled = round.collector.as_ref().is_none_or(|c| c.is_settled());
-        if settled && round.awaiting_metrics.is_empty() {
-            return Ok(round.collector.take());
+        let mut secure_done = true;
+        if let Some(session) = session {
+            let stage_timed_out = now.saturating_sub(stage_opened) >= timeout_ms;
+            let live_pending = session.pending().into_iter().filter(|s| !silent(s)).count();
+            if !session.is_done() && (live_pending == 0 || stage_timed_out) {
+                for site in session.pending() {
+                    warn!(%site, round = round_number, "site dropped from secure aggregation");
+                }
+                let closed = session.advance();
+                info!(round = round_number, stage = closed, "secure aggregation stage closed");
+                stage_opened = now;
+                shared.wake.notify_waiters();
+            }
+            secure_done = session.is_done();
+        }
+        let metrics_done = match awaiting_metrics {
+            Some(awaiting) => {
+                awaiting.retain(|s| !timed_out && !silent(s));
+                awaiting.is_empty()
+            }
+            None => true,
+        };
+        let settled = match &active.phase {
+            Phase::Round(round) => round.collector.as_ref().is_none_or(|c| c.is_settled()),
+            _ => true,
+        };
+        if settled && secure_done && metrics_done {
+            return Ok(match &mut active.phase {
+                Phase::Round(round) => (
+                    round.collector.take(),
+                    round.session.as_mut().and_then(|s| s.take_result()),
+                ),
+                Phase::Stats(stats) => (None, stats.session.as_mut().and_then(|s| s.take_result())),
+                Phase::WaitingForSites => (None, None),
+            });
         }
     }
+}
+
+type SecureOutcome = Result<(Vec<u32>, Transcript), Abort>;
+
+fn phase_name(phase: SecPhase) -> &'static str {
+    match phase {
+        SecPhase::AdvertiseKeys => "advertise_keys",
+        SecPhase::ShareKeys => "share_keys",
+        SecPhase::MaskedInput => "masked_input",
+        SecPhase::Unmask => "unmask",
+    }
+}
+
+/// The transcript as stored with the round (and, later, in the ledger).
+fn transcript_json(t: &Transcript, bits: u32, clip_norm: f64) -> String {
+    let ids = |v: &[SiteId]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    serde_json::json!({
+        "job_id": t.ctx.job_id,
+        "round": t.ctx.round,
+        "threshold": t.threshold,
+        "bits": bits,
+        "clip_norm": clip_norm,
+        "advertised": ids(&t.advertised),
+        "shared": ids(&t.shared),
+        "masked": t.masked.iter().map(|(s, c)| serde_json::json!({ "site": s.as_str(), "commitment": hex::encode(c) })).collect::<Vec<_>>(),
+        "unmask_responders": ids(&t.unmask_responders),
+        "dropped": t.dropped.iter().map(|(s, p)| serde_json::json!({ "site": s.as_str(), "phase": phase_name(*p) })).collect::<Vec<_>>(),
+        "mask_keys_recovered": ids(&t.mask_keys_recovered),
+    })
+    .to_string()
 }
 
 /// Waits until at least `min_sites` sites are online, then a short grace for

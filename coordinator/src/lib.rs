@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod driver;
 pub mod rpc;
+pub mod secure;
 pub mod state;
 pub mod store;
 

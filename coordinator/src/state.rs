@@ -16,6 +16,7 @@ use tessera_protocol::round::RoundCollector;
 use tessera_protocol::stats::FeatureStats;
 use tokio::sync::Notify;
 
+use crate::secure::SecureSession;
 use crate::store::Store;
 
 /// Everything the services and the driver share.
@@ -29,6 +30,9 @@ pub struct Shared {
     pub progress: Notify,
     /// Sites allowed to take part; `None` admits any well-formed site id.
     pub allowed_sites: Option<BTreeSet<SiteId>>,
+    /// The consortium's Ed25519 keys: secure aggregation needs them to check
+    /// signed key advertisements early. Empty: secure jobs cannot run.
+    pub roster: BTreeMap<SiteId, [u8; 32]>,
     started: Instant,
 }
 
@@ -53,7 +57,7 @@ pub struct ActiveJob {
 /// What the active job is waiting for.
 pub enum Phase {
     WaitingForSites,
-    Stats(StatsPhase),
+    Stats(Box<StatsPhase>),
     Round(Box<RoundPhase>),
 }
 
@@ -62,19 +66,28 @@ pub struct StatsPhase {
     pub pending: BTreeSet<SiteId>,
     pub reports: BTreeMap<SiteId, FeatureStats>,
     pub features_hash: Option<String>,
+    /// Secure jobs: whether this job sums statistics securely; the report of
+    /// each site then only carries its encoding (hash, width).
+    pub secure: bool,
+    /// Secure jobs: the secure sum, once every encoding is in.
+    pub session: Option<SecureSession>,
 }
 
 /// A training round (or the final evaluation when `collector` is `None`).
 pub struct RoundPhase {
     pub announcement: pb::RoundAnnouncement,
+    /// Plaintext training rounds.
     pub collector: Option<RoundCollector>,
+    /// Secure training rounds.
+    pub session: Option<SecureSession>,
     pub awaiting_metrics: BTreeSet<SiteId>,
 }
 
 impl Shared {
-    pub fn new(store: Store, allowed_sites: Option<BTreeSet<SiteId>>) -> Self {
+    pub fn new(store: Store, allowed_sites: Option<BTreeSet<SiteId>>, roster: BTreeMap<SiteId, [u8; 32]>) -> Self {
         Self {
             store,
+            roster,
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),
             progress: Notify::new(),
@@ -119,18 +132,40 @@ impl Inner {
         let active = self.active.as_ref()?;
         match &active.phase {
             Phase::WaitingForSites => None,
-            Phase::Stats(stats) => stats.pending.contains(site).then(|| {
-                pb::task::Kind::ComputeStats(pb::ComputeStats {
-                    job_id: active.job_id.0,
-                    job_toml: active.job_toml.clone(),
-                    job_hash: active.job_hash.clone(),
+            Phase::Stats(stats) => {
+                if let Some(step) = stats.session.as_ref().and_then(|s| s.task_for(site)) {
+                    return Some(pb::task::Kind::Secagg(step));
+                }
+                stats.pending.contains(site).then(|| {
+                    pb::task::Kind::ComputeStats(pb::ComputeStats {
+                        job_id: active.job_id.0,
+                        job_toml: active.job_toml.clone(),
+                        job_hash: active.job_hash.clone(),
+                        members: Vec::new(),
+                        secure: stats.secure,
+                    })
                 })
-            }),
-            Phase::Round(round) => {
-                let owes_update = round.collector.as_ref().is_some_and(|c| c.is_expected(site));
-                let owes_metrics = round.awaiting_metrics.contains(site);
-                (owes_update || owes_metrics).then(|| pb::task::Kind::Round(round.announcement.clone()))
             }
+            Phase::Round(round) => {
+                let owes_metrics = round.awaiting_metrics.contains(site);
+                let owes_update = round.collector.as_ref().is_some_and(|c| c.is_expected(site));
+                // A secure round asks for metrics and training through the
+                // announcement first, then for each protocol step.
+                if owes_metrics || owes_update {
+                    return Some(pb::task::Kind::Round(round.announcement.clone()));
+                }
+                let step = round.session.as_ref().and_then(|s| s.task_for(site))?;
+                Some(pb::task::Kind::Secagg(step))
+            }
+        }
+    }
+
+    /// The secure session of the active job, if its current phase has one.
+    pub fn session_mut(&mut self) -> Option<&mut SecureSession> {
+        match &mut self.active.as_mut()?.phase {
+            Phase::Stats(stats) => stats.session.as_mut(),
+            Phase::Round(round) => round.session.as_mut(),
+            Phase::WaitingForSites => None,
         }
     }
 }

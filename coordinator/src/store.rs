@@ -43,9 +43,10 @@ pub struct RoundRow {
     pub base_model_hash: String,
     pub model_hash: String,
     pub total_weight: f64,
-    pub mean_train_loss: f64,
+    pub mean_train_loss: Option<f64>,
     pub started_at_ms: i64,
     pub finished_at_ms: i64,
+    pub transcript: Option<String>,
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -87,9 +88,11 @@ pub struct RoundRecord<'a> {
     pub model_bytes: &'a [u8],
     pub n_params: usize,
     pub total_weight: f64,
-    pub mean_train_loss: f64,
+    pub mean_train_loss: Option<f64>,
     pub started_at_ms: i64,
     pub finished_at_ms: i64,
+    /// Secure aggregation transcript (JSON).
+    pub transcript: Option<String>,
     /// (site, outcome, n_samples)
     pub members: Vec<(SiteId, String, u64)>,
 }
@@ -268,7 +271,7 @@ impl Store {
             .await?;
         sqlx::query(
             "INSERT INTO rounds (job_id, round, base_model_hash, model_hash, total_weight, mean_train_loss, \
-             started_at_ms, finished_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             started_at_ms, finished_at_ms, transcript) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(job)
         .bind(i64::from(r.round))
@@ -278,6 +281,7 @@ impl Store {
         .bind(r.mean_train_loss)
         .bind(r.started_at_ms)
         .bind(r.finished_at_ms)
+        .bind(r.transcript.as_deref())
         .execute(&mut *tx)
         .await?;
         for (site, outcome, n_samples) in &r.members {
@@ -306,8 +310,8 @@ impl Store {
 
     pub async fn rounds(&self, job_id: JobId) -> anyhow::Result<Vec<RoundRow>> {
         let rows = sqlx::query_as::<_, RoundRow>(
-            "SELECT round, base_model_hash, model_hash, total_weight, mean_train_loss, started_at_ms, finished_at_ms \
-             FROM rounds WHERE job_id = ? ORDER BY round",
+            "SELECT round, base_model_hash, model_hash, total_weight, mean_train_loss, started_at_ms, finished_at_ms, \
+             transcript FROM rounds WHERE job_id = ? ORDER BY round",
         )
         .bind(job_id.0 as i64)
         .fetch_all(&self.pool)
@@ -409,7 +413,8 @@ mod tests {
                 model_bytes: &[1, 2, 3, 4],
                 n_params: 1,
                 total_weight: 10.0,
-                mean_train_loss: 0.5,
+                mean_train_loss: Some(0.5),
+                transcript: None,
                 started_at_ms: 3,
                 finished_at_ms: 4,
                 members: vec![(site.clone(), "submitted".into(), 10)],
@@ -453,7 +458,8 @@ mod tests {
             model_bytes: &[0; 4],
             n_params: 1,
             total_weight: 1.0,
-            mean_train_loss: 0.1,
+            mean_train_loss: Some(0.1),
+            transcript: None,
             started_at_ms: 0,
             finished_at_ms: 1,
             members: vec![],

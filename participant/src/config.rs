@@ -14,8 +14,23 @@ pub struct SiteConfig {
     pub coordinator: String,
     pub data_path: PathBuf,
     pub schema_path: PathBuf,
-    /// Where the egress log and other local state go.
+    /// Where the egress log, the site key and other local state go.
     pub state_dir: PathBuf,
+    /// The consortium roster (site Ed25519 public keys), needed to check
+    /// peers' signed keys in secure aggregation.
+    pub roster_path: Option<PathBuf>,
+    pub policy: Policy,
+}
+
+/// The hospital's local rules for jobs.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Whether this site ever takes part in a job with
+    /// `insecure_plaintext = true` (its update would reach the coordinator in
+    /// the clear). Off unless the hospital turns it on.
+    #[serde(default)]
+    pub allow_insecure_plaintext: bool,
 }
 
 #[derive(Deserialize)]
@@ -26,6 +41,9 @@ struct RawConfig {
     coordinator: String,
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
+    roster: Option<PathBuf>,
+    #[serde(default)]
+    policy: Policy,
     data: RawData,
 }
 
@@ -58,6 +76,8 @@ impl SiteConfig {
             data_path: base.join(raw.data.path),
             schema_path: base.join(raw.data.schema),
             state_dir: base.join(raw.state_dir),
+            roster_path: raw.roster.map(|r| base.join(r)),
+            policy: raw.policy,
         })
     }
 }

@@ -2,7 +2,7 @@
 //! with backoff, and works on the tasks it is given: preprocessing statistics,
 //! local evaluation, local training.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,16 +11,22 @@ use tessera_models::data::Dataset;
 use tessera_models::train::{LocalTraining, evaluate, train_local};
 use tessera_protocol::CHUNK_BYTES;
 use tessera_protocol::ids::{SiteId, sha256_hex};
+use tessera_protocol::job::Aggregation;
 use tessera_protocol::job::JobSpec;
 use tessera_protocol::model::{Layout, decode_params, encode_params};
 use tessera_protocol::pb::federation_client::FederationClient;
-use tessera_protocol::pb::{self, task, update_chunk};
+use tessera_protocol::pb::{self, sec_agg_step, task, update_chunk};
+use tessera_protocol::roster::Roster;
+use tessera_protocol::secagg::client::{self, ClientConfig};
+use tessera_protocol::secagg::crypto::SigningKey;
+use tessera_protocol::secagg::{RoundContext, exact};
 use tessera_protocol::stats::Normalization;
+use tessera_protocol::wire;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{error, info, warn};
 
-use crate::config::SiteConfig;
+use crate::config::{Policy, SiteConfig};
 use crate::egress::EgressLog;
 use crate::local::LocalData;
 
@@ -38,6 +44,27 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
     );
     let egress = Arc::new(EgressLog::open(&config.state_dir)?);
     info!(path = %egress.path().display(), "egress log");
+    let signing_key = Arc::new(crate::identity::load_or_create(&config.state_dir)?);
+    let roster = match &config.roster_path {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read roster {}", path.display()))?;
+            tessera_protocol::roster::parse(&text).with_context(|| format!("invalid roster {}", path.display()))?
+        }
+        None => {
+            warn!("no roster configured: this site cannot take part in secure aggregation");
+            Roster::new()
+        }
+    };
+    if let Some(listed) = roster.get(&config.site_id)
+        && *listed != signing_key.public_key()
+    {
+        anyhow::bail!(
+            "the roster lists a different key for `{}` than {}/site.key",
+            config.site_id,
+            config.state_dir.display()
+        );
+    }
     let endpoint = Endpoint::from_shared(config.coordinator.clone())
         .with_context(|| format!("bad coordinator address `{}`", config.coordinator))?
         .connect_timeout(Duration::from_secs(5));
@@ -47,6 +74,12 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         egress,
         done: HashSet::new(),
         device: tessera_models::default_device(),
+        signing_key,
+        roster: Arc::new(roster),
+        policy: config.policy.clone(),
+        jobs: HashMap::new(),
+        inputs: HashMap::new(),
+        sessions: HashMap::new(),
     };
     let mut backoff = Duration::from_millis(250);
     loop {
@@ -96,6 +129,24 @@ struct Site {
     /// reconnect is not worked twice.
     done: HashSet<(u64, u32, Work)>,
     device: tessera_models::Device,
+    signing_key: Arc<SigningKey>,
+    roster: Arc<Roster>,
+    policy: Policy,
+    /// Jobs this site has seen, by id (from their announced files).
+    jobs: HashMap<u64, JobSpec>,
+    /// Secure jobs: this site's quantised input per (job, round), ready for
+    /// the summation (round 0 = preprocessing statistics).
+    inputs: HashMap<(u64, u32), Vec<u32>>,
+    /// Secure summations in progress.
+    sessions: HashMap<(u64, u32), ClientState>,
+}
+
+/// Where this site stands in one secure summation.
+enum ClientState {
+    Keys(client::ExpectKeys),
+    Shares(client::ExpectShares),
+    Unmask(client::ExpectUnmask),
+    Done,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -118,6 +169,7 @@ impl Site {
                 None | Some(task::Kind::Idle(_)) => Ok(()),
                 Some(task::Kind::ComputeStats(t)) => self.compute_stats(&mut client, t).await,
                 Some(task::Kind::Round(a)) => self.round(&mut client, a).await,
+                Some(task::Kind::Secagg(step)) => self.secagg_step(&mut client, step).await,
             };
             if let Err(e) = result {
                 // A refused task is logged and the site carries on; transport
@@ -133,12 +185,21 @@ impl Site {
         }
     }
 
-    /// Checks a job file against its hash and parses it.
-    fn job(&self, job_toml: &str, job_hash: &str) -> anyhow::Result<JobSpec> {
+    /// Checks a job file against its hash, parses it and applies the site's
+    /// policy.
+    fn job(&mut self, job_id: u64, job_toml: &str, job_hash: &str) -> anyhow::Result<JobSpec> {
         if sha256_hex(job_toml.as_bytes()) != job_hash {
             bail!("job file does not match its announced hash {job_hash}");
         }
-        JobSpec::from_toml(job_toml).context("announced job is invalid")
+        let spec = JobSpec::from_toml(job_toml).context("announced job is invalid")?;
+        if spec.aggregation == Aggregation::InsecurePlaintext && !self.policy.allow_insecure_plaintext {
+            bail!(
+                "job {job_id} asks for insecure_plaintext aggregation and this site's policy does not allow it \
+                 (policy.allow_insecure_plaintext); not taking part"
+            );
+        }
+        self.jobs.insert(job_id, spec.clone());
+        Ok(spec)
     }
 
     async fn compute_stats(
@@ -149,16 +210,37 @@ impl Site {
         if !self.done.insert((task.job_id, 0, Work::Stats)) {
             return Ok(());
         }
-        let spec = self.job(&task.job_toml, &task.job_hash)?;
-        info!(job = task.job_id, name = %spec.name, "sending preprocessing statistics");
+        let spec = self.job(task.job_id, &task.job_toml, &task.job_hash)?;
         let stats = self.data.train_stats();
-        let report = pb::StatsReport {
-            site_id: self.id.to_string(),
-            job_id: task.job_id,
-            count: stats.count,
-            sum: stats.sum,
-            sum_sq: stats.sum_sq,
-            features_hash: self.data.schema.features_hash(),
+        let n_features = stats.sum.len() as u64;
+        let report = if task.secure {
+            // Only the encoding goes in the clear; the statistics go into the
+            // secure sum.
+            info!(job = task.job_id, name = %spec.name, "preparing statistics for secure summation");
+            let mut values = vec![stats.count as f64];
+            values.extend(&stats.sum);
+            values.extend(&stats.sum_sq);
+            self.inputs.insert((task.job_id, 0), exact::encode(&values));
+            pb::StatsReport {
+                site_id: self.id.to_string(),
+                job_id: task.job_id,
+                count: 0,
+                sum: Vec::new(),
+                sum_sq: Vec::new(),
+                features_hash: self.data.schema.features_hash(),
+                n_features,
+            }
+        } else {
+            info!(job = task.job_id, name = %spec.name, "sending preprocessing statistics in the clear");
+            pb::StatsReport {
+                site_id: self.id.to_string(),
+                job_id: task.job_id,
+                count: stats.count,
+                sum: stats.sum,
+                sum_sq: stats.sum_sq,
+                features_hash: self.data.schema.features_hash(),
+                n_features: 0,
+            }
         };
         self.egress.record("SubmitStats", &report)?;
         client.submit_stats(report).await?;
@@ -166,7 +248,7 @@ impl Site {
     }
 
     async fn round(&mut self, client: &mut FederationClient<Channel>, a: pb::RoundAnnouncement) -> anyhow::Result<()> {
-        let spec = self.job(&a.job_toml, &a.job_hash)?;
+        let spec = self.job(a.job_id, &a.job_toml, &a.job_hash)?;
         let layout = spec.model.layout(self.data.train.n_features);
         if layout.n_params() as u64 != a.n_params {
             bail!(
@@ -230,7 +312,7 @@ impl Site {
     }
 
     async fn train_and_submit(
-        &self,
+        &mut self,
         client: &mut FederationClient<Channel>,
         a: &pb::RoundAnnouncement,
         spec: &JobSpec,
@@ -267,6 +349,23 @@ impl Site {
             train_loss = update.train_loss,
             "local training done"
         );
+        if let Aggregation::Secure(secure) = &spec.aggregation {
+            // Clip, weight and quantise; the masked form is sent later, in the
+            // secure summation's masked-input step.
+            let quantizer = secure.quantizer(a.members.len());
+            let weight = secure.weight(update.n_samples as u64);
+            let (input, factor) = quantizer.encode_update(&delta, weight, &mut rand::rng());
+            if factor < 1.0 {
+                info!(
+                    job = a.job_id,
+                    round = a.round,
+                    factor,
+                    "update clipped to the job's clip_norm"
+                );
+            }
+            self.inputs.insert((a.job_id, a.round), input);
+            return Ok(());
+        }
         let header = pb::UpdateChunk {
             kind: Some(update_chunk::Kind::Header(pb::UpdateHeader {
                 site_id: self.id.to_string(),
@@ -276,6 +375,7 @@ impl Site {
                 n_params: delta.len() as u64,
                 base_model_hash: a.model_hash.clone(),
                 train_loss: update.train_loss,
+                masked: false,
             })),
         };
         let mut messages = vec![header];
@@ -289,6 +389,167 @@ impl Site {
             self.egress.record("SubmitUpdate", m)?;
         }
         client.submit_update(tokio_stream::iter(messages)).await?;
+        Ok(())
+    }
+
+    /// One step of a secure summation.
+    async fn secagg_step(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        step: pb::SecAggStep,
+    ) -> anyhow::Result<()> {
+        let key = (step.job_id, step.round);
+        let Some(kind) = step.kind else { return Ok(()) };
+        let state = self.sessions.remove(&key);
+        let (next, result) = match (state, kind) {
+            (None, sec_agg_step::Kind::Advertise(advertise)) => self.advertise(client, key, &advertise).await,
+            (Some(ClientState::Keys(s)), sec_agg_step::Kind::Keys(list)) => {
+                let keys = list
+                    .keys
+                    .iter()
+                    .map(wire::keys_from_pb)
+                    .collect::<Result<Vec<_>, _>>()?;
+                match s.handle_keys(&keys, &mut rand::rng()) {
+                    Ok((s, shares)) => {
+                        let kind = pb::sec_agg_message::Kind::Shares(wire::shares_to_pb(&shares));
+                        (ClientState::Shares(s), self.send_secagg(client, key, kind).await)
+                    }
+                    Err(e) => (ClientState::Done, Err(anyhow::anyhow!("refusing the key list: {e}"))),
+                }
+            }
+            (Some(ClientState::Shares(s)), sec_agg_step::Kind::Shares(inbox)) => {
+                let shares = wire::shares_from_pb(&inbox)?;
+                let input = self.inputs.remove(&key).context("input of this summation is gone")?;
+                match s.handle_shares(&shares, &input) {
+                    Ok((s, masked)) => (ClientState::Unmask(s), self.send_masked(client, key, &masked).await),
+                    Err(e) => (ClientState::Done, Err(anyhow::anyhow!("refusing the shares: {e}"))),
+                }
+            }
+            (Some(ClientState::Unmask(s)), sec_agg_step::Kind::Unmask(request)) => {
+                let request = wire::unmask_request_from_pb(&request)?;
+                match s.handle_unmask(&request) {
+                    Ok(response) => {
+                        let kind = pb::sec_agg_message::Kind::Unmask(wire::unmask_response_to_pb(&response));
+                        (ClientState::Done, self.send_secagg(client, key, kind).await)
+                    }
+                    Err(e) => (
+                        ClientState::Done,
+                        Err(anyhow::anyhow!("refusing the unmask request: {e}")),
+                    ),
+                }
+            }
+            (state, _) => {
+                // A step this site cannot take (already taken, or its state was
+                // lost in a restart): keep what it has; the coordinator will
+                // count it as dropped if it never answers.
+                if let Some(state) = state {
+                    self.sessions.insert(key, state);
+                }
+                return Ok(());
+            }
+        };
+        self.sessions.insert(key, next);
+        result
+    }
+
+    /// Starts a secure summation over the input prepared for `key`.
+    async fn advertise(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        key: (u64, u32),
+        advertise: &pb::Advertise,
+    ) -> (ClientState, anyhow::Result<()>) {
+        let Some(spec) = self.jobs.get(&key.0) else {
+            return (
+                ClientState::Done,
+                Err(anyhow::anyhow!("secure summation for unknown job {}", key.0)),
+            );
+        };
+        let Aggregation::Secure(secure) = spec.aggregation else {
+            return (
+                ClientState::Done,
+                Err(anyhow::anyhow!("job {} is not a secure job", key.0)),
+            );
+        };
+        let Some(input) = self.inputs.get(&key) else {
+            return (
+                ClientState::Done,
+                Err(anyhow::anyhow!(
+                    "no input prepared for round {} of job {}",
+                    key.1,
+                    key.0
+                )),
+            );
+        };
+        if input.len() as u64 != advertise.vector_len || !advertise.members.contains(&self.id.to_string()) {
+            return (
+                ClientState::Done,
+                Err(anyhow::anyhow!("secure summation does not match this site's input")),
+            );
+        }
+        let params = secure.params(advertise.members.len(), spec.min_sites as usize, input.len());
+        let cfg = ClientConfig {
+            site: self.id.clone(),
+            ctx: RoundContext {
+                job_id: key.0,
+                round: key.1,
+            },
+            params,
+            signing_key: self.signing_key.clone(),
+            roster: self.roster.clone(),
+        };
+        let (state, keys) = client::ExpectKeys::new(cfg, &mut rand::rng());
+        let kind = pb::sec_agg_message::Kind::Keys(wire::keys_to_pb(&keys));
+        let result = self.send_secagg(client, key, kind).await;
+        (ClientState::Keys(state), result)
+    }
+
+    async fn send_secagg(
+        &self,
+        client: &mut FederationClient<Channel>,
+        key: (u64, u32),
+        kind: pb::sec_agg_message::Kind,
+    ) -> anyhow::Result<()> {
+        let message = pb::SecAggMessage {
+            site_id: self.id.to_string(),
+            job_id: key.0,
+            round: key.1,
+            kind: Some(kind),
+        };
+        self.egress.record("SubmitSecAgg", &message)?;
+        client.submit_sec_agg(message).await?;
+        Ok(())
+    }
+
+    async fn send_masked(
+        &self,
+        client: &mut FederationClient<Channel>,
+        key: (u64, u32),
+        masked: &[u32],
+    ) -> anyhow::Result<()> {
+        let header = pb::UpdateChunk {
+            kind: Some(update_chunk::Kind::Header(pb::UpdateHeader {
+                site_id: self.id.to_string(),
+                job_id: key.0,
+                round: key.1,
+                n_samples: 0,
+                n_params: masked.len() as u64,
+                base_model_hash: String::new(),
+                train_loss: 0.0,
+                masked: true,
+            })),
+        };
+        let mut messages = vec![header];
+        for chunk in wire::encode_words(masked).chunks(CHUNK_BYTES) {
+            messages.push(pb::UpdateChunk {
+                kind: Some(update_chunk::Kind::Data(chunk.to_vec())),
+            });
+        }
+        for m in &messages {
+            self.egress.record("SubmitUpdate", m)?;
+        }
+        client.submit_update(tokio_stream::iter(messages)).await?;
+        info!(job = key.0, round = key.1, "masked input sent");
         Ok(())
     }
 

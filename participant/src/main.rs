@@ -4,6 +4,7 @@ mod baseline;
 mod config;
 mod daemon;
 mod egress;
+mod identity;
 mod local;
 
 use std::path::{Path, PathBuf};
@@ -33,7 +34,22 @@ enum Command {
         /// Override the coordinator address of the config file.
         #[arg(long)]
         coordinator: Option<String>,
-        /// Override the state directory (egress log) of the config file.
+        /// Override the state directory (egress log, site key) of the config file.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Override the consortium roster of the config file.
+        #[arg(long)]
+        roster: Option<PathBuf>,
+        /// Take part in jobs with `insecure_plaintext = true` (sets
+        /// policy.allow_insecure_plaintext; off by default).
+        #[arg(long)]
+        allow_insecure_plaintext: bool,
+    },
+    /// Create this site's Ed25519 key (if missing) and print its roster line,
+    /// to send to the consortium out of band.
+    Keygen {
+        #[arg(long)]
+        config: PathBuf,
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
@@ -69,7 +85,10 @@ fn main() -> ExitCode {
             config,
             coordinator,
             state_dir,
-        } => run(&config, coordinator, state_dir),
+            roster,
+            allow_insecure_plaintext,
+        } => run(&config, coordinator, state_dir, roster, allow_insecure_plaintext),
+        Command::Keygen { config, state_dir } => keygen(&config, state_dir),
         Command::Check { config } => check(&config),
         Command::PooledBaseline {
             job,
@@ -87,16 +106,41 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: &Path, coordinator: Option<String>, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(
+    path: &Path,
+    coordinator: Option<String>,
+    state_dir: Option<PathBuf>,
+    roster: Option<PathBuf>,
+    allow_insecure_plaintext: bool,
+) -> anyhow::Result<()> {
     let mut config = SiteConfig::load(path)?;
+    if allow_insecure_plaintext {
+        tracing::warn!(
+            "this site takes part in insecure_plaintext jobs: its updates reach the coordinator in the clear"
+        );
+        config.policy.allow_insecure_plaintext = true;
+    }
     if let Some(addr) = coordinator {
         config.coordinator = addr;
     }
     if let Some(dir) = state_dir {
         config.state_dir = dir;
     }
+    if let Some(roster) = roster {
+        config.roster_path = Some(roster);
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(daemon::run(config))
+}
+
+fn keygen(path: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut config = SiteConfig::load(path)?;
+    if let Some(dir) = state_dir {
+        config.state_dir = dir;
+    }
+    let key = identity::load_or_create(&config.state_dir)?;
+    println!("{} = \"{}\"", config.site_id, hex::encode(key.public_key()));
+    Ok(())
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {

@@ -9,6 +9,9 @@ use serde::Deserialize;
 
 use crate::ids::sha256_hex;
 use crate::model::ModelSpec;
+use crate::secagg::SecAggParams;
+use crate::secagg::graph::Graph;
+use crate::secagg::quantize::Quantizer;
 
 /// A validated job. Every field has been range-checked.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +26,54 @@ pub struct JobSpec {
     pub training: TrainingSpec,
     pub strategy: StrategySpec,
     pub timing: TimingSpec,
+    pub aggregation: Aggregation,
+}
+
+/// How site contributions are combined.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Aggregation {
+    /// The default: the coordinator only ever sees sums over ≥ min_sites.
+    Secure(SecureAggSpec),
+    /// Plaintext updates reach the coordinator. Only with an explicit
+    /// `insecure_plaintext = true`, and each site's policy may refuse it.
+    InsecurePlaintext,
+}
+
+/// Parameters of secure aggregation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SecureAggSpec {
+    /// L2 bound C on each site's update (before weighting).
+    pub clip_norm: f64,
+    /// Declared largest sample count of a site: a site's weight is
+    /// `min(n_samples / weight_cap, 1)`.
+    pub weight_cap: u64,
+    pub graph: Graph,
+    /// Shamir threshold; never below a strict majority of a neighbourhood.
+    pub threshold: Option<usize>,
+}
+
+impl SecureAggSpec {
+    /// Parameters of a secure round among `n_members` sites over vectors of
+    /// `vector_len` words.
+    pub fn params(&self, n_members: usize, min_sites: usize, vector_len: usize) -> SecAggParams {
+        let majority = self.graph.default_threshold(n_members);
+        SecAggParams {
+            graph: self.graph,
+            threshold: self.threshold.unwrap_or(majority).max(majority),
+            min_sites,
+            vector_len,
+        }
+    }
+
+    /// The quantiser for `n_members` sites.
+    pub fn quantizer(&self, n_members: usize) -> Quantizer {
+        Quantizer::for_sites(n_members, self.clip_norm)
+    }
+
+    /// A site's weight in the secure sum.
+    pub fn weight(&self, n_samples: u64) -> f64 {
+        (n_samples as f64 / self.weight_cap as f64).min(1.0)
+    }
 }
 
 /// How each site trains locally in one round.
@@ -153,6 +204,85 @@ struct RawJob {
     strategy: RawStrategy,
     #[serde(default)]
     timing: RawTiming,
+    #[serde(default)]
+    insecure_plaintext: bool,
+    secure_aggregation: Option<RawSecureAgg>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecureAgg {
+    #[serde(default = "default_clip_norm")]
+    clip_norm: f64,
+    #[serde(default = "default_weight_cap")]
+    weight_cap: i64,
+    #[serde(default = "default_graph")]
+    graph: String,
+    neighbours: Option<i64>,
+    threshold: Option<i64>,
+}
+
+fn default_clip_norm() -> f64 {
+    10.0
+}
+fn default_weight_cap() -> i64 {
+    100_000
+}
+fn default_graph() -> String {
+    "complete".into()
+}
+
+impl Default for RawSecureAgg {
+    fn default() -> Self {
+        Self {
+            clip_norm: default_clip_norm(),
+            weight_cap: default_weight_cap(),
+            graph: default_graph(),
+            neighbours: None,
+            threshold: None,
+        }
+    }
+}
+
+impl RawSecureAgg {
+    fn validate(self) -> Result<SecureAggSpec, JobError> {
+        let clip_norm = finite_in("secure_aggregation.clip_norm", self.clip_norm, 0.0, 1e6)?;
+        let weight_cap = positive_int("secure_aggregation.weight_cap", self.weight_cap, 1 << 40)? as u64;
+        let graph = match (self.graph.as_str(), self.neighbours) {
+            ("complete", None) => Graph::Complete,
+            ("complete", Some(_)) => {
+                return Err(invalid(
+                    "secure_aggregation.neighbours",
+                    "only applies to graph = \"sparse\"",
+                ));
+            }
+            ("sparse", Some(k)) => Graph::Sparse {
+                neighbours: positive_int("secure_aggregation.neighbours", k, 254)? as usize,
+            },
+            ("sparse", None) => {
+                return Err(invalid(
+                    "secure_aggregation.neighbours",
+                    "graph = \"sparse\" needs neighbours (e.g. 14)",
+                ));
+            }
+            (other, _) => {
+                return Err(invalid(
+                    "secure_aggregation.graph",
+                    format!("unknown graph `{other}`; expected complete (SecAgg) or sparse (SecAgg+)"),
+                ));
+            }
+        };
+        let threshold = match self.threshold {
+            None => None,
+            Some(t) => Some(positive_int("secure_aggregation.threshold", t, 255)? as usize),
+        };
+        Ok(SecureAggSpec {
+            clip_norm,
+            weight_cap,
+            graph,
+            threshold,
+        })
+    }
 }
 
 fn default_min_sites() -> i64 {
@@ -277,6 +407,16 @@ impl RawJob {
         let training = self.training.validate()?;
         let strategy = self.strategy.validate()?;
         let timing = self.timing.validate()?;
+        let aggregation = match (self.insecure_plaintext, self.secure_aggregation) {
+            (false, raw) => Aggregation::Secure(raw.unwrap_or_default().validate()?),
+            (true, None) => Aggregation::InsecurePlaintext,
+            (true, Some(_)) => {
+                return Err(invalid(
+                    "insecure_plaintext",
+                    "cannot be combined with a [secure_aggregation] section",
+                ));
+            }
+        };
         Ok(JobSpec {
             name,
             rounds,
@@ -286,6 +426,7 @@ impl RawJob {
             training,
             strategy,
             timing,
+            aggregation,
         })
     }
 }
@@ -476,6 +617,52 @@ local_epochs = 1
         assert_eq!(job.training.optimizer, OptimizerKind::Sgd);
         assert_eq!(job.training.local_work, LocalWork::Epochs(1));
         assert_eq!(job.strategy, StrategySpec::FedAvg);
+        let Aggregation::Secure(secure) = job.aggregation else {
+            panic!("secure by default")
+        };
+        assert_eq!(secure.graph, Graph::Complete);
+        assert_eq!(secure.clip_norm, 10.0);
+    }
+
+    #[test]
+    fn aggregation_settings() {
+        let plain = JobSpec::from_toml(&BASE.replace("rounds = 5", "rounds = 5\ninsecure_plaintext = true")).unwrap();
+        assert_eq!(plain.aggregation, Aggregation::InsecurePlaintext);
+        let sparse = JobSpec::from_toml(&format!(
+            "{BASE}[secure_aggregation]\ngraph = \"sparse\"\nneighbours = 6\nclip_norm = 2.5\nthreshold = 2\n"
+        ))
+        .unwrap();
+        let Aggregation::Secure(spec) = sparse.aggregation else {
+            panic!()
+        };
+        assert_eq!(spec.graph, Graph::Sparse { neighbours: 6 });
+        // A threshold below a majority is raised to it: 7-site neighbourhoods need 4.
+        assert_eq!(spec.params(100, 3, 10).threshold, 4);
+        assert_eq!(spec.weight(50_000), 0.5);
+        check_err(
+            "rounds = 5",
+            "rounds = 5\ninsecure_plaintext = true\n[secure_aggregation]\nclip_norm = 1.0",
+            "insecure_plaintext",
+            "cannot be combined",
+        );
+        check_err(
+            "local_epochs = 1",
+            "local_epochs = 1\n[secure_aggregation]\ngraph = \"sparse\"",
+            "secure_aggregation.neighbours",
+            "needs neighbours",
+        );
+        check_err(
+            "local_epochs = 1",
+            "local_epochs = 1\n[secure_aggregation]\nclip_norm = 0.0",
+            "secure_aggregation.clip_norm",
+            "0",
+        );
+        check_err(
+            "local_epochs = 1",
+            "local_epochs = 1\n[secure_aggregation]\ngraph = \"ring\"",
+            "secure_aggregation.graph",
+            "unknown graph",
+        );
     }
 
     #[test]

@@ -17,10 +17,12 @@ pub mod aggregate;
 pub mod ids;
 pub mod job;
 pub mod model;
+pub mod roster;
 pub mod round;
 pub mod secagg;
 pub mod stats;
 pub mod strategy;
+pub mod wire;
 
 /// Generated protobuf messages and tonic stubs for `proto/tessera.proto`.
 #[allow(missing_docs, clippy::all)]

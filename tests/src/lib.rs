@@ -58,9 +58,24 @@ pub struct Federation {
 }
 
 impl Federation {
-    /// Starts a coordinator admitting `allowed` site ids.
+    /// Starts a coordinator admitting `allowed` site ids, after each of them
+    /// created its Ed25519 key and the consortium roster was written.
     pub fn start(allowed: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let mut roster = String::from("[sites]\n");
+        for site in allowed {
+            let out = Command::new(bin("tessera-participant"))
+                .arg("keygen")
+                .arg("--config")
+                .arg(repo().join(format!("examples/heart-disease/sites/{site}.toml")))
+                .arg("--state-dir")
+                .arg(dir.path().join(format!("site-{site}")))
+                .output()
+                .expect("run keygen");
+            assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+            roster.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        std::fs::write(dir.path().join("roster.toml"), roster).expect("write roster");
         let port_file = dir.path().join("port");
         let log = std::fs::File::create(dir.path().join("coordinator.log")).expect("log file");
         let child = Command::new(bin("tessera-coordinator"))
@@ -72,6 +87,8 @@ impl Federation {
             .arg(dir.path().join("coordinator.db"))
             .arg("--allow-site")
             .arg(allowed.join(","))
+            .arg("--roster")
+            .arg(dir.path().join("roster.toml"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -98,6 +115,11 @@ impl Federation {
 
     /// Starts the participant of one example hospital.
     pub fn add_site(&mut self, site: &str) {
+        self.add_site_with(site, &[]);
+    }
+
+    /// Starts a participant with extra command-line arguments.
+    pub fn add_site_with(&mut self, site: &str, extra: &[&str]) {
         let log = std::fs::File::create(self.dir.path().join(format!("{site}.log"))).expect("log file");
         let child = Command::new(bin("tessera-participant"))
             .arg("run")
@@ -107,6 +129,9 @@ impl Federation {
             .arg(&self.addr)
             .arg("--state-dir")
             .arg(self.state_dir(site))
+            .arg("--roster")
+            .arg(self.dir.path().join("roster.toml"))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -176,6 +201,18 @@ impl Federation {
             "job {job_id} never reached {states:?}; coordinator log:\n{}",
             self.log("coordinator")
         );
+    }
+}
+
+impl Federation {
+    /// Kills one participant (as a crash would).
+    pub fn kill_site(&mut self, site: &str) {
+        for (name, child) in &mut self.children {
+            if name == site {
+                child.kill().expect("kill participant");
+                child.wait().expect("reap participant");
+            }
+        }
     }
 }
 

@@ -67,6 +67,7 @@ async fn send(client: &mut Client, u: &Update) -> Result<(), tonic::Status> {
             n_params: u.declared_len,
             base_model_hash: u.base.clone(),
             train_loss: 0.5,
+            masked: false,
         })),
     }];
     messages.push(pb::UpdateChunk {
@@ -104,11 +105,14 @@ async fn report_metrics(client: &mut Client, a: &pb::RoundAnnouncement) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_updates_are_refused_precisely_and_the_round_goes_on() {
     let mut federation = Federation::start(&SITES);
+    // Plaintext updates are what the coordinator validates value by value, so
+    // this test runs a plaintext job (which the sites must explicitly allow).
     for site in &SITES[..3] {
-        federation.add_site(site);
+        federation.add_site_with(site, &["--allow-insecure-plaintext"]);
     }
     let mut client = FederationClient::connect(federation.addr.clone()).await.unwrap();
-    let job = federation.write_job("job.toml", &example_job(&[("rounds", "2")]));
+    let job_text = example_job(&[("rounds", "2")]).replacen("name = ", "insecure_plaintext = true\nname = ", 1);
+    let job = federation.write_job("job.toml", &job_text);
     let job_id = federation.submit(&job);
 
     // Preprocessing: honest statistics of the real VA data.
@@ -130,6 +134,7 @@ async fn bad_updates_are_refused_precisely_and_the_round_goes_on() {
             sum: stats.sum,
             sum_sq: stats.sum_sq,
             features_hash: schema.features_hash(),
+            n_features: 0,
         })
         .await
         .unwrap();

@@ -83,6 +83,7 @@ fn four_hospitals_train_three_rounds() {
         "FetchModel",
         "ReportMetrics",
         "SubmitUpdate",
+        "SubmitSecAgg",
     ];
     for site in SITES {
         let log = std::fs::read_to_string(federation.state_dir(site).join("egress.jsonl")).unwrap();
@@ -96,7 +97,7 @@ fn four_hospitals_train_three_rounds() {
             })
             .collect();
         assert!(kinds.iter().all(|k| allowed.contains(&k.as_str())), "{site}: {kinds:?}");
-        for needed in ["SubmitStats", "SubmitUpdate", "ReportMetrics"] {
+        for needed in ["SubmitStats", "SubmitSecAgg", "SubmitUpdate", "ReportMetrics"] {
             assert!(kinds.contains(needed), "{site} never logged {needed}");
         }
     }
@@ -185,4 +186,58 @@ fn check_reports_flamby_preprocessing_offline() {
         assert!(text.contains(&format!("test {test} (")), "{site}: {text}");
         assert!(text.contains("15 encoded features"), "{site}: {text}");
     }
+}
+
+#[test]
+fn a_participant_killed_mid_job_does_not_stop_the_rounds() {
+    let mut federation = Federation::start(&SITES);
+    for site in SITES {
+        federation.add_site(site);
+    }
+    let text = example_job(&[("rounds", "40"), ("dropout_after_s", "2")]);
+    let job_id = federation.submit(&federation.write_job("job.toml", &text));
+    // Kill Switzerland as soon as the first round is in: it dies inside a
+    // later round, at whatever secure-aggregation phase it is in.
+    for _ in 0..400 {
+        if federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    federation.kill_site("switzerland");
+    let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+    assert_eq!(
+        status["job"]["status"],
+        "finished",
+        "{status:#}\n{}",
+        federation.log("coordinator")
+    );
+    let rounds = status["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 40);
+    let dropped_in: Vec<u64> = rounds
+        .iter()
+        .filter(|r| {
+            r["dropped"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d.as_str().unwrap().starts_with("switzerland"))
+        })
+        .map(|r| r["round"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        dropped_in.len(),
+        1,
+        "switzerland should drop out of exactly one round: {dropped_in:?}"
+    );
+    let last = rounds.last().unwrap();
+    let sites: Vec<&str> = last["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(sites, ["cleveland", "hungary", "va"]);
+    // The model still improved over the initial one.
+    assert!(status["final_mean_accuracy"].as_f64().unwrap() > ACCURACY_FLOOR);
 }

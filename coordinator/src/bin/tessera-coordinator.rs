@@ -30,6 +30,10 @@ struct Args {
     /// it, any well-formed site id is admitted.
     #[arg(long = "allow-site", value_delimiter = ',')]
     allow_sites: Vec<String>,
+    /// The consortium roster (site Ed25519 public keys), needed by secure
+    /// aggregation. Without --allow-site, the roster's sites are the ones admitted.
+    #[arg(long)]
+    roster: Option<PathBuf>,
     /// Write the bound port to this file once listening (for scripts and tests).
     #[arg(long)]
     port_file: Option<PathBuf>,
@@ -44,7 +48,20 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let allowed_sites = if args.allow_sites.is_empty() {
+    let roster = match &args.roster {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read roster {}", path.display()))?;
+            tessera_protocol::roster::parse(&text).with_context(|| format!("invalid roster {}", path.display()))?
+        }
+        None => {
+            warn!("no --roster given: secure-aggregation jobs (the default) will fail");
+            Default::default()
+        }
+    };
+    let allowed_sites = if args.allow_sites.is_empty() && !roster.is_empty() {
+        Some(roster.keys().cloned().collect())
+    } else if args.allow_sites.is_empty() {
         warn!("no --allow-site given: any site id is admitted");
         None
     } else {
@@ -63,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
             "jobs interrupted by a previous shutdown were marked failed"
         );
     }
-    let shared = Arc::new(Shared::new(store, allowed_sites));
+    let shared = Arc::new(Shared::new(store, allowed_sites, roster));
     tokio::spawn(driver::run(shared.clone()));
 
     let listener = tokio::net::TcpListener::bind(args.listen)

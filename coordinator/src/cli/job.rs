@@ -177,11 +177,15 @@ fn round_line(round: &pb::RoundSummary, total: u32, metrics: Option<&Vec<&pb::Si
     let accuracy = metrics
         .map(|ms| format!("{:.3}", mean(ms.iter().map(|m| m.accuracy))))
         .unwrap_or_else(|| "  -  ".into());
+    let loss = if round.mean_train_loss.is_finite() {
+        format!("{:.4}", round.mean_train_loss)
+    } else {
+        "  -   ".into()
+    };
     format!(
-        "round {:>3}/{total}  sites {}  train loss {:.4}  test acc of previous model {accuracy}  {:>6} ms  model {}{dropped}",
+        "round {:>3}/{total}  sites {}  train loss {loss}  test acc of previous model {accuracy}  {:>6} ms  model {}{dropped}",
         round.round,
         round.sites.len(),
-        round.mean_train_loss,
         round.duration_ms,
         &round.model_hash[..12.min(round.model_hash.len())],
     )

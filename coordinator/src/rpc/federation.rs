@@ -131,10 +131,31 @@ impl Federation for FederationService {
     async fn submit_stats(&self, request: Request<pb::StatsReport>) -> Result<Response<pb::Ack>, Status> {
         let report = request.into_inner();
         let site = self.identify(&report.site_id).await?;
-        let stats = FeatureStats {
-            count: report.count,
-            sum: report.sum,
-            sum_sq: report.sum_sq,
+        let secure_report = report.n_features > 0;
+        let stats = if secure_report {
+            // Secure jobs: only the encoding travels here; the statistics
+            // follow by secure sum.
+            if report.count != 0 || !report.sum.is_empty() || !report.sum_sq.is_empty() {
+                return Err(RpcError::InvalidArgument(
+                    "a secure job's report carries no statistics in the clear".into(),
+                )
+                .into());
+            }
+            let width = report.n_features as usize;
+            if width > 1 << 20 {
+                return Err(RpcError::InvalidArgument(format!("{width} features is more than supported")).into());
+            }
+            FeatureStats {
+                count: 0,
+                sum: vec![0.0; width],
+                sum_sq: vec![0.0; width],
+            }
+        } else {
+            FeatureStats {
+                count: report.count,
+                sum: report.sum,
+                sum_sq: report.sum_sq,
+            }
         };
         if stats.sum.len() != stats.sum_sq.len() || stats.sum.is_empty() {
             return Err(
@@ -153,6 +174,14 @@ impl Federation for FederationService {
         };
         if !phase.pending.contains(&site) {
             return Err(RpcError::FailedPrecondition(format!("no statistics expected from `{site}`")).into());
+        }
+        if phase.secure != secure_report {
+            return Err(RpcError::InvalidArgument(if phase.secure {
+                "this job sums statistics securely: send only features_hash and n_features".into()
+            } else {
+                "this job is plaintext: send the statistics".into()
+            })
+            .into());
         }
         match &phase.features_hash {
             Some(hash) if *hash != report.features_hash => {
@@ -190,6 +219,9 @@ impl Federation for FederationService {
             _ => return Err(RpcError::InvalidArgument("an update stream must start with its header".into()).into()),
         };
         let site = self.identify(&header.site_id).await?;
+        if header.masked {
+            return self.submit_masked(site, header, stream).await;
+        }
         let update = UpdateHeader {
             site: site.clone(),
             job_id: JobId(header.job_id),
@@ -249,6 +281,23 @@ impl Federation for FederationService {
         Ok(Response::new(pb::Ack {}))
     }
 
+    async fn submit_sec_agg(&self, request: Request<pb::SecAggMessage>) -> Result<Response<pb::Ack>, Status> {
+        let message = request.into_inner();
+        let site = self.identify(&message.site_id).await?;
+        let Some(kind) = message.kind.as_ref() else {
+            return Err(RpcError::InvalidArgument("empty secure-aggregation message".into()).into());
+        };
+        {
+            let mut inner = self.shared.lock();
+            let session = Self::session(&mut inner, message.job_id, message.round)?;
+            session.handle_message(&site, kind).inspect_err(|e| {
+                warn!(%site, job = message.job_id, round = message.round, "secure-aggregation message refused: {e}")
+            })?;
+        }
+        self.shared.progress.notify_one();
+        Ok(Response::new(pb::Ack {}))
+    }
+
     async fn report_metrics(&self, request: Request<pb::MetricsReport>) -> Result<Response<pb::Ack>, Status> {
         let report = request.into_inner();
         let site = self.identify(&report.site_id).await?;
@@ -290,6 +339,79 @@ impl Federation for FederationService {
 }
 
 impl FederationService {
+    /// The secure session of `job_id`'s round `round`, if it is the open one.
+    fn session(
+        inner: &mut crate::state::Inner,
+        job_id: u64,
+        round: u32,
+    ) -> Result<&mut crate::secure::SecureSession, RpcError> {
+        let active_job = inner.active.as_ref().map(|a| a.job_id);
+        if active_job != Some(JobId(job_id)) {
+            return Err(RpcError::FailedPrecondition(format!("job {job_id} is not running")));
+        }
+        match inner.session_mut() {
+            Some(session) if session.ctx.round == round => Ok(session),
+            Some(session) => Err(RpcError::FailedPrecondition(format!(
+                "message is for round {round}, the open secure round is {}",
+                session.ctx.round
+            ))),
+            None => Err(RpcError::FailedPrecondition(format!(
+                "job {job_id} has no open secure-aggregation round"
+            ))),
+        }
+    }
+
+    /// A masked input (secure aggregation), streamed like an update.
+    async fn submit_masked(
+        &self,
+        site: SiteId,
+        header: pb::UpdateHeader,
+        mut stream: Streaming<pb::UpdateChunk>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let vector_len = {
+            let mut inner = self.shared.lock();
+            let session = Self::session(&mut inner, header.job_id, header.round)?;
+            if !session.awaits_masked_from(&site) {
+                return Err(RpcError::FailedPrecondition(format!("no masked input expected from `{site}` now")).into());
+            }
+            session.vector_len
+        };
+        if header.n_params as usize != vector_len {
+            return Err(RpcError::InvalidArgument(format!(
+                "masked input has {} words, expected {vector_len}",
+                header.n_params
+            ))
+            .into());
+        }
+        let expected_bytes = vector_len * 4;
+        let mut bytes = Vec::with_capacity(expected_bytes);
+        while let Some(chunk) = stream.next().await {
+            match chunk?.kind {
+                Some(update_chunk::Kind::Data(data)) if bytes.len() + data.len() <= expected_bytes => {
+                    bytes.extend_from_slice(&data)
+                }
+                Some(update_chunk::Kind::Data(_)) => {
+                    return Err(
+                        RpcError::InvalidArgument(format!("masked input is longer than {vector_len} words")).into(),
+                    );
+                }
+                _ => return Err(RpcError::InvalidArgument("a second header in one update stream".into()).into()),
+            }
+        }
+        let words =
+            tessera_protocol::wire::decode_words(&bytes).map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
+        {
+            let mut inner = self.shared.lock();
+            let session = Self::session(&mut inner, header.job_id, header.round)?;
+            session
+                .handle_masked(&site, &words)
+                .inspect_err(|e| warn!(%site, "masked input refused: {e}"))?;
+        }
+        self.shared.progress.notify_one();
+        info!(%site, round = header.round, "masked input accepted");
+        Ok(Response::new(pb::Ack {}))
+    }
+
     /// Checks that metrics answer the open round's announcement and that this
     /// site still owes them.
     fn check_metrics_expected(&self, job_id: JobId, site: &SiteId, report: &pb::MetricsReport) -> Result<(), RpcError> {

@@ -119,7 +119,7 @@ impl Jobs for JobsService {
                     model_hash: r.model_hash,
                     total_weight: r.total_weight,
                     duration_ms: (r.finished_at_ms - r.started_at_ms).max(0) as u64,
-                    mean_train_loss: r.mean_train_loss,
+                    mean_train_loss: r.mean_train_loss.unwrap_or(f64::NAN),
                 }
             })
             .collect();

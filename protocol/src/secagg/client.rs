@@ -9,6 +9,7 @@
 //! send `y`; on the unmask request `let r = s.handle_unmask(req)?`; send `r`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use rand::CryptoRng;
 
@@ -22,14 +23,14 @@ use super::{
 use crate::ids::SiteId;
 
 /// Fixed inputs of a site's secure round.
-pub struct ClientConfig<'a> {
+pub struct ClientConfig {
     pub site: SiteId,
     pub ctx: RoundContext,
     pub params: SecAggParams,
-    pub signing_key: &'a SigningKey,
+    pub signing_key: Arc<SigningKey>,
     /// The consortium's Ed25519 public keys, distributed out of band; the
     /// only keys whose signatures a site accepts.
-    pub roster: &'a BTreeMap<SiteId, [u8; 32]>,
+    pub roster: Arc<BTreeMap<SiteId, [u8; 32]>>,
 }
 
 /// Everything a site refuses, each naming the offender.
@@ -66,8 +67,8 @@ pub enum ClientError {
 }
 
 /// Phase 1: keys advertised, waiting for everyone's keys.
-pub struct ExpectKeys<'a> {
-    cfg: ClientConfig<'a>,
+pub struct ExpectKeys {
+    cfg: ClientConfig,
     enc: DhKeyPair,
     mask_key: DhKeyPair,
     self_mask_seed: [u8; 32],
@@ -75,8 +76,8 @@ pub struct ExpectKeys<'a> {
 }
 
 /// Phase 2: shares sent, waiting for the shares addressed to this site.
-pub struct ExpectShares<'a> {
-    cfg: ClientConfig<'a>,
+pub struct ExpectShares {
+    cfg: ClientConfig,
     enc: DhKeyPair,
     mask_key: DhKeyPair,
     self_mask_seed: [u8; 32],
@@ -99,10 +100,10 @@ fn random_32(rng: &mut impl CryptoRng) -> [u8; 32] {
     out
 }
 
-impl<'a> ExpectKeys<'a> {
+impl ExpectKeys {
     /// Generates the round's key pairs and self-mask seed; returns the signed
     /// advertisement to send.
-    pub fn new(cfg: ClientConfig<'a>, rng: &mut impl CryptoRng) -> (Self, AdvertisedKeys) {
+    pub fn new(cfg: ClientConfig, rng: &mut impl CryptoRng) -> (Self, AdvertisedKeys) {
         let enc = DhKeyPair::from_secret(random_32(rng));
         let mask_key = DhKeyPair::from_secret(random_32(rng));
         let self_mask_seed = random_32(rng);
@@ -130,7 +131,7 @@ impl<'a> ExpectKeys<'a> {
         self,
         all: &[AdvertisedKeys],
         rng: &mut impl CryptoRng,
-    ) -> Result<(ExpectShares<'a>, Vec<EncryptedShare>), ClientError> {
+    ) -> Result<(ExpectShares, Vec<EncryptedShare>), ClientError> {
         let ctx = self.cfg.ctx;
         let mut keys = BTreeMap::new();
         for k in all {
@@ -192,7 +193,7 @@ impl<'a> ExpectKeys<'a> {
     }
 }
 
-impl<'a> ExpectShares<'a> {
+impl ExpectShares {
     /// Decrypts the shares addressed to this site and masks `input` with the
     /// self mask and a pairwise mask for every neighbour that shared.
     pub fn handle_shares(

@@ -24,6 +24,7 @@
 
 pub mod client;
 pub mod crypto;
+pub mod exact;
 pub mod graph;
 pub mod mask;
 pub mod quantize;

@@ -2,6 +2,7 @@
 //! dropouts at any phase and a hook to tamper with what the coordinator sends.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use proptest::prelude::*;
 use rand::{RngCore, SeedableRng};
@@ -16,22 +17,22 @@ use super::*;
 
 struct Consortium {
     sites: Vec<SiteId>,
-    keys: BTreeMap<SiteId, SigningKey>,
-    roster: BTreeMap<SiteId, [u8; 32]>,
+    keys: BTreeMap<SiteId, Arc<SigningKey>>,
+    roster: Arc<BTreeMap<SiteId, [u8; 32]>>,
 }
 
 fn consortium(n: usize) -> Consortium {
     let sites: Vec<SiteId> = (0..n).map(|i| SiteId::new(&format!("site-{i:03}")).unwrap()).collect();
-    let keys: BTreeMap<SiteId, SigningKey> = sites
+    let keys: BTreeMap<SiteId, Arc<SigningKey>> = sites
         .iter()
         .map(|s| {
             (
                 s.clone(),
-                SigningKey::from_pkcs8(&SigningKey::generate_pkcs8()).unwrap(),
+                Arc::new(SigningKey::from_pkcs8(&SigningKey::generate_pkcs8()).unwrap()),
             )
         })
         .collect();
-    let roster = keys.iter().map(|(s, k)| (s.clone(), k.public_key())).collect();
+    let roster = Arc::new(keys.iter().map(|(s, k)| (s.clone(), k.public_key())).collect());
     Consortium { sites, keys, roster }
 }
 
@@ -50,15 +51,15 @@ fn run(
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let alive = |s: &SiteId, phase: Phase| drop_at.get(s).is_none_or(|p| *p > phase);
     let members: BTreeSet<SiteId> = c.sites.iter().cloned().collect();
-    let mut server = server::ExpectKeys::new(CTX, params, members, c.roster.clone());
+    let mut server = server::ExpectKeys::new(CTX, params, members, (*c.roster).clone());
     let mut clients = BTreeMap::new();
     for site in &c.sites {
         let cfg = ClientConfig {
             site: site.clone(),
             ctx: CTX,
             params,
-            signing_key: &c.keys[site],
-            roster: &c.roster,
+            signing_key: c.keys[site].clone(),
+            roster: c.roster.clone(),
         };
         let (state, keys) = client::ExpectKeys::new(cfg, &mut rng);
         if alive(site, Phase::AdvertiseKeys) {
@@ -204,8 +205,8 @@ fn forged_or_substituted_keys_are_detected() {
         site: c.sites[i].clone(),
         ctx: CTX,
         params: p,
-        signing_key: &c.keys[&c.sites[i]],
-        roster: &c.roster,
+        signing_key: c.keys[&c.sites[i]].clone(),
+        roster: c.roster.clone(),
     };
     let mut states = Vec::new();
     let mut list = Vec::new();
@@ -241,7 +242,7 @@ fn forged_or_substituted_keys_are_detected() {
         ClientError::OwnKeysMissing
     );
     // The server refuses a forged advertisement before any site sees it.
-    let mut server = server::ExpectKeys::new(CTX, p, c.sites.iter().cloned().collect(), c.roster.clone());
+    let mut server = server::ExpectKeys::new(CTX, p, c.sites.iter().cloned().collect(), (*c.roster).clone());
     let mut bad = list[0].clone();
     bad.enc_pk[0] ^= 1;
     assert_eq!(
@@ -274,15 +275,15 @@ fn to_unmask(
     seed: u64,
 ) -> (BTreeMap<SiteId, client::ExpectUnmask>, BTreeMap<SiteId, UnmaskRequest>) {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let mut server = server::ExpectKeys::new(CTX, p, c.sites.iter().cloned().collect(), c.roster.clone());
+    let mut server = server::ExpectKeys::new(CTX, p, c.sites.iter().cloned().collect(), (*c.roster).clone());
     let mut states = BTreeMap::new();
     for site in &c.sites {
         let cfg = ClientConfig {
             site: site.clone(),
             ctx: CTX,
             params: p,
-            signing_key: &c.keys[site],
-            roster: &c.roster,
+            signing_key: c.keys[site].clone(),
+            roster: c.roster.clone(),
         };
         let (s, k) = client::ExpectKeys::new(cfg, &mut rng);
         server.handle_keys(site, k).unwrap();
@@ -386,8 +387,8 @@ fn shares_replayed_from_another_round_do_not_decrypt() {
                 site: site.clone(),
                 ctx,
                 params: p,
-                signing_key: &c.keys[site],
-                roster: &c.roster,
+                signing_key: c.keys[site].clone(),
+                roster: c.roster.clone(),
             };
             let (s, k) = client::ExpectKeys::new(cfg, rng);
             states.push(s);
@@ -415,15 +416,15 @@ fn server_refuses_out_of_phase_and_wrong_shape_messages() {
     let c = consortium(4);
     let p = params(Graph::Complete, 4, 3);
     let mut rng = ChaCha20Rng::seed_from_u64(8);
-    let mut server = server::ExpectKeys::new(CTX, p, c.sites.iter().cloned().collect(), c.roster.clone());
+    let mut server = server::ExpectKeys::new(CTX, p, c.sites.iter().cloned().collect(), (*c.roster).clone());
     let mut states = BTreeMap::new();
     for site in &c.sites[..3] {
         let cfg = ClientConfig {
             site: site.clone(),
             ctx: CTX,
             params: p,
-            signing_key: &c.keys[site],
-            roster: &c.roster,
+            signing_key: c.keys[site].clone(),
+            roster: c.roster.clone(),
         };
         let (s, k) = client::ExpectKeys::new(cfg, &mut rng);
         server.handle_keys(site, k).unwrap();

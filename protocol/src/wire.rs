@@ -1,0 +1,229 @@
+//! Conversions between protobuf messages and protocol types, shared by the
+//! coordinator and the participant. Everything a peer sends is checked here
+//! (key lengths, site ids, share coordinates) before it reaches a machine.
+
+use crate::ids::SiteId;
+use crate::pb;
+use crate::secagg::{AdvertisedKeys, EncryptedShare, UnmaskRequest, UnmaskResponse, shamir::Share};
+
+/// A message field that does not decode.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {reason}")]
+pub struct WireError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> WireError {
+    WireError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn site(field: &'static str, id: &str) -> Result<SiteId, WireError> {
+    SiteId::new(id).map_err(|e| bad(field, e.to_string()))
+}
+
+fn key32(field: &'static str, bytes: &[u8]) -> Result<[u8; 32], WireError> {
+    bytes
+        .try_into()
+        .map_err(|_| bad(field, format!("expected 32 bytes, got {}", bytes.len())))
+}
+
+fn sites(field: &'static str, ids: &[String]) -> Result<Vec<SiteId>, WireError> {
+    ids.iter().map(|id| site(field, id)).collect()
+}
+
+pub fn keys_from_pb(k: &pb::AdvertisedKeys) -> Result<AdvertisedKeys, WireError> {
+    if k.signature.len() != 64 {
+        return Err(bad(
+            "keys.signature",
+            format!("expected 64 bytes, got {}", k.signature.len()),
+        ));
+    }
+    Ok(AdvertisedKeys {
+        site: site("keys.site_id", &k.site_id)?,
+        enc_pk: key32("keys.enc_pk", &k.enc_pk)?,
+        mask_pk: key32("keys.mask_pk", &k.mask_pk)?,
+        self_mask_hash: key32("keys.self_mask_hash", &k.self_mask_hash)?,
+        signature: k.signature.clone(),
+    })
+}
+
+pub fn keys_to_pb(k: &AdvertisedKeys) -> pb::AdvertisedKeys {
+    pb::AdvertisedKeys {
+        site_id: k.site.to_string(),
+        enc_pk: k.enc_pk.to_vec(),
+        mask_pk: k.mask_pk.to_vec(),
+        self_mask_hash: k.self_mask_hash.to_vec(),
+        signature: k.signature.clone(),
+    }
+}
+
+pub fn shares_from_pb(s: &pb::ShareInbox) -> Result<Vec<EncryptedShare>, WireError> {
+    s.shares
+        .iter()
+        .map(|e| {
+            Ok(EncryptedShare {
+                from: site("shares.from", &e.from)?,
+                to: site("shares.to", &e.to)?,
+                ciphertext: e.ciphertext.clone(),
+            })
+        })
+        .collect()
+}
+
+pub fn shares_to_pb(shares: &[EncryptedShare]) -> pb::ShareInbox {
+    pb::ShareInbox {
+        shares: shares
+            .iter()
+            .map(|e| pb::EncryptedShare {
+                from: e.from.to_string(),
+                to: e.to.to_string(),
+                ciphertext: e.ciphertext.clone(),
+            })
+            .collect(),
+    }
+}
+
+pub fn unmask_request_from_pb(r: &pb::UnmaskRequest) -> Result<UnmaskRequest, WireError> {
+    Ok(UnmaskRequest {
+        survivors: sites("unmask.survivors", &r.survivors)?,
+        dropped: sites("unmask.dropped", &r.dropped)?,
+    })
+}
+
+pub fn unmask_request_to_pb(r: &UnmaskRequest) -> pb::UnmaskRequest {
+    pb::UnmaskRequest {
+        survivors: r.survivors.iter().map(|s| s.to_string()).collect(),
+        dropped: r.dropped.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn revealed_from_pb(field: &'static str, shares: &[pb::RevealedShare]) -> Result<Vec<(SiteId, Share)>, WireError> {
+    shares
+        .iter()
+        .map(|r| {
+            let x = u8::try_from(r.x)
+                .ok()
+                .filter(|x| *x != 0)
+                .ok_or_else(|| bad(field, format!("share x = {} is not in 1..=255", r.x)))?;
+            Ok((
+                site(field, &r.owner)?,
+                Share {
+                    x,
+                    y: key32(field, &r.y)?,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn revealed_to_pb(shares: &[(SiteId, Share)]) -> Vec<pb::RevealedShare> {
+    shares
+        .iter()
+        .map(|(owner, s)| pb::RevealedShare {
+            owner: owner.to_string(),
+            x: u32::from(s.x),
+            y: s.y.to_vec(),
+        })
+        .collect()
+}
+
+pub fn unmask_response_from_pb(r: &pb::UnmaskResponse) -> Result<UnmaskResponse, WireError> {
+    Ok(UnmaskResponse {
+        self_mask_shares: revealed_from_pb("unmask.self_mask_shares", &r.self_mask_shares)?,
+        mask_key_shares: revealed_from_pb("unmask.mask_key_shares", &r.mask_key_shares)?,
+    })
+}
+
+pub fn unmask_response_to_pb(r: &UnmaskResponse) -> pb::UnmaskResponse {
+    pb::UnmaskResponse {
+        self_mask_shares: revealed_to_pb(&r.self_mask_shares),
+        mask_key_shares: revealed_to_pb(&r.mask_key_shares),
+    }
+}
+
+/// Little-endian u32 words: the body of a masked input.
+pub fn encode_words(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Inverse of [`encode_words`].
+pub fn decode_words(bytes: &[u8]) -> Result<Vec<u32>, WireError> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(bad(
+            "masked input",
+            format!("{} bytes is not a whole number of words", bytes.len()),
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn malformed_keys_are_refused_with_the_field() {
+        let good = pb::AdvertisedKeys {
+            site_id: "a".into(),
+            enc_pk: vec![1; 32],
+            mask_pk: vec![2; 32],
+            self_mask_hash: vec![3; 32],
+            signature: vec![4; 64],
+        };
+        assert_eq!(keys_to_pb(&keys_from_pb(&good).unwrap()), good);
+        let short = pb::AdvertisedKeys {
+            mask_pk: vec![2; 31],
+            ..good.clone()
+        };
+        assert_eq!(keys_from_pb(&short).unwrap_err().field, "keys.mask_pk");
+        let bad_site = pb::AdvertisedKeys {
+            site_id: "A B".into(),
+            ..good.clone()
+        };
+        assert_eq!(keys_from_pb(&bad_site).unwrap_err().field, "keys.site_id");
+        let bad_sig = pb::AdvertisedKeys {
+            signature: vec![0; 3],
+            ..good
+        };
+        assert_eq!(keys_from_pb(&bad_sig).unwrap_err().field, "keys.signature");
+        let zero_x = pb::UnmaskResponse {
+            self_mask_shares: vec![pb::RevealedShare {
+                owner: "a".into(),
+                x: 0,
+                y: vec![0; 32],
+            }],
+            mask_key_shares: vec![],
+        };
+        assert!(unmask_response_from_pb(&zero_x).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn words_round_trip(words in prop::collection::vec(any::<u32>(), 0..100)) {
+            prop_assert_eq!(decode_words(&encode_words(&words)).unwrap(), words);
+        }
+
+        #[test]
+        fn decoders_never_panic(
+            site_id in ".{0,10}", bytes in prop::collection::vec(any::<u8>(), 0..70), x in any::<u32>(),
+        ) {
+            let _ = keys_from_pb(&pb::AdvertisedKeys {
+                site_id: site_id.clone(), enc_pk: bytes.clone(), mask_pk: bytes.clone(),
+                self_mask_hash: bytes.clone(), signature: bytes.clone(),
+            });
+            let _ = unmask_response_from_pb(&pb::UnmaskResponse {
+                self_mask_shares: vec![pb::RevealedShare { owner: site_id, x, y: bytes.clone() }],
+                mask_key_shares: vec![],
+            });
+            let _ = decode_words(&bytes);
+        }
+    }
+}
