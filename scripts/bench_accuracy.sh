@@ -4,16 +4,18 @@
 # and reports the mean over sites of the federated test accuracy and of the
 # pooled baseline, as mean ± std over seeds, plus round time and peak memory.
 #
-#   scripts/bench_accuracy.sh [N_SEEDS=5] [JOB=examples/heart-disease/job.toml]
+#   scripts/bench_accuracy.sh [N_SEEDS=5] [--insecure-plaintext]
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 n_seeds=${1:-5}
-job=${2:-examples/heart-disease/job.toml}
+extra=()
+[ "${2:-}" = "--insecure-plaintext" ] && extra=(--insecure-plaintext)
+job=examples/heart-disease/job.toml
 out_dir="$repo/runs/bench-accuracy-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out_dir"
 for seed in $(seq 1 "$n_seeds"); do
-  scripts/demo.sh --quiet --seed "$seed" --job "$job" --json-out "$out_dir/seed-$seed.json"
+  scripts/demo.sh --quiet --seed "$seed" --job "$job" --json-out "$out_dir/seed-$seed.json" "${extra[@]}"
   echo "seed $seed done" >&2
 done
 python3 - "$out_dir" "$n_seeds" <<'PY'
@@ -25,7 +27,8 @@ def ms(xs):
 fed = [r["federated_mean_accuracy"] for r in runs]
 pooled = [r["pooled_mean_accuracy"] for r in runs]
 gap = [p - f for f, p in zip(fed, pooled)]
-print(f"job: {runs[0]['rounds']} rounds of {runs[0]['strategy']} on {runs[0]['model']}, {n} seeds")
+print(f"job: {runs[0]['rounds']} rounds of {runs[0]['strategy']} on {runs[0]['model']}, {n} seeds, "
+      f"{'plaintext' if runs[0].get('plaintext') else 'secure'} aggregation")
 for r, s in zip(runs, range(1, n + 1)):
     print(f"  seed {s}: federated {r['federated_mean_accuracy']:.4f}  pooled {r['pooled_mean_accuracy']:.4f}  "
           f"median round {r['median_round_ms']} ms  wall {r['wall_s']:.1f} s")

@@ -47,7 +47,7 @@ fi
 plaintext_flag=()
 if [ "$plaintext" = 1 ]; then
   # For comparison only: the same job with updates in the clear.
-  sed -i '0,/^name = /s//insecure_plaintext = true\nname = /' "$job"
+  sed -i -e '/^\[secure_aggregation\]/,/^$/d' -e '0,/^name = /s//insecure_plaintext = true\nname = /' "$job"
   plaintext_flag=(--allow-insecure-plaintext)
 fi
 
@@ -109,7 +109,7 @@ baseline_args=()
 "$bin/tessera-participant" pooled-baseline --job "$job" "${configs[@]}" "${baseline_args[@]}" --json \
   > "$run_dir/baseline.json" 2> "$run_dir/baseline.log"
 
-python3 - "$run_dir/status.json" "$run_dir/baseline.json" "$start" "$end" "$coord_kb" "$site_kb" "$json_out" "$quiet" <<'PY'
+python3 - "$run_dir/status.json" "$run_dir/baseline.json" "$start" "$end" "$coord_kb" "$site_kb" "$json_out" "$quiet" "$plaintext" <<'PY'
 import json, sys
 status = json.load(open(sys.argv[1])); baseline = json.load(open(sys.argv[2]))
 start, end = float(sys.argv[3]), float(sys.argv[4])
@@ -127,7 +127,7 @@ result = {
     "federated_per_site": {m["site_id"]: m["accuracy"] for m in final},
     "pooled_mean_accuracy": baseline["mean_accuracy"],
     "pooled_per_site": {s["site_id"]: s["accuracy"] for s in baseline["per_site"]},
-    "wall_s": end - start, "median_round_ms": median_ms,
+    "wall_s": end - start, "median_round_ms": median_ms, "plaintext": sys.argv[9] == "1",
     "coordinator_peak_rss_kb": coord_kb, "participant_peak_rss_kb": site_kb,
 }
 if json_out:

@@ -239,3 +239,15 @@ pub fn example_job(overrides: &[(&str, &str)]) -> String {
     }
     text
 }
+
+/// The example job made plaintext (`insecure_plaintext = true`, no secure
+/// aggregation section), with `overrides` applied.
+pub fn plaintext_job(overrides: &[(&str, &str)]) -> String {
+    let text = example_job(overrides);
+    let start = text
+        .find("[secure_aggregation]")
+        .expect("example job has a secure_aggregation section");
+    let end = text[start..].find("\n\n").map_or(text.len(), |i| start + i + 2);
+    let text = format!("{}{}", &text[..start], &text[end..]);
+    text.replacen("name = ", "insecure_plaintext = true\nname = ", 1)
+}

@@ -11,7 +11,7 @@ use tessera_protocol::model::encode_params;
 use tessera_protocol::pb::federation_client::FederationClient;
 use tessera_protocol::pb::{self, task, update_chunk};
 use tessera_protocol::stats::FeatureStats;
-use tessera_tests::{Federation, SITES, example_job, repo};
+use tessera_tests::{Federation, SITES, plaintext_job, repo};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -111,7 +111,7 @@ async fn bad_updates_are_refused_precisely_and_the_round_goes_on() {
         federation.add_site_with(site, &["--allow-insecure-plaintext"]);
     }
     let mut client = FederationClient::connect(federation.addr.clone()).await.unwrap();
-    let job_text = example_job(&[("rounds", "2")]).replacen("name = ", "insecure_plaintext = true\nname = ", 1);
+    let job_text = plaintext_job(&[("rounds", "2")]);
     let job = federation.write_job("job.toml", &job_text);
     let job_id = federation.submit(&job);
 
@@ -313,6 +313,9 @@ async fn bad_updates_are_refused_precisely_and_the_round_goes_on() {
     assert_eq!(status["job"]["status"], "finished", "{status:#}");
     for round in status["rounds"].as_array().unwrap() {
         assert_eq!(round["sites"].as_array().unwrap().len(), 4, "{round}");
+    }
+    if std::env::var_os("TESSERA_TEST_LOG").is_some() {
+        eprintln!("{log}");
     }
     // Refusals are logged with the site and the reason.
     assert!(log.contains("update refused"), "{log}");

@@ -241,3 +241,33 @@ fn a_participant_killed_mid_job_does_not_stop_the_rounds() {
     // The model still improved over the initial one.
     assert!(status["final_mean_accuracy"].as_f64().unwrap() > ACCURACY_FLOOR);
 }
+
+#[test]
+fn sites_refuse_plaintext_jobs_unless_their_policy_allows_them() {
+    let mut federation = Federation::start(&SITES[..3]);
+    for site in &SITES[..3] {
+        federation.add_site(site);
+    }
+    let text = tessera_tests::plaintext_job(&[("round_timeout_s", "3")]);
+    let job_id = federation.submit(&federation.write_job("plain.toml", &text));
+    let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "failed");
+    assert!(
+        status["job"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("only 0 sites sent statistics"),
+        "{status:#}"
+    );
+    for site in &SITES[..3] {
+        assert!(
+            federation.log(site).contains("policy does not allow it"),
+            "{site} did not log its refusal"
+        );
+        let egress = std::fs::read_to_string(federation.state_dir(site).join("egress.jsonl")).unwrap();
+        assert!(
+            !egress.contains("SubmitStats") && !egress.contains("SubmitUpdate"),
+            "{site} sent data for a refused job"
+        );
+    }
+}

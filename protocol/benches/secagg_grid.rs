@@ -1,0 +1,154 @@
+//! Secure-aggregation cost over the grid of issue 3: client masking time and
+//! coordinator unmasking time for n ∈ {4, 10, 50, 100} sites, d ∈ {10^4,
+//! 10^5, 10^6} parameters, 0% and 30% dropouts (after the masked inputs were
+//! sent, the costly case), for SecAgg (complete graph) and SecAgg+ (sparse,
+//! 14 neighbours). Prints the median of a few runs per cell (single thread).
+//!
+//! Only the timed step runs at full size: the other sites mask tiny vectors
+//! (their shares and keys do not depend on d) and the coordinator is fed
+//! placeholder masked vectors of length d, since its unmasking work does not
+//! depend on their values.
+//!
+//!     cargo bench -p tessera-protocol --bench secagg_grid [-- quick]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tessera_protocol::ids::SiteId;
+use tessera_protocol::secagg::client::{self, ClientConfig};
+use tessera_protocol::secagg::crypto::SigningKey;
+use tessera_protocol::secagg::graph::Graph;
+use tessera_protocol::secagg::{RoundContext, SecAggParams, server};
+
+const CTX: RoundContext = RoundContext { job_id: 1, round: 1 };
+
+struct Setup {
+    sites: Vec<SiteId>,
+    keys: BTreeMap<SiteId, Arc<SigningKey>>,
+    roster: Arc<BTreeMap<SiteId, [u8; 32]>>,
+}
+
+fn setup(n: usize) -> Setup {
+    let sites: Vec<SiteId> = (0..n).map(|i| SiteId::new(&format!("s{i:03}")).unwrap()).collect();
+    let keys: BTreeMap<SiteId, Arc<SigningKey>> = sites
+        .iter()
+        .map(|s| {
+            (
+                s.clone(),
+                Arc::new(SigningKey::from_pkcs8(&SigningKey::generate_pkcs8()).unwrap()),
+            )
+        })
+        .collect();
+    let roster = Arc::new(keys.iter().map(|(s, k)| (s.clone(), k.public_key())).collect());
+    Setup { sites, keys, roster }
+}
+
+fn params(graph: Graph, n: usize, len: usize) -> SecAggParams {
+    SecAggParams {
+        graph,
+        threshold: graph.default_threshold(n),
+        min_sites: 3,
+        vector_len: len,
+    }
+}
+
+/// Returns (client masking time of site 0, coordinator unmasking time).
+fn one_run(s: &Setup, graph: Graph, d: usize, dropout: f64, seed: u64) -> (Duration, Duration) {
+    let n = s.sites.len();
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let big = params(graph, n, d);
+    let small = params(graph, n, 1);
+    let mut srv = server::ExpectKeys::new(CTX, big, s.sites.iter().cloned().collect(), (*s.roster).clone());
+    let mut clients = Vec::new();
+    for (i, site) in s.sites.iter().enumerate() {
+        let cfg = ClientConfig {
+            site: site.clone(),
+            ctx: CTX,
+            params: if i == 0 { big } else { small },
+            signing_key: s.keys[site].clone(),
+            roster: s.roster.clone(),
+        };
+        let (state, keys) = client::ExpectKeys::new(cfg, &mut rng);
+        srv.handle_keys(site, keys).unwrap();
+        clients.push((site.clone(), state));
+    }
+    let (mut srv, list) = srv.close().unwrap();
+    let mut sharing = Vec::new();
+    for (site, state) in clients {
+        let (state, shares) = state.handle_keys(&list, &mut rng).unwrap();
+        srv.handle_shares(&site, shares).unwrap();
+        sharing.push((site, state));
+    }
+    let (mut srv, mailbox) = srv.close().unwrap();
+    let n_drop = (n as f64 * dropout).round() as usize;
+    // Sites 1..=n_drop drop after sharing: the coordinator must rebuild their
+    // mask keys and remove their pairwise masks.
+    let dropped: BTreeSet<SiteId> = s.sites.iter().skip(1).take(n_drop).cloned().collect();
+    let placeholder = vec![0u32; d];
+    let mut client_time = Duration::ZERO;
+    let mut masking = Vec::new();
+    for (i, (site, state)) in sharing.into_iter().enumerate() {
+        let input = if i == 0 { vec![1u32; d] } else { vec![1u32] };
+        let start = Instant::now();
+        let (state, _masked) = state.handle_shares(&mailbox[&site], &input).unwrap();
+        if i == 0 {
+            client_time = start.elapsed();
+        }
+        if !dropped.contains(&site) {
+            srv.handle_masked(&site, &placeholder).unwrap();
+            masking.push((site, state));
+        }
+    }
+    let (mut srv, requests) = srv.close().unwrap();
+    for (site, state) in masking {
+        srv.handle_unmask(&site, state.handle_unmask(&requests[&site]).unwrap())
+            .unwrap();
+    }
+    let start = Instant::now();
+    let _ = srv.finish().unwrap();
+    (client_time, start.elapsed())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let ns: &[usize] = if quick { &[4, 10] } else { &[4, 10, 50, 100] };
+    let ds: &[usize] = if quick {
+        &[10_000, 100_000]
+    } else {
+        &[10_000, 100_000, 1_000_000]
+    };
+    println!("graph     n        d  drop  client_mask_ms  server_unmask_ms");
+    for graph in [Graph::Complete, Graph::Sparse { neighbours: 14 }] {
+        let name = match graph {
+            Graph::Complete => "secagg",
+            Graph::Sparse { .. } => "secagg+",
+        };
+        for &n in ns {
+            let s = setup(n);
+            for &d in ds {
+                for dropout in [0.0, 0.3] {
+                    let work = n as f64 * d as f64 * (1.0 + dropout * n as f64);
+                    let reps = if work > 2e9 { 1 } else { 3 };
+                    let runs: Vec<(Duration, Duration)> =
+                        (0..reps).map(|r| one_run(&s, graph, d, dropout, r)).collect();
+                    let client = median(runs.iter().map(|r| r.0).collect());
+                    let server = median(runs.iter().map(|r| r.1).collect());
+                    println!(
+                        "{name:<8} {n:>3} {d:>8}  {:>3.0}%  {:>14.2}  {:>16.2}",
+                        dropout * 100.0,
+                        client.as_secs_f64() * 1e3,
+                        server.as_secs_f64() * 1e3
+                    );
+                }
+            }
+        }
+    }
+}
