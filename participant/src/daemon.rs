@@ -267,6 +267,12 @@ impl Site {
         {
             bail!("announced normalization does not fit this site's features");
         }
+        // Inputs and summations of earlier rounds of this job can no longer
+        // be used.
+        self.inputs
+            .retain(|&(job, round), _| job != a.job_id || round >= a.round);
+        self.sessions
+            .retain(|&(job, round), _| job != a.job_id || round >= a.round);
         let global = self.fetch_model(client, &a.model_hash, a.n_params).await?;
         let (train, test) = self.data.normalized(&normalization);
 
@@ -445,6 +451,9 @@ impl Site {
                 if let Some(state) = state {
                     self.sessions.insert(key, state);
                 }
+                // The coordinator repeats the step until the stage closes:
+                // do not spin on it.
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 return Ok(());
             }
         };
