@@ -68,3 +68,15 @@ CREATE TABLE metrics (
     auc        REAL,
     PRIMARY KEY (job_id, round, site_id)
 );
+
+-- Evaluation pooled over sites by secure sum (secure jobs): only these sums,
+-- never a site's own figures unless it chose to report them (`metrics`).
+CREATE TABLE pooled_metrics (
+    job_id   INTEGER NOT NULL REFERENCES jobs(id),
+    round    INTEGER NOT NULL,
+    n_sites  INTEGER NOT NULL,
+    n_test   INTEGER NOT NULL,
+    accuracy REAL,
+    loss     REAL,
+    PRIMARY KEY (job_id, round)
+);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_protocol::aggregate::SecureSum;
+use tessera_protocol::evaluation;
 use tessera_protocol::ids::{JobId, SiteId};
 use tessera_protocol::job::{Aggregation, JobSpec, SecureAggSpec};
 use tessera_protocol::model::{encode_params, initial_params, model_hash};
@@ -24,7 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::secure::SecureSession;
 use crate::state::{ActiveJob, Phase, RoundPhase, Shared, StatsPhase};
-use crate::store::{JobRow, RoundRecord};
+use crate::store::{JobRow, PooledRow, RoundRecord};
 use crate::unix_ms;
 
 /// Longest wait between two looks at a phase (dropouts are noticed this late
@@ -213,8 +214,29 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
         members: Vec::new(),
         secure: secure.is_some(),
     };
-    install_round(shared, announcement, None, None, &members);
-    run_phase(shared).await?;
+    let session = match secure {
+        Some(secure) => {
+            // The final model's evaluation, pooled by secure sum.
+            let ctx = RoundContext {
+                job_id: job_id.0,
+                round: announcement.round,
+            };
+            let params = secure.params(members.len(), spec.min_sites as usize, evaluation::WORDS);
+            Some(SecureSession::new(ctx, params, members.clone(), shared.roster.clone()))
+        }
+        None => None,
+    };
+    let ctx = RoundContext {
+        job_id: job_id.0,
+        round: announcement.round,
+    };
+    install_round(shared, announcement, None, session, &members);
+    if let (_, Some(outcome)) = run_phase(shared).await? {
+        match outcome {
+            Ok((sum, transcript)) => store_pooled(shared, ctx, transcript.masked.len(), &sum).await?,
+            Err(e) => warn!(job = %job_id, "final evaluation: secure sum aborted: {e}"),
+        }
+    }
     set_phase(shared, job_id, "done").await;
     Ok(())
 }
@@ -286,7 +308,9 @@ async fn secure_round(
         job_id: announcement.job_id,
         round,
     };
-    let params = secure.params(members.len(), spec.min_sites as usize, n_params + 1);
+    // The quantised update (n_params + weight), then the sites' evaluation of
+    // the round's starting model: both in one secure sum.
+    let params = secure.params(members.len(), spec.min_sites as usize, n_params + 1 + evaluation::WORDS);
     let session = SecureSession::new(ctx, params, members.clone(), shared.roster.clone());
     install_round(shared, announcement, None, Some(session), members);
     let (_, outcome) = run_phase(shared).await?;
@@ -297,7 +321,9 @@ async fn secure_round(
     })?;
     let quantizer = secure.quantizer(members.len());
     let m = transcript.masked.len();
-    let (weighted_sum, total_weight) = quantizer.decode_update_sum(&sum, m);
+    let (update_words, metric_words) = sum.split_at(n_params + 1);
+    let (weighted_sum, total_weight) = quantizer.decode_update_sum(update_words, m);
+    store_pooled(shared, ctx, m, metric_words).await?;
     let contributors: Vec<SiteId> = transcript.masked.iter().map(|(s, _)| s.clone()).collect();
     let mut outcomes: Vec<(SiteId, String, u64)> = contributors
         .iter()
@@ -510,6 +536,32 @@ async fn run_phase(shared: &Arc<Shared>) -> Result<(Option<RoundCollector>, Opti
 }
 
 type SecureOutcome = Result<(Vec<u32>, Transcript), Abort>;
+
+/// Stores the evaluation pooled over `n_sites` by secure sum.
+async fn store_pooled(shared: &Arc<Shared>, ctx: RoundContext, n_sites: usize, words: &[u32]) -> Result<(), Stop> {
+    let pooled = evaluation::decode_sum(words);
+    info!(
+        round = ctx.round,
+        n_sites,
+        accuracy = pooled.accuracy,
+        "pooled evaluation (secure sum)"
+    );
+    let finite = |v: f64| v.is_finite().then_some(v);
+    shared
+        .store
+        .insert_pooled(
+            JobId(ctx.job_id),
+            &PooledRow {
+                round: i64::from(ctx.round),
+                n_sites: n_sites as i64,
+                n_test: pooled.n_test as i64,
+                accuracy: finite(pooled.accuracy),
+                loss: finite(pooled.loss),
+            },
+        )
+        .await?;
+    Ok(())
+}
 
 fn phase_name(phase: SecPhase) -> &'static str {
     match phase {

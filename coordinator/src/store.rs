@@ -68,6 +68,16 @@ pub struct MetricsRow {
     pub auc: Option<f64>,
 }
 
+/// Evaluation pooled by secure sum.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct PooledRow {
+    pub round: i64,
+    pub n_sites: i64,
+    pub n_test: i64,
+    pub accuracy: Option<f64>,
+    pub loss: Option<f64>,
+}
+
 /// A validated job about to be queued.
 pub struct NewJob<'a> {
     pub job_toml: &'a str,
@@ -360,6 +370,33 @@ impl Store {
         .fetch_all(&self.pool)
         .await
         .with_context(|| format!("cannot read metrics of job {job_id}"))?;
+        Ok(rows)
+    }
+
+    pub async fn insert_pooled(&self, job_id: JobId, row: &PooledRow) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO pooled_metrics (job_id, round, n_sites, n_test, accuracy, loss) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job_id.0 as i64)
+        .bind(row.round)
+        .bind(row.n_sites)
+        .bind(row.n_test)
+        .bind(row.accuracy)
+        .bind(row.loss)
+        .execute(&self.pool)
+        .await
+        .with_context(|| format!("cannot store pooled metrics of job {job_id}"))?;
+        Ok(())
+    }
+
+    pub async fn pooled(&self, job_id: JobId) -> anyhow::Result<Vec<PooledRow>> {
+        let rows = sqlx::query_as::<_, PooledRow>(
+            "SELECT round, n_sites, n_test, accuracy, loss FROM pooled_metrics WHERE job_id = ? ORDER BY round",
+        )
+        .bind(job_id.0 as i64)
+        .fetch_all(&self.pool)
+        .await
+        .with_context(|| format!("cannot read pooled metrics of job {job_id}"))?;
         Ok(rows)
     }
 

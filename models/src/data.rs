@@ -111,6 +111,15 @@ impl Dataset {
         }
     }
 
+    /// A copy with every row standardised by the global statistics.
+    pub fn standardized(&self, normalization: &tessera_protocol::stats::Normalization) -> Dataset {
+        let mut out = self.clone();
+        for row in out.features.chunks_exact_mut(self.n_features.max(1)) {
+            normalization.apply(row);
+        }
+        out
+    }
+
     /// Concatenation of several datasets of the same width.
     pub fn concat(parts: &[Dataset]) -> Dataset {
         let n_features = parts.first().map_or(0, |d| d.n_features);

@@ -24,13 +24,6 @@ pub fn pooled_baseline(job: &JobSpec, sites: &[(SiteId, LocalData)]) -> anyhow::
     let train = Dataset::concat(&sites.iter().map(|(_, d)| d.train.clone()).collect::<Vec<_>>());
     let stats = FeatureStats::of_rows(train.n_features, train.rows());
     let normalization = Normalization::from_stats(&stats)?;
-    let normalize = |d: &Dataset| {
-        let mut out = d.clone();
-        for row in out.features.chunks_exact_mut(d.n_features.max(1)) {
-            normalization.apply(row);
-        }
-        out
-    };
     let layout = job.model.layout(train.n_features);
     let mut spec = job.training.clone();
     spec.local_work = match spec.local_work {
@@ -45,10 +38,15 @@ pub fn pooled_baseline(job: &JobSpec, sites: &[(SiteId, LocalData)]) -> anyhow::
         seed: job.seed,
     };
     let init = initial_params(&layout, job.seed);
-    let trained = train_local(&cfg, &init, &normalize(&train), &device)?;
+    let trained = train_local(&cfg, &init, &train.standardized(&normalization), &device)?;
     let mut per_site = Vec::new();
     for (site, data) in sites {
-        let eval = evaluate(&layout, &trained.params, &normalize(&data.test), &device)?;
+        let eval = evaluate(
+            &layout,
+            &trained.params,
+            &data.test.standardized(&normalization),
+            &device,
+        )?;
         per_site.push((site.clone(), eval.n, eval.accuracy));
     }
     let mean_accuracy = per_site.iter().map(|s| s.2).sum::<f64>() / per_site.len().max(1) as f64;

@@ -23,7 +23,7 @@ pub struct SiteConfig {
 }
 
 /// The hospital's local rules for jobs.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Whether this site ever takes part in a job with
@@ -31,6 +31,24 @@ pub struct Policy {
     /// the clear). Off unless the hospital turns it on.
     #[serde(default)]
     pub allow_insecure_plaintext: bool,
+    /// Whether this site reports its own test metrics to the coordinator (on
+    /// by default, as Flower and FLARE do). Off: its evaluation only enters
+    /// the secure sum, so the coordinator sees pooled figures alone.
+    #[serde(default = "yes")]
+    pub report_site_metrics: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            allow_insecure_plaintext: false,
+            report_site_metrics: true,
+        }
+    }
 }
 
 #[derive(Deserialize)]

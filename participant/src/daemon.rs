@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use tessera_models::data::Dataset;
 use tessera_models::train::{LocalTraining, evaluate, train_local};
 use tessera_protocol::CHUNK_BYTES;
+use tessera_protocol::evaluation;
 use tessera_protocol::ids::{SiteId, sha256_hex};
 use tessera_protocol::job::Aggregation;
 use tessera_protocol::job::JobSpec;
@@ -80,6 +81,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         jobs: HashMap::new(),
         inputs: HashMap::new(),
         sessions: HashMap::new(),
+        metric_inputs: HashMap::new(),
     };
     let mut backoff = Duration::from_millis(250);
     loop {
@@ -139,6 +141,9 @@ struct Site {
     inputs: HashMap<(u64, u32), Vec<u32>>,
     /// Secure summations in progress.
     sessions: HashMap<(u64, u32), ClientState>,
+    /// Secure jobs: this site's evaluation of a round's model, waiting to be
+    /// appended to its update.
+    metric_inputs: HashMap<(u64, u32), Vec<u32>>,
 }
 
 /// Where this site stands in one secure summation.
@@ -287,7 +292,7 @@ impl Site {
     }
 
     async fn report_metrics(
-        &self,
+        &mut self,
         client: &mut FederationClient<Channel>,
         a: &pb::RoundAnnouncement,
         layout: &Layout,
@@ -302,15 +307,28 @@ impl Site {
             loss = eval.loss,
             "evaluated global model"
         );
+        if a.secure {
+            // The evaluation joins this round's secure sum: alone for the
+            // final evaluation, after the update otherwise.
+            let words = evaluation::encode_site(eval.n, eval.accuracy, eval.loss);
+            let slot = if a.train {
+                &mut self.metric_inputs
+            } else {
+                &mut self.inputs
+            };
+            slot.insert((a.job_id, a.round), words);
+        }
+        let withheld = !self.policy.report_site_metrics;
         let report = pb::MetricsReport {
             site_id: self.id.to_string(),
             job_id: a.job_id,
             round: a.round,
             model_hash: a.model_hash.clone(),
-            n_test: eval.n as u64,
-            loss: eval.loss,
-            accuracy: eval.accuracy,
-            auc: eval.auc,
+            n_test: if withheld { 0 } else { eval.n as u64 },
+            loss: if withheld { 0.0 } else { eval.loss },
+            accuracy: if withheld { 0.0 } else { eval.accuracy },
+            auc: if withheld { 0.0 } else { eval.auc },
+            withheld,
         };
         self.egress.record("ReportMetrics", &report)?;
         client.report_metrics(report).await?;
@@ -369,24 +387,37 @@ impl Site {
                     "update clipped to the job's clip_norm"
                 );
             }
+            let mut input = input;
+            let metrics = self.metric_inputs.remove(&(a.job_id, a.round));
+            input.extend(metrics.unwrap_or_else(|| evaluation::encode_site(0, 0.0, 0.0)));
             self.inputs.insert((a.job_id, a.round), input);
             return Ok(());
         }
-        let header = pb::UpdateChunk {
-            kind: Some(update_chunk::Kind::Header(pb::UpdateHeader {
-                site_id: self.id.to_string(),
-                job_id: a.job_id,
-                round: a.round,
-                n_samples: update.n_samples as u64,
-                n_params: delta.len() as u64,
-                base_model_hash: a.model_hash.clone(),
-                train_loss: update.train_loss,
-                masked: false,
-            })),
+        let header = pb::UpdateHeader {
+            site_id: self.id.to_string(),
+            job_id: a.job_id,
+            round: a.round,
+            n_samples: update.n_samples as u64,
+            n_params: delta.len() as u64,
+            base_model_hash: a.model_hash.clone(),
+            train_loss: update.train_loss,
+            masked: false,
         };
-        let mut messages = vec![header];
-        let bytes = encode_params(&delta);
-        for chunk in bytes.chunks(CHUNK_BYTES) {
+        self.send_update_stream(client, header, &encode_params(&delta)).await
+    }
+
+    /// Streams an update (or masked input): the header, then 1 MiB chunks,
+    /// each recorded in the egress log before it is sent.
+    async fn send_update_stream(
+        &self,
+        client: &mut FederationClient<Channel>,
+        header: pb::UpdateHeader,
+        body: &[u8],
+    ) -> anyhow::Result<()> {
+        let mut messages = vec![pb::UpdateChunk {
+            kind: Some(update_chunk::Kind::Header(header)),
+        }];
+        for chunk in body.chunks(CHUNK_BYTES) {
             messages.push(pb::UpdateChunk {
                 kind: Some(update_chunk::Kind::Data(chunk.to_vec())),
             });
@@ -536,28 +567,18 @@ impl Site {
         key: (u64, u32),
         masked: &[u32],
     ) -> anyhow::Result<()> {
-        let header = pb::UpdateChunk {
-            kind: Some(update_chunk::Kind::Header(pb::UpdateHeader {
-                site_id: self.id.to_string(),
-                job_id: key.0,
-                round: key.1,
-                n_samples: 0,
-                n_params: masked.len() as u64,
-                base_model_hash: String::new(),
-                train_loss: 0.0,
-                masked: true,
-            })),
+        let header = pb::UpdateHeader {
+            site_id: self.id.to_string(),
+            job_id: key.0,
+            round: key.1,
+            n_samples: 0,
+            n_params: masked.len() as u64,
+            base_model_hash: String::new(),
+            train_loss: 0.0,
+            masked: true,
         };
-        let mut messages = vec![header];
-        for chunk in wire::encode_words(masked).chunks(CHUNK_BYTES) {
-            messages.push(pb::UpdateChunk {
-                kind: Some(update_chunk::Kind::Data(chunk.to_vec())),
-            });
-        }
-        for m in &messages {
-            self.egress.record("SubmitUpdate", m)?;
-        }
-        client.submit_update(tokio_stream::iter(messages)).await?;
+        self.send_update_stream(client, header, &wire::encode_words(masked))
+            .await?;
         info!(job = key.0, round = key.1, "masked input sent");
         Ok(())
     }

@@ -40,13 +40,9 @@ impl LocalData {
 
     /// Train and test splits standardised with the global statistics.
     pub fn normalized(&self, normalization: &Normalization) -> (Dataset, Dataset) {
-        let apply = |d: &Dataset| {
-            let mut out = d.clone();
-            for row in out.features.chunks_exact_mut(d.n_features.max(1)) {
-                normalization.apply(row);
-            }
-            out
-        };
-        (apply(&self.train), apply(&self.test))
+        (
+            self.train.standardized(normalization),
+            self.test.standardized(normalization),
+        )
     }
 }

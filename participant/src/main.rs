@@ -44,6 +44,10 @@ enum Command {
         /// policy.allow_insecure_plaintext; off by default).
         #[arg(long)]
         allow_insecure_plaintext: bool,
+        /// Keep this site's own test metrics local; its evaluation only enters
+        /// the secure sum (sets policy.report_site_metrics = false).
+        #[arg(long)]
+        withhold_site_metrics: bool,
     },
     /// Create this site's Ed25519 key (if missing) and print its roster line,
     /// to send to the consortium out of band.
@@ -87,7 +91,15 @@ fn main() -> ExitCode {
             state_dir,
             roster,
             allow_insecure_plaintext,
-        } => run(&config, coordinator, state_dir, roster, allow_insecure_plaintext),
+            withhold_site_metrics,
+        } => run(
+            &config,
+            coordinator,
+            state_dir,
+            roster,
+            allow_insecure_plaintext,
+            withhold_site_metrics,
+        ),
         Command::Keygen { config, state_dir } => keygen(&config, state_dir),
         Command::Check { config } => check(&config),
         Command::PooledBaseline {
@@ -112,8 +124,12 @@ fn run(
     state_dir: Option<PathBuf>,
     roster: Option<PathBuf>,
     allow_insecure_plaintext: bool,
+    withhold_site_metrics: bool,
 ) -> anyhow::Result<()> {
     let mut config = SiteConfig::load(path)?;
+    if withhold_site_metrics {
+        config.policy.report_site_metrics = false;
+    }
     if allow_insecure_plaintext {
         tracing::warn!(
             "this site takes part in insecure_plaintext jobs: its updates reach the coordinator in the clear"

@@ -14,6 +14,7 @@
 //! `proto/tessera.proto`, shared by both ends.
 
 pub mod aggregate;
+pub mod evaluation;
 pub mod ids;
 pub mod job;
 pub mod model;

@@ -75,6 +75,27 @@ fn four_hospitals_train_three_rounds() {
     );
     assert!(final_mean > mean_of(0), "training did not improve on the initial model");
 
+    // The evaluation pooled by secure sum equals the test-row-weighted mean of
+    // the sites' own reports, for every model.
+    let pooled = status["pooled"].as_array().unwrap();
+    assert_eq!(pooled.len(), 4, "{pooled:?}");
+    for p in pooled {
+        let round = p["model_of_round"].as_u64().unwrap();
+        let reports: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["model_of_round"] == round).collect();
+        let n: u64 = reports.iter().map(|m| m["n_test"].as_u64().unwrap()).sum();
+        let correct: f64 = reports
+            .iter()
+            .map(|m| m["accuracy"].as_f64().unwrap() * m["n_test"].as_u64().unwrap() as f64)
+            .sum();
+        assert_eq!(p["n_test"].as_u64().unwrap(), n);
+        assert_eq!(p["n_sites"], 4);
+        assert!(
+            (p["accuracy"].as_f64().unwrap() - correct / n as f64).abs() < 1e-9,
+            "{p} vs {}",
+            correct / n as f64
+        );
+    }
+
     // Each site's egress log lists only protocol messages.
     let allowed = [
         "Heartbeat",
@@ -269,5 +290,28 @@ fn sites_refuse_plaintext_jobs_unless_their_policy_allows_them() {
             !egress.contains("SubmitStats") && !egress.contains("SubmitUpdate"),
             "{site} sent data for a refused job"
         );
+    }
+}
+
+#[test]
+fn a_site_can_keep_its_metrics_local_and_still_count_in_the_pooled_evaluation() {
+    let mut federation = Federation::start(&SITES);
+    for site in &SITES[..3] {
+        federation.add_site(site);
+    }
+    federation.add_site_with("va", &["--withhold-site-metrics"]);
+    let job_id = federation.submit(&federation.write_job("job.toml", &example_job(&[("rounds", "2")])));
+    let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    let metrics = status["metrics"].as_array().unwrap();
+    assert!(!metrics.is_empty());
+    assert!(
+        metrics.iter().all(|m| m["site_id"] != "va"),
+        "va's own metrics reached the coordinator"
+    );
+    // VA's 45 test rows are in every pooled evaluation: 104 + 89 + 16 + 45.
+    for p in status["pooled"].as_array().unwrap() {
+        assert_eq!(p["n_test"], 254, "{p}");
+        assert_eq!(p["n_sites"], 4);
     }
 }

@@ -36,7 +36,9 @@ fn secure_and_plaintext_training_agree_within_the_quantisation_bound() {
         .zip(&plain_model)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    eprintln!("secure vs plaintext: max parameter difference {max_diff:e}, accuracy {secure_accuracy} vs {plain_accuracy}");
+    eprintln!(
+        "secure vs plaintext: max parameter difference {max_diff:e}, accuracy {secure_accuracy} vs {plain_accuracy}"
+    );
     assert!(max_diff < 1e-4, "models differ by {max_diff}");
     assert_ne!(secure_model, vec![0.0; secure_model.len()]);
     assert!(

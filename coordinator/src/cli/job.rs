@@ -138,8 +138,14 @@ async fn watch_job(client: &mut JobsClient<Channel>, job_id: u64) -> Result<(), 
         bar.set_position(u64::from(job.rounds_done));
         bar.set_message(job.phase.clone());
         let metrics = metrics_by_round(&status.metrics);
+        let pooled = pooled_by_round(&status.pooled);
         for round in status.rounds.iter().skip(printed) {
-            bar.println(round_line(round, job.rounds_total, metrics.get(&round.round)));
+            bar.println(round_line(
+                round,
+                job.rounds_total,
+                metrics.get(&round.round),
+                pooled.get(&round.round).copied(),
+            ));
             printed += 1;
         }
         if matches!(job.status.as_str(), "finished" | "failed" | "cancelled") {
@@ -163,20 +169,34 @@ fn metrics_by_round(metrics: &[pb::SiteMetrics]) -> BTreeMap<u32, Vec<&pb::SiteM
     by_round
 }
 
+/// Pooled metrics keyed like [`metrics_by_round`].
+fn pooled_by_round(pooled: &[pb::PooledMetrics]) -> BTreeMap<u32, &pb::PooledMetrics> {
+    pooled.iter().map(|p| (p.round.saturating_sub(1), p)).collect()
+}
+
 fn mean(values: impl Iterator<Item = f64>) -> f64 {
     let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     if n == 0 { f64::NAN } else { sum / n as f64 }
 }
 
-fn round_line(round: &pb::RoundSummary, total: u32, metrics: Option<&Vec<&pb::SiteMetrics>>) -> String {
+fn round_line(
+    round: &pb::RoundSummary,
+    total: u32,
+    metrics: Option<&Vec<&pb::SiteMetrics>>,
+    pooled: Option<&pb::PooledMetrics>,
+) -> String {
     let dropped = if round.dropped.is_empty() {
         String::new()
     } else {
         format!("  dropped: {}", round.dropped.join(", "))
     };
-    let accuracy = metrics
-        .map(|ms| format!("{:.3}", mean(ms.iter().map(|m| m.accuracy))))
-        .unwrap_or_else(|| "  -  ".into());
+    // Prefer the pooled figure (secure sum over all test rows); else the mean
+    // of the sites' own reports.
+    let accuracy = match (pooled, metrics) {
+        (Some(p), _) => format!("{:.3} pooled", p.accuracy),
+        (None, Some(ms)) => format!("{:.3} site mean", mean(ms.iter().map(|m| m.accuracy))),
+        (None, None) => "  -  ".into(),
+    };
     let loss = if round.mean_train_loss.is_finite() {
         format!("{:.4}", round.mean_train_loss)
     } else {
@@ -201,8 +221,17 @@ fn print_status(status: &pb::JobStatusResponse) {
         println!("  reason: {}", job.error);
     }
     let metrics = metrics_by_round(&status.metrics);
+    let pooled = pooled_by_round(&status.pooled);
     for round in &status.rounds {
-        println!("  {}", round_line(round, job.rounds_total, metrics.get(&round.round)));
+        println!(
+            "  {}",
+            round_line(
+                round,
+                job.rounds_total,
+                metrics.get(&round.round),
+                pooled.get(&round.round).copied()
+            )
+        );
     }
     let last_model_round = job.rounds_done;
     if let Some(final_metrics) = metrics.get(&last_model_round).filter(|_| last_model_round > 0) {
@@ -222,6 +251,12 @@ fn print_status(status: &pb::JobStatusResponse) {
             "mean over sites",
             "",
             mean(final_metrics.iter().map(|m| m.accuracy))
+        );
+    }
+    if let Some(p) = pooled.get(&last_model_round).filter(|_| last_model_round > 0) {
+        println!(
+            "  pooled over {} sites ({} test rows, secure sum): accuracy {:.4}, loss {:.4}",
+            p.n_sites, p.n_test, p.accuracy, p.loss
         );
     }
 }
@@ -267,10 +302,25 @@ fn status_json(status: &pb::JobStatusResponse) -> serde_json::Value {
         .collect();
     let by_round = metrics_by_round(&status.metrics);
     let final_metrics = by_round.get(&job.rounds_done).filter(|_| job.rounds_done > 0);
+    let pooled: Vec<_> = status
+        .pooled
+        .iter()
+        .map(|p| {
+            json!({
+                "model_of_round": p.round.saturating_sub(1), "n_sites": p.n_sites, "n_test": p.n_test,
+                "accuracy": finite(p.accuracy), "loss": finite(p.loss),
+            })
+        })
+        .collect();
+    let final_pooled = pooled_by_round(&status.pooled)
+        .get(&job.rounds_done)
+        .map(|p| finite(p.accuracy));
     json!({
         "job": summary_json(&job),
         "rounds": rounds,
         "metrics": metrics,
+        "pooled": pooled,
         "final_mean_accuracy": final_metrics.map(|ms| finite(mean(ms.iter().map(|m| m.accuracy)))),
+        "final_pooled_accuracy": final_pooled,
     })
 }

@@ -301,6 +301,12 @@ impl Federation for FederationService {
     async fn report_metrics(&self, request: Request<pb::MetricsReport>) -> Result<Response<pb::Ack>, Status> {
         let report = request.into_inner();
         let site = self.identify(&report.site_id).await?;
+        if report.withheld {
+            // The site keeps its own figures; its evaluation is in the secure sum.
+            self.check_metrics_expected(JobId(report.job_id), &site, &report)?;
+            self.mark_metrics_received(&site, report.round);
+            return Ok(Response::new(pb::Ack {}));
+        }
         if !(0.0..=1.0).contains(&report.accuracy) || !report.loss.is_finite() || report.loss < 0.0 {
             return Err(RpcError::InvalidArgument("accuracy must be in [0, 1] and loss finite and >= 0".into()).into());
         }
@@ -327,18 +333,22 @@ impl Federation for FederationService {
             )
             .await
             .map_err(RpcError::from)?;
-        if let Some(round) = self.shared.lock().active.as_mut().and_then(|a| match &mut a.phase {
-            Phase::Round(r) if r.announcement.round == report.round => Some(r),
-            _ => None,
-        }) {
-            round.awaiting_metrics.remove(&site);
-        }
-        self.shared.progress.notify_one();
+        self.mark_metrics_received(&site, report.round);
         Ok(Response::new(pb::Ack {}))
     }
 }
 
 impl FederationService {
+    /// Marks `site`'s metrics for `round` as in, and wakes the driver.
+    fn mark_metrics_received(&self, site: &SiteId, round: u32) {
+        if let Some(Phase::Round(open)) = self.shared.lock().active.as_mut().map(|a| &mut a.phase)
+            && open.announcement.round == round
+        {
+            open.awaiting_metrics.remove(site);
+        }
+        self.shared.progress.notify_one();
+    }
+
     /// The secure session of `job_id`'s round `round`, if it is the open one.
     fn session(
         inner: &mut crate::state::Inner,

@@ -138,10 +138,24 @@ impl Jobs for JobsService {
                 model_hash: m.model_hash,
             })
             .collect();
+        let pooled = store
+            .pooled(job_id)
+            .await
+            .map_err(RpcError::from)?
+            .into_iter()
+            .map(|p| pb::PooledMetrics {
+                round: p.round as u32,
+                n_sites: p.n_sites as u32,
+                n_test: p.n_test as u64,
+                accuracy: p.accuracy.unwrap_or(f64::NAN),
+                loss: p.loss.unwrap_or(f64::NAN),
+            })
+            .collect();
         Ok(Response::new(pb::JobStatusResponse {
             job: Some(summary(&row)),
             rounds,
             metrics,
+            pooled,
         }))
     }
 
