@@ -211,7 +211,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
         train: false,
         normalization: Some(pb_normalization),
         proximal_mu: 0.0,
-        members: Vec::new(),
+        members: members.iter().map(|s| s.to_string()).collect(),
         secure: secure.is_some(),
     };
     let session = match secure {

@@ -284,6 +284,12 @@ impl Site {
         if self.done.insert((a.job_id, a.round, Work::Metrics)) {
             self.report_metrics(client, &a, &layout, &global, &test).await?;
         }
+        if a.secure && !a.train && self.done.insert((a.job_id, a.round, Work::Update)) {
+            // Final evaluation: the secure sum carries only the metrics.
+            if let Some(input) = self.inputs.remove(&(a.job_id, a.round)) {
+                self.start_summation(client, &a, input).await?;
+            }
+        }
         if a.train && self.done.insert((a.job_id, a.round, Work::Update)) {
             self.train_and_submit(client, &a, &spec, &layout, &global, &train)
                 .await?;
@@ -390,8 +396,7 @@ impl Site {
             let mut input = input;
             let metrics = self.metric_inputs.remove(&(a.job_id, a.round));
             input.extend(metrics.unwrap_or_else(|| evaluation::encode_site(0, 0.0, 0.0)));
-            self.inputs.insert((a.job_id, a.round), input);
-            return Ok(());
+            return self.start_summation(client, a, input).await;
         }
         let header = pb::UpdateHeader {
             site_id: self.id.to_string(),
@@ -427,6 +432,26 @@ impl Site {
         }
         client.submit_update(tokio_stream::iter(messages)).await?;
         Ok(())
+    }
+
+    /// Keeps `input` for this round's secure summation and advertises keys
+    /// at once (the announcement names the members), saving the coordinator a
+    /// round trip to ask for them.
+    async fn start_summation(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        a: &pb::RoundAnnouncement,
+        input: Vec<u32>,
+    ) -> anyhow::Result<()> {
+        let key = (a.job_id, a.round);
+        let advertise = pb::Advertise {
+            members: a.members.clone(),
+            vector_len: input.len() as u64,
+        };
+        self.inputs.insert(key, input);
+        let (state, result) = self.advertise(client, key, &advertise).await;
+        self.sessions.insert(key, state);
+        result
     }
 
     /// One step of a secure summation.

@@ -97,6 +97,7 @@ async fn report_metrics(client: &mut Client, a: &pb::RoundAnnouncement) {
             loss: 0.6,
             accuracy: 0.5,
             auc: f64::NAN,
+            withheld: false,
         })
         .await
         .expect("metrics");

@@ -215,7 +215,7 @@ fn a_participant_killed_mid_job_does_not_stop_the_rounds() {
     for site in SITES {
         federation.add_site(site);
     }
-    let text = example_job(&[("rounds", "40"), ("dropout_after_s", "2")]);
+    let text = example_job(&[("rounds", "200"), ("dropout_after_s", "2")]);
     let job_id = federation.submit(&federation.write_job("job.toml", &text));
     // Kill Switzerland as soon as the first round is in: it dies inside a
     // later round, at whatever secure-aggregation phase it is in.
@@ -234,7 +234,7 @@ fn a_participant_killed_mid_job_does_not_stop_the_rounds() {
         federation.log("coordinator")
     );
     let rounds = status["rounds"].as_array().unwrap();
-    assert_eq!(rounds.len(), 40);
+    assert_eq!(rounds.len(), 200);
     let dropped_in: Vec<u64> = rounds
         .iter()
         .filter(|r| {
