@@ -30,15 +30,15 @@ gap = [p - f for f, p in zip(fed, pooled)]
 print(f"job: {runs[0]['rounds']} rounds of {runs[0]['strategy']} on {runs[0]['model']}, {n} seeds, "
       f"{'plaintext' if runs[0].get('plaintext') else 'secure'} aggregation")
 for r, s in zip(runs, range(1, n + 1)):
-    print(f"  seed {s}: federated {r['federated_mean_accuracy']:.4f}  pooled {r['pooled_mean_accuracy']:.4f}  "
+    print(f"  seed {s}: federated {r['federated_mean_accuracy']:.4f}  central {r['pooled_mean_accuracy']:.4f}  "
           f"median round {r['median_round_ms']} ms  wall {r['wall_s']:.1f} s")
 print("mean site accuracy, federated: %.4f ± %.4f" % ms(fed))
-print("mean site accuracy, pooled:    %.4f ± %.4f" % ms(pooled))
-print("pooled - federated:            %.4f ± %.4f (max %.4f)" % (*ms(gap), max(gap)))
+print("mean site accuracy, central:   %.4f ± %.4f" % ms(pooled))
+print("central - federated:           %.4f ± %.4f (max %.4f)" % (*ms(gap), max(gap)))
 print("median round time: %d ms (median over seeds)" % statistics.median(r["median_round_ms"] for r in runs))
 print("peak RSS: coordinator %.1f MiB, participant %.1f MiB (max over seeds)" % (
     max(r["coordinator_peak_rss_kb"] for r in runs) / 1024, max(r["participant_peak_rss_kb"] for r in runs) / 1024))
 ok = statistics.mean(fed) >= 0.78 and statistics.mean(gap) <= 0.02
-print("target (federated >= 0.78, within 2 points of pooled):", "met" if ok else "NOT met")
+print("target (federated >= 0.78, within 2 points of central):", "met" if ok else "NOT met")
 json.dump({"federated": ms(fed), "pooled": ms(pooled), "runs": runs}, open(f"{out_dir}/summary.json", "w"), indent=2)
 PY

@@ -136,7 +136,9 @@ if not quiet:
     print()
     print(f"job {job['job_id']} {job['status']}: {last} rounds of {job['strategy']} on {job['model']}"
           + (f" ({job['error']})" if job["error"] else ""))
-    print(f"{'site':<14}{'n_test':>7}{'federated':>11}{'pooled':>9}")
+    print("test accuracy of the final federated model, next to the centralised baseline")
+    print("(the same model trained on all sites' training rows together):")
+    print(f"{'site':<14}{'n_test':>7}{'federated':>11}{'central':>9}")
     pooled = result["pooled_per_site"]
     for m in final:
         print(f"{m['site_id']:<14}{m['n_test']:>7}{m['accuracy']:>11.4f}{pooled.get(m['site_id'], float('nan')):>9.4f}")

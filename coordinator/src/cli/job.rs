@@ -193,7 +193,7 @@ fn round_line(
     // Prefer the pooled figure (secure sum over all test rows); else the mean
     // of the sites' own reports.
     let accuracy = match (pooled, metrics) {
-        (Some(p), _) => format!("{:.3} pooled", p.accuracy),
+        (Some(p), _) => format!("{:.3} (all sites)", p.accuracy),
         (None, Some(ms)) => format!("{:.3} site mean", mean(ms.iter().map(|m| m.accuracy))),
         (None, None) => "  -  ".into(),
     };
