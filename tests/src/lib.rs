@@ -26,15 +26,11 @@ pub fn bin(name: &str) -> PathBuf {
     let dir = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(repo()).args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "tessera-coordinator",
-            "-p",
-            "tessera-participant",
-        ]);
+        // The same package and target selection as `cargo test --workspace`
+        // (so the same feature unification): the dependencies built for the
+        // tests are reused instead of being rebuilt with other features.
+        cmd.current_dir(repo())
+            .args(["build", "--quiet", "--workspace", "--bins", "--tests"]);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
