@@ -19,7 +19,7 @@ use tessera_protocol::pb;
 use tessera_protocol::round::{MemberState, RoundCollector, RoundParams};
 use tessera_protocol::secagg::server::{Abort, Transcript};
 use tessera_protocol::secagg::{Phase as SecPhase, RoundContext, exact};
-use tessera_protocol::stats::{FeatureStats, Normalization, secure_sum_stats};
+use tessera_protocol::stats::{FeatureStats, Normalization, sum_plaintext_stats};
 use tessera_protocol::strategy;
 use tracing::{error, info, warn};
 
@@ -399,7 +399,7 @@ async fn preprocess(
     }
     let Some(secure) = secure else {
         let reports: Vec<FeatureStats> = reports.into_values().collect();
-        return secure_sum_stats(&reports).map_err(|e| Stop::Failed(format!("preprocessing: {e}")));
+        return sum_plaintext_stats(&reports).map_err(|e| Stop::Failed(format!("preprocessing: {e}")));
     };
     // Secure: the reports carried only the encoding; now sum the statistics.
     let n_features = reports.values().next().map_or(0, |r| r.sum.len());

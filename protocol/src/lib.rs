@@ -3,8 +3,9 @@
 //!
 //! ```text
 //!  job.toml ──► job::JobSpec (validated once, at submission)
-//!  site stats ──► stats::FeatureStats ──► stats::secure_sum_stats ──► Normalization
-//!  site updates ──► round::RoundCollector ──► aggregate::SecureSum ──► strategy::Strategy ──► new global model
+//!  site stats   ──► secagg (secure sum; round 0) ──► stats::Normalization
+//!  site updates ──► secagg::client / secagg::server ──► aggregate::SecureSum ──► strategy::Strategy ──► new model
+//!  (insecure_plaintext jobs: stats::sum_plaintext_stats and round::RoundCollector instead of secagg)
 //! ```
 //!
 //! Non-goals: no async runtime, no tonic service implementations, no SQLite, no

@@ -1,7 +1,8 @@
 //! Federated preprocessing: global feature means and standard deviations from
 //! per-site counts, sums and sums of squares. Only these aggregates leave a
-//! site; [`secure_sum_stats`] is the single function that combines them, so
-//! secure summation can replace it without touching its callers.
+//! site. Secure jobs (the default) sum them with `secagg` (exact limb
+//! encoding, see `secagg::exact`); [`sum_plaintext_stats`] combines them only
+//! for `insecure_plaintext` jobs.
 
 /// Statistics of one site's training split over the encoded features.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,9 +67,8 @@ impl FeatureStats {
     }
 }
 
-/// Adds the sites' statistics. The only path by which per-site preprocessing
-/// statistics are combined (the secure-summation swap point).
-pub fn secure_sum_stats(reports: &[FeatureStats]) -> Result<FeatureStats, StatsError> {
+/// Adds plaintext site statistics (`insecure_plaintext` jobs only).
+pub fn sum_plaintext_stats(reports: &[FeatureStats]) -> Result<FeatureStats, StatsError> {
     let first = reports.first().ok_or(StatsError::Empty)?;
     let width = first.sum.len();
     let mut total = FeatureStats {
@@ -131,7 +131,7 @@ mod tests {
     fn hand_computed_normalization() {
         let a = FeatureStats::of_rows(2, [[1.0f32, 5.0].as_slice(), [3.0, 5.0].as_slice()]);
         let b = FeatureStats::of_rows(2, [[5.0f32, 5.0].as_slice()]);
-        let total = secure_sum_stats(&[a, b]).unwrap();
+        let total = sum_plaintext_stats(&[a, b]).unwrap();
         assert_eq!(total.count, 3);
         let norm = Normalization::from_stats(&total).unwrap();
         assert_eq!(norm.mean, vec![3.0, 5.0]);
@@ -148,13 +148,13 @@ mod tests {
         let a = FeatureStats::of_rows(2, [[1.0f32, 2.0].as_slice()]);
         let b = FeatureStats::of_rows(3, [[1.0f32, 2.0, 3.0].as_slice()]);
         assert_eq!(
-            secure_sum_stats(&[a.clone(), b]),
+            sum_plaintext_stats(&[a.clone(), b]),
             Err(StatsError::Width { expected: 2, got: 3 })
         );
         let mut bad = a.clone();
         bad.sum_sq[0] = -1.0;
-        assert_eq!(secure_sum_stats(&[a.clone(), bad]), Err(StatsError::NotFinite));
-        assert_eq!(secure_sum_stats(&[]), Err(StatsError::Empty));
+        assert_eq!(sum_plaintext_stats(&[a.clone(), bad]), Err(StatsError::NotFinite));
+        assert_eq!(sum_plaintext_stats(&[]), Err(StatsError::Empty));
         let empty = FeatureStats {
             count: 0,
             sum: vec![0.0],
@@ -179,7 +179,7 @@ mod tests {
                 .windows(2)
                 .map(|w| FeatureStats::of_rows(3, rows[w[0]..w[1]].iter().map(|r| r.as_slice())))
                 .collect();
-            let fed = Normalization::from_stats(&secure_sum_stats(&parts).unwrap()).unwrap();
+            let fed = Normalization::from_stats(&sum_plaintext_stats(&parts).unwrap()).unwrap();
             let pooled = Normalization::from_stats(&FeatureStats::of_rows(3, rows.iter().map(|r| r.as_slice()))).unwrap();
             for j in 0..3 {
                 prop_assert!((fed.mean[j] - pooled.mean[j]).abs() < 1e-9);
