@@ -21,6 +21,19 @@ struct Consortium {
     roster: Arc<BTreeMap<SiteId, [u8; 32]>>,
 }
 
+impl Consortium {
+    /// The client configuration of `site`.
+    fn cfg(&self, site: &SiteId, ctx: RoundContext, params: SecAggParams) -> ClientConfig {
+        ClientConfig {
+            site: site.clone(),
+            ctx,
+            params,
+            signing_key: self.keys[site].clone(),
+            roster: self.roster.clone(),
+        }
+    }
+}
+
 fn consortium(n: usize) -> Consortium {
     let sites: Vec<SiteId> = (0..n).map(|i| SiteId::new(&format!("site-{i:03}")).unwrap()).collect();
     let keys: BTreeMap<SiteId, Arc<SigningKey>> = sites
@@ -54,13 +67,7 @@ fn run(
     let mut server = server::ExpectKeys::new(CTX, params, members, (*c.roster).clone());
     let mut clients = BTreeMap::new();
     for site in &c.sites {
-        let cfg = ClientConfig {
-            site: site.clone(),
-            ctx: CTX,
-            params,
-            signing_key: c.keys[site].clone(),
-            roster: c.roster.clone(),
-        };
+        let cfg = c.cfg(site, CTX, params);
         let (state, keys) = client::ExpectKeys::new(cfg, &mut rng);
         if alive(site, Phase::AdvertiseKeys) {
             server.handle_keys(site, keys).unwrap();
@@ -201,13 +208,7 @@ fn forged_or_substituted_keys_are_detected() {
     let c = consortium(4);
     let p = params(Graph::Complete, 4, 4);
     let mut rng = ChaCha20Rng::seed_from_u64(1);
-    let cfg = |i: usize| ClientConfig {
-        site: c.sites[i].clone(),
-        ctx: CTX,
-        params: p,
-        signing_key: c.keys[&c.sites[i]].clone(),
-        roster: c.roster.clone(),
-    };
+    let cfg = |i: usize| c.cfg(&c.sites[i], CTX, p);
     let mut states = Vec::new();
     let mut list = Vec::new();
     for i in 0..4 {
@@ -278,13 +279,7 @@ fn to_unmask(
     let mut server = server::ExpectKeys::new(CTX, p, c.sites.iter().cloned().collect(), (*c.roster).clone());
     let mut states = BTreeMap::new();
     for site in &c.sites {
-        let cfg = ClientConfig {
-            site: site.clone(),
-            ctx: CTX,
-            params: p,
-            signing_key: c.keys[site].clone(),
-            roster: c.roster.clone(),
-        };
+        let cfg = c.cfg(site, CTX, p);
         let (s, k) = client::ExpectKeys::new(cfg, &mut rng);
         server.handle_keys(site, k).unwrap();
         states.insert(site.clone(), s);
@@ -383,13 +378,7 @@ fn shares_replayed_from_another_round_do_not_decrypt() {
         let mut states = Vec::new();
         let mut list = Vec::new();
         for site in &c.sites {
-            let cfg = ClientConfig {
-                site: site.clone(),
-                ctx,
-                params: p,
-                signing_key: c.keys[site].clone(),
-                roster: c.roster.clone(),
-            };
+            let cfg = c.cfg(site, ctx, p);
             let (s, k) = client::ExpectKeys::new(cfg, rng);
             states.push(s);
             list.push(k);
@@ -419,13 +408,7 @@ fn server_refuses_out_of_phase_and_wrong_shape_messages() {
     let mut server = server::ExpectKeys::new(CTX, p, c.sites.iter().cloned().collect(), (*c.roster).clone());
     let mut states = BTreeMap::new();
     for site in &c.sites[..3] {
-        let cfg = ClientConfig {
-            site: site.clone(),
-            ctx: CTX,
-            params: p,
-            signing_key: c.keys[site].clone(),
-            roster: c.roster.clone(),
-        };
+        let cfg = c.cfg(site, CTX, p);
         let (s, k) = client::ExpectKeys::new(cfg, &mut rng);
         server.handle_keys(site, k).unwrap();
         states.insert(site.clone(), s);
