@@ -325,16 +325,7 @@ async fn secure_round(
     let (weighted_sum, total_weight) = quantizer.decode_update_sum(update_words, m);
     store_pooled(shared, ctx, m, metric_words).await?;
     let contributors: Vec<SiteId> = transcript.masked.iter().map(|(s, _)| s.clone()).collect();
-    let mut outcomes: Vec<(SiteId, String, u64)> = contributors
-        .iter()
-        .map(|s| (s.clone(), "submitted".to_owned(), 0))
-        .collect();
-    outcomes.extend(
-        transcript
-            .dropped
-            .iter()
-            .map(|(s, phase)| (s.clone(), format!("dropped:{}", phase_name(*phase)), 0)),
-    );
+    let outcomes = member_outcomes(&transcript);
     Ok(RoundResult {
         sum: SecureSum {
             weighted_sum,
@@ -563,6 +554,22 @@ async fn store_pooled(shared: &Arc<Shared>, ctx: RoundContext, n_sites: usize, w
     Ok(())
 }
 
+/// One outcome per site of a secure round. A site can be both a contributor
+/// and a dropout: one whose masked input is in the sum but that went silent
+/// at unmasking (its self mask was rebuilt from the others' shares).
+fn member_outcomes(t: &Transcript) -> Vec<(SiteId, String, u64)> {
+    let mut outcomes: BTreeMap<SiteId, String> =
+        t.masked.iter().map(|(s, _)| (s.clone(), "submitted".to_owned())).collect();
+    for (site, phase) in &t.dropped {
+        let dropped = format!("dropped:{}", phase_name(*phase));
+        outcomes
+            .entry(site.clone())
+            .and_modify(|o| *o = format!("{o}; {dropped}"))
+            .or_insert(dropped);
+    }
+    outcomes.into_iter().map(|(s, o)| (s, o, 0)).collect()
+}
+
 fn phase_name(phase: SecPhase) -> &'static str {
     match phase {
         SecPhase::AdvertiseKeys => "advertise_keys",
@@ -646,4 +653,38 @@ async fn set_phase(shared: &Shared, job_id: JobId, phase: &str) {
 
 fn names(sites: &BTreeSet<SiteId>) -> Vec<&str> {
     sites.iter().map(SiteId::as_str).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(s: &str) -> SiteId {
+        SiteId::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_site_silent_at_unmask_is_one_member_that_both_contributed_and_dropped() {
+        let transcript = Transcript {
+            ctx: RoundContext { job_id: 1, round: 7 },
+            threshold: 2,
+            advertised: vec![site("a"), site("b"), site("c"), site("d")],
+            shared: vec![site("a"), site("b"), site("c")],
+            masked: vec![(site("a"), [1; 32]), (site("b"), [2; 32]), (site("c"), [3; 32])],
+            unmask_responders: vec![site("a"), site("b")],
+            dropped: vec![(site("d"), SecPhase::ShareKeys), (site("c"), SecPhase::Unmask)],
+            mask_keys_recovered: vec![site("d")],
+        };
+        let outcomes = member_outcomes(&transcript);
+        let names: Vec<(&str, &str)> = outcomes.iter().map(|(s, o, _)| (s.as_str(), o.as_str())).collect();
+        assert_eq!(
+            names,
+            [
+                ("a", "submitted"),
+                ("b", "submitted"),
+                ("c", "submitted; dropped:unmask"),
+                ("d", "dropped:share_keys"),
+            ]
+        );
+    }
 }

@@ -102,10 +102,13 @@ impl Jobs for JobsService {
         let mut members: BTreeMap<i64, (Vec<String>, Vec<String>)> = BTreeMap::new();
         for m in store.members(job_id).await.map_err(RpcError::from)? {
             let entry = members.entry(m.round).or_default();
-            if m.outcome == "submitted" {
-                entry.0.push(m.site_id);
-            } else {
-                entry.1.push(format!("{} ({})", m.site_id, m.outcome));
+            // "submitted; dropped:unmask" puts a site in both lists: its
+            // update counts, but it went silent before the round closed.
+            if m.outcome.starts_with("submitted") {
+                entry.0.push(m.site_id.clone());
+            }
+            if let Some(at) = m.outcome.find("dropped:") {
+                entry.1.push(format!("{} ({})", m.site_id, &m.outcome[at..]));
             }
         }
         let rounds = rounds
