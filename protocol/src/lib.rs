@@ -6,10 +6,13 @@
 //!  site stats   ──► secagg (secure sum; round 0) ──► stats::Normalization
 //!  site updates ──► secagg::client / secagg::server ──► aggregate::SecureSum ──► strategy::Strategy ──► new model
 //!  (insecure_plaintext jobs: stats::sum_plaintext_stats and round::RoundCollector instead of secagg)
+//!  round results ──► ledger::writer (signed blocks) ──► ledger::verify (sites, auditors)
 //! ```
 //!
-//! Non-goals: no async runtime, no tonic service implementations, no SQLite, no
-//! filesystem access. The coordinator and the participant wrap these pure types
+//! Non-goals: no async runtime, no tonic service implementations, no
+//! filesystem access. The one exception is `ledger::store` (feature `sqlite`):
+//! the ledger tables that the coordinator's database and every site replica
+//! share, kept in one place so every reader agrees on them. The coordinator and the participant wrap these pure types
 //! in thin IO layers, so a test can drive dozens of simulated sites in
 //! milliseconds. The only wire-level item here is [`pb`], the code generated from
 //! `proto/tessera.proto`, shared by both ends.
@@ -18,6 +21,7 @@ pub mod aggregate;
 pub mod evaluation;
 pub mod ids;
 pub mod job;
+pub mod ledger;
 pub mod model;
 pub mod roster;
 pub mod round;

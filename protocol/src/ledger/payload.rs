@@ -1,0 +1,208 @@
+//! Block payloads: UTF-8 JSON objects, one schema per block kind. The
+//! payload bytes are hashed as stored, so the JSON need not be canonical;
+//! these types are how Tessera writes and reads them.
+
+use serde::{Deserialize, Serialize};
+
+use super::Kind;
+
+/// A consortium member as the ledger knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: String,
+    /// Hex Ed25519 public key: signs SecAgg keys and endorsements.
+    pub key: String,
+    /// SHA-256 of the site's TLS certificate, once sites have certificates.
+    #[serde(default)]
+    pub certificate_sha256: Option<String>,
+}
+
+/// Block 0: who is in the consortium and what makes a block final.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Genesis {
+    pub consortium: String,
+    /// Hex Ed25519 public key that signs every block.
+    pub coordinator_key: String,
+    pub sites: Vec<Member>,
+    /// Distinct member endorsements that make a block final.
+    pub quorum: usize,
+    pub software: String,
+}
+
+/// A job as submitted: the full job file, so the ledger alone says what
+/// was trained, how.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCreated {
+    pub job_id: u64,
+    pub name: String,
+    pub job_sha256: String,
+    pub job_toml: String,
+    pub software: String,
+}
+
+/// A site's decision on a job (the site's own signature comes with its
+/// endorsement of this block).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobAccepted {
+    pub job_id: u64,
+    pub site: String,
+    pub accepted: bool,
+    pub reason: String,
+}
+
+/// A site that dropped out of a round, and at which phase.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropout {
+    pub site: String,
+    pub phase: String,
+}
+
+/// A site's SHA-256 commitment to what it uploaded (its masked vector under
+/// secure aggregation, its encoded update otherwise).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commitment {
+    pub site: String,
+    pub sha256: String,
+}
+
+/// One finished round: enough to re-derive who contributed, what was
+/// released and which model came out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundCompleted {
+    pub job_id: u64,
+    pub round: u32,
+    /// Sites whose update is in the aggregate.
+    pub contributors: Vec<String>,
+    pub dropouts: Vec<Dropout>,
+    /// Sorted by site id; `commitment_root` is their Merkle root.
+    pub commitments: Vec<Commitment>,
+    pub commitment_root: String,
+    pub aggregate_sha256: String,
+    pub base_model_sha256: String,
+    pub model_sha256: String,
+    pub n_params: u64,
+    pub total_weight: f64,
+    pub strategy: String,
+    /// SHA-256 of the job file: strategy, hyperparameters and clipping.
+    pub config_sha256: String,
+    pub secure_aggregation: bool,
+    pub clip_norm: Option<f64>,
+    pub quantization_bits: Option<u32>,
+    /// The secure-aggregation transcript (advertised, shared, masked,
+    /// unmask responders, recovered keys).
+    pub transcript: Option<serde_json::Value>,
+    /// No differential privacy yet: every round spends nothing.
+    pub privacy_epsilon: Option<f64>,
+}
+
+/// Evaluation results of one global model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub job_id: u64,
+    pub model_of_round: u32,
+    pub model_sha256: String,
+    /// Per-site results, from the sites that chose to report them.
+    pub sites: Vec<SiteMetrics>,
+    /// The securely summed evaluation over all evaluating sites.
+    pub pooled: Option<PooledMetrics>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteMetrics {
+    pub site: String,
+    pub n_test: u64,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub auc: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PooledMetrics {
+    pub n_sites: u64,
+    pub n_test: u64,
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+/// How a job ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEnded {
+    pub job_id: u64,
+    /// finished | cancelled | failed
+    pub status: String,
+    pub reason: String,
+    pub rounds_done: u32,
+    pub final_model_sha256: Option<String>,
+}
+
+/// A change to the consortium after genesis.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipChange {
+    /// site_added | key_rotated | site_revoked
+    pub change: String,
+    pub site: Member,
+    pub reason: String,
+}
+
+/// A payload of any kind, parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Payload {
+    Genesis(Genesis),
+    JobCreated(JobCreated),
+    JobAccepted(JobAccepted),
+    RoundCompleted(Box<RoundCompleted>),
+    Metrics(Metrics),
+    JobEnded(JobEnded),
+    MembershipChange(MembershipChange),
+}
+
+impl Payload {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Payload::Genesis(_) => Kind::Genesis,
+            Payload::JobCreated(_) => Kind::JobCreated,
+            Payload::JobAccepted(_) => Kind::JobAccepted,
+            Payload::RoundCompleted(_) => Kind::RoundCompleted,
+            Payload::Metrics(_) => Kind::Metrics,
+            Payload::JobEnded(_) => Kind::JobEnded,
+            Payload::MembershipChange(_) => Kind::MembershipChange,
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        let value = match self {
+            Payload::Genesis(p) => serde_json::to_vec(p),
+            Payload::JobCreated(p) => serde_json::to_vec(p),
+            Payload::JobAccepted(p) => serde_json::to_vec(p),
+            Payload::RoundCompleted(p) => serde_json::to_vec(p),
+            Payload::Metrics(p) => serde_json::to_vec(p),
+            Payload::JobEnded(p) => serde_json::to_vec(p),
+            Payload::MembershipChange(p) => serde_json::to_vec(p),
+        };
+        value.expect("payloads serialise")
+    }
+
+    pub fn parse(kind: Kind, bytes: &[u8]) -> Result<Payload, serde_json::Error> {
+        Ok(match kind {
+            Kind::Genesis => Payload::Genesis(serde_json::from_slice(bytes)?),
+            Kind::JobCreated => Payload::JobCreated(serde_json::from_slice(bytes)?),
+            Kind::JobAccepted => Payload::JobAccepted(serde_json::from_slice(bytes)?),
+            Kind::RoundCompleted => Payload::RoundCompleted(serde_json::from_slice(bytes)?),
+            Kind::Metrics => Payload::Metrics(serde_json::from_slice(bytes)?),
+            Kind::JobEnded => Payload::JobEnded(serde_json::from_slice(bytes)?),
+            Kind::MembershipChange => Payload::MembershipChange(serde_json::from_slice(bytes)?),
+        })
+    }
+
+    /// The job a block belongs to, if any.
+    pub fn job_id(&self) -> Option<u64> {
+        match self {
+            Payload::JobCreated(p) => Some(p.job_id),
+            Payload::JobAccepted(p) => Some(p.job_id),
+            Payload::RoundCompleted(p) => Some(p.job_id),
+            Payload::Metrics(p) => Some(p.job_id),
+            Payload::JobEnded(p) => Some(p.job_id),
+            Payload::Genesis(_) | Payload::MembershipChange(_) => None,
+        }
+    }
+}

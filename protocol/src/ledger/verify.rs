@@ -1,0 +1,369 @@
+//! Offline verification of a whole chain, block by block, against the
+//! membership its genesis block declares. Used by `tessera ledger verify`,
+//! by every participant before it endorses a block, and by receipts.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::payload::{Genesis, Member, Payload, RoundCompleted};
+use super::{Block, Header, Kind, merkle, sha256, verify_block_signature, verify_endorsement};
+use crate::ids::{SiteId, sha256_hex};
+
+/// The first thing wrong with a chain, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("block {height}: {problem}")]
+pub struct VerifyError {
+    /// Position in the chain (the height the block should have).
+    pub height: u64,
+    pub problem: Problem,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("the ledger is empty (no genesis block)")]
+    Empty,
+    #[error("malformed header: {0}")]
+    Header(#[from] super::HeaderError),
+    #[error("header says height {found}")]
+    Height { found: u64 },
+    #[error("previous-block hash does not match block {0}")]
+    BrokenLink(u64),
+    #[error("timestamp goes backwards")]
+    Timestamp,
+    #[error("payload does not match the payload hash in the header")]
+    PayloadHash,
+    #[error("stored block hash does not match its header")]
+    StoredHash,
+    #[error("{kind} payload is not valid: {reason}")]
+    Payload { kind: &'static str, reason: String },
+    #[error("only block 0 may be genesis, and block 0 must be")]
+    Genesis,
+    #[error("coordinator signature is not valid under the genesis coordinator key")]
+    Signature,
+    #[error("endorsement by `{0}`, which is not a member at this height")]
+    UnknownEndorser(String),
+    #[error("endorsement by `{0}` is not a valid signature of this block")]
+    BadEndorsement(String),
+    #[error("two endorsements by `{0}`")]
+    DuplicateEndorsement(String),
+    #[error("not final ({have} of {need} endorsements) although a later block is")]
+    NotFinal { have: usize, need: usize },
+    #[error("{0}")]
+    Semantics(String),
+}
+
+/// What a valid chain holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub genesis: Genesis,
+    pub genesis_hash: [u8; 32],
+    pub blocks: u64,
+    /// Blocks at the end still short of their endorsement quorum.
+    pub pending: u64,
+    /// Every model hash a round block names, with the block's height.
+    pub models: Vec<(u64, String)>,
+}
+
+#[derive(Default)]
+struct JobState {
+    last_round: u32,
+    last_model: Option<String>,
+    ended: bool,
+}
+
+/// Verifies blocks one at a time, in order. A participant keeps one over
+/// its replica; `verify_chain` runs one over a whole file.
+#[derive(Default)]
+pub struct Verifier {
+    genesis: Option<(Genesis, [u8; 32])>,
+    coordinator_key: [u8; 32],
+    members: BTreeMap<SiteId, [u8; 32]>,
+    tip: Option<(u64, [u8; 32], u64)>,
+    jobs: BTreeMap<u64, JobState>,
+    models: Vec<(u64, String)>,
+}
+
+fn key_from_hex(hex_key: &str) -> Option<[u8; 32]> {
+    hex::decode(hex_key).ok()?.try_into().ok()
+}
+
+fn bad(kind: Kind, reason: impl Into<String>) -> Problem {
+    Problem::Payload {
+        kind: kind.name(),
+        reason: reason.into(),
+    }
+}
+
+impl Verifier {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The height the next block must have.
+    pub fn next_height(&self) -> u64 {
+        self.tip.map_or(0, |(h, _, _)| h + 1)
+    }
+
+    pub fn tip_hash(&self) -> Option<[u8; 32]> {
+        self.tip.map(|(_, h, _)| h)
+    }
+
+    pub fn genesis(&self) -> Option<&Genesis> {
+        self.genesis.as_ref().map(|(g, _)| g)
+    }
+
+    /// Endorsement quorum at the current height.
+    pub fn quorum(&self) -> usize {
+        self.genesis
+            .as_ref()
+            .map_or(usize::MAX, |(g, _)| g.quorum.min(self.members.len()).max(1))
+    }
+
+    pub fn member_key(&self, site: &SiteId) -> Option<[u8; 32]> {
+        self.members.get(site).copied()
+    }
+
+    /// Checks `block` as the next one and, if it is sound, takes it as the
+    /// new tip. Returns the parsed payload and how many distinct valid
+    /// endorsements it carries. Nothing changes on error.
+    pub fn push(&mut self, block: &Block) -> Result<(Payload, usize), VerifyError> {
+        let height = self.next_height();
+        self.check(block).map_err(|problem| VerifyError { height, problem })
+    }
+
+    fn check(&mut self, block: &Block) -> Result<(Payload, usize), Problem> {
+        let height = self.next_height();
+        let header = Header::decode(&block.header)?;
+        if header.height != height {
+            return Err(Problem::Height { found: header.height });
+        }
+        let expected_prev = self.tip.map_or([0u8; 32], |(_, h, _)| h);
+        if header.prev_hash != expected_prev {
+            return Err(Problem::BrokenLink(height.saturating_sub(1)));
+        }
+        if let Some((_, _, ts)) = self.tip
+            && header.timestamp_ms < ts
+        {
+            return Err(Problem::Timestamp);
+        }
+        if sha256(&block.payload) != header.payload_hash {
+            return Err(Problem::PayloadHash);
+        }
+        if (height == 0) != (header.kind == Kind::Genesis) {
+            return Err(Problem::Genesis);
+        }
+        let payload = Payload::parse(header.kind, &block.payload).map_err(|e| bad(header.kind, e.to_string()))?;
+        let hash = header.hash();
+        // Genesis carries the key that signs it (and everything after).
+        let (coordinator_key, members) = match &payload {
+            Payload::Genesis(g) => genesis_members(g)?,
+            _ => (self.coordinator_key, self.members.clone()),
+        };
+        if !verify_block_signature(&coordinator_key, &hash, &block.signature) {
+            return Err(Problem::Signature);
+        }
+        let mut endorsers = BTreeSet::new();
+        for e in &block.endorsements {
+            let key = members
+                .get(&e.site)
+                .ok_or_else(|| Problem::UnknownEndorser(e.site.to_string()))?;
+            if !verify_endorsement(key, &hash, &e.signature) {
+                return Err(Problem::BadEndorsement(e.site.to_string()));
+            }
+            if !endorsers.insert(e.site.clone()) {
+                return Err(Problem::DuplicateEndorsement(e.site.to_string()));
+            }
+        }
+        // Semantics last, on a copy: a bad block leaves the state untouched.
+        let mut jobs_after = None;
+        let mut members_after = members;
+        match &payload {
+            Payload::Genesis(g) => {
+                self.genesis = Some((g.clone(), hash));
+                self.coordinator_key = coordinator_key;
+            }
+            Payload::MembershipChange(c) => apply_change(&mut members_after, c)?,
+            other => jobs_after = Some(self.check_job_block(other, &members_after)?),
+        }
+        if let Some((job, state)) = jobs_after {
+            if let Payload::RoundCompleted(r) = &payload {
+                self.models.push((height, r.model_sha256.clone()));
+            }
+            self.jobs.insert(job, state);
+        }
+        self.members = members_after;
+        self.tip = Some((height, hash, header.timestamp_ms));
+        Ok((payload, endorsers.len()))
+    }
+
+    fn check_job_block(
+        &self,
+        payload: &Payload,
+        members: &BTreeMap<SiteId, [u8; 32]>,
+    ) -> Result<(u64, JobState), Problem> {
+        let kind = payload.kind();
+        let job = payload.job_id().expect("job blocks name their job");
+        let semantics = |s: String| Problem::Semantics(s);
+        if let Payload::JobCreated(c) = payload {
+            if self.jobs.contains_key(&job) {
+                return Err(semantics(format!("job {job} is created twice")));
+            }
+            if sha256_hex(c.job_toml.as_bytes()) != c.job_sha256 {
+                return Err(bad(kind, "job_sha256 is not the SHA-256 of job_toml"));
+            }
+            return Ok((job, JobState::default()));
+        }
+        let state = self
+            .jobs
+            .get(&job)
+            .ok_or_else(|| semantics(format!("job {job} was never created")))?;
+        if state.ended {
+            return Err(semantics(format!("job {job} has already ended")));
+        }
+        let mut next = JobState {
+            last_round: state.last_round,
+            last_model: state.last_model.clone(),
+            ended: false,
+        };
+        match payload {
+            Payload::JobAccepted(a) => {
+                let site = SiteId::new(&a.site).map_err(|e| bad(kind, e.to_string()))?;
+                if !members.contains_key(&site) {
+                    return Err(semantics(format!("`{}` is not a member", a.site)));
+                }
+            }
+            Payload::RoundCompleted(r) => {
+                check_round(r, state, members).map_err(|e| bad(kind, e))?;
+                next.last_round = r.round;
+                next.last_model = Some(r.model_sha256.clone());
+            }
+            Payload::JobEnded(_) => next.ended = true,
+            _ => {}
+        }
+        Ok((job, next))
+    }
+}
+
+fn genesis_members(g: &Genesis) -> Result<([u8; 32], BTreeMap<SiteId, [u8; 32]>), Problem> {
+    let coordinator =
+        key_from_hex(&g.coordinator_key).ok_or_else(|| bad(Kind::Genesis, "coordinator_key is not 32 hex bytes"))?;
+    let mut members = BTreeMap::new();
+    for m in &g.sites {
+        let (id, key) = member_entry(m).map_err(|e| bad(Kind::Genesis, e))?;
+        if members.insert(id, key).is_some() {
+            return Err(bad(Kind::Genesis, format!("site `{}` listed twice", m.id)));
+        }
+    }
+    if g.quorum == 0 || g.quorum > members.len() {
+        return Err(bad(
+            Kind::Genesis,
+            format!("quorum {} for {} sites", g.quorum, members.len()),
+        ));
+    }
+    Ok((coordinator, members))
+}
+
+fn member_entry(m: &Member) -> Result<(SiteId, [u8; 32]), String> {
+    let id = SiteId::new(&m.id).map_err(|e| e.to_string())?;
+    let key = key_from_hex(&m.key).ok_or_else(|| format!("key of `{}` is not 32 hex bytes", m.id))?;
+    Ok((id, key))
+}
+
+fn apply_change(
+    members: &mut BTreeMap<SiteId, [u8; 32]>,
+    change: &super::payload::MembershipChange,
+) -> Result<(), Problem> {
+    let kind = Kind::MembershipChange;
+    let (id, key) = member_entry(&change.site).map_err(|e| bad(kind, e))?;
+    let present = members.contains_key(&id);
+    match change.change.as_str() {
+        "site_added" if !present => members.insert(id, key),
+        "key_rotated" if present => members.insert(id, key),
+        "site_revoked" if present => members.remove(&id),
+        other => return Err(bad(kind, format!("`{other}` does not apply to `{}`", change.site.id))),
+    };
+    Ok(())
+}
+
+fn check_round(r: &RoundCompleted, state: &JobState, members: &BTreeMap<SiteId, [u8; 32]>) -> Result<(), String> {
+    if r.round != state.last_round + 1 {
+        return Err(format!("round {} follows round {}", r.round, state.last_round));
+    }
+    if let Some(previous) = &state.last_model
+        && previous != &r.base_model_sha256
+    {
+        return Err(format!(
+            "round {} starts from model {} but round {} produced {}",
+            r.round, r.base_model_sha256, state.last_round, previous
+        ));
+    }
+    let mut leaves = Vec::with_capacity(r.commitments.len());
+    let mut last: Option<&str> = None;
+    for c in &r.commitments {
+        if last.is_some_and(|l| l >= c.site.as_str()) {
+            return Err("commitments are not in strictly ascending site order".into());
+        }
+        last = Some(&c.site);
+        let site = SiteId::new(&c.site).map_err(|e| e.to_string())?;
+        if !members.contains_key(&site) {
+            return Err(format!("commitment by non-member `{}`", c.site));
+        }
+        let commitment: [u8; 32] = hex::decode(&c.sha256)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("commitment of `{}` is not 32 hex bytes", c.site))?;
+        leaves.push(merkle::leaf(&site, &commitment));
+    }
+    if hex::encode(merkle::root(&leaves)) != r.commitment_root {
+        return Err("commitment_root is not the Merkle root of the commitments".into());
+    }
+    for c in &r.contributors {
+        if !r.commitments.iter().any(|k| &k.site == c) {
+            return Err(format!("contributor `{c}` has no commitment"));
+        }
+    }
+    Ok(())
+}
+
+/// Verifies a whole chain: every link, signature and endorsement, and that
+/// only a tail of blocks is short of its quorum (sites endorse in order, so
+/// a final block after a non-final one means endorsements were removed).
+/// `stored_hashes`, if given, are the block hashes stored beside the blocks.
+pub fn verify_chain(blocks: &[Block], stored_hashes: Option<&[[u8; 32]]>) -> Result<Report, VerifyError> {
+    if blocks.is_empty() {
+        return Err(VerifyError {
+            height: 0,
+            problem: Problem::Empty,
+        });
+    }
+    let mut verifier = Verifier::new();
+    let mut first_pending: Option<(u64, usize, usize)> = None;
+    for (i, block) in blocks.iter().enumerate() {
+        let height = i as u64;
+        let (_, endorsements) = verifier.push(block)?;
+        if let Some(stored) = stored_hashes
+            && stored.get(i) != Some(&block.hash())
+        {
+            return Err(VerifyError {
+                height,
+                problem: Problem::StoredHash,
+            });
+        }
+        let need = verifier.quorum();
+        if endorsements < need {
+            first_pending.get_or_insert((height, endorsements, need));
+        } else if let Some((h, have, need)) = first_pending {
+            return Err(VerifyError {
+                height: h,
+                problem: Problem::NotFinal { have, need },
+            });
+        }
+    }
+    let (genesis, genesis_hash) = verifier.genesis.clone().expect("block 0 is genesis");
+    Ok(Report {
+        genesis,
+        genesis_hash,
+        blocks: blocks.len() as u64,
+        pending: first_pending.map_or(0, |(h, _, _)| blocks.len() as u64 - h),
+        models: verifier.models,
+    })
+}
