@@ -10,22 +10,27 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use tessera_protocol::aggregate::SecureSum;
 use tessera_protocol::evaluation;
-use tessera_protocol::ids::{JobId, SiteId};
+use tessera_protocol::ids::{JobId, SiteId, sha256_hex};
 use tessera_protocol::job::{Aggregation, JobSpec, SecureAggSpec};
+use tessera_protocol::ledger::merkle;
+use tessera_protocol::ledger::payload::{
+    Commitment, Dropout, JobEnded, Metrics, Payload, PooledMetrics, RoundCompleted, SiteMetrics,
+};
 use tessera_protocol::model::{encode_params, initial_params, model_hash};
 use tessera_protocol::pb;
 use tessera_protocol::round::{MemberState, RoundCollector, RoundParams};
 use tessera_protocol::secagg::server::{Abort, Transcript};
-use tessera_protocol::secagg::{Phase as SecPhase, RoundContext, exact};
+use tessera_protocol::secagg::{Phase as SecPhase, RoundContext, commitment, exact};
 use tessera_protocol::stats::{FeatureStats, Normalization, sum_plaintext_stats};
 use tessera_protocol::strategy;
 use tracing::{error, info, warn};
 
 use crate::secure::SecureSession;
 use crate::state::{ActiveJob, Phase, RoundPhase, Shared, StatsPhase};
-use crate::store::{JobRow, PooledRow, RoundRecord};
+use crate::store::{CANCELLED, JobRow, PooledRow, RoundRecord, Store};
 use crate::unix_ms;
 
 /// Longest wait between two looks at a phase (dropouts are noticed this late
@@ -86,7 +91,7 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
             shared.wake.notify_waiters();
             match result {
                 Ok(()) => ("finished", String::new()),
-                Err(Stop::Cancelled) => ("cancelled", "cancelled by operator".to_owned()),
+                Err(Stop::Cancelled) => ("cancelled", CANCELLED.to_owned()),
                 Err(Stop::Failed(reason)) => ("failed", reason),
             }
         }
@@ -95,12 +100,142 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
         "finished" => info!(job = %job_id, "job finished"),
         _ => warn!(job = %job_id, status, reason = %reason, "job stopped"),
     }
-    if let Err(e) = shared.store.set_status(job_id, status, &reason, unix_ms()).await {
-        error!("job {job_id}: {e:#}");
+    if let Err(e) = end_job(shared, job_id, status, &reason).await {
+        error!("job {job_id}: cannot record its end: {e:#}");
     }
 }
 
+/// Stores how a job ended, with its ledger blocks: the final model's
+/// evaluation (when there was one) and the end itself.
+async fn end_job(shared: &Arc<Shared>, job_id: JobId, status: &str, reason: &str) -> anyhow::Result<()> {
+    let row = shared.store.job(job_id).await?.context("job vanished")?;
+    let now_ms = unix_ms();
+    let final_round = row.rounds_done as u32 + 1;
+    let final_metrics = match &row.final_model_hash {
+        Some(hash) if status == "finished" => Some(metrics_block(shared, job_id, final_round, hash).await?),
+        _ => None,
+    };
+    let mut tx = shared.ledger.begin().await?;
+    Store::set_status_in(&mut tx.tx, job_id, status, reason, now_ms).await?;
+    if let Some(block) = final_metrics {
+        tx.append(&block, now_ms as u64).await?;
+    }
+    tx.append(&job_ended(&row, status, reason), now_ms as u64).await?;
+    tx.commit().await
+}
+
+/// The ledger block that closes a job.
+pub fn job_ended(row: &JobRow, status: &str, reason: &str) -> Payload {
+    Payload::JobEnded(JobEnded {
+        job_id: row.id as u64,
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        rounds_done: row.rounds_done as u32,
+        final_model_sha256: row.final_model_hash.clone(),
+    })
+}
+
+/// The ledger block of a finished round.
+fn round_block(
+    ctx: RoundContext,
+    spec: &JobSpec,
+    result: &RoundResult,
+    base_hash: &str,
+    model_hash: &str,
+    n_params: usize,
+    config_sha256: &str,
+) -> Payload {
+    let commitments: Vec<Commitment> = result
+        .commitments
+        .iter()
+        .map(|(site, c)| Commitment {
+            site: site.to_string(),
+            sha256: hex::encode(c),
+        })
+        .collect();
+    let leaves: Vec<Vec<u8>> = result.commitments.iter().map(|(s, c)| merkle::leaf(s, c)).collect();
+    let clip_norm = match &spec.aggregation {
+        Aggregation::Secure(s) => Some(s.clip_norm),
+        Aggregation::InsecurePlaintext => None,
+    };
+    Payload::RoundCompleted(Box::new(RoundCompleted {
+        job_id: ctx.job_id,
+        round: ctx.round,
+        contributors: result.sum.contributors.iter().map(|s| s.to_string()).collect(),
+        dropouts: result
+            .dropouts
+            .iter()
+            .map(|(site, phase)| Dropout {
+                site: site.to_string(),
+                phase: phase.clone(),
+            })
+            .collect(),
+        commitment_root: hex::encode(merkle::root(&leaves)),
+        commitments,
+        aggregate_sha256: result.aggregate_sha256.clone(),
+        base_model_sha256: base_hash.to_owned(),
+        model_sha256: model_hash.to_owned(),
+        n_params: n_params as u64,
+        total_weight: result.sum.total_weight,
+        strategy: spec.strategy_label(),
+        config_sha256: config_sha256.to_owned(),
+        secure_aggregation: clip_norm.is_some(),
+        clip_norm,
+        quantization_bits: result.quantization_bits,
+        transcript: result.transcript.as_deref().and_then(|t| serde_json::from_str(t).ok()),
+        privacy_epsilon: None,
+    }))
+}
+
+/// The evaluation of the model that round `round` started from (the final
+/// model for the evaluation after the last round), as reported by the sites
+/// and pooled by secure sum.
+async fn metrics_block(shared: &Arc<Shared>, job_id: JobId, round: u32, model_hash: &str) -> anyhow::Result<Payload> {
+    let r = i64::from(round);
+    let sites = shared
+        .store
+        .metrics(job_id)
+        .await?
+        .into_iter()
+        .filter(|m| m.round == r)
+        .map(|m| SiteMetrics {
+            site: m.site_id,
+            n_test: m.n_test as u64,
+            loss: m.loss,
+            accuracy: m.accuracy,
+            auc: m.auc,
+        })
+        .collect();
+    let pooled = shared
+        .store
+        .pooled(job_id)
+        .await?
+        .into_iter()
+        .find(|p| p.round == r)
+        .and_then(|p| {
+            Some(PooledMetrics {
+                n_sites: p.n_sites as u64,
+                n_test: p.n_test as u64,
+                loss: p.loss?,
+                accuracy: p.accuracy?,
+            })
+        });
+    Ok(Payload::Metrics(Metrics {
+        job_id: job_id.0,
+        model_of_round: round - 1,
+        model_sha256: model_hash.to_owned(),
+        sites,
+        pooled,
+    }))
+}
+
 async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<(), Stop> {
+    let job_hash = shared
+        .lock()
+        .active
+        .as_ref()
+        .map(|a| a.job_hash.clone())
+        .unwrap_or_default();
     let timing = spec.timing;
     let dropout_ms = timing.dropout_after_s * 1000;
     let secure = match &spec.aggregation {
@@ -169,9 +304,26 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
             )));
         }
         let next_hash = model_hash(&next);
-        shared
-            .store
-            .record_round(&RoundRecord {
+        let finished_at_ms = unix_ms();
+        let block = round_block(
+            RoundContext {
+                job_id: job_id.0,
+                round,
+            },
+            spec,
+            &result,
+            &global_hash,
+            &next_hash,
+            next.len(),
+            &job_hash,
+        );
+        let metrics = metrics_block(shared, job_id, round, &global_hash).await?;
+        // The round, its model and its ledger blocks in one transaction:
+        // the new model is served to no one before its block is stored.
+        let mut tx = shared.ledger.begin().await?;
+        Store::record_round_in(
+            &mut tx.tx,
+            &RoundRecord {
                 job_id,
                 round,
                 base_model_hash: &global_hash,
@@ -181,11 +333,15 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
                 total_weight: result.sum.total_weight,
                 mean_train_loss: result.mean_train_loss,
                 started_at_ms,
-                finished_at_ms: unix_ms(),
-                transcript: result.transcript,
-                members: result.members,
-            })
-            .await?;
+                finished_at_ms,
+                transcript: result.transcript.clone(),
+                members: result.members.clone(),
+            },
+        )
+        .await?;
+        tx.append(&block, finished_at_ms as u64).await?;
+        tx.append(&metrics, finished_at_ms as u64).await?;
+        tx.commit().await?;
         info!(
             job = %job_id,
             round,
@@ -248,6 +404,12 @@ struct RoundResult {
     transcript: Option<String>,
     /// (site, outcome, n_samples)
     members: Vec<(SiteId, String, u64)>,
+    /// For the ledger: each contributor's commitment to what it uploaded,
+    /// who dropped at which phase, and the hash of the released aggregate.
+    commitments: BTreeMap<SiteId, [u8; 32]>,
+    dropouts: Vec<(SiteId, String)>,
+    aggregate_sha256: String,
+    quantization_bits: Option<u32>,
 }
 
 async fn plaintext_round(
@@ -287,11 +449,35 @@ async fn plaintext_round(
             MemberState::Expected { .. } => (site.clone(), "expected".to_owned(), 0),
         })
         .collect();
+    let commitments = outcome
+        .members
+        .iter()
+        .filter_map(|(site, state)| match state {
+            MemberState::Submitted { commitment, .. } => Some((site.clone(), *commitment)),
+            _ => None,
+        })
+        .collect();
+    let dropouts = outcome
+        .dropped()
+        .into_iter()
+        .map(|s| (s, "update".to_owned()))
+        .collect();
     Ok(RoundResult {
         mean_train_loss: Some(outcome.mean_train_loss()),
+        aggregate_sha256: sha256_hex(
+            &outcome
+                .sum
+                .weighted_sum
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        ),
         sum: outcome.sum,
         transcript: None,
         members,
+        commitments,
+        dropouts,
+        quantization_bits: None,
     })
 }
 
@@ -326,6 +512,12 @@ async fn secure_round(
     store_pooled(shared, ctx, m, metric_words).await?;
     let contributors: Vec<SiteId> = transcript.masked.iter().map(|(s, _)| s.clone()).collect();
     let outcomes = member_outcomes(&transcript);
+    let commitments = transcript.masked.iter().cloned().collect();
+    let dropouts = transcript
+        .dropped
+        .iter()
+        .map(|(s, phase)| (s.clone(), phase_name(*phase).to_owned()))
+        .collect();
     Ok(RoundResult {
         sum: SecureSum {
             weighted_sum,
@@ -335,6 +527,10 @@ async fn secure_round(
         mean_train_loss: None,
         transcript: Some(transcript_json(&transcript, quantizer.bits, secure.clip_norm)),
         members: outcomes,
+        commitments,
+        dropouts,
+        aggregate_sha256: hex::encode(commitment(&sum)),
+        quantization_bits: Some(quantizer.bits),
     })
 }
 
@@ -558,8 +754,11 @@ async fn store_pooled(shared: &Arc<Shared>, ctx: RoundContext, n_sites: usize, w
 /// and a dropout: one whose masked input is in the sum but that went silent
 /// at unmasking (its self mask was rebuilt from the others' shares).
 fn member_outcomes(t: &Transcript) -> Vec<(SiteId, String, u64)> {
-    let mut outcomes: BTreeMap<SiteId, String> =
-        t.masked.iter().map(|(s, _)| (s.clone(), "submitted".to_owned())).collect();
+    let mut outcomes: BTreeMap<SiteId, String> = t
+        .masked
+        .iter()
+        .map(|(s, _)| (s.clone(), "submitted".to_owned()))
+        .collect();
     for (site, phase) in &t.dropped {
         let dropped = format!("dropped:{}", phase_name(*phase));
         outcomes

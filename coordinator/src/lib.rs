@@ -9,10 +9,13 @@
 //!   and final evaluation.
 //! - [`rpc`]: thin tonic services (identify, decode, call one method, encode).
 //! - [`store`]: sqlx + SQLite persistence.
+//! - [`ledger`]: the signed, site-endorsed chain, written in the same
+//!   transactions as the state it records.
 //! - [`cli`]: the `tessera` command for ML leads.
 
 pub mod cli;
 pub mod driver;
+pub mod ledger;
 pub mod rpc;
 pub mod secure;
 pub mod state;

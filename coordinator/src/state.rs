@@ -22,6 +22,8 @@ use crate::store::Store;
 /// Everything the services and the driver share.
 pub struct Shared {
     pub store: Store,
+    /// The chain every job, round and decision is written to first.
+    pub ledger: crate::ledger::Ledger,
     pub inner: Mutex<Inner>,
     /// Wakes long-polling sites when the phase changes (all waiters).
     pub wake: Notify,
@@ -84,9 +86,15 @@ pub struct RoundPhase {
 }
 
 impl Shared {
-    pub fn new(store: Store, allowed_sites: Option<BTreeSet<SiteId>>, roster: BTreeMap<SiteId, [u8; 32]>) -> Self {
+    pub fn new(
+        store: Store,
+        ledger: crate::ledger::Ledger,
+        allowed_sites: Option<BTreeSet<SiteId>>,
+        roster: BTreeMap<SiteId, [u8; 32]>,
+    ) -> Self {
         Self {
             store,
+            ledger,
             roster,
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),

@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use anyhow::Context;
 use sqlx::AssertSqlSafe;
+use sqlx::SqliteConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use tessera_protocol::ids::{JobId, SiteId};
 use tessera_protocol::stats::Normalization;
@@ -107,6 +108,12 @@ pub struct RoundRecord<'a> {
     pub members: Vec<(SiteId, String, u64)>,
 }
 
+/// The reason recorded for a job an operator cancelled.
+pub const CANCELLED: &str = "cancelled by operator";
+
+/// Why a job left running by a previous process is failed.
+pub const INTERRUPTED: &str = "coordinator restarted while the job was running";
+
 /// Columns of [`JobRow`]; a constant, so the formatted queries carry no input.
 const JOB_COLUMNS: &str = "id, name, job_toml, job_hash, status, phase, rounds_total, rounds_done, strategy, model, \
      created_at_ms, error, final_model_hash, n_features, normalization";
@@ -132,7 +139,13 @@ impl Store {
         Ok(Self { pool })
     }
 
-    pub async fn insert_job(&self, job: &NewJob<'_>) -> anyhow::Result<JobId> {
+    /// The pool, for transactions that also append ledger blocks.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Queues a job inside the caller's transaction (with its ledger block).
+    pub async fn insert_job_in(conn: &mut SqliteConnection, job: &NewJob<'_>) -> anyhow::Result<JobId> {
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO jobs (name, job_toml, job_hash, status, rounds_total, strategy, model, created_at_ms) \
              VALUES (?, ?, ?, 'queued', ?, ?, ?, ?) RETURNING id",
@@ -144,7 +157,7 @@ impl Store {
         .bind(job.strategy)
         .bind(job.model)
         .bind(job.now_ms)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await
         .context("cannot insert job")?;
         Ok(JobId(id as u64))
@@ -179,44 +192,61 @@ impl Store {
     }
 
     pub async fn set_status(&self, job_id: JobId, status: &str, error: &str, now_ms: i64) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        Self::set_status_in(&mut conn, job_id, status, error, now_ms).await
+    }
+
+    /// Sets a job's status inside the caller's transaction.
+    pub async fn set_status_in(
+        conn: &mut SqliteConnection,
+        job_id: JobId,
+        status: &str,
+        error: &str,
+        now_ms: i64,
+    ) -> anyhow::Result<()> {
         let finished = matches!(status, "finished" | "failed" | "cancelled").then_some(now_ms);
         sqlx::query("UPDATE jobs SET status = ?, error = ?, finished_at_ms = COALESCE(?, finished_at_ms) WHERE id = ?")
             .bind(status)
             .bind(error)
             .bind(finished)
             .bind(job_id.0 as i64)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await
             .with_context(|| format!("cannot update job {job_id}"))?;
         Ok(())
     }
 
     /// Cancels a job that has not started; returns false if it is not queued.
-    pub async fn cancel_if_queued(&self, job_id: JobId, now_ms: i64) -> anyhow::Result<bool> {
+    pub async fn cancel_if_queued_in(conn: &mut SqliteConnection, job_id: JobId, now_ms: i64) -> anyhow::Result<bool> {
         let done = sqlx::query(
-            "UPDATE jobs SET status = 'cancelled', error = 'cancelled by operator', finished_at_ms = ? \
-             WHERE id = ? AND status = 'queued'",
+            "UPDATE jobs SET status = 'cancelled', error = ?, finished_at_ms = ? WHERE id = ? AND status = 'queued'",
         )
+        .bind(CANCELLED)
         .bind(now_ms)
         .bind(job_id.0 as i64)
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await
         .with_context(|| format!("cannot cancel job {job_id}"))?;
         Ok(done.rows_affected() == 1)
     }
 
     /// Jobs left `running` by a previous coordinator process cannot resume
-    /// (their round state lived in memory): mark them failed, saying why.
-    pub async fn fail_interrupted(&self, now_ms: i64) -> anyhow::Result<u64> {
-        let done = sqlx::query(
-            "UPDATE jobs SET status = 'failed', error = 'coordinator restarted while the job was running', \
-             finished_at_ms = ? WHERE status = 'running'",
-        )
-        .bind(now_ms)
-        .execute(&self.pool)
+    /// (their round state lived in memory): marks them failed, inside the
+    /// caller's transaction, and returns them as they were.
+    pub async fn fail_interrupted_in(conn: &mut SqliteConnection, now_ms: i64) -> anyhow::Result<Vec<JobRow>> {
+        let rows = sqlx::query_as::<_, JobRow>(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'running' ORDER BY id"
+        )))
+        .fetch_all(&mut *conn)
         .await
-        .context("cannot mark interrupted jobs")?;
-        Ok(done.rows_affected())
+        .context("cannot read interrupted jobs")?;
+        sqlx::query("UPDATE jobs SET status = 'failed', error = ?, finished_at_ms = ? WHERE status = 'running'")
+            .bind(INTERRUPTED)
+            .bind(now_ms)
+            .execute(&mut *conn)
+            .await
+            .context("cannot mark interrupted jobs")?;
+        Ok(rows)
     }
 
     pub async fn set_phase(&self, job_id: JobId, phase: &str) -> anyhow::Result<()> {
@@ -269,9 +299,10 @@ impl Store {
 
     /// Stores a round's model, its row, its members and the job's progress,
     /// atomically: a crash leaves either all of the round or none of it.
-    pub async fn record_round(&self, r: &RoundRecord<'_>) -> anyhow::Result<()> {
+    /// Inside the caller's transaction, which also appends the round's
+    /// ledger block: the model is never served before its block is stored.
+    pub async fn record_round_in(tx: &mut SqliteConnection, r: &RoundRecord<'_>) -> anyhow::Result<()> {
         let job = r.job_id.0 as i64;
-        let mut tx = self.pool.begin().await.context("cannot begin transaction")?;
         sqlx::query("INSERT OR IGNORE INTO models (hash, n_params, data, created_at_ms) VALUES (?, ?, ?, ?)")
             .bind(r.model_hash)
             .bind(r.n_params as i64)
@@ -311,8 +342,6 @@ impl Store {
             .bind(r.model_hash)
             .bind(job)
             .execute(&mut *tx)
-            .await?;
-        tx.commit()
             .await
             .with_context(|| format!("cannot store round {} of job {}", r.round, r.job_id))?;
         Ok(())
@@ -428,6 +457,30 @@ mod tests {
             strategy: "fedavg",
             model: "logistic_regression",
             now_ms: 1,
+        }
+    }
+
+    /// The transactional operations, each in a transaction of its own.
+    impl Store {
+        async fn insert_job(&self, job: &NewJob<'_>) -> anyhow::Result<JobId> {
+            let mut conn = self.pool.acquire().await?;
+            Self::insert_job_in(&mut conn, job).await
+        }
+
+        async fn record_round(&self, r: &RoundRecord<'_>) -> anyhow::Result<()> {
+            let mut tx = self.pool.begin().await?;
+            Self::record_round_in(&mut tx, r).await?;
+            Ok(tx.commit().await?)
+        }
+
+        async fn cancel_if_queued(&self, job_id: JobId, now_ms: i64) -> anyhow::Result<bool> {
+            let mut conn = self.pool.acquire().await?;
+            Self::cancel_if_queued_in(&mut conn, job_id, now_ms).await
+        }
+
+        async fn fail_interrupted(&self, now_ms: i64) -> anyhow::Result<usize> {
+            let mut conn = self.pool.acquire().await?;
+            Ok(Self::fail_interrupted_in(&mut conn, now_ms).await?.len())
         }
     }
 

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -16,11 +17,13 @@ use tessera_protocol::job::Aggregation;
 use tessera_protocol::job::JobSpec;
 use tessera_protocol::model::{Layout, decode_params, encode_params};
 use tessera_protocol::pb::federation_client::FederationClient;
+use tessera_protocol::pb::ledger_client::LedgerClient;
 use tessera_protocol::pb::{self, sec_agg_step, task, update_chunk};
 use tessera_protocol::roster::Roster;
+use tessera_protocol::round::update_commitment;
 use tessera_protocol::secagg::client::{self, ClientConfig};
 use tessera_protocol::secagg::crypto::SigningKey;
-use tessera_protocol::secagg::{RoundContext, exact};
+use tessera_protocol::secagg::{RoundContext, commitment, exact};
 use tessera_protocol::stats::Normalization;
 use tessera_protocol::wire;
 use tokio_stream::StreamExt;
@@ -30,6 +33,7 @@ use tracing::{error, info, warn};
 use crate::config::{Policy, SiteConfig};
 use crate::egress::EgressLog;
 use crate::local::LocalData;
+use crate::replica::{HALT_FILE, Replica};
 
 const HEARTBEAT: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -69,7 +73,11 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
     let endpoint = Endpoint::from_shared(config.coordinator.clone())
         .with_context(|| format!("bad coordinator address `{}`", config.coordinator))?
         .connect_timeout(Duration::from_secs(5));
+    let replica = Replica::open(&config.state_dir, config.site_id.clone(), signing_key.clone()).await?;
+    let halted = Arc::new(AtomicBool::new(replica.halted().is_some()));
     let mut site = Site {
+        replica,
+        halted: halted.clone(),
         id: config.site_id.clone(),
         data,
         egress,
@@ -93,8 +101,11 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
                     FederationClient::new(channel.clone()),
                     site.id.clone(),
                     site.egress.clone(),
+                    halted.clone(),
                 ));
-                let result = site.serve(FederationClient::new(channel)).await;
+                let result = site
+                    .serve(FederationClient::new(channel.clone()), LedgerClient::new(channel))
+                    .await;
                 heartbeat.abort();
                 if let Err(e) = result {
                     warn!("connection lost: {e:#}");
@@ -107,8 +118,18 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
     }
 }
 
-async fn heartbeat_loop(mut client: FederationClient<Channel>, site: SiteId, egress: Arc<EgressLog>) {
+/// Heartbeats until the connection ends; a halted site stops them, so the
+/// coordinator stops counting on it.
+async fn heartbeat_loop(
+    mut client: FederationClient<Channel>,
+    site: SiteId,
+    egress: Arc<EgressLog>,
+    halted: Arc<AtomicBool>,
+) {
     loop {
+        if halted.load(Ordering::Relaxed) {
+            return;
+        }
         let request = pb::HeartbeatRequest {
             site_id: site.to_string(),
         };
@@ -125,6 +146,10 @@ async fn heartbeat_loop(mut client: FederationClient<Channel>, site: SiteId, egr
 /// What one site does with its tasks.
 struct Site {
     id: SiteId,
+    /// The verified ledger replica every task is checked against.
+    replica: Replica,
+    /// Set once the replica disagrees with the coordinator: no more work.
+    halted: Arc<AtomicBool>,
     data: LocalData,
     egress: Arc<EgressLog>,
     /// (job, round, what) already done, so a repeated announcement after a
@@ -163,13 +188,37 @@ enum Work {
 
 impl Site {
     /// Polls for tasks until the connection fails.
-    async fn serve(&mut self, mut client: FederationClient<Channel>) -> anyhow::Result<()> {
+    async fn serve(
+        &mut self,
+        mut client: FederationClient<Channel>,
+        mut ledger: LedgerClient<Channel>,
+    ) -> anyhow::Result<()> {
         loop {
+            if let Some(reason) = self.replica.halted() {
+                self.halted.store(true, Ordering::Relaxed);
+                error!(
+                    "halted, not training (remove {} after investigating): {reason}",
+                    HALT_FILE
+                );
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                continue;
+            }
             let request = pb::PollTaskRequest {
                 site_id: self.id.to_string(),
             };
             self.egress.record("PollTask", &request)?;
             let task = client.poll_task(request).await.context("poll failed")?.into_inner();
+            // Before any work on a job, and when idle: bring the replica up
+            // to date (verifying and endorsing new blocks).
+            if !matches!(task.kind, Some(task::Kind::Secagg(_))) {
+                self.replica
+                    .sync(&mut ledger, &self.egress)
+                    .await
+                    .context("ledger sync failed")?;
+                if self.replica.halted().is_some() {
+                    continue;
+                }
+            }
             let result = match task.kind {
                 None | Some(task::Kind::Idle(_)) => Ok(()),
                 Some(task::Kind::ComputeStats(t)) => self.compute_stats(&mut client, t).await,
@@ -195,6 +244,10 @@ impl Site {
     fn job(&mut self, job_id: u64, job_toml: &str, job_hash: &str) -> anyhow::Result<JobSpec> {
         if sha256_hex(job_toml.as_bytes()) != job_hash {
             bail!("job file does not match its announced hash {job_hash}");
+        }
+        if let Err(reason) = self.replica.check_job(job_id, job_hash) {
+            self.replica.refuse(reason.clone());
+            bail!("{reason}");
         }
         let spec = JobSpec::from_toml(job_toml).context("announced job is invalid")?;
         if spec.aggregation == Aggregation::InsecurePlaintext && !self.policy.allow_insecure_plaintext {
@@ -254,6 +307,10 @@ impl Site {
 
     async fn round(&mut self, client: &mut FederationClient<Channel>, a: pb::RoundAnnouncement) -> anyhow::Result<()> {
         let spec = self.job(a.job_id, &a.job_toml, &a.job_hash)?;
+        if let Err(reason) = self.replica.check_model(a.job_id, a.round, &a.model_hash) {
+            self.replica.refuse(reason.clone());
+            bail!("{reason}");
+        }
         let layout = spec.model.layout(self.data.train.n_features);
         if layout.n_params() as u64 != a.n_params {
             bail!(
@@ -408,7 +465,9 @@ impl Site {
             train_loss: update.train_loss,
             masked: false,
         };
-        self.send_update_stream(client, header, &encode_params(&delta)).await
+        self.send_update_stream(client, header, &encode_params(&delta)).await?;
+        self.replica.committed(a.job_id, a.round, update_commitment(&delta));
+        Ok(())
     }
 
     /// Streams an update (or masked input): the header, then 1 MiB chunks,
@@ -483,7 +542,13 @@ impl Site {
                 let shares = wire::shares_from_pb(&inbox)?;
                 let input = self.inputs.remove(&key).context("input of this summation is gone")?;
                 match s.handle_shares(&shares, &input) {
-                    Ok((s, masked)) => (ClientState::Unmask(s), self.send_masked(client, key, &masked).await),
+                    Ok((s, masked)) => {
+                        let sent = self.send_masked(client, key, &masked).await;
+                        if sent.is_ok() {
+                            self.replica.committed(key.0, key.1, commitment(&masked));
+                        }
+                        (ClientState::Unmask(s), sent)
+                    }
                     Err(e) => (ClientState::Done, Err(anyhow::anyhow!("refusing the shares: {e}"))),
                 }
             }

@@ -1,7 +1,6 @@
 //! The site's long-term Ed25519 key (signs its secure-aggregation keys), kept
 //! in the state directory with 0600 permissions and never logged.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
@@ -10,24 +9,7 @@ use tessera_protocol::secagg::crypto::SigningKey;
 /// Loads `<state_dir>/site.key`, creating it on first use.
 pub fn load_or_create(state_dir: &Path) -> anyhow::Result<SigningKey> {
     let path = state_dir.join("site.key");
-    if !path.exists() {
-        std::fs::create_dir_all(state_dir).with_context(|| format!("cannot create {}", state_dir.display()))?;
-        let pkcs8 = SigningKey::generate_pkcs8();
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options
-            .open(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        file.write_all(&pkcs8)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    let pkcs8 = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    SigningKey::from_pkcs8(&pkcs8).map_err(|e| anyhow::anyhow!("{} is not an Ed25519 key: {e}", path.display()))
+    tessera_protocol::keyfile::load_or_create(&path).with_context(|| format!("site key {}", path.display()))
 }
 
 #[cfg(test)]

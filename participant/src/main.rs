@@ -6,6 +6,7 @@ mod daemon;
 mod egress;
 mod identity;
 mod local;
+mod replica;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -10,9 +10,9 @@
 //! ```
 //!
 //! Non-goals: no async runtime, no tonic service implementations, no
-//! filesystem access. The one exception is `ledger::store` (feature `sqlite`):
+//! filesystem access. The one exception is `ledger::store` and `keyfile` (feature `io`):
 //! the ledger tables that the coordinator's database and every site replica
-//! share, kept in one place so every reader agrees on them. The coordinator and the participant wrap these pure types
+//! share, and the private key files, kept in one place so every reader agrees. The coordinator and the participant wrap these pure types
 //! in thin IO layers, so a test can drive dozens of simulated sites in
 //! milliseconds. The only wire-level item here is [`pb`], the code generated from
 //! `proto/tessera.proto`, shared by both ends.
@@ -21,6 +21,8 @@ pub mod aggregate;
 pub mod evaluation;
 pub mod ids;
 pub mod job;
+#[cfg(feature = "io")]
+pub mod keyfile;
 pub mod ledger;
 pub mod model;
 pub mod roster;

@@ -43,12 +43,28 @@ pub struct UpdateHeader {
     pub train_loss: f64,
 }
 
+/// SHA-256 of a plaintext update as little-endian f32: what the ledger
+/// records as the site's commitment (the site computes the same).
+pub fn update_commitment(delta: &[f32]) -> [u8; 32] {
+    let bytes = crate::model::encode_params(delta);
+    crate::ledger::sha256(&bytes)
+}
+
 /// Where each selected site stands in the round.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MemberState {
-    Expected { last_seen_ms: u64 },
-    Submitted { n_samples: u64, train_loss: f64 },
-    Dropped { reason: DropReason },
+    Expected {
+        last_seen_ms: u64,
+    },
+    /// `commitment`: SHA-256 of the update as little-endian f32, for the ledger.
+    Submitted {
+        n_samples: u64,
+        train_loss: f64,
+        commitment: [u8; 32],
+    },
+    Dropped {
+        reason: DropReason,
+    },
 }
 
 /// Why a site was dropped from a round.
@@ -106,7 +122,10 @@ impl RoundOutcome {
     pub fn mean_train_loss(&self) -> f64 {
         let (mut total, mut weight) = (0.0, 0.0);
         for state in self.members.values() {
-            if let MemberState::Submitted { n_samples, train_loss } = state {
+            if let MemberState::Submitted {
+                n_samples, train_loss, ..
+            } = state
+            {
                 total += *n_samples as f64 * train_loss;
                 weight += *n_samples as f64;
             }
@@ -197,6 +216,7 @@ impl RoundCollector {
             MemberState::Submitted {
                 n_samples: header.n_samples,
                 train_loss: header.train_loss,
+                commitment: update_commitment(delta),
             },
         );
         let _ = now_ms;

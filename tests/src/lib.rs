@@ -51,6 +51,8 @@ pub struct Federation {
     pub dir: tempfile::TempDir,
     pub addr: String,
     children: Vec<(String, Child)>,
+    /// The coordinator's --allow-site list, for restarts.
+    allowed: String,
 }
 
 impl Federation {
@@ -72,41 +74,69 @@ impl Federation {
             roster.push_str(&String::from_utf8_lossy(&out.stdout));
         }
         std::fs::write(dir.path().join("roster.toml"), roster).expect("write roster");
-        let port_file = dir.path().join("port");
-        let log = std::fs::File::create(dir.path().join("coordinator.log")).expect("log file");
+        let mut federation = Self {
+            dir,
+            addr: String::new(),
+            children: Vec::new(),
+            allowed: allowed.join(","),
+        };
+        federation.spawn_coordinator("127.0.0.1:0");
+        federation
+    }
+
+    /// Starts the coordinator on `listen` and waits for its port.
+    fn spawn_coordinator(&mut self, listen: &str) {
+        let port_file = self.dir.path().join("port");
+        let _ = std::fs::remove_file(&port_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("coordinator.log"))
+            .expect("log file");
         let child = Command::new(bin("tessera-coordinator"))
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--port-file")
             .arg(&port_file)
             .arg("--db")
-            .arg(dir.path().join("coordinator.db"))
+            .arg(self.db())
             .arg("--allow-site")
-            .arg(allowed.join(","))
+            .arg(&self.allowed)
             .arg("--roster")
-            .arg(dir.path().join("roster.toml"))
+            .arg(self.dir.path().join("roster.toml"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start coordinator");
-        let mut federation = Self {
-            dir,
-            addr: String::new(),
-            children: vec![("coordinator".into(), child)],
-        };
+        self.children.push(("coordinator".into(), child));
         for _ in 0..200 {
             if let Ok(port) = std::fs::read_to_string(&port_file)
                 && !port.is_empty()
             {
-                federation.addr = format!("http://127.0.0.1:{port}");
-                return federation;
+                self.addr = format!("http://127.0.0.1:{port}");
+                return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "coordinator did not write its port; log:\n{}",
-            federation.log("coordinator")
-        );
+        panic!("coordinator did not write its port; log:\n{}", self.log("coordinator"));
+    }
+
+    /// The coordinator's database (which holds its ledger).
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("coordinator.db")
+    }
+
+    /// Kills the coordinator (SIGKILL: no clean shutdown) and starts it again
+    /// on the same port and database; the sites reconnect by themselves.
+    pub fn restart_coordinator(&mut self) {
+        self.stop_coordinator();
+        let port = self.addr.rsplit(':').next().expect("address has a port").to_owned();
+        self.spawn_coordinator(&format!("127.0.0.1:{port}"));
+    }
+
+    /// Kills the coordinator (SIGKILL) and waits for it to exit.
+    pub fn stop_coordinator(&mut self) {
+        self.kill_site("coordinator");
     }
 
     /// Starts the participant of one example hospital.
@@ -203,12 +233,14 @@ impl Federation {
 impl Federation {
     /// Kills one participant (as a crash would).
     pub fn kill_site(&mut self, site: &str) {
-        for (name, child) in &mut self.children {
-            if name == site {
-                child.kill().expect("kill participant");
-                child.wait().expect("reap participant");
+        self.children.retain_mut(|(name, child)| {
+            if name != site {
+                return true;
             }
-        }
+            child.kill().expect("kill process");
+            child.wait().expect("reap process");
+            false
+        });
     }
 }
 

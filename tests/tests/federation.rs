@@ -105,6 +105,8 @@ fn four_hospitals_train_three_rounds() {
         "ReportMetrics",
         "SubmitUpdate",
         "SubmitSecAgg",
+        "GetBlocks",
+        "Endorse",
     ];
     for site in SITES {
         let log = std::fs::read_to_string(federation.state_dir(site).join("egress.jsonl")).unwrap();
@@ -118,7 +120,13 @@ fn four_hospitals_train_three_rounds() {
             })
             .collect();
         assert!(kinds.iter().all(|k| allowed.contains(&k.as_str())), "{site}: {kinds:?}");
-        for needed in ["SubmitStats", "SubmitSecAgg", "SubmitUpdate", "ReportMetrics"] {
+        for needed in [
+            "SubmitStats",
+            "SubmitSecAgg",
+            "SubmitUpdate",
+            "ReportMetrics",
+            "Endorse",
+        ] {
             assert!(kinds.contains(needed), "{site} never logged {needed}");
         }
     }
@@ -138,6 +146,17 @@ fn four_hospitals_train_three_rounds() {
         serde_json::from_str(&std::fs::read_to_string(federation.dir.path().join("model.bin.json")).unwrap()).unwrap();
     let last_hash = rounds[2]["model_hash"].as_str().unwrap();
     assert_eq!(manifest["model_hash"], last_hash);
+    // The manifest points to the ledger block that recorded the model.
+    let height = manifest["ledger_block"]["height"]
+        .as_u64()
+        .expect("manifest names its block");
+    let out = federation.tessera(&["ledger", "show", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let block = &blocks[height as usize];
+    assert_eq!(block["kind"], "round_completed");
+    assert_eq!(block["payload"]["model_sha256"], last_hash);
+    assert_eq!(block["hash"], manifest["ledger_block"]["hash"]);
     assert_eq!(tessera_protocol::ids::sha256_hex(&bytes), last_hash);
     // 15 encoded features + bias.
     assert_eq!(bytes.len(), 16 * 4);

@@ -6,6 +6,7 @@
 //! unreachable coordinator).
 
 mod job;
+mod ledger;
 mod model;
 
 use std::process::ExitCode;
@@ -14,7 +15,7 @@ use clap::{Parser, Subcommand};
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// Launch, watch, cancel and export federated training jobs.
+/// Launch, watch, cancel and export federated training jobs; verify the ledger.
 #[derive(Parser)]
 #[command(name = "tessera", version)]
 struct Cli {
@@ -38,6 +39,9 @@ enum Command {
     /// Export trained models.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Verify, list and report the ledger; issue and check receipts.
+    #[command(subcommand)]
+    Ledger(ledger::LedgerCommand),
 }
 
 /// A failure the user can act on (exit 1) versus a bug or outage (exit 2).
@@ -94,6 +98,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Job(cmd) => job::exec(&cli.coordinator, cmd).await,
             Command::Model(cmd) => model::exec(&cli.coordinator, cmd).await,
+            Command::Ledger(cmd) => ledger::exec(&cli.coordinator, cmd).await,
         }
     });
     match result {

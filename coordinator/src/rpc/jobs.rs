@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tessera_protocol::ids::JobId;
 use tessera_protocol::job::JobSpec;
+use tessera_protocol::ledger::payload::{JobCreated, JobEnded, Payload};
 use tessera_protocol::pb;
 use tessera_protocol::pb::jobs_server::Jobs;
 use tonic::{Request, Response, Status};
@@ -12,8 +13,9 @@ use tracing::info;
 
 use super::RpcError;
 use super::federation::chunk_stream;
+use crate::ledger::SOFTWARE;
 use crate::state::Shared;
-use crate::store::{JobRow, NewJob};
+use crate::store::{CANCELLED, JobRow, NewJob, Store};
 use crate::unix_ms;
 
 pub struct JobsService {
@@ -59,20 +61,33 @@ impl Jobs for JobsService {
         let job_toml = request.into_inner().job_toml;
         let spec = JobSpec::from_toml(&job_toml).map_err(|e| RpcError::InvalidArgument(format!("job refused: {e}")))?;
         let job_hash = JobSpec::hash_of(&job_toml);
-        let job_id = self
-            .shared
-            .store
-            .insert_job(&NewJob {
+        // The job and its ledger block are stored together: no job runs
+        // without being on the ledger first.
+        let now_ms = unix_ms();
+        let mut tx = self.shared.ledger.begin().await.map_err(RpcError::from)?;
+        let job_id = Store::insert_job_in(
+            &mut tx.tx,
+            &NewJob {
                 job_toml: &job_toml,
                 job_hash: &job_hash,
                 name: &spec.name,
                 rounds: spec.rounds,
                 strategy: &spec.strategy_label(),
                 model: &spec.model.label(),
-                now_ms: unix_ms(),
-            })
-            .await
-            .map_err(RpcError::from)?;
+                now_ms,
+            },
+        )
+        .await
+        .map_err(RpcError::from)?;
+        let block = Payload::JobCreated(JobCreated {
+            job_id: job_id.0,
+            name: spec.name.clone(),
+            job_sha256: job_hash.clone(),
+            job_toml: job_toml.clone(),
+            software: SOFTWARE.to_owned(),
+        });
+        tx.append(&block, now_ms as u64).await.map_err(RpcError::from)?;
+        tx.commit().await.map_err(RpcError::from)?;
         info!(job = %job_id, name = %spec.name, hash = %job_hash, "job submitted");
         self.shared.wake.notify_waiters();
         Ok(Response::new(pb::SubmitJobResponse {
@@ -168,18 +183,27 @@ impl Jobs for JobsService {
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let row = self.job_row(request.get_ref().job_id).await?;
         let job_id = JobId(row.id as u64);
-        if self
-            .shared
-            .store
-            .cancel_if_queued(job_id, unix_ms())
+        let now_ms = unix_ms();
+        let mut tx = self.shared.ledger.begin().await.map_err(RpcError::from)?;
+        if Store::cancel_if_queued_in(&mut tx.tx, job_id, now_ms)
             .await
             .map_err(RpcError::from)?
         {
+            let block = Payload::JobEnded(JobEnded {
+                job_id: job_id.0,
+                status: "cancelled".into(),
+                reason: CANCELLED.into(),
+                rounds_done: 0,
+                final_model_sha256: None,
+            });
+            tx.append(&block, now_ms as u64).await.map_err(RpcError::from)?;
+            tx.commit().await.map_err(RpcError::from)?;
             info!(job = %job_id, "queued job cancelled");
             return Ok(Response::new(pb::CancelJobResponse {
                 status: "cancelled".into(),
             }));
         }
+        drop(tx);
         {
             let mut inner = self.shared.lock();
             if let Some(active) = inner.active.as_mut().filter(|a| a.job_id == job_id) {
@@ -219,8 +243,20 @@ impl Jobs for JobsService {
             .as_deref()
             .and_then(|n| serde_json::from_str(n).ok())
             .unwrap_or(serde_json::Value::Null);
+        let block = self
+            .shared
+            .ledger
+            .round_block_for(row.id as u64, &hash)
+            .await
+            .map_err(RpcError::from)?;
         let manifest = serde_json::json!({
             "format": "tessera-model-v1",
+            // The ledger block that recorded this model: verify the ledger,
+            // then check this file's SHA-256 against the block.
+            "ledger_block": block.map(|(height, block_hash)| serde_json::json!({
+                "height": height,
+                "hash": block_hash,
+            })),
             "encoding": "little-endian f32, layer by layer: weight [d_in, d_out] row-major, then bias",
             "job_id": row.id,
             "job_name": row.name,

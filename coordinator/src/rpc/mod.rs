@@ -4,9 +4,11 @@
 
 mod federation;
 mod jobs;
+mod ledger;
 
 pub use federation::FederationService;
 pub use jobs::JobsService;
+pub use ledger::LedgerService;
 
 use tessera_protocol::round::UpdateRejection;
 use tonic::Status;

@@ -7,7 +7,7 @@
 pub mod merkle;
 pub mod payload;
 pub mod receipt;
-#[cfg(feature = "sqlite")]
+#[cfg(feature = "io")]
 pub mod store;
 pub mod verify;
 pub mod writer;

@@ -72,18 +72,29 @@ impl LedgerStore {
         &self.pool
     }
 
-    /// Blocks from `from` on, in height order, with their endorsements.
-    pub async fn blocks(&self, from: u64) -> sqlx::Result<Vec<StoredBlock>> {
+    /// All blocks, in height order, with their endorsements.
+    pub async fn blocks(&self) -> sqlx::Result<Vec<StoredBlock>> {
+        self.blocks_from(0, u64::MAX).await
+    }
+
+    /// At most `limit` blocks from height `from` on.
+    pub async fn blocks_from(&self, from: u64, limit: u64) -> sqlx::Result<Vec<StoredBlock>> {
+        let limit = limit.min(i64::MAX as u64) as i64;
         let rows = sqlx::query(
-            "SELECT height, hash, header, payload, signature FROM ledger_blocks WHERE height >= ? ORDER BY height",
+            "SELECT height, hash, header, payload, signature FROM ledger_blocks WHERE height >= ? \
+             ORDER BY height LIMIT ?",
         )
         .bind(from as i64)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         let endorsements = sqlx::query(
-            "SELECT height, site_id, signature FROM ledger_endorsements WHERE height >= ? ORDER BY height, site_id",
+            "SELECT e.height, e.site_id, e.signature FROM ledger_endorsements e \
+             WHERE e.height IN (SELECT height FROM ledger_blocks WHERE height >= ? ORDER BY height LIMIT ?) \
+             ORDER BY e.height, e.site_id",
         )
         .bind(from as i64)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -147,6 +158,7 @@ impl LedgerStore {
         Ok(())
     }
 
+    /// Appends a block in its own transaction.
     pub async fn append(&self, height: u64, block: &Block) -> sqlx::Result<()> {
         let mut tx = self.pool.begin().await?;
         Self::append_in(&mut tx, height, block).await?;

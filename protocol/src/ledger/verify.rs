@@ -8,6 +8,9 @@ use super::payload::{Genesis, Member, Payload, RoundCompleted};
 use super::{Block, Header, Kind, merkle, sha256, verify_block_signature, verify_endorsement};
 use crate::ids::{SiteId, sha256_hex};
 
+/// Who may endorse: site id → Ed25519 public key.
+pub type Members = BTreeMap<SiteId, [u8; 32]>;
+
 /// The first thing wrong with a chain, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("block {height}: {problem}")]
@@ -63,7 +66,19 @@ pub struct Report {
     pub models: Vec<(u64, String)>,
 }
 
-#[derive(Default)]
+/// A block that passed verification.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub payload: Payload,
+    pub hash: [u8; 32],
+    /// Members whose valid endorsements the block carries.
+    pub endorsers: BTreeSet<SiteId>,
+    /// The members who may endorse this block (the membership before a
+    /// change it makes).
+    pub members: Members,
+}
+
+#[derive(Default, Clone)]
 struct JobState {
     last_round: u32,
     last_model: Option<String>,
@@ -72,11 +87,11 @@ struct JobState {
 
 /// Verifies blocks one at a time, in order. A participant keeps one over
 /// its replica; `verify_chain` runs one over a whole file.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Verifier {
     genesis: Option<(Genesis, [u8; 32])>,
     coordinator_key: [u8; 32],
-    members: BTreeMap<SiteId, [u8; 32]>,
+    members: Members,
     tip: Option<(u64, [u8; 32], u64)>,
     jobs: BTreeMap<u64, JobState>,
     models: Vec<(u64, String)>,
@@ -118,19 +133,23 @@ impl Verifier {
             .map_or(usize::MAX, |(g, _)| g.quorum.min(self.members.len()).max(1))
     }
 
+    /// The members who may endorse the next block.
+    pub fn members(&self) -> &Members {
+        &self.members
+    }
+
     pub fn member_key(&self, site: &SiteId) -> Option<[u8; 32]> {
         self.members.get(site).copied()
     }
 
     /// Checks `block` as the next one and, if it is sound, takes it as the
-    /// new tip. Returns the parsed payload and how many distinct valid
-    /// endorsements it carries. Nothing changes on error.
-    pub fn push(&mut self, block: &Block) -> Result<(Payload, usize), VerifyError> {
+    /// new tip. Nothing changes on error.
+    pub fn push(&mut self, block: &Block) -> Result<Verified, VerifyError> {
         let height = self.next_height();
         self.check(block).map_err(|problem| VerifyError { height, problem })
     }
 
-    fn check(&mut self, block: &Block) -> Result<(Payload, usize), Problem> {
+    fn check(&mut self, block: &Block) -> Result<Verified, Problem> {
         let height = self.next_height();
         let header = Header::decode(&block.header)?;
         if header.height != height {
@@ -175,7 +194,7 @@ impl Verifier {
         }
         // Semantics last, on a copy: a bad block leaves the state untouched.
         let mut jobs_after = None;
-        let mut members_after = members;
+        let mut members_after = members.clone();
         match &payload {
             Payload::Genesis(g) => {
                 self.genesis = Some((g.clone(), hash));
@@ -192,14 +211,15 @@ impl Verifier {
         }
         self.members = members_after;
         self.tip = Some((height, hash, header.timestamp_ms));
-        Ok((payload, endorsers.len()))
+        Ok(Verified {
+            payload,
+            hash,
+            endorsers,
+            members,
+        })
     }
 
-    fn check_job_block(
-        &self,
-        payload: &Payload,
-        members: &BTreeMap<SiteId, [u8; 32]>,
-    ) -> Result<(u64, JobState), Problem> {
+    fn check_job_block(&self, payload: &Payload, members: &Members) -> Result<(u64, JobState), Problem> {
         let kind = payload.kind();
         let job = payload.job_id().expect("job blocks name their job");
         let semantics = |s: String| Problem::Semantics(s);
@@ -243,7 +263,7 @@ impl Verifier {
     }
 }
 
-fn genesis_members(g: &Genesis) -> Result<([u8; 32], BTreeMap<SiteId, [u8; 32]>), Problem> {
+fn genesis_members(g: &Genesis) -> Result<([u8; 32], Members), Problem> {
     let coordinator =
         key_from_hex(&g.coordinator_key).ok_or_else(|| bad(Kind::Genesis, "coordinator_key is not 32 hex bytes"))?;
     let mut members = BTreeMap::new();
@@ -268,10 +288,7 @@ fn member_entry(m: &Member) -> Result<(SiteId, [u8; 32]), String> {
     Ok((id, key))
 }
 
-fn apply_change(
-    members: &mut BTreeMap<SiteId, [u8; 32]>,
-    change: &super::payload::MembershipChange,
-) -> Result<(), Problem> {
+fn apply_change(members: &mut Members, change: &super::payload::MembershipChange) -> Result<(), Problem> {
     let kind = Kind::MembershipChange;
     let (id, key) = member_entry(&change.site).map_err(|e| bad(kind, e))?;
     let present = members.contains_key(&id);
@@ -284,7 +301,7 @@ fn apply_change(
     Ok(())
 }
 
-fn check_round(r: &RoundCompleted, state: &JobState, members: &BTreeMap<SiteId, [u8; 32]>) -> Result<(), String> {
+fn check_round(r: &RoundCompleted, state: &JobState, members: &Members) -> Result<(), String> {
     if r.round != state.last_round + 1 {
         return Err(format!("round {} follows round {}", r.round, state.last_round));
     }
@@ -339,7 +356,7 @@ pub fn verify_chain(blocks: &[Block], stored_hashes: Option<&[[u8; 32]]>) -> Res
     let mut first_pending: Option<(u64, usize, usize)> = None;
     for (i, block) in blocks.iter().enumerate() {
         let height = i as u64;
-        let (_, endorsements) = verifier.push(block)?;
+        let endorsements = verifier.push(block)?.endorsers.len();
         if let Some(stored) = stored_hashes
             && stored.get(i) != Some(&block.hash())
         {

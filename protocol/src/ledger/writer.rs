@@ -38,8 +38,14 @@ impl ChainWriter {
     /// The writer's tip moves only when the caller `commit`s the block, so a
     /// block that failed to store is never chained onto.
     pub fn next_block(&self, payload: &Payload, now_ms: u64) -> (Block, Tip) {
+        self.block_after(self.tip, payload, now_ms)
+    }
+
+    /// A block after `tip` rather than the committed tip: for several blocks
+    /// written in one transaction.
+    pub fn block_after(&self, tip: Option<Tip>, payload: &Payload, now_ms: u64) -> (Block, Tip) {
         let bytes = payload.to_json();
-        let (height, prev_hash, timestamp_ms) = match self.tip {
+        let (height, prev_hash, timestamp_ms) = match tip {
             None => (0, [0u8; 32], now_ms),
             Some(t) => (t.height + 1, t.hash, now_ms.max(t.timestamp_ms)),
         };

@@ -1,0 +1,442 @@
+//! `tessera ledger`: the regulator's tools. Everything here works offline on a
+//! ledger file (the coordinator's database or a site's replica), or read-only
+//! against a coordinator; nothing here needs to trust the operator.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+use tessera_protocol::ids::{SiteId, sha256_hex};
+use tessera_protocol::ledger::payload::Payload;
+use tessera_protocol::ledger::receipt::{self, Receipt};
+use tessera_protocol::ledger::store::LedgerStore;
+use tessera_protocol::ledger::verify::{Report, verify_chain};
+use tessera_protocol::ledger::{Block, Endorsement, Header};
+use tessera_protocol::pb;
+use tessera_protocol::pb::ledger_client::LedgerClient;
+
+use super::{CliError, CliResult, connect};
+
+mod report;
+
+#[derive(Subcommand)]
+pub(crate) enum LedgerCommand {
+    /// Check every hash link, signature and endorsement against the genesis
+    /// membership, and stored models against their hashes. Exit 0 when
+    /// intact, 1 naming the first bad block.
+    Verify {
+        /// A ledger file (coordinator database or site replica). Without it,
+        /// the coordinator's chain is read through its read-only API.
+        path: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the blocks, readable or as JSON.
+    Show {
+        path: Option<PathBuf>,
+        #[arg(long)]
+        job: Option<u64>,
+        #[arg(long)]
+        round: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one self-contained HTML page for a regulator.
+    Report {
+        path: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a site's proof that its contribution to a round was included.
+    Receipt {
+        path: Option<PathBuf>,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        job: u64,
+        #[arg(long)]
+        round: u32,
+        /// Where to write the receipt (JSON); standard output without it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check a receipt offline.
+    CheckReceipt { file: PathBuf },
+}
+
+/// A chain as read from a file or a coordinator.
+pub(crate) struct Loaded {
+    pub blocks: Vec<Block>,
+    pub stored_hashes: Option<Vec<[u8; 32]>>,
+    /// (hash, bytes) when the source holds models.
+    pub models: Option<Vec<(String, Vec<u8>)>>,
+    pub source: String,
+}
+
+async fn load(addr: &str, path: Option<&PathBuf>) -> Result<Loaded, CliError> {
+    match path {
+        Some(path) => {
+            if !path.exists() {
+                return Err(CliError::User(format!("no ledger file at {}", path.display())));
+            }
+            let store = LedgerStore::open_read_only(path)
+                .await
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let stored = store
+                .blocks()
+                .await
+                .map_err(|e| CliError::User(format!("{} is not a Tessera ledger: {e}", path.display())))?;
+            let models = store.models().await.context("cannot read models")?;
+            let (blocks, hashes) = stored.into_iter().unzip();
+            Ok(Loaded {
+                blocks,
+                stored_hashes: Some(hashes),
+                models,
+                source: path.display().to_string(),
+            })
+        }
+        None => {
+            let mut client = LedgerClient::new(connect(addr).await?);
+            let mut blocks = Vec::new();
+            loop {
+                let response = client
+                    .get_blocks(pb::GetBlocksRequest {
+                        from_height: blocks.len() as u64,
+                        max_blocks: 0,
+                    })
+                    .await?
+                    .into_inner();
+                let n = response.blocks.len();
+                blocks.extend(response.blocks.into_iter().map(from_pb));
+                if n == 0 || blocks.len() as u64 >= response.chain_length {
+                    break;
+                }
+            }
+            Ok(Loaded {
+                blocks,
+                stored_hashes: None,
+                models: None,
+                source: addr.to_owned(),
+            })
+        }
+    }
+}
+
+fn from_pb(b: pb::LedgerBlock) -> Block {
+    Block {
+        header: b.header,
+        payload: b.payload,
+        signature: b.signature,
+        endorsements: b
+            .endorsements
+            .into_iter()
+            .filter_map(|e| {
+                Some(Endorsement {
+                    site: SiteId::new(&e.site_id).ok()?,
+                    signature: e.signature,
+                })
+            })
+            .collect(),
+    }
+}
+
+/// The verdict on a loaded chain: the chain rules, then the stored models.
+pub(crate) fn verdict(loaded: &Loaded) -> Result<(Report, usize), String> {
+    let report = verify_chain(&loaded.blocks, loaded.stored_hashes.as_deref()).map_err(|e| e.to_string())?;
+    let Some(models) = &loaded.models else {
+        return Ok((report, 0));
+    };
+    for (hash, data) in models {
+        if &sha256_hex(data) != hash {
+            let block = report.models.iter().find(|(_, m)| m == hash).map(|(h, _)| *h);
+            return Err(match block {
+                Some(h) => format!("block {h}: stored model {hash} does not match its hash"),
+                None => format!("stored model {hash} does not match its hash"),
+            });
+        }
+    }
+    for (height, hash) in &report.models {
+        if !models.iter().any(|(h, _)| h == hash) {
+            return Err(format!("block {height}: model {hash} is not stored"));
+        }
+    }
+    Ok((report, models.len()))
+}
+
+pub(crate) async fn exec(addr: &str, cmd: LedgerCommand) -> CliResult {
+    match cmd {
+        LedgerCommand::Verify { path, json } => {
+            let loaded = load(addr, path.as_ref()).await?;
+            let result = verdict(&loaded);
+            if json {
+                let value = match &result {
+                    Ok((r, models)) => serde_json::json!({
+                        "intact": true,
+                        "source": loaded.source,
+                        "blocks": r.blocks,
+                        "pending": r.pending,
+                        "models_checked": models,
+                        "consortium": r.genesis.consortium,
+                        "genesis_hash": hex::encode(r.genesis_hash),
+                    }),
+                    Err(e) => serde_json::json!({ "intact": false, "source": loaded.source, "error": e }),
+                };
+                println!("{value:#}");
+            }
+            match result {
+                Ok((r, models)) => {
+                    if !json {
+                        println!(
+                            "ledger intact: {} blocks, consortium `{}`, genesis {}",
+                            r.blocks,
+                            r.genesis.consortium,
+                            hex::encode(r.genesis_hash)
+                        );
+                        println!(
+                            "  {} block(s) at the tail still awaiting their endorsement quorum",
+                            r.pending
+                        );
+                        match &loaded.models {
+                            Some(_) => println!("  {models} stored model(s) match their hashes"),
+                            None => println!("  no models in this source (a replica or the API): not checked"),
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("ledger verification FAILED ({}): {e}", loaded.source);
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        LedgerCommand::Show { path, job, round, json } => {
+            let loaded = load(addr, path.as_ref()).await?;
+            show(&loaded, job, round, json)
+        }
+        LedgerCommand::Report { path, out } => {
+            let loaded = load(addr, path.as_ref()).await?;
+            let html = report::render(&loaded);
+            std::fs::write(&out, html).with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        LedgerCommand::Receipt {
+            path,
+            site,
+            job,
+            round,
+            out,
+        } => {
+            let site = SiteId::new(&site).map_err(|e| CliError::User(e.to_string()))?;
+            let loaded = load(addr, path.as_ref()).await?;
+            verdict(&loaded).map_err(|e| CliError::User(format!("the ledger does not verify: {e}")))?;
+            let block = loaded
+                .blocks
+                .iter()
+                .find(|b| match parse(b) {
+                    Some((_, Payload::RoundCompleted(r))) => r.job_id == job && r.round == round,
+                    _ => false,
+                })
+                .ok_or_else(|| CliError::User(format!("no block for round {round} of job {job}")))?;
+            let receipt = receipt::build(&loaded.blocks[0], block, &site).map_err(|e| CliError::User(e.to_string()))?;
+            let text = serde_json::to_string_pretty(&receipt).context("cannot encode receipt")?;
+            match out {
+                Some(out) => {
+                    std::fs::write(&out, text).with_context(|| format!("cannot write {}", out.display()))?;
+                    eprintln!("wrote {}", out.display());
+                }
+                None => println!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LedgerCommand::CheckReceipt { file } => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| CliError::User(format!("{}: {e}", file.display())))?;
+            let receipt: Receipt = serde_json::from_str(&text)
+                .map_err(|e| CliError::User(format!("{} is not a receipt: {e}", file.display())))?;
+            match receipt::check(&receipt) {
+                Ok(c) => {
+                    println!(
+                        "receipt valid: `{}` contributed to round {} of job {}",
+                        receipt.site, receipt.round, receipt.job_id
+                    );
+                    println!("  block {} ({})", c.block_height, hex::encode(c.block_hash));
+                    println!(
+                        "  endorsed by {} of quorum {}: {}",
+                        c.endorsed_by.len(),
+                        c.quorum,
+                        c.endorsed_by.join(", ")
+                    );
+                    println!(
+                        "  consortium `{}`, genesis {} (compare with the published genesis hash)",
+                        c.consortium,
+                        hex::encode(c.genesis_hash)
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+    }
+}
+
+/// A block's header and payload, if they decode.
+pub(crate) fn parse(block: &Block) -> Option<(Header, Payload)> {
+    let header = Header::decode(&block.header).ok()?;
+    let payload = Payload::parse(header.kind, &block.payload).ok()?;
+    Some((header, payload))
+}
+
+/// One line describing a payload.
+pub(crate) fn summary(payload: &Payload) -> String {
+    let short = |h: &str| h.chars().take(12).collect::<String>();
+    match payload {
+        Payload::Genesis(g) => format!(
+            "consortium `{}`: {} sites, quorum {}",
+            g.consortium,
+            g.sites.len(),
+            g.quorum
+        ),
+        Payload::JobCreated(j) => format!(
+            "job {} `{}` created (job file {})",
+            j.job_id,
+            j.name,
+            short(&j.job_sha256)
+        ),
+        Payload::JobAccepted(a) => format!(
+            "job {}: {} {} ({})",
+            a.job_id,
+            a.site,
+            if a.accepted { "accepted" } else { "rejected" },
+            a.reason
+        ),
+        Payload::RoundCompleted(r) => format!(
+            "job {} round {}: {} contributed, {} dropped, model {}",
+            r.job_id,
+            r.round,
+            r.contributors.len(),
+            r.dropouts.len(),
+            short(&r.model_sha256)
+        ),
+        Payload::Metrics(m) => format!(
+            "job {} model of round {}: {} site report(s){}",
+            m.job_id,
+            m.model_of_round,
+            m.sites.len(),
+            m.pooled
+                .as_ref()
+                .map(|p| format!(", pooled accuracy {:.4} over {} sites", p.accuracy, p.n_sites))
+                .unwrap_or_default()
+        ),
+        Payload::JobEnded(e) => format!(
+            "job {} {} after {} rounds{}",
+            e.job_id,
+            e.status,
+            e.rounds_done,
+            if e.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", e.reason)
+            }
+        ),
+        Payload::MembershipChange(c) => format!("{} `{}` ({})", c.change, c.site.id, c.reason),
+    }
+}
+
+/// UTC time of a block, as `YYYY-MM-DD HH:MM:SS`.
+pub(crate) fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn show(loaded: &Loaded, job: Option<u64>, round: Option<u32>, json: bool) -> CliResult {
+    let mut rows = Vec::new();
+    for block in &loaded.blocks {
+        let Some((header, payload)) = parse(block) else {
+            return Err(CliError::User(format!(
+                "block {} does not decode; run `tessera ledger verify`",
+                rows.len()
+            )));
+        };
+        if job.is_some() && payload.job_id() != job {
+            continue;
+        }
+        if let Some(r) = round {
+            let matches = match &payload {
+                Payload::RoundCompleted(p) => p.round == r,
+                Payload::Metrics(m) => m.model_of_round == r,
+                _ => false,
+            };
+            if !matches {
+                continue;
+            }
+        }
+        rows.push((header, payload, block));
+    }
+    if json {
+        let value: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(h, _, b)| {
+                serde_json::json!({
+                    "height": h.height,
+                    "hash": hex::encode(h.hash()),
+                    "timestamp_ms": h.timestamp_ms,
+                    "kind": h.kind.name(),
+                    "payload": serde_json::from_slice::<serde_json::Value>(&b.payload).unwrap_or_default(),
+                    "endorsed_by": b.endorsements.iter().map(|e| e.site.to_string()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&value).context("cannot encode")?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>6}  {:<19}  {:<17}  {:<8}  what",
+        "height", "time (UTC)", "kind", "endorsed"
+    );
+    for (h, p, b) in &rows {
+        println!(
+            "{:>6}  {:<19}  {:<17}  {:<8}  {}",
+            h.height,
+            utc(h.timestamp_ms),
+            h.kind.name(),
+            b.endorsements.len(),
+            summary(p)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        // 2026-11-24 04:15:02 UTC
+        assert_eq!(utc(1_795_493_702_000), "2026-11-24 04:15:02");
+        // Leap day.
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00");
+    }
+}

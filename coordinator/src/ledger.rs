@@ -1,0 +1,296 @@
+//! The coordinator's ledger writer: appends signed blocks to the chain in
+//! the coordinator's database, in the same transaction as the state they
+//! describe, and takes the sites' endorsements.
+
+use anyhow::{Context, bail};
+use sqlx::{Sqlite, SqlitePool, Transaction};
+use tessera_protocol::ids::SiteId;
+use tessera_protocol::ledger::payload::{Genesis, Member, MembershipChange, Payload};
+use tessera_protocol::ledger::store::{LedgerStore, StoredBlock};
+use tessera_protocol::ledger::verify::{Members, Verifier, verify_chain};
+use tessera_protocol::ledger::writer::{ChainWriter, Tip};
+use tessera_protocol::ledger::{Endorsement, Header, verify_endorsement};
+use tessera_protocol::secagg::crypto::SigningKey;
+use tracing::{info, warn};
+
+/// The software that wrote a block, as recorded in it.
+pub const SOFTWARE: &str = concat!("tessera-coordinator ", env!("CARGO_PKG_VERSION"));
+
+/// The chain, its writer and the membership history (to check endorsements
+/// against the membership at the endorsed block).
+pub struct Ledger {
+    store: LedgerStore,
+    writer: tokio::sync::Mutex<Chain>,
+    /// (first height, members from that height on), ascending.
+    membership: std::sync::Mutex<Vec<(u64, Members)>>,
+}
+
+/// The writer together with a verifier over the chain it writes: every
+/// block is checked against the rules auditors apply before it is stored.
+struct Chain {
+    writer: ChainWriter,
+    verifier: Verifier,
+}
+
+/// Why an endorsement was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EndorseError {
+    #[error("there is no block {0}")]
+    NoSuchBlock(u64),
+    #[error("`{site}` is not a member at block {height}")]
+    NotMember { site: SiteId, height: u64 },
+    #[error("the block hash does not match block {0}")]
+    WrongHash(u64),
+    #[error("the endorsement signature is not valid for `{0}`")]
+    BadSignature(SiteId),
+    #[error(transparent)]
+    Store(#[from] sqlx::Error),
+}
+
+/// A transaction that may append blocks; the blocks become the chain's tip
+/// only when it commits.
+pub struct LedgerTx<'a> {
+    pub tx: Transaction<'static, Sqlite>,
+    chain: tokio::sync::MutexGuard<'a, Chain>,
+    ledger: &'a Ledger,
+    appended: Vec<(Tip, Members)>,
+    verifier: Option<Verifier>,
+}
+
+impl Ledger {
+    /// Opens the chain in `pool`: verifies what is stored (a coordinator
+    /// never extends a chain it cannot verify), writes the genesis block of
+    /// a new consortium, and records changes between the stored membership
+    /// and `roster` as membership-change blocks.
+    pub async fn open(
+        pool: SqlitePool,
+        key: SigningKey,
+        consortium: &str,
+        roster: &Members,
+        now_ms: u64,
+    ) -> anyhow::Result<Self> {
+        if roster.is_empty() {
+            bail!("the roster lists no sites: the ledger's genesis needs the consortium's members");
+        }
+        let store = LedgerStore::attach(pool)
+            .await
+            .context("cannot create the ledger tables")?;
+        let stored = store.blocks().await.context("cannot read the ledger")?;
+        let mut verifier = Verifier::new();
+        let mut membership = Vec::new();
+        if !stored.is_empty() {
+            let (blocks, hashes): (Vec<_>, Vec<_>) = stored.into_iter().unzip();
+            verify_chain(&blocks, Some(&hashes)).context("the stored ledger does not verify; refusing to extend it")?;
+            for (height, block) in blocks.iter().enumerate() {
+                let verified = verifier.push(block).expect("verified above");
+                if membership.last().is_none_or(|(_, m)| m != &verified.members) {
+                    membership.push((height as u64, verified.members));
+                }
+            }
+            let genesis_key = verifier
+                .genesis()
+                .map(|g| g.coordinator_key.clone())
+                .unwrap_or_default();
+            if genesis_key != hex::encode(key.public_key()) {
+                bail!(
+                    "the ledger's genesis names coordinator key {genesis_key}, not this coordinator's {} (wrong --ledger-key?)",
+                    hex::encode(key.public_key())
+                );
+            }
+        }
+        let tip = store.tip().await?;
+        let ledger = Self {
+            store,
+            writer: tokio::sync::Mutex::new(Chain {
+                writer: ChainWriter::new(key, tip),
+                verifier,
+            }),
+            membership: std::sync::Mutex::new(membership),
+        };
+        ledger.reconcile(consortium, roster, now_ms).await?;
+        Ok(ledger)
+    }
+
+    async fn reconcile(&self, consortium: &str, roster: &Members, now_ms: u64) -> anyhow::Result<()> {
+        let member = |id: &SiteId, key: &[u8; 32]| Member {
+            id: id.to_string(),
+            key: hex::encode(key),
+            certificate_sha256: None,
+        };
+        let mut tx = self.begin().await?;
+        let current = tx.chain.verifier.genesis().is_some().then(|| tx.members());
+        let Some(current) = current else {
+            let coordinator_key = hex::encode(tx.chain.writer.public_key());
+            let genesis = Genesis {
+                consortium: consortium.to_owned(),
+                coordinator_key,
+                sites: roster.iter().map(|(id, k)| member(id, k)).collect(),
+                quorum: roster.len() / 2 + 1,
+                software: SOFTWARE.to_owned(),
+            };
+            let quorum = genesis.quorum;
+            tx.append(&Payload::Genesis(genesis), now_ms).await?;
+            tx.commit().await?;
+            info!(consortium, sites = roster.len(), quorum, "ledger genesis written");
+            return Ok(());
+        };
+        let mut changes = Vec::new();
+        for (id, key) in roster {
+            match current.get(id) {
+                None => changes.push(("site_added", member(id, key))),
+                Some(k) if k != key => changes.push(("key_rotated", member(id, key))),
+                Some(_) => {}
+            }
+        }
+        for (id, key) in &current {
+            if !roster.contains_key(id) {
+                changes.push(("site_revoked", member(id, key)));
+            }
+        }
+        for (change, site) in changes {
+            warn!(change, site = %site.id, "roster differs from the ledger's membership: recording the change");
+            let payload = Payload::MembershipChange(MembershipChange {
+                change: change.to_owned(),
+                site,
+                reason: "roster changed".to_owned(),
+            });
+            tx.append(&payload, now_ms).await?;
+        }
+        tx.commit().await
+    }
+
+    /// Starts a transaction that can append blocks. Appends are serialised:
+    /// the next one waits until this transaction commits or is dropped.
+    pub async fn begin(&self) -> anyhow::Result<LedgerTx<'_>> {
+        let chain = self.writer.lock().await;
+        let tx = self.store.pool().begin().await.context("cannot begin transaction")?;
+        Ok(LedgerTx {
+            tx,
+            chain,
+            ledger: self,
+            appended: Vec::new(),
+            verifier: None,
+        })
+    }
+
+    /// Appends one block on its own.
+    pub async fn append(&self, payload: &Payload, now_ms: u64) -> anyhow::Result<u64> {
+        let mut tx = self.begin().await?;
+        let height = tx.append(payload, now_ms).await?;
+        tx.commit().await?;
+        Ok(height)
+    }
+
+    /// At most `limit` stored blocks from `from` on.
+    pub async fn blocks_from(&self, from: u64, limit: u64) -> sqlx::Result<Vec<StoredBlock>> {
+        self.store.blocks_from(from, limit).await
+    }
+
+    /// The round block that recorded `model_hash` for `job_id`: (height,
+    /// block hash hex).
+    pub async fn round_block_for(&self, job_id: u64, model_hash: &str) -> anyhow::Result<Option<(u64, String)>> {
+        let blocks = self.store.blocks().await?;
+        Ok(blocks.iter().enumerate().rev().find_map(|(height, (block, hash))| {
+            let header = Header::decode(&block.header).ok()?;
+            match Payload::parse(header.kind, &block.payload).ok()? {
+                Payload::RoundCompleted(r) if r.job_id == job_id && r.model_sha256 == model_hash => {
+                    Some((height as u64, hex::encode(hash)))
+                }
+                _ => None,
+            }
+        }))
+    }
+
+    /// The number of blocks.
+    pub async fn chain_length(&self) -> u64 {
+        self.writer.lock().await.writer.tip().map_or(0, |t| t.height + 1)
+    }
+
+    /// Stores a site's endorsement of block `height` after checking it
+    /// against the membership at that block.
+    pub async fn endorse(
+        &self,
+        site: &SiteId,
+        height: u64,
+        block_hash: &[u8],
+        signature: &[u8],
+    ) -> Result<(), EndorseError> {
+        let stored = self.store.blocks_from(height, 1).await?;
+        let Some((block, _)) = stored
+            .into_iter()
+            .next()
+            .filter(|(b, _)| tessera_protocol::ledger::Header::decode(&b.header).is_ok_and(|h| h.height == height))
+        else {
+            return Err(EndorseError::NoSuchBlock(height));
+        };
+        let hash = block.hash();
+        if hash.as_slice() != block_hash {
+            return Err(EndorseError::WrongHash(height));
+        }
+        let key = {
+            let membership = self.membership.lock().expect("membership lock");
+            membership
+                .iter()
+                .rev()
+                .find(|(from, _)| *from <= height)
+                .and_then(|(_, m)| m.get(site).copied())
+        };
+        let key = key.ok_or_else(|| EndorseError::NotMember {
+            site: site.clone(),
+            height,
+        })?;
+        if !verify_endorsement(&key, &hash, signature) {
+            return Err(EndorseError::BadSignature(site.clone()));
+        }
+        self.store
+            .add_endorsement(
+                height,
+                &Endorsement {
+                    site: site.clone(),
+                    signature: signature.to_vec(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+impl LedgerTx<'_> {
+    /// The members who may endorse the next block.
+    fn members(&self) -> Members {
+        self.verifier.as_ref().unwrap_or(&self.chain.verifier).members().clone()
+    }
+
+    /// Appends a block after the chain's tip (or after the last block
+    /// appended in this transaction). Returns its height.
+    pub async fn append(&mut self, payload: &Payload, now_ms: u64) -> anyhow::Result<u64> {
+        let tip = self.appended.last().map(|(t, _)| *t).or(self.chain.writer.tip());
+        let (block, new_tip) = self.chain.writer.block_after(tip, payload, now_ms);
+        let verifier = self.verifier.get_or_insert_with(|| self.chain.verifier.clone());
+        let verified = verifier
+            .push(&block)
+            .map_err(|e| anyhow::anyhow!("refusing to write an invalid ledger block: {e}"))?;
+        LedgerStore::append_in(&mut self.tx, new_tip.height, &block)
+            .await
+            .context("cannot store ledger block")?;
+        self.appended.push((new_tip, verified.members));
+        Ok(new_tip.height)
+    }
+
+    /// Commits the transaction: the blocks and the state they describe are
+    /// stored together, and only then become the chain's tip.
+    pub async fn commit(mut self) -> anyhow::Result<()> {
+        self.tx.commit().await.context("cannot commit ledger transaction")?;
+        if let Some(verifier) = self.verifier.take() {
+            self.chain.verifier = verifier;
+        }
+        let mut membership = self.ledger.membership.lock().expect("membership lock");
+        for (tip, members) in self.appended.drain(..) {
+            self.chain.writer.commit(tip);
+            if membership.last().is_none_or(|(_, m)| m != &members) {
+                membership.push((tip.height, members));
+            }
+        }
+        Ok(())
+    }
+}

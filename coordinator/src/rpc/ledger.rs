@@ -1,0 +1,93 @@
+//! The `Ledger` service: sites replicate and endorse the chain, auditors
+//! read it. Reading is open to any caller that reaches the coordinator (the
+//! chain holds no records, updates or keys); an endorsement is accepted
+//! only with a valid signature by a member at that block.
+
+use std::sync::Arc;
+
+use tessera_protocol::ids::SiteId;
+use tessera_protocol::pb;
+use tessera_protocol::pb::ledger_server::Ledger;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use super::RpcError;
+use crate::ledger::EndorseError;
+use crate::state::Shared;
+
+/// Blocks per `GetBlocks` answer unless the caller asks for fewer: keeps an
+/// answer far below gRPC's 4 MiB default message limit.
+const MAX_BLOCKS: u32 = 256;
+
+pub struct LedgerService {
+    shared: Arc<Shared>,
+}
+
+impl LedgerService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl Ledger for LedgerService {
+    async fn get_blocks(
+        &self,
+        request: Request<pb::GetBlocksRequest>,
+    ) -> Result<Response<pb::GetBlocksResponse>, Status> {
+        let request = request.into_inner();
+        let limit = match request.max_blocks {
+            0 => MAX_BLOCKS,
+            n => n.min(MAX_BLOCKS),
+        };
+        let ledger = &self.shared.ledger;
+        let chain_length = ledger.chain_length().await;
+        let blocks = ledger
+            .blocks_from(request.from_height, u64::from(limit))
+            .await
+            .map_err(|e| RpcError::Internal(e.into()))?;
+        let blocks = blocks
+            .into_iter()
+            .enumerate()
+            .map(|(i, (b, _))| pb::LedgerBlock {
+                height: request.from_height + i as u64,
+                header: b.header,
+                payload: b.payload,
+                signature: b.signature,
+                endorsements: b
+                    .endorsements
+                    .into_iter()
+                    .map(|e| pb::LedgerEndorsement {
+                        site_id: e.site.to_string(),
+                        signature: e.signature,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::GetBlocksResponse { blocks, chain_length }))
+    }
+
+    async fn endorse(&self, request: Request<pb::EndorseRequest>) -> Result<Response<pb::EndorseResponse>, Status> {
+        let request = request.into_inner();
+        let site = SiteId::new(&request.site_id).map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
+        let result = self
+            .shared
+            .ledger
+            .endorse(&site, request.height, &request.block_hash, &request.signature)
+            .await;
+        match result {
+            Ok(()) => Ok(Response::new(pb::EndorseResponse {})),
+            Err(e) => {
+                warn!(%site, height = request.height, "endorsement refused: {e}");
+                Err(match e {
+                    EndorseError::NoSuchBlock(_) => RpcError::NotFound(e.to_string()),
+                    EndorseError::NotMember { .. } => RpcError::PermissionDenied(e.to_string()),
+                    EndorseError::WrongHash(_) => RpcError::FailedPrecondition(e.to_string()),
+                    EndorseError::BadSignature(_) => RpcError::InvalidArgument(e.to_string()),
+                    EndorseError::Store(e) => RpcError::Internal(e.into()),
+                }
+                .into())
+            }
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! The site's replica of the ledger (`<state_dir>/ledger.db`): every block is
+//! verified before it is stored and endorsed, announcements are checked
+//! against it, and any disagreement with the coordinator halts training.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tessera_protocol::ids::SiteId;
+use tessera_protocol::ledger::payload::Payload;
+use tessera_protocol::ledger::store::LedgerStore;
+use tessera_protocol::ledger::verify::{Members, Verified, Verifier};
+use tessera_protocol::ledger::{Block, Endorsement, Header, endorse, verify_endorsement};
+use tessera_protocol::pb;
+use tessera_protocol::pb::ledger_client::LedgerClient;
+use tessera_protocol::secagg::crypto::SigningKey;
+use tonic::transport::Channel;
+use tracing::{error, info};
+
+use crate::egress::EgressLog;
+
+/// Blocks asked for per request.
+const BATCH: u32 = 256;
+
+/// Why this site stopped training: written to `<state_dir>/HALTED` and
+/// logged; only the hospital removes it, after investigating.
+pub const HALT_FILE: &str = "HALTED";
+
+/// One stored block as this site knows it.
+struct Known {
+    hash: [u8; 32],
+    endorsers: usize,
+    /// Members who may endorse it.
+    members: Members,
+}
+
+pub struct Replica {
+    site: SiteId,
+    key: Arc<SigningKey>,
+    store: LedgerStore,
+    verifier: Verifier,
+    blocks: Vec<Known>,
+    /// The last round block's model per job, and the jobs on the chain.
+    job_hashes: HashMap<u64, String>,
+    latest_model: HashMap<u64, (u32, String)>,
+    /// What this site uploaded per (job, round): its commitment must be in
+    /// that round's block before the site endorses it.
+    commitments: HashMap<(u64, u32), [u8; 32]>,
+    halt_path: PathBuf,
+    halted: Option<String>,
+}
+
+impl Replica {
+    /// Opens (or creates) the replica and re-verifies it: a replica that no
+    /// longer verifies (changed on disk) halts the site at once.
+    pub async fn open(state_dir: &Path, site: SiteId, key: Arc<SigningKey>) -> anyhow::Result<Self> {
+        let path = state_dir.join("ledger.db");
+        let store = LedgerStore::open(&path)
+            .await
+            .with_context(|| format!("cannot open ledger replica {}", path.display()))?;
+        let halt_path = state_dir.join(HALT_FILE);
+        let halted = std::fs::read_to_string(&halt_path).ok();
+        let mut replica = Self {
+            site,
+            key,
+            store,
+            verifier: Verifier::new(),
+            blocks: Vec::new(),
+            job_hashes: HashMap::new(),
+            latest_model: HashMap::new(),
+            commitments: HashMap::new(),
+            halt_path,
+            halted,
+        };
+        for (block, stored_hash) in replica.store.blocks().await? {
+            if block.hash() != stored_hash {
+                replica.halt(format!(
+                    "replica block {} does not match its stored hash",
+                    replica.blocks.len()
+                ));
+                break;
+            }
+            if let Err(e) = replica.accept(&block) {
+                replica.halt(format!("the replica itself does not verify: {e}"));
+                break;
+            }
+        }
+        if let Some(reason) = &replica.halted {
+            error!("this site is halted and will not train: {reason}");
+        }
+        Ok(replica)
+    }
+
+    pub fn halted(&self) -> Option<&str> {
+        self.halted.as_deref()
+    }
+
+    pub fn len(&self) -> u64 {
+        self.blocks.len() as u64
+    }
+
+    /// Stops this site; the first reason is the one kept.
+    fn halt(&mut self, reason: String) {
+        if self.halted.is_some() {
+            return;
+        }
+        error!("LEDGER MISMATCH: this site stops training: {reason}");
+        if let Err(e) = std::fs::write(&self.halt_path, &reason) {
+            error!("cannot write {}: {e}", self.halt_path.display());
+        }
+        self.halted = Some(reason);
+    }
+
+    /// Records what this site uploaded in a round.
+    pub fn committed(&mut self, job: u64, round: u32, commitment: [u8; 32]) {
+        self.commitments.insert((job, round), commitment);
+    }
+
+    /// Verifies `block` as the next one and applies this site's own check:
+    /// a round it uploaded to must carry its commitment.
+    fn accept(&mut self, block: &Block) -> Result<Verified, String> {
+        if let Ok(header) = Header::decode(&block.header)
+            && let Ok(Payload::RoundCompleted(r)) = Payload::parse(header.kind, &block.payload)
+            && let Some(mine) = self.commitments.get(&(r.job_id, r.round))
+        {
+            let listed = r.commitments.iter().find(|c| c.site == self.site.as_str());
+            if listed.map(|c| c.sha256.as_str()) != Some(hex::encode(mine).as_str()) {
+                return Err(format!(
+                    "round {} of job {} does not carry this site's commitment {}",
+                    r.round,
+                    r.job_id,
+                    hex::encode(mine)
+                ));
+            }
+        }
+        let verified = self.verifier.push(block).map_err(|e| e.to_string())?;
+        match &verified.payload {
+            Payload::JobCreated(j) => {
+                self.job_hashes.insert(j.job_id, j.job_sha256.clone());
+            }
+            Payload::RoundCompleted(r) => {
+                self.latest_model.insert(r.job_id, (r.round, r.model_sha256.clone()));
+            }
+            _ => {}
+        }
+        self.blocks.push(Known {
+            hash: verified.hash,
+            endorsers: verified.endorsers.len(),
+            members: verified.members.clone(),
+        });
+        Ok(verified)
+    }
+
+    /// Brings the replica up to the coordinator's chain: new blocks are
+    /// verified, stored and endorsed; blocks already held must be
+    /// byte-identical (else the coordinator forked the chain); endorsements
+    /// by other sites are merged after checking them.
+    pub async fn sync(&mut self, client: &mut LedgerClient<Channel>, egress: &EgressLog) -> anyhow::Result<()> {
+        if self.halted.is_some() {
+            return Ok(());
+        }
+        let quorum = self.verifier.quorum();
+        // Re-read from the first block this replica does not hold as final
+        // (bounded), so its copy gathers the other sites' endorsements; at
+        // least the last block is re-read, which catches a rewritten tip.
+        let len = self.len();
+        let first_open = self
+            .blocks
+            .iter()
+            .position(|b| b.endorsers < quorum)
+            .map_or(len, |p| p as u64);
+        let mut from = first_open
+            .min(len.saturating_sub(1))
+            .max(len.saturating_sub(u64::from(BATCH)));
+        loop {
+            let request = pb::GetBlocksRequest {
+                from_height: from,
+                max_blocks: BATCH,
+            };
+            egress.record("GetBlocks", &request)?;
+            let response = client.get_blocks(request).await?.into_inner();
+            if response.chain_length < self.len() {
+                self.halt(format!(
+                    "the coordinator's chain has {} blocks but this replica holds {}: history was rolled back",
+                    response.chain_length,
+                    self.len()
+                ));
+                return Ok(());
+            }
+            let got = response.blocks.len() as u64;
+            for b in response.blocks {
+                if b.height != from {
+                    anyhow::bail!("coordinator sent block {} where {from} was expected", b.height);
+                }
+                self.take(client, egress, b).await?;
+                if self.halted.is_some() {
+                    return Ok(());
+                }
+                from += 1;
+            }
+            if got == 0 || from >= response.chain_length {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn take(
+        &mut self,
+        client: &mut LedgerClient<Channel>,
+        egress: &EgressLog,
+        b: pb::LedgerBlock,
+    ) -> anyhow::Result<()> {
+        let height = b.height;
+        let endorsements: Vec<Endorsement> = b
+            .endorsements
+            .iter()
+            .filter_map(|e| {
+                Some(Endorsement {
+                    site: SiteId::new(&e.site_id).ok()?,
+                    signature: e.signature.clone(),
+                })
+            })
+            .collect();
+        let block = Block {
+            header: b.header,
+            payload: b.payload,
+            signature: b.signature,
+            endorsements: Vec::new(),
+        };
+        if let Some(known) = self.blocks.get(height as usize) {
+            if known.hash != block.hash() {
+                self.halt(format!(
+                    "the coordinator's block {height} differs from this replica's: the chain was forked"
+                ));
+                return Ok(());
+            }
+            let (members, hash) = (known.members.clone(), known.hash);
+            self.merge(height, &members, &endorsements).await?;
+            // An endorsement lost to a crash or a dropped connection is sent
+            // again: the coordinator does not hold one from this site.
+            if !endorsements.iter().any(|e| e.site == self.site) {
+                self.endorse(client, egress, height, hash, &members).await?;
+            }
+            return Ok(());
+        }
+        let verified = match self.accept(&block) {
+            Ok(v) => v,
+            Err(reason) => {
+                self.halt(format!("block {height} from the coordinator does not verify: {reason}"));
+                return Ok(());
+            }
+        };
+        self.store.append(height, &block).await?;
+        self.merge(height, &verified.members, &endorsements).await?;
+        self.endorse(client, egress, height, verified.hash, &verified.members)
+            .await?;
+        info!(height, kind = verified.payload.kind().name(), "ledger block verified");
+        Ok(())
+    }
+
+    /// Signs block `height` (verified) and sends the endorsement, if this
+    /// site may endorse it.
+    async fn endorse(
+        &mut self,
+        client: &mut LedgerClient<Channel>,
+        egress: &EgressLog,
+        height: u64,
+        hash: [u8; 32],
+        members: &Members,
+    ) -> anyhow::Result<()> {
+        if members.get(&self.site) != Some(&self.key.public_key()) {
+            return Ok(());
+        }
+        let signature = endorse(&self.key, &hash);
+        let request = pb::EndorseRequest {
+            site_id: self.site.to_string(),
+            height,
+            block_hash: hash.to_vec(),
+            signature: signature.clone(),
+        };
+        egress.record("Endorse", &request)?;
+        client.endorse(request).await?;
+        let mine = Endorsement {
+            site: self.site.clone(),
+            signature,
+        };
+        self.merge(height, members, std::slice::from_ref(&mine)).await
+    }
+
+    /// Stores endorsements that are valid for the block at `height`.
+    async fn merge(&mut self, height: u64, members: &Members, endorsements: &[Endorsement]) -> anyhow::Result<()> {
+        let known = &self.blocks[height as usize];
+        let hash = known.hash;
+        let mut added = 0;
+        for e in endorsements {
+            let valid = members
+                .get(&e.site)
+                .is_some_and(|k| verify_endorsement(k, &hash, &e.signature));
+            if valid {
+                self.store.add_endorsement(height, e).await?;
+                added += 1;
+            }
+        }
+        if added > 0 {
+            // Count what is stored, not what was offered twice.
+            let stored = self.store.blocks_from(height, 1).await?;
+            self.blocks[height as usize].endorsers = stored.first().map_or(0, |(b, _)| b.endorsements.len());
+        }
+        Ok(())
+    }
+
+    /// Checks a job against the chain before this site touches its data:
+    /// the job must be on the ledger with the announced hash.
+    pub fn check_job(&self, job_id: u64, job_hash: &str) -> Result<(), String> {
+        match self.job_hashes.get(&job_id) {
+            Some(h) if h == job_hash => Ok(()),
+            Some(h) => Err(format!(
+                "job {job_id} is on the ledger with hash {h}, but was announced with {job_hash}"
+            )),
+            None => Err(format!("job {job_id} is not on the ledger")),
+        }
+    }
+
+    /// Checks an announced model against the chain: after round r − 1 of a
+    /// job, the model for round r is the one its block recorded.
+    pub fn check_model(&self, job_id: u64, round: u32, model_hash: &str) -> Result<(), String> {
+        match self.latest_model.get(&job_id) {
+            None if round == 1 => Ok(()),
+            Some((r, m)) if *r + 1 == round && m == model_hash => Ok(()),
+            Some((r, m)) => Err(format!(
+                "round {round} of job {job_id} was announced with model {model_hash}, \
+                 but the ledger's last round ({r}) produced {m}"
+            )),
+            None => Err(format!(
+                "round {round} of job {job_id} was announced, but the ledger has no earlier round"
+            )),
+        }
+    }
+
+    /// Halts training because an announcement disagrees with the ledger.
+    pub fn refuse(&mut self, reason: String) {
+        self.halt(reason);
+    }
+}

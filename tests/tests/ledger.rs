@@ -1,0 +1,330 @@
+//! The ledger end to end: a real federation writes it, every site replicates
+//! and endorses it, the regulator's tools (and an independent Python
+//! verifier written from docs/ledger-format.md) check it, and tampering,
+//! forks and restarts are caught.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tessera_tests::{Federation, SITES, bin, example_job, repo};
+
+fn tessera_offline(args: &[&str]) -> Output {
+    Command::new(bin("tessera")).args(args).output().expect("run tessera")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn python_verify(path: &Path) -> Output {
+    Command::new("python3")
+        .arg(repo().join("scripts/verify_ledger.py"))
+        .arg(path)
+        .output()
+        .expect("run python3 scripts/verify_ledger.py")
+}
+
+/// Runs SQL on a ledger file with Python's sqlite3 (the tests' stand-in for
+/// someone editing the file by hand).
+fn edit(path: &Path, sql: &str) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()")
+        .arg(path)
+        .arg(sql)
+        .output()
+        .expect("run python3");
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+fn verify_json(path: &Path) -> serde_json::Value {
+    let out = tessera_offline(&["ledger", "verify", path.to_str().unwrap(), "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)))
+}
+
+/// Waits until every block of the coordinator's chain has its endorsement
+/// quorum (the sites endorse the last blocks on their next idle poll).
+fn wait_until_final(federation: &Federation) -> serde_json::Value {
+    for _ in 0..200 {
+        let report = verify_json(&federation.db());
+        if report["intact"] == true && report["pending"] == 0 {
+            return report;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the chain never became final: {}", verify_json(&federation.db()));
+}
+
+#[test]
+fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
+    let mut federation = Federation::start(&SITES);
+    for site in SITES {
+        federation.add_site(site);
+    }
+    let job_id = federation.submit(&federation.write_job("job.toml", &example_job(&[("rounds", "3")])));
+    let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    let report = wait_until_final(&federation);
+    let db = federation.db();
+
+    // genesis, job created, 3 × (round, metrics), final metrics, job ended.
+    assert_eq!(report["blocks"], 10, "{report:#}");
+    assert_eq!(report["models_checked"], 4);
+
+    // Read-only through the coordinator's API, and by the independent
+    // verifier.
+    let out = federation.tessera(&["ledger", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("ledger intact: 10 blocks"), "{}", text(&out));
+    let out = python_verify(&db);
+    assert!(out.status.success(), "python verifier: {}", text(&out));
+
+    // Every site's replica holds the same chain and verifies on its own.
+    let genesis = report["genesis_hash"].as_str().unwrap();
+    for site in SITES {
+        let replica = federation.state_dir(site).join("ledger.db");
+        let r = verify_json(&replica);
+        assert_eq!(r["intact"], true, "{site}: {r:#}");
+        assert_eq!(r["genesis_hash"], genesis, "{site}");
+        assert!(r["blocks"].as_u64().unwrap() >= 9, "{site}: {r:#}");
+        let out = python_verify(&replica);
+        assert!(out.status.success(), "python verifier on {site}: {}", text(&out));
+    }
+
+    // The listing: every round block names its four contributors, each with
+    // a commitment, under a quorum of endorsements.
+    let out = tessera_offline(&["ledger", "show", db.to_str().unwrap(), "--json", "--job", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rounds: Vec<&serde_json::Value> = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["kind"] == "round_completed")
+        .collect();
+    assert_eq!(rounds.len(), 3);
+    for r in &rounds {
+        assert_eq!(r["payload"]["contributors"].as_array().unwrap().len(), 4, "{r:#}");
+        assert_eq!(r["payload"]["commitments"].as_array().unwrap().len(), 4);
+        assert!(r["endorsed_by"].as_array().unwrap().len() >= 3);
+    }
+
+    // A receipt for Hungary's contribution to round 2, checked offline; a
+    // receipt claiming another commitment fails.
+    let receipt = federation.dir.path().join("receipt.json");
+    let out = tessera_offline(&[
+        "ledger",
+        "receipt",
+        db.to_str().unwrap(),
+        "--site",
+        "hungary",
+        "--job",
+        "1",
+        "--round",
+        "2",
+        "--out",
+        receipt.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = tessera_offline(&["ledger", "check-receipt", receipt.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("`hungary` contributed to round 2 of job 1"),
+        "{}",
+        text(&out)
+    );
+    let out = Command::new("python3")
+        .arg(repo().join("scripts/verify_ledger.py"))
+        .arg("--receipt")
+        .arg(&receipt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "python receipt check: {}", text(&out));
+    let mut forged: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&receipt).unwrap()).unwrap();
+    forged["commitment"] = serde_json::Value::String("00".repeat(32));
+    std::fs::write(&receipt, forged.to_string()).unwrap();
+    let out = tessera_offline(&["ledger", "check-receipt", receipt.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+
+    // Tampering with a copy of the coordinator's file: each edit is caught,
+    // by both verifiers, naming the block.
+    let cases: [(&str, &str, u64); 5] = [
+        (
+            "a payload byte changed",
+            "UPDATE ledger_blocks SET payload = CAST(replace(CAST(payload AS TEXT), '\"round\":2', '\"round\":7') AS BLOB) WHERE height = 4",
+            4,
+        ),
+        ("a block deleted", "DELETE FROM ledger_blocks WHERE height = 4", 4),
+        (
+            "two blocks swapped",
+            "UPDATE ledger_blocks SET height = -1 WHERE height = 3; \
+             UPDATE ledger_blocks SET height = 3 WHERE height = 4; \
+             UPDATE ledger_blocks SET height = 4 WHERE height = -1",
+            3,
+        ),
+        (
+            "an endorsement re-attributed to another site",
+            "DELETE FROM ledger_endorsements WHERE height = 2 AND site_id = 'va'; \
+             UPDATE ledger_endorsements SET site_id = 'va' WHERE height = 2 AND site_id = 'cleveland'",
+            2,
+        ),
+        (
+            "a model file changed",
+            "UPDATE models SET data = zeroblob(length(data)) WHERE hash = \
+             (SELECT model_hash FROM rounds WHERE round = 2)",
+            4,
+        ),
+    ];
+    for (what, sql, height) in cases {
+        // The database is in WAL mode: recent pages are in the -wal file.
+        let copy = federation.dir.path().join("tampered.db");
+        std::fs::copy(&db, &copy).unwrap();
+        let wal = db.with_extension("db-wal");
+        if wal.exists() {
+            std::fs::copy(&wal, copy.with_extension("db-wal")).unwrap();
+        } else {
+            let _ = std::fs::remove_file(copy.with_extension("db-wal"));
+        }
+        edit(&copy, sql);
+        let out = tessera_offline(&["ledger", "verify", copy.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out));
+        assert!(
+            text(&out).contains(&format!("block {height}:")),
+            "{what}: expected block {height} to be named: {}",
+            text(&out)
+        );
+        let out = python_verify(&copy);
+        assert_eq!(out.status.code(), Some(1), "python, {what}: {}", text(&out));
+        assert!(
+            text(&out).contains(&format!("block {height}")) || what.contains("model"),
+            "python, {what}: {}",
+            text(&out)
+        );
+    }
+
+    // The regulator's report, rendered by a real browser.
+    let html = federation.dir.path().join("report.html");
+    let out = tessera_offline(&[
+        "ledger",
+        "report",
+        db.to_str().unwrap(),
+        "--out",
+        html.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    check_report_in_chromium(&html, genesis);
+}
+
+/// Loads the report in headless Chromium, checks the rendered page and
+/// saves a screenshot beside it (target/ledger-report.png for people).
+fn check_report_in_chromium(html: &Path, genesis: &str) {
+    let profile = tempfile::tempdir().unwrap();
+    let flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ];
+    let url = format!("file://{}", html.display());
+    let out = Command::new("chromium")
+        .args(flags)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(&url)
+        .output()
+        .expect("run chromium (installed by .ci/run: apt-get install chromium)");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains("Ledger intact."), "{dom}");
+    assert!(dom.contains(genesis), "genesis hash missing from the report");
+    assert!(dom.contains("id=\"rounds\""));
+    for site in SITES {
+        assert!(dom.contains(site), "{site} missing from the report");
+    }
+    assert!(dom.matches("<tr><td>").count() >= 3 + 10, "rounds and blocks tables");
+    let shot = repo().join("target/ledger-report.png");
+    let out = Command::new("chromium")
+        .args(flags)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg("--window-size=1400,1800")
+        .arg(&url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        std::fs::metadata(&shot).map(|m| m.len() > 10_000).unwrap_or(false),
+        "no screenshot: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_restart_keeps_the_chain_and_a_forked_chain_stops_every_site() {
+    let mut federation = Federation::start(&SITES);
+    for site in SITES {
+        federation.add_site(site);
+    }
+    // A coordinator killed mid-job: the job is recorded as failed on restart,
+    // and the chain stays intact.
+    let long = federation.submit(&federation.write_job("long.toml", &example_job(&[("rounds", "100000")])));
+    for _ in 0..600 {
+        if federation.status(long)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    federation.restart_coordinator();
+    let status = federation.wait_for(long, &["failed"]);
+    assert!(
+        status["job"]["error"].as_str().unwrap().contains("restarted"),
+        "{status:#}"
+    );
+    let report = verify_json(&federation.db());
+    assert_eq!(report["intact"], true, "{report:#}");
+    let out = tessera_offline(&["ledger", "show", federation.db().to_str().unwrap(), "--json"]);
+    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = blocks.as_array().unwrap().last().unwrap();
+    assert_eq!(last["kind"], "job_ended");
+    assert_eq!(last["payload"]["status"], "failed");
+
+    // The sites follow the restarted coordinator and train the next job.
+    let next = federation.submit(&federation.write_job("next.toml", &example_job(&[("rounds", "2")])));
+    let status = federation.wait_for(next, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    wait_until_final(&federation);
+
+    // Now the operator restores an older database (the last block is gone)
+    // and carries on: the coordinator's chain forks from the sites' replicas.
+    federation.stop_coordinator();
+    edit(
+        &federation.db(),
+        "DELETE FROM ledger_endorsements WHERE height = (SELECT MAX(height) FROM ledger_blocks); \
+         DELETE FROM ledger_blocks WHERE height = (SELECT MAX(height) FROM ledger_blocks);",
+    );
+    federation.restart_coordinator();
+    let forked = federation.submit(&federation.write_job("forked.toml", &example_job(&[("rounds", "2")])));
+    for site in SITES {
+        let halt = federation.state_dir(site).join("HALTED");
+        for _ in 0..300 {
+            if halt.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let reason =
+            std::fs::read_to_string(&halt).unwrap_or_else(|_| panic!("{site} did not halt: {}", federation.log(site)));
+        assert!(reason.contains("forked"), "{site}: {reason}\n{}", federation.log(site));
+        assert!(federation.log(site).contains("LEDGER MISMATCH"), "{site}");
+    }
+    // No site took part: the forked job never trained a round.
+    let status = federation.status(forked);
+    assert_eq!(status["job"]["rounds_done"], 0, "{status:#}");
+    assert_eq!(status["job"]["status"], "running", "{status:#}");
+}
