@@ -109,7 +109,8 @@ baseline_args=()
 "$bin/tessera-participant" pooled-baseline --job "$job" "${configs[@]}" "${baseline_args[@]}" --json \
   > "$run_dir/baseline.json" 2> "$run_dir/baseline.log"
 
-python3 - "$run_dir/status.json" "$run_dir/baseline.json" "$start" "$end" "$coord_kb" "$site_kb" "$json_out" "$quiet" "$plaintext" <<'PY'
+summary_rc=0
+python3 - "$run_dir/status.json" "$run_dir/baseline.json" "$start" "$end" "$coord_kb" "$site_kb" "$json_out" "$quiet" "$plaintext" <<'PY' || summary_rc=$?
 import json, sys
 status = json.load(open(sys.argv[1])); baseline = json.load(open(sys.argv[2]))
 start, end = float(sys.argv[3]), float(sys.argv[4])
@@ -147,3 +148,12 @@ if not quiet:
           f"peak RSS coordinator {coord_kb/1024:.1f} MiB, participant {site_kb/1024:.1f} MiB")
 sys.exit(0 if job["status"] == "finished" else 1)
 PY
+
+# The ledger every round was written to, as a regulator would check it.
+if [ "$quiet" != 1 ]; then
+  echo
+  "$bin/tessera" ledger verify "$run_dir/coordinator.db" || summary_rc=1
+  "$bin/tessera" ledger report "$run_dir/coordinator.db" --out "$run_dir/ledger-report.html" 2> /dev/null \
+    && echo "  regulator's report: $run_dir/ledger-report.html"
+fi
+exit "$summary_rc"

@@ -294,3 +294,194 @@ impl LedgerTx<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+    use tessera_protocol::ledger::payload::{JobEnded, MembershipChange};
+
+    use super::*;
+
+    fn key() -> SigningKey {
+        SigningKey::from_pkcs8(&SigningKey::generate_pkcs8()).unwrap()
+    }
+
+    async fn pool(path: &std::path::Path) -> SqlitePool {
+        let options = SqliteConnectOptions::new().filename(path).create_if_missing(true);
+        SqlitePoolOptions::new().connect_with(options).await.unwrap()
+    }
+
+    fn roster(sites: &[(&str, &SigningKey)]) -> Members {
+        sites
+            .iter()
+            .map(|(id, k)| (SiteId::new(id).unwrap(), k.public_key()))
+            .collect()
+    }
+
+    async fn chain(path: &std::path::Path) -> Vec<Payload> {
+        let store = LedgerStore::attach(pool(path).await).await.unwrap();
+        let (blocks, hashes): (Vec<_>, Vec<_>) = store.blocks().await.unwrap().into_iter().unzip();
+        verify_chain(&blocks, Some(&hashes)).unwrap();
+        let mut verifier = Verifier::new();
+        blocks.iter().map(|b| verifier.push(b).unwrap().payload).collect()
+    }
+
+    #[tokio::test]
+    async fn genesis_then_roster_changes_become_membership_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let (a, b, c, b2) = (key(), key(), key(), key());
+        let coordinator = SigningKey::generate_pkcs8();
+        let ledger = Ledger::open(
+            pool(&path).await,
+            SigningKey::from_pkcs8(&coordinator).unwrap(),
+            "test",
+            &roster(&[("a", &a), ("b", &b), ("c", &c)]),
+            1,
+        )
+        .await
+        .unwrap();
+        assert_eq!(ledger.chain_length().await, 1);
+        drop(ledger);
+        // Same roster: nothing new. Then b rotates its key, c leaves, d joins.
+        let d = key();
+        for sites in [
+            vec![("a", &a), ("b", &b), ("c", &c)],
+            vec![("a", &a), ("b", &b2), ("d", &d)],
+        ] {
+            Ledger::open(
+                pool(&path).await,
+                SigningKey::from_pkcs8(&coordinator).unwrap(),
+                "test",
+                &roster(&sites),
+                2,
+            )
+            .await
+            .unwrap();
+        }
+        let payloads = chain(&path).await;
+        let changes: Vec<(String, String)> = payloads
+            .iter()
+            .filter_map(|p| match p {
+                Payload::MembershipChange(MembershipChange { change, site, .. }) => {
+                    Some((change.clone(), site.id.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                ("key_rotated".to_owned(), "b".to_owned()),
+                ("site_added".to_owned(), "d".to_owned()),
+                ("site_revoked".to_owned(), "c".to_owned()),
+            ]
+        );
+        let Payload::Genesis(g) = &payloads[0] else {
+            panic!("genesis first")
+        };
+        assert_eq!(g.quorum, 2);
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_refuses_a_chain_it_did_not_start_or_that_does_not_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let site = key();
+        let sites = roster(&[("a", &site)]);
+        let coordinator = SigningKey::generate_pkcs8();
+        let ledger = Ledger::open(
+            pool(&path).await,
+            SigningKey::from_pkcs8(&coordinator).unwrap(),
+            "t",
+            &sites,
+            1,
+        )
+        .await
+        .unwrap();
+        let toml = "name = \"x\"";
+        ledger
+            .append(
+                &Payload::JobCreated(tessera_protocol::ledger::payload::JobCreated {
+                    job_id: 1,
+                    name: "x".into(),
+                    job_sha256: tessera_protocol::ids::sha256_hex(toml.as_bytes()),
+                    job_toml: toml.into(),
+                    software: SOFTWARE.into(),
+                }),
+                2,
+            )
+            .await
+            .unwrap();
+        // The writer refuses to sign a block the rules reject.
+        let bad = Payload::JobEnded(JobEnded {
+            job_id: 9,
+            status: "failed".into(),
+            reason: String::new(),
+            rounds_done: 0,
+            final_model_sha256: None,
+        });
+        assert!(ledger.append(&bad, 3).await.is_err());
+        assert_eq!(ledger.chain_length().await, 2);
+        drop(ledger);
+
+        let other = Ledger::open(pool(&path).await, key(), "t", &sites, 4).await;
+        assert!(other.err().unwrap().to_string().contains("names coordinator key"));
+
+        sqlx::query("UPDATE ledger_blocks SET payload = CAST('{}' AS BLOB) WHERE height = 1")
+            .execute(&pool(&path).await)
+            .await
+            .unwrap();
+        let tampered = Ledger::open(
+            pool(&path).await,
+            SigningKey::from_pkcs8(&coordinator).unwrap(),
+            "t",
+            &sites,
+            5,
+        )
+        .await;
+        let e = format!("{:#}", tampered.err().unwrap());
+        assert!(e.contains("does not verify") && e.contains("block 1"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn endorsements_need_a_member_signature_over_that_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (key(), key());
+        let ledger = Ledger::open(
+            pool(&dir.path().join("c.db")).await,
+            key(),
+            "t",
+            &roster(&[("a", &a), ("b", &b)]),
+            1,
+        )
+        .await
+        .unwrap();
+        let block = ledger.blocks_from(0, 1).await.unwrap().remove(0).0;
+        let hash = block.hash();
+        let site_a = SiteId::new("a").unwrap();
+        let sig = tessera_protocol::ledger::endorse(&a, &hash);
+        ledger.endorse(&site_a, 0, &hash, &sig).await.unwrap();
+        // b's name on a's signature; a stranger; a wrong hash; no such block.
+        let site_b = SiteId::new("b").unwrap();
+        assert!(matches!(
+            ledger.endorse(&site_b, 0, &hash, &sig).await,
+            Err(EndorseError::BadSignature(_))
+        ));
+        let stranger = SiteId::new("z").unwrap();
+        assert!(matches!(
+            ledger.endorse(&stranger, 0, &hash, &sig).await,
+            Err(EndorseError::NotMember { .. })
+        ));
+        assert!(matches!(
+            ledger.endorse(&site_a, 0, &[0; 32], &sig).await,
+            Err(EndorseError::WrongHash(0))
+        ));
+        assert!(matches!(
+            ledger.endorse(&site_a, 5, &hash, &sig).await,
+            Err(EndorseError::NoSuchBlock(5))
+        ));
+        let stored = ledger.blocks_from(0, 1).await.unwrap().remove(0).0;
+        assert_eq!(stored.endorsements.len(), 1);
+    }
+}
