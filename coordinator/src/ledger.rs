@@ -5,7 +5,7 @@
 use anyhow::{Context, bail};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use tessera_protocol::ids::SiteId;
-use tessera_protocol::ledger::payload::{Genesis, Member, MembershipChange, Payload};
+use tessera_protocol::ledger::payload::{Genesis, JobAccepted, Member, MembershipChange, Payload};
 use tessera_protocol::ledger::store::{LedgerStore, StoredBlock};
 use tessera_protocol::ledger::verify::{Members, Verifier, verify_chain};
 use tessera_protocol::ledger::writer::{ChainWriter, Tip};
@@ -23,6 +23,8 @@ pub struct Ledger {
     writer: tokio::sync::Mutex<Chain>,
     /// (first height, members from that height on), ascending.
     membership: std::sync::Mutex<Vec<(u64, Members)>>,
+    /// (job, site) pairs whose decision is on the chain: one per pair.
+    decisions: std::sync::Mutex<std::collections::HashSet<(u64, SiteId)>>,
 }
 
 /// The writer together with a verifier over the chain it writes: every
@@ -78,11 +80,17 @@ impl Ledger {
         let stored = store.blocks().await.context("cannot read the ledger")?;
         let mut verifier = Verifier::new();
         let mut membership = Vec::new();
+        let mut decisions = std::collections::HashSet::new();
         if !stored.is_empty() {
             let (blocks, hashes): (Vec<_>, Vec<_>) = stored.into_iter().unzip();
             verify_chain(&blocks, Some(&hashes)).context("the stored ledger does not verify; refusing to extend it")?;
             for (height, block) in blocks.iter().enumerate() {
                 let verified = verifier.push(block).expect("verified above");
+                if let Payload::JobAccepted(a) = &verified.payload
+                    && let Ok(site) = SiteId::new(&a.site)
+                {
+                    decisions.insert((a.job_id, site));
+                }
                 if membership.last().is_none_or(|(_, m)| m != &verified.members) {
                     membership.push((height as u64, verified.members));
                 }
@@ -106,6 +114,7 @@ impl Ledger {
                 verifier,
             }),
             membership: std::sync::Mutex::new(membership),
+            decisions: std::sync::Mutex::new(decisions),
         };
         ledger.reconcile(consortium, roster, now_ms).await?;
         Ok(ledger)
@@ -179,6 +188,21 @@ impl Ledger {
         let height = tx.append(payload, now_ms).await?;
         tx.commit().await?;
         Ok(height)
+    }
+
+    /// Records a site's signed decision on a job, once per (job, site);
+    /// returns whether it was new. The chain's rules check the signature.
+    pub async fn record_decision(&self, decision: JobAccepted, now_ms: u64) -> anyhow::Result<bool> {
+        let site = SiteId::new(&decision.site)?;
+        let pair = (decision.job_id, site);
+        let mut tx = self.begin().await?;
+        if self.decisions.lock().expect("decisions lock").contains(&pair) {
+            return Ok(false);
+        }
+        tx.append(&Payload::JobAccepted(decision), now_ms).await?;
+        tx.commit().await?;
+        self.decisions.lock().expect("decisions lock").insert(pair);
+        Ok(true)
     }
 
     /// At most `limit` stored blocks from `from` on.

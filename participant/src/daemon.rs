@@ -15,6 +15,7 @@ use tessera_protocol::evaluation;
 use tessera_protocol::ids::{SiteId, sha256_hex};
 use tessera_protocol::job::Aggregation;
 use tessera_protocol::job::JobSpec;
+use tessera_protocol::ledger::sign_decision;
 use tessera_protocol::model::{Layout, decode_params, encode_params};
 use tessera_protocol::pb::federation_client::FederationClient;
 use tessera_protocol::pb::ledger_client::LedgerClient;
@@ -87,6 +88,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         roster: Arc::new(roster),
         policy: config.policy.clone(),
         jobs: HashMap::new(),
+        decided: HashSet::new(),
         inputs: HashMap::new(),
         sessions: HashMap::new(),
         metric_inputs: HashMap::new(),
@@ -161,6 +163,8 @@ struct Site {
     policy: Policy,
     /// Jobs this site has seen, by id (from their announced files).
     jobs: HashMap<u64, JobSpec>,
+    /// Jobs whose decision this site has sent.
+    decided: HashSet<u64>,
     /// Secure jobs: this site's quantised input per (job, round), ready for
     /// the summation (round 0 = preprocessing statistics).
     inputs: HashMap<(u64, u32), Vec<u32>>,
@@ -239,9 +243,17 @@ impl Site {
         }
     }
 
-    /// Checks a job file against its hash, parses it and applies the site's
-    /// policy.
-    fn job(&mut self, job_id: u64, job_toml: &str, job_hash: &str) -> anyhow::Result<JobSpec> {
+    /// Checks a job file against its hash and the ledger, parses it and
+    /// applies the site's policy. The site's decision is signed and sent
+    /// once per job (the coordinator records it in the ledger) before the
+    /// site touches its data for the job; a rejected job never does.
+    async fn job(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        job_id: u64,
+        job_toml: &str,
+        job_hash: &str,
+    ) -> anyhow::Result<JobSpec> {
         if sha256_hex(job_toml.as_bytes()) != job_hash {
             bail!("job file does not match its announced hash {job_hash}");
         }
@@ -250,11 +262,38 @@ impl Site {
             bail!("{reason}");
         }
         let spec = JobSpec::from_toml(job_toml).context("announced job is invalid")?;
-        if spec.aggregation == Aggregation::InsecurePlaintext && !self.policy.allow_insecure_plaintext {
-            bail!(
+        let verdict = if spec.aggregation == Aggregation::InsecurePlaintext && !self.policy.allow_insecure_plaintext {
+            Err(format!(
                 "job {job_id} asks for insecure_plaintext aggregation and this site's policy does not allow it \
                  (policy.allow_insecure_plaintext); not taking part"
-            );
+            ))
+        } else {
+            Ok(())
+        };
+        if !self.decided.contains(&job_id) {
+            let hash: [u8; 32] = hex::decode(job_hash)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .context("job hash is not 32 hex bytes")?;
+            let accepted = verdict.is_ok();
+            let decision = pb::JobDecision {
+                site_id: self.id.to_string(),
+                job_id,
+                job_hash: job_hash.to_owned(),
+                accepted,
+                reason: verdict
+                    .clone()
+                    .err()
+                    .unwrap_or_else(|| "within this site's policy".to_owned()),
+                signature: sign_decision(&self.signing_key, job_id, &hash, accepted),
+            };
+            self.egress.record("DecideJob", &decision)?;
+            client.decide_job(decision).await?;
+            self.decided.insert(job_id);
+            info!(job = job_id, accepted, "decision on the job signed and sent");
+        }
+        if let Err(reason) = verdict {
+            bail!("{reason}");
         }
         self.jobs.insert(job_id, spec.clone());
         Ok(spec)
@@ -268,7 +307,7 @@ impl Site {
         if !self.done.insert((task.job_id, 0, Work::Stats)) {
             return Ok(());
         }
-        let spec = self.job(task.job_id, &task.job_toml, &task.job_hash)?;
+        let spec = self.job(client, task.job_id, &task.job_toml, &task.job_hash).await?;
         let stats = self.data.train_stats();
         let n_features = stats.sum.len() as u64;
         let report = if task.secure {
@@ -306,7 +345,7 @@ impl Site {
     }
 
     async fn round(&mut self, client: &mut FederationClient<Channel>, a: pb::RoundAnnouncement) -> anyhow::Result<()> {
-        let spec = self.job(a.job_id, &a.job_toml, &a.job_hash)?;
+        let spec = self.job(client, a.job_id, &a.job_toml, &a.job_hash).await?;
         if let Err(reason) = self.replica.check_model(a.job_id, a.round, &a.model_hash) {
             self.replica.refuse(reason.clone());
             bail!("{reason}");

@@ -30,7 +30,7 @@ pub const HALT_FILE: &str = "HALTED";
 /// One stored block as this site knows it.
 struct Known {
     hash: [u8; 32],
-    endorsers: usize,
+    endorsers: std::collections::BTreeSet<SiteId>,
     /// Members who may endorse it.
     members: Members,
 }
@@ -146,7 +146,7 @@ impl Replica {
         }
         self.blocks.push(Known {
             hash: verified.hash,
-            endorsers: verified.endorsers.len(),
+            endorsers: verified.endorsers.clone(),
             members: verified.members.clone(),
         });
         Ok(verified)
@@ -168,7 +168,7 @@ impl Replica {
         let first_open = self
             .blocks
             .iter()
-            .position(|b| b.endorsers < quorum)
+            .position(|b| b.endorsers.len() < quorum)
             .map_or(len, |p| p as u64);
         let mut from = first_open
             .min(len.saturating_sub(1))
@@ -292,20 +292,18 @@ impl Replica {
     async fn merge(&mut self, height: u64, members: &Members, endorsements: &[Endorsement]) -> anyhow::Result<()> {
         let known = &self.blocks[height as usize];
         let hash = known.hash;
-        let mut added = 0;
-        for e in endorsements {
-            let valid = members
-                .get(&e.site)
-                .is_some_and(|k| verify_endorsement(k, &hash, &e.signature));
-            if valid {
-                self.store.add_endorsement(height, e).await?;
-                added += 1;
-            }
-        }
-        if added > 0 {
-            // Count what is stored, not what was offered twice.
-            let stored = self.store.blocks_from(height, 1).await?;
-            self.blocks[height as usize].endorsers = stored.first().map_or(0, |(b, _)| b.endorsements.len());
+        let fresh: Vec<&Endorsement> = endorsements
+            .iter()
+            .filter(|e| !known.endorsers.contains(&e.site))
+            .filter(|e| {
+                members
+                    .get(&e.site)
+                    .is_some_and(|k| verify_endorsement(k, &hash, &e.signature))
+            })
+            .collect();
+        for e in fresh {
+            self.store.add_endorsement(height, e).await?;
+            self.blocks[height as usize].endorsers.insert(e.site.clone());
         }
         Ok(())
     }

@@ -107,6 +107,7 @@ fn four_hospitals_train_three_rounds() {
         "SubmitSecAgg",
         "GetBlocks",
         "Endorse",
+        "DecideJob",
     ];
     for site in SITES {
         let log = std::fs::read_to_string(federation.state_dir(site).join("egress.jsonl")).unwrap();
@@ -310,6 +311,21 @@ fn sites_refuse_plaintext_jobs_unless_their_policy_allows_them() {
             "{site} sent data for a refused job"
         );
     }
+    // Each refusal is on the ledger, signed by the site that refused.
+    let out = federation.tessera(&["ledger", "show", "--json", "--job", &job_id.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut refused: Vec<&str> = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["kind"] == "job_accepted" && b["payload"]["accepted"] == false)
+        .map(|b| b["payload"]["site"].as_str().unwrap())
+        .collect();
+    refused.sort();
+    assert_eq!(refused, SITES[..3]);
+    let out = federation.tessera(&["ledger", "verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

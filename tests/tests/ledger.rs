@@ -71,15 +71,16 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
     let report = wait_until_final(&federation);
     let db = federation.db();
 
-    // genesis, job created, 3 × (round, metrics), final metrics, job ended.
-    assert_eq!(report["blocks"], 10, "{report:#}");
+    // genesis, job created, 4 signed site decisions, 3 × (round, metrics),
+    // final metrics, job ended.
+    assert_eq!(report["blocks"], 14, "{report:#}");
     assert_eq!(report["models_checked"], 4);
 
     // Read-only through the coordinator's API, and by the independent
     // verifier.
     let out = federation.tessera(&["ledger", "verify"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("ledger intact: 10 blocks"), "{}", text(&out));
+    assert!(text(&out).contains("ledger intact: 14 blocks"), "{}", text(&out));
     let out = python_verify(&db);
     assert!(out.status.success(), "python verifier: {}", text(&out));
 
@@ -90,7 +91,7 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
         let r = verify_json(&replica);
         assert_eq!(r["intact"], true, "{site}: {r:#}");
         assert_eq!(r["genesis_hash"], genesis, "{site}");
-        assert!(r["blocks"].as_u64().unwrap() >= 9, "{site}: {r:#}");
+        assert!(r["blocks"].as_u64().unwrap() >= 13, "{site}: {r:#}");
         let out = python_verify(&replica);
         assert!(out.status.success(), "python verifier on {site}: {}", text(&out));
     }
@@ -107,6 +108,24 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
         .filter(|b| b["kind"] == "round_completed")
         .collect();
     assert_eq!(rounds.len(), 3);
+    let decisions: Vec<&serde_json::Value> = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["kind"] == "job_accepted")
+        .collect();
+    assert_eq!(decisions.len(), 4, "one signed decision per site");
+    assert!(decisions.iter().all(|d| d["payload"]["accepted"] == true));
+    let height_of = |kind: &str, round: u64| -> u64 {
+        blocks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["kind"] == kind && b["payload"]["round"] == round)
+            .and_then(|b| b["height"].as_u64())
+            .unwrap()
+    };
+    let (round1, round2) = (height_of("round_completed", 1), height_of("round_completed", 2));
     for r in &rounds {
         assert_eq!(r["payload"]["contributors"].as_array().unwrap().len(), 4, "{r:#}");
         assert_eq!(r["payload"]["commitments"].as_array().unwrap().len(), 4);
@@ -152,31 +171,43 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
 
     // Tampering with a copy of the coordinator's file: each edit is caught,
     // by both verifiers, naming the block.
-    let cases: [(&str, &str, u64); 5] = [
+    let cases: [(&str, String, u64); 5] = [
         (
             "a payload byte changed",
-            "UPDATE ledger_blocks SET payload = CAST(replace(CAST(payload AS TEXT), '\"round\":2', '\"round\":7') AS BLOB) WHERE height = 4",
-            4,
+            format!(
+                "UPDATE ledger_blocks SET payload = CAST(replace(CAST(payload AS TEXT), '\"round\":2', \
+                 '\"round\":7') AS BLOB) WHERE height = {round2}"
+            ),
+            round2,
         ),
-        ("a block deleted", "DELETE FROM ledger_blocks WHERE height = 4", 4),
+        (
+            "a block deleted",
+            format!("DELETE FROM ledger_blocks WHERE height = {round2}"),
+            round2,
+        ),
         (
             "two blocks swapped",
-            "UPDATE ledger_blocks SET height = -1 WHERE height = 3; \
-             UPDATE ledger_blocks SET height = 3 WHERE height = 4; \
-             UPDATE ledger_blocks SET height = 4 WHERE height = -1",
-            3,
+            format!(
+                "UPDATE ledger_blocks SET height = -1 WHERE height = {round1}; \
+                 UPDATE ledger_blocks SET height = {round1} WHERE height = {round1} + 1; \
+                 UPDATE ledger_blocks SET height = {round1} + 1 WHERE height = -1"
+            ),
+            round1,
         ),
         (
             "an endorsement re-attributed to another site",
-            "DELETE FROM ledger_endorsements WHERE height = 2 AND site_id = 'va'; \
-             UPDATE ledger_endorsements SET site_id = 'va' WHERE height = 2 AND site_id = 'cleveland'",
-            2,
+            format!(
+                "DELETE FROM ledger_endorsements WHERE height = {round1} AND site_id = 'va'; \
+                 UPDATE ledger_endorsements SET site_id = 'va' WHERE height = {round1} AND site_id = 'cleveland'"
+            ),
+            round1,
         ),
         (
             "a model file changed",
             "UPDATE models SET data = zeroblob(length(data)) WHERE hash = \
-             (SELECT model_hash FROM rounds WHERE round = 2)",
-            4,
+             (SELECT model_hash FROM rounds WHERE round = 2)"
+                .to_owned(),
+            round2,
         ),
     ];
     for (what, sql, height) in cases {
@@ -189,7 +220,7 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
         } else {
             let _ = std::fs::remove_file(copy.with_extension("db-wal"));
         }
-        edit(&copy, sql);
+        edit(&copy, &sql);
         let out = tessera_offline(&["ledger", "verify", copy.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out));
         assert!(

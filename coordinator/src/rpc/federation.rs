@@ -17,6 +17,9 @@ use tracing::{info, warn};
 
 use super::RpcError;
 use crate::state::{Phase, Shared};
+use tessera_protocol::ledger::payload::JobAccepted;
+use tessera_protocol::ledger::verify_decision;
+
 use crate::store::MetricsRow;
 use crate::unix_ms;
 
@@ -295,6 +298,59 @@ impl Federation for FederationService {
             })?;
         }
         self.shared.progress.notify_one();
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn decide_job(&self, request: Request<pb::JobDecision>) -> Result<Response<pb::Ack>, Status> {
+        let d = request.into_inner();
+        let site = self.identify(&d.site_id).await?;
+        let row = self
+            .shared
+            .store
+            .job(JobId(d.job_id))
+            .await
+            .map_err(RpcError::from)?
+            .ok_or_else(|| RpcError::NotFound(format!("no job {}", d.job_id)))?;
+        if row.job_hash != d.job_hash {
+            return Err(RpcError::InvalidArgument(format!(
+                "job {} has hash {}, not {}",
+                row.id, row.job_hash, d.job_hash
+            ))
+            .into());
+        }
+        if !matches!(row.status.as_str(), "queued" | "running") {
+            return Err(RpcError::FailedPrecondition(format!("job {} is already {}", row.id, row.status)).into());
+        }
+        let key = self
+            .shared
+            .roster
+            .get(&site)
+            .ok_or_else(|| RpcError::PermissionDenied(format!("`{site}` has no key in the roster")))?;
+        let job_hash: [u8; 32] = hex::decode(&d.job_hash)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| RpcError::InvalidArgument("job_hash is not 32 hex bytes".into()))?;
+        if !verify_decision(key, d.job_id, &job_hash, d.accepted, &d.signature) {
+            warn!(%site, job = d.job_id, "job decision with a bad signature refused");
+            return Err(RpcError::InvalidArgument("the decision's signature is not valid for this site".into()).into());
+        }
+        let decision = JobAccepted {
+            job_id: d.job_id,
+            site: site.to_string(),
+            job_sha256: d.job_hash,
+            accepted: d.accepted,
+            reason: d.reason,
+            signature: hex::encode(&d.signature),
+        };
+        let recorded = self
+            .shared
+            .ledger
+            .record_decision(decision, unix_ms() as u64)
+            .await
+            .map_err(RpcError::from)?;
+        if recorded {
+            info!(%site, job = d.job_id, accepted = d.accepted, "site decision recorded in the ledger");
+        }
         Ok(Response::new(pb::Ack {}))
     }
 

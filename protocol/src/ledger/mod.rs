@@ -28,6 +28,9 @@ pub const COORDINATOR_DOMAIN: &[u8] = b"tessera/ledger/v1/coordinator";
 /// Prefix of the message a site signs to endorse a block.
 pub const ENDORSE_DOMAIN: &[u8] = b"tessera/ledger/v1/endorse";
 
+/// Prefix of the message a site signs to accept or reject a job.
+pub const DECISION_DOMAIN: &[u8] = b"tessera/ledger/v1/job-decision";
+
 /// What a block records. The numbers are part of the format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -184,6 +187,33 @@ pub fn endorse(key: &SigningKey, block_hash: &[u8; 32]) -> Vec<u8> {
 
 pub fn verify_endorsement(site_key: &[u8; 32], block_hash: &[u8; 32], signature: &[u8]) -> bool {
     verify_signature(site_key, &signed_message(ENDORSE_DOMAIN, block_hash), signature)
+}
+
+/// The bytes a site signs for its decision on a job: the domain, the job id
+/// (u64 BE), the job file's SHA-256 (32 bytes) and 1 (accept) or 0 (reject).
+pub fn decision_message(job_id: u64, job_sha256: &[u8; 32], accepted: bool) -> Vec<u8> {
+    [
+        DECISION_DOMAIN,
+        &job_id.to_be_bytes(),
+        job_sha256.as_slice(),
+        &[u8::from(accepted)],
+    ]
+    .concat()
+}
+
+/// A site's signed decision on a job.
+pub fn sign_decision(key: &SigningKey, job_id: u64, job_sha256: &[u8; 32], accepted: bool) -> Vec<u8> {
+    key.sign(&decision_message(job_id, job_sha256, accepted))
+}
+
+pub fn verify_decision(
+    site_key: &[u8; 32],
+    job_id: u64,
+    job_sha256: &[u8; 32],
+    accepted: bool,
+    signature: &[u8],
+) -> bool {
+    verify_signature(site_key, &decision_message(job_id, job_sha256, accepted), signature)
 }
 
 #[cfg(test)]

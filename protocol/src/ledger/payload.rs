@@ -40,14 +40,17 @@ pub struct JobCreated {
     pub software: String,
 }
 
-/// A site's decision on a job (the site's own signature comes with its
-/// endorsement of this block).
+/// A site's decision on a job under its policy, signed by the site, so the
+/// ledger shows who agreed to what without trusting the coordinator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobAccepted {
     pub job_id: u64,
     pub site: String,
+    pub job_sha256: String,
     pub accepted: bool,
     pub reason: String,
+    /// Hex Ed25519 signature by the site over `decision_message`.
+    pub signature: String,
 }
 
 /// A site that dropped out of a round, and at which phase.

@@ -64,15 +64,35 @@ impl TestConsortium {
         self.blocks.push(block);
     }
 
+    /// A job: created, accepted by every site, `rounds` rounds with their
+    /// metrics, ended.
     pub fn job(&mut self, job_id: u64, rounds: u32) {
         let toml = format!("name = \"job {job_id}\"");
         self.append(&Payload::JobCreated(JobCreated {
             job_id,
             name: format!("job {job_id}"),
             job_sha256: sha256_hex(toml.as_bytes()),
-            job_toml: toml,
+            job_toml: toml.clone(),
             software: "test".into(),
         }));
+        let job_hash: [u8; 32] = sha256(toml.as_bytes());
+        let decisions: Vec<Payload> = self
+            .sites
+            .iter()
+            .map(|(id, k)| {
+                Payload::JobAccepted(JobAccepted {
+                    job_id,
+                    site: id.to_string(),
+                    job_sha256: hex::encode(job_hash),
+                    accepted: true,
+                    reason: "within policy".into(),
+                    signature: hex::encode(sign_decision(k, job_id, &job_hash, true)),
+                })
+            })
+            .collect();
+        for d in &decisions {
+            self.append(d);
+        }
         let mut model = sha256_hex(&job_id.to_be_bytes());
         for round in 1..=rounds {
             let next = sha256_hex(format!("{job_id}/{round}").as_bytes());
@@ -95,6 +115,23 @@ impl TestConsortium {
             rounds_done: rounds,
             final_model_sha256: Some(model),
         }));
+    }
+
+    /// A site rotates its key: the change block is endorsed under the old
+    /// key, later blocks under the new one.
+    pub fn rotate_key(&mut self, index: usize) {
+        let new = key();
+        let change = Payload::MembershipChange(MembershipChange {
+            change: "key_rotated".into(),
+            site: Member {
+                id: self.sites[index].0.to_string(),
+                key: hex::encode(new.public_key()),
+                certificate_sha256: None,
+            },
+            reason: "scheduled rotation".into(),
+        });
+        self.append(&change);
+        self.sites[index].1 = new;
     }
 
     pub fn round(&self, job_id: u64, round: u32, base: &str, model: &str) -> RoundCompleted {
@@ -195,6 +232,50 @@ fn a_round_that_does_not_start_from_the_previous_model_is_refused() {
 }
 
 #[test]
+fn a_job_decision_must_be_signed_by_the_site_it_names() {
+    let mut c = TestConsortium::new(3, 2);
+    c.job(1, 0);
+    c.blocks.pop(); // job_ended: decisions may still come
+    let toml = "name = \"job 1\"";
+    let hash = sha256(toml.as_bytes());
+    // site-0's name on site-1's signature.
+    let forged = JobAccepted {
+        job_id: 1,
+        site: "site-0".into(),
+        job_sha256: hex::encode(hash),
+        accepted: true,
+        reason: String::new(),
+        signature: hex::encode(sign_decision(&c.sites[1].1, 1, &hash, true)),
+    };
+    let mut writer_tip = None;
+    for (h, b) in c.blocks.iter().enumerate() {
+        writer_tip = Some(super::writer::Tip {
+            height: h as u64,
+            hash: b.hash(),
+            timestamp_ms: Header::decode(&b.header).unwrap().timestamp_ms,
+        });
+    }
+    let (block, _) = c
+        .writer
+        .block_after(writer_tip, &Payload::JobAccepted(forged.clone()), 9_999);
+    c.blocks.push(block);
+    let e = verify_chain(&c.blocks, None).unwrap_err();
+    assert!(e.to_string().contains("not signed by `site-0`"), "{e}");
+    // A decision that flips `accepted` after signing fails the same way.
+    let signed_reject = JobAccepted {
+        accepted: true,
+        signature: hex::encode(sign_decision(&c.sites[0].1, 1, &hash, false)),
+        ..forged
+    };
+    c.blocks.pop();
+    let (block, _) = c
+        .writer
+        .block_after(writer_tip, &Payload::JobAccepted(signed_reject), 9_999);
+    c.blocks.push(block);
+    assert!(verify_chain(&c.blocks, None).is_err());
+}
+
+#[test]
 fn membership_changes_decide_who_may_endorse() {
     let mut c = TestConsortium::new(3, 2);
     let newcomer = key();
@@ -282,6 +363,7 @@ proptest! {
         let mut c = TestConsortium::new(n_sites, n_sites - 1);
         for (i, rounds) in jobs.iter().enumerate() {
             c.job(i as u64 + 1, *rounds);
+            c.rotate_key(i % n_sites);
         }
         let n = c.blocks.len();
         let at = target.index(n);

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::payload::{Genesis, Member, Payload, RoundCompleted};
-use super::{Block, Header, Kind, merkle, sha256, verify_block_signature, verify_endorsement};
+use super::{Block, Header, Kind, merkle, sha256, verify_block_signature, verify_decision, verify_endorsement};
 use crate::ids::{SiteId, sha256_hex};
 
 /// Who may endorse: site id → Ed25519 public key.
@@ -83,6 +83,7 @@ struct JobState {
     last_round: u32,
     last_model: Option<String>,
     ended: bool,
+    job_sha256: String,
 }
 
 /// Verifies blocks one at a time, in order. A participant keeps one over
@@ -230,7 +231,13 @@ impl Verifier {
             if sha256_hex(c.job_toml.as_bytes()) != c.job_sha256 {
                 return Err(bad(kind, "job_sha256 is not the SHA-256 of job_toml"));
             }
-            return Ok((job, JobState::default()));
+            return Ok((
+                job,
+                JobState {
+                    job_sha256: c.job_sha256.clone(),
+                    ..JobState::default()
+                },
+            ));
         }
         let state = self
             .jobs
@@ -239,16 +246,23 @@ impl Verifier {
         if state.ended {
             return Err(semantics(format!("job {job} has already ended")));
         }
-        let mut next = JobState {
-            last_round: state.last_round,
-            last_model: state.last_model.clone(),
-            ended: false,
-        };
+        let mut next = state.clone();
         match payload {
             Payload::JobAccepted(a) => {
                 let site = SiteId::new(&a.site).map_err(|e| bad(kind, e.to_string()))?;
-                if !members.contains_key(&site) {
-                    return Err(semantics(format!("`{}` is not a member", a.site)));
+                let key = members
+                    .get(&site)
+                    .ok_or_else(|| semantics(format!("`{}` is not a member", a.site)))?;
+                if a.job_sha256 != state.job_sha256 {
+                    return Err(bad(kind, "job_sha256 is not the job's"));
+                }
+                let job_hash: [u8; 32] = hex::decode(&a.job_sha256)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| bad(kind, "job_sha256 is not 32 hex bytes"))?;
+                let signature = hex::decode(&a.signature).map_err(|_| bad(kind, "signature is not hex"))?;
+                if !verify_decision(key, job, &job_hash, a.accepted, &signature) {
+                    return Err(bad(kind, format!("the decision is not signed by `{}`", a.site)));
                 }
             }
             Payload::RoundCompleted(r) => {

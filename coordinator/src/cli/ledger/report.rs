@@ -78,7 +78,17 @@ pub(crate) fn render(loaded: &Loaded) -> String {
         }
     }
 
-    h.push_str("<h2>Jobs</h2><table id=\"jobs\"><tr><th>job</th><th>name</th><th>created</th><th>job file SHA-256</th><th>outcome</th></tr>");
+    h.push_str("<h2>Jobs</h2><table id=\"jobs\"><tr><th>job</th><th>name</th><th>created</th><th>job file SHA-256</th><th>site decisions (signed)</th><th>outcome</th></tr>");
+    let mut decisions: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (_, p) in &parsed {
+        if let Some((_, Payload::JobAccepted(a))) = p {
+            let verdict = if a.accepted { "accepted" } else { "rejected" };
+            decisions
+                .entry(a.job_id)
+                .or_default()
+                .push(format!("{}: {verdict}", a.site));
+        }
+    }
     let mut ended: BTreeMap<u64, String> = BTreeMap::new();
     for (_, p) in &parsed {
         if let Some((_, Payload::JobEnded(e))) = p {
@@ -89,11 +99,12 @@ pub(crate) fn render(loaded: &Loaded) -> String {
         if let Some((header, Payload::JobCreated(j))) = p {
             let _ = write!(
                 h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
                 j.job_id,
                 esc(&j.name),
                 utc(header.timestamp_ms),
                 esc(&j.job_sha256),
+                esc(&decisions.get(&j.job_id).map(|d| d.join(", ")).unwrap_or_default()),
                 esc(ended.get(&j.job_id).map_or("running", String::as_str))
             );
         }
@@ -128,7 +139,7 @@ pub(crate) fn render(loaded: &Loaded) -> String {
         });
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} of {}: {}</td>\
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} (quorum {}): {}</td>\
              <td><code>{}</code></td><td>{}</td></tr>",
             header.height,
             r.job_id,
