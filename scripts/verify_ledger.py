@@ -18,12 +18,13 @@ Needs Python 3.11+ and PyNaCl (Ed25519).
 import argparse
 import hashlib
 import json
+import math
 import sqlite3
 import sys
 
 try:
     from nacl.exceptions import BadSignatureError, CryptoError
-    from nacl.signing import VerifyKey
+    from nacl.signing import SigningKey, VerifyKey
 except ImportError:  # pragma: no cover
     sys.exit("verify_ledger.py needs PyNaCl: pip install pynacl")
 
@@ -32,6 +33,7 @@ KINDS = ["genesis", "job_created", "job_accepted", "round_completed",
          "metrics", "job_ended", "membership_change"]
 COORD_PREFIX = b"tessera/ledger/v1/coordinator"  # §4
 ENDORSE_PREFIX = b"tessera/ledger/v1/endorse"
+DECISION_PREFIX = b"tessera/ledger/v1/job-decision"  # §5 job_accepted
 ZERO32 = bytes(32)
 PHASES = {"advertise_keys", "share_keys", "masked_input", "unmask", "update"}
 
@@ -133,6 +135,21 @@ def ed25519_ok(key, msg, sig):
         return False
 
 
+def decision_message(job_id, job_sha256, accepted):
+    """§5 job_accepted: "tessera/ledger/v1/job-decision" || u64(job_id) ||
+    job_sha256 (32 raw bytes) || byte(accepted ? 1 : 0)."""
+    if not (0 <= job_id < 2**64) or len(job_sha256) != 32:
+        raise ValueError("job_id is not a u64 or job_sha256 is not 32 bytes")
+    return (DECISION_PREFIX + job_id.to_bytes(8, "big") + job_sha256
+            + (b"\x01" if accepted else b"\x00"))
+
+
+def decision_ok(site_key, p):
+    """Does a job_accepted payload's `signature` verify under site_key (§5)?"""
+    msg = decision_message(p["job_id"], bytes.fromhex(p["job_sha256"]), p["accepted"])
+    return ed25519_ok(site_key, msg, bytes.fromhex(p["signature"]))
+
+
 # ------------------------------------------------------- §5 payload fields
 def _no_dupes(pairs):
     keys = [k for k, _ in pairs]
@@ -153,12 +170,19 @@ def parse_payload(raw):
     return p
 
 
-def is_int(v): return isinstance(v, int) and not isinstance(v, bool)
-def is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool)
+# §9 Types: integers are JSON integers below 2^53 (all of them are ids, counts
+# or indices, so also non-negative); numbers are finite JSON numbers; every
+# field without a stated type is a string.
+def is_int(v): return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**53
 def is_str(v): return isinstance(v, str)
 def is_bool(v): return isinstance(v, bool)
 def is_obj(v): return isinstance(v, dict)
-def is_any(v): return True  # type not stated by the spec: presence only
+
+
+def is_num(v):
+    # json.loads turns an over-large literal such as 1e400 into inf (§9: never).
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v))
 
 
 def is_hex(v, nbytes=None):
@@ -189,29 +213,33 @@ MEMBER = {"id": is_str, "key": is_h32, "certificate_sha256": nullable(is_h32)}
 FIELDS = {
     "genesis": {"consortium": is_str, "coordinator_key": is_h32,
                 "sites": list_of(obj_with(MEMBER)), "quorum": is_int, "software": is_str},
-    "job_created": {"job_id": is_int, "name": is_any, "job_sha256": is_h32,
-                    "job_toml": is_str, "software": is_any},
-    "job_accepted": {"job_id": is_int, "site": is_str, "accepted": is_bool, "reason": is_str},
+    "job_created": {"job_id": is_int, "name": is_str, "job_sha256": is_h32,
+                    "job_toml": is_str, "software": is_str},
+    "job_accepted": {"job_id": is_int, "site": is_str, "job_sha256": is_h32,
+                     "accepted": is_bool, "reason": is_str,
+                     "signature": lambda v: is_hex(v, 64)},
     "round_completed": {
         "job_id": is_int, "round": is_int, "contributors": list_of(is_str),
         "dropouts": list_of(obj_with({"site": is_str, "phase": lambda v: v in PHASES})),
         "commitments": list_of(obj_with({"site": is_str, "sha256": is_h32})),
         "commitment_root": is_h32, "aggregate_sha256": is_h32,
-        "base_model_sha256": is_h32, "model_sha256": is_h32, "n_params": is_any,
-        "total_weight": is_any, "strategy": is_any, "config_sha256": is_h32,
+        "base_model_sha256": is_h32, "model_sha256": is_h32, "n_params": is_int,
+        "total_weight": is_num, "strategy": is_str, "config_sha256": is_h32,
         "secure_aggregation": is_bool, "clip_norm": nullable(is_num),
         "quantization_bits": nullable(is_int), "transcript": nullable(is_obj),
         "privacy_epsilon": nullable(is_num)},
     "metrics": {"job_id": is_int, "model_of_round": is_int, "model_sha256": is_h32,
-                "sites": list_of(obj_with({k: is_any for k in
-                                           ("site", "n_test", "loss", "accuracy", "auc")})),
-                "pooled": nullable(obj_with({k: is_any for k in
-                                             ("n_sites", "n_test", "loss", "accuracy")}))},
+                # §9 calls auc a number, but Tessera writes null when a site's
+                # AUC is undefined (e.g. a test set of one class), so allow it.
+                "sites": list_of(obj_with({"site": is_str, "n_test": is_int, "loss": is_num,
+                                           "accuracy": is_num, "auc": nullable(is_num)})),
+                "pooled": nullable(obj_with({"n_sites": is_int, "n_test": is_int,
+                                             "loss": is_num, "accuracy": is_num}))},
     "job_ended": {"job_id": is_int, "status": one_of("finished", "cancelled", "failed"),
-                  "reason": is_any, "rounds_done": is_any,
+                  "reason": is_str, "rounds_done": is_int,
                   "final_model_sha256": nullable(is_h32)},
     "membership_change": {"change": one_of("site_added", "key_rotated", "site_revoked"),
-                          "site": obj_with(MEMBER), "reason": is_any},
+                          "site": obj_with(MEMBER), "reason": is_str},
 }
 
 
@@ -304,7 +332,8 @@ def verify_ledger(path):
         raise Invalid("block 0", "ledger has no blocks")
 
     prev, coord_key, members, quorum = None, None, None, None
-    jobs = {}            # job_id -> {"ended": bool, "round": int, "model": hex}
+    jobs = {}            # job_id -> {"ended", "round", "model", "sha256", "models"}
+    warnings = []        # §9 "facts that are not verification rules"
     first_pending = None  # first non-final block of the current non-final tail
     genesis_hash, consortium = None, None
     for i, (col_height, stored_hash, header, payload, sig) in enumerate(rows):
@@ -330,23 +359,48 @@ def verify_ledger(path):
                 bad(f"job_id {p['job_id']} was already created")
             if sha256(p["job_toml"].encode("utf-8")).hex() != p["job_sha256"]:
                 bad("job_sha256 does not match job_toml")
-            jobs[p["job_id"]] = {"ended": False, "round": 0, "model": None}
+            jobs[p["job_id"]] = {"ended": False, "round": 0, "model": None,
+                                 "sha256": p["job_sha256"], "models": {}}
         elif "job_id" in FIELDS[kind]:
             job = jobs.get(p["job_id"])
             if job is None:
                 bad(f"job_id {p['job_id']} was never created")
             if job["ended"]:
                 bad(f"job_id {p['job_id']} has already ended")
-            if kind == "job_accepted" and p["site"] not in members:
-                bad(f"job_accepted site {p['site']!r} is not a member")
+            if kind == "job_accepted":
+                if p["site"] not in members:
+                    bad(f"job_accepted site {p['site']!r} is not a member")
+                if p["job_sha256"] != job["sha256"]:
+                    bad("job_accepted job_sha256 is not the job's job_sha256")
+                if not decision_ok(members[p["site"]], p):
+                    bad(f"job_accepted signature by {p['site']!r} does not verify")
+            if kind == "metrics":
+                want = job["models"].get(p["model_of_round"])
+                if p["model_of_round"] > job["round"]:
+                    warnings.append(f"block {i}: metrics for round {p['model_of_round']}, "
+                                    f"but the job has {job['round']} rounds")
+                elif want is not None and want != p["model_sha256"]:
+                    warnings.append(f"block {i}: metrics model_sha256 is not the model "
+                                    f"of round {p['model_of_round']}")
             if kind == "job_ended":
                 job["ended"] = True
+                if p["rounds_done"] != job["round"]:
+                    warnings.append(f"block {i}: rounds_done {p['rounds_done']}, but the "
+                                    f"job has {job['round']} rounds")
+                fm = p["final_model_sha256"]
+                if fm is not None and job["round"] and fm != job["model"]:
+                    warnings.append(f"block {i}: final_model_sha256 is not the last "
+                                    "round's model_sha256")
             if kind == "round_completed":
                 if p["round"] != job["round"] + 1:
                     bad(f"round {p['round']} follows round {job['round']}")
                 if job["round"] and p["base_model_sha256"] != job["model"]:
                     bad("base_model_sha256 is not the previous round's model_sha256")
                 job["round"], job["model"] = p["round"], p["model_sha256"]
+                job["models"].setdefault(0, p["base_model_sha256"])
+                job["models"][p["round"]] = p["model_sha256"]
+                if p["config_sha256"] != job["sha256"]:
+                    warnings.append(f"block {i}: config_sha256 is not the job's job_sha256")
                 sites = [c["site"] for c in p["commitments"]]
                 keys = [s.encode("utf-8") for s in sites]
                 if any(a >= b for a, b in zip(keys, keys[1:])):
@@ -393,7 +447,9 @@ def verify_ledger(path):
     # have no block (e.g. left behind when the last block row was deleted).
     orphans = sorted(set(ends) - set(range(len(rows))))
     if orphans:
-        print(f"warning: endorsements for heights with no block: {orphans}", file=sys.stderr)
+        warnings.append(f"endorsements for heights with no block: {orphans}")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     return {"consortium": consortium, "blocks": len(rows),
             "genesis_hash": genesis_hash.hex(),
             "pending": 0 if first_pending is None else len(rows) - first_pending,
@@ -500,7 +556,28 @@ def self_test():
                    or verify_inclusion(leaves[m], m, n, path + [root], root))
             proofs_ok &= good and not neg
     print(f"inclusion proofs, trees of 1..20: {'ok' if proofs_ok else 'FAIL'}")
-    return ok and proofs_ok
+    # §5 job-decision message layout: prefix (30) || u64 (8) || sha (32) || byte (1).
+    msg = decision_message(7, b"\x11" * 32, True)
+    want = (b"tessera/ledger/v1/job-decision" + bytes.fromhex("0000000000000007")
+            + b"\x11" * 32 + b"\x01")
+    layout_ok = (len(DECISION_PREFIX) == 30 and len(msg) == 71 and msg == want
+                 and msg.startswith(b"tessera/ledger/v1/job-decision\x00")
+                 and msg[30:38] == b"\x00" * 7 + b"\x07" and msg[38:70] == b"\x11" * 32
+                 and decision_message(7, b"\x11" * 32, False)[-1:] == b"\x00")
+    print(f"job-decision message layout (§5): {'ok' if layout_ok else 'FAIL ' + msg.hex()}")
+    # Sign/verify round trip through the same check rule 8 uses, and negatives:
+    # flipped accepted, another job_sha256, another job_id, another site's key.
+    sk, other = SigningKey(bytes(range(32))), SigningKey(bytes(32))
+    p = {"job_id": 7, "job_sha256": "11" * 32, "accepted": True}
+    p["signature"] = sk.sign(decision_message(7, b"\x11" * 32, True)).signature.hex()
+    vk = bytes(sk.verify_key)
+    sig_ok = (decision_ok(vk, p)
+              and not decision_ok(vk, {**p, "accepted": False})
+              and not decision_ok(vk, {**p, "job_sha256": "12" + "11" * 31})
+              and not decision_ok(vk, {**p, "job_id": 8})
+              and not decision_ok(bytes(other.verify_key), p))
+    print(f"job-decision sign/verify round trip: {'ok' if sig_ok else 'FAIL'}")
+    return ok and proofs_ok and layout_ok and sig_ok
 
 
 def main(argv=None):

@@ -58,6 +58,14 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Show this site's ledger replica: verified or not, how far, and why
+    /// the site halted if it did. Offline. Exit 1 if halted or invalid.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Validate the local data offline and summarise it; sends nothing.
     Check {
         #[arg(long)]
@@ -103,6 +111,7 @@ fn main() -> ExitCode {
         ),
         Command::Keygen { config, state_dir } => keygen(&config, state_dir),
         Command::Check { config } => check(&config),
+        Command::Status { config, state_dir } => status(&config, state_dir),
         Command::PooledBaseline {
             job,
             configs,
@@ -233,4 +242,44 @@ fn pooled(job_path: &Path, configs: &[PathBuf], seed: Option<u64>, json: bool) -
         println!("  {:<16} {:>6} {:>9.4}", "mean over sites", "", result.mean_accuracy);
     }
     Ok(())
+}
+
+/// `tessera-participant status`: the replica verified from scratch, and the
+/// halt reason if any.
+fn status(path: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = SiteConfig::load(path)?;
+    let state_dir = state_dir.unwrap_or(config.state_dir);
+    let file = state_dir.join("ledger.db");
+    let halted = std::fs::read_to_string(state_dir.join(replica::HALT_FILE)).ok();
+    println!("site `{}`, state in {}", config.site_id, state_dir.display());
+    if !file.exists() {
+        println!("ledger replica: none yet (the site has not synced with a coordinator)");
+    } else {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let verdict = runtime.block_on(async {
+            let store = tessera_protocol::ledger::store::LedgerStore::open_read_only(&file).await?;
+            let (blocks, hashes): (Vec<_>, Vec<_>) = store.blocks().await?.into_iter().unzip();
+            anyhow::Ok(tessera_protocol::ledger::verify::verify_chain(&blocks, Some(&hashes)))
+        })?;
+        match verdict {
+            Ok(r) => println!(
+                "ledger replica: {} blocks verified, {} awaiting their endorsement quorum; consortium `{}`, genesis {}",
+                r.blocks,
+                r.pending,
+                r.genesis.consortium,
+                hex::encode(r.genesis_hash)
+            ),
+            Err(e) => anyhow::bail!("ledger replica {} does NOT verify: {e}", file.display()),
+        }
+    }
+    match halted {
+        Some(reason) => anyhow::bail!(
+            "HALTED: this site does not train: {reason}\n(remove {} after investigating)",
+            state_dir.join(replica::HALT_FILE).display()
+        ),
+        None => {
+            println!("training: allowed (no ledger mismatch recorded)");
+            Ok(())
+        }
+    }
 }

@@ -87,6 +87,15 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
     // Every site's replica holds the same chain and verifies on its own.
     let genesis = report["genesis_hash"].as_str().unwrap();
     for site in SITES {
+        let out = Command::new(bin("tessera-participant"))
+            .args(["status", "--config"])
+            .arg(repo().join(format!("examples/heart-disease/sites/{site}.toml")))
+            .arg("--state-dir")
+            .arg(federation.state_dir(site))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("training: allowed"), "{}", text(&out));
         let replica = federation.state_dir(site).join("ledger.db");
         let r = verify_json(&replica);
         assert_eq!(r["intact"], true, "{site}: {r:#}");
@@ -353,6 +362,19 @@ fn a_restart_keeps_the_chain_and_a_forked_chain_stops_every_site() {
             std::fs::read_to_string(&halt).unwrap_or_else(|_| panic!("{site} did not halt: {}", federation.log(site)));
         assert!(reason.contains("forked"), "{site}: {reason}\n{}", federation.log(site));
         assert!(federation.log(site).contains("LEDGER MISMATCH"), "{site}");
+        let out = Command::new(bin("tessera-participant"))
+            .args(["status", "--config"])
+            .arg(repo().join(format!("examples/heart-disease/sites/{site}.toml")))
+            .arg("--state-dir")
+            .arg(federation.state_dir(site))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(
+            text(&out).contains("HALTED") && text(&out).contains("forked"),
+            "{}",
+            text(&out)
+        );
     }
     // No site took part: the forked job never trained a round.
     let status = federation.status(forked);
