@@ -55,35 +55,36 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-# Each hospital creates its Ed25519 key; the consortium collects the public
-# keys into the roster (out of band: here, a file).
-{
-  echo "# Ed25519 public keys of the consortium's sites."
-  echo "[sites]"
-  for s in "${sites[@]}"; do
-    "$bin/tessera-participant" keygen --config "examples/heart-disease/sites/$s.toml" --state-dir "$run_dir/site-$s"
-  done
-} > "$run_dir/roster.toml"
+# The consortium is provisioned for this run: a CA, the coordinator's kit, one
+# kit per hospital (TLS certificate, Ed25519 key, roster) and the ML lead's.
+# Every connection below is mutual TLS.
+ca="$run_dir/ca"
+"$bin/tessera" ca init --consortium heart-disease-demo --out "$ca" > /dev/null
+for s in "${sites[@]}"; do
+  "$bin/tessera" ca issue --ca "$ca" --site "$s" > /dev/null
+done
+"$bin/tessera" ca issue --ca "$ca" --operator lead > /dev/null
+export TESSERA_TLS_DIR="$ca/operators/lead"
 
 "$bin/tessera-coordinator" --listen 127.0.0.1:0 --port-file "$run_dir/port" \
-  --db "$run_dir/coordinator.db" --roster "$run_dir/roster.toml" \
+  --db "$run_dir/coordinator.db" --roster "$ca/roster.toml" --tls-dir "$ca/coordinator" \
   2> "$run_dir/coordinator.log" &
 coordinator_pid=$!
 pids+=("$coordinator_pid")
 for _ in $(seq 100); do [ -s "$run_dir/port" ] && break; sleep 0.1; done
 [ -s "$run_dir/port" ] || { echo "error: coordinator did not start; see $run_dir/coordinator.log" >&2; exit 1; }
-addr="http://127.0.0.1:$(cat "$run_dir/port")"
+addr="https://127.0.0.1:$(cat "$run_dir/port")"
 
 participant_pids=()
 for s in "${sites[@]}"; do
   "$bin/tessera-participant" run --config "examples/heart-disease/sites/$s.toml" \
-    --coordinator "$addr" --state-dir "$run_dir/site-$s" --roster "$run_dir/roster.toml" \
+    --coordinator "$addr" --state-dir "$ca/sites/$s" --tls-dir "$ca/sites/$s" --roster "$ca/roster.toml" \
     "${plaintext_flag[@]}" 2> "$run_dir/site-$s.log" &
   pids+=("$!")
   participant_pids+=("$!")
 done
 
-[ "$quiet" = 1 ] || echo "coordinator on $addr, sites: ${sites[*]}; logs in $run_dir"
+[ "$quiet" = 1 ] || echo "coordinator on $addr (mutual TLS), sites: ${sites[*]}; logs in $run_dir"
 job_id=$("$bin/tessera" --coordinator "$addr" job submit "$job")
 start=$(date +%s.%N)
 if [ "$quiet" = 1 ]; then

@@ -432,6 +432,7 @@ mod tests {
                     job_sha256: tessera_protocol::ids::sha256_hex(toml.as_bytes()),
                     job_toml: toml.into(),
                     software: SOFTWARE.into(),
+                    insecure_transport: false,
                 }),
                 2,
             )

@@ -11,8 +11,11 @@
 //! - [`store`]: sqlx + SQLite persistence.
 //! - [`ledger`]: the signed, site-endorsed chain, written in the same
 //!   transactions as the state it records.
-//! - [`cli`]: the `tessera` command for ML leads.
+//! - [`cli`]: the `tessera` command for ML leads and regulators.
+//! - [`ca`]: the consortium CA and its kits (`tessera ca`).
+//! - [`tls`]: mutual TLS and who may call what.
 
+pub mod ca;
 pub mod cli;
 pub mod driver;
 pub mod ledger;
@@ -20,6 +23,7 @@ pub mod rpc;
 pub mod secure;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 /// Wall-clock milliseconds since the Unix epoch, for stored timestamps.
 pub fn unix_ms() -> i64 {

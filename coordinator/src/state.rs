@@ -35,6 +35,8 @@ pub struct Shared {
     /// The consortium's Ed25519 keys: secure aggregation needs them to check
     /// signed key advertisements early. Empty: secure jobs cannot run.
     pub roster: BTreeMap<SiteId, [u8; 32]>,
+    /// Running with `--insecure-dev` (no TLS): recorded in every job block.
+    pub insecure_transport: bool,
     started: Instant,
 }
 
@@ -100,6 +102,7 @@ impl Shared {
             wake: Notify::new(),
             progress: Notify::new(),
             allowed_sites,
+            insecure_transport: false,
             started: Instant::now(),
         }
     }

@@ -19,6 +19,9 @@ pub struct SiteConfig {
     /// The consortium roster (site Ed25519 public keys), needed to check
     /// peers' signed keys in secure aggregation.
     pub roster_path: Option<PathBuf>,
+    /// The site's kit (tls.pem, tls.key, ca.pem): mutual TLS to the
+    /// coordinator. `None` only for a coordinator run with --insecure-dev.
+    pub tls_dir: Option<PathBuf>,
     pub policy: Policy,
 }
 
@@ -36,6 +39,37 @@ pub struct Policy {
     /// the secure sum, so the coordinator sees pooled figures alone.
     #[serde(default = "yes")]
     pub report_site_metrics: bool,
+    /// Model kinds (`logistic_regression`, `mlp`) this site trains without
+    /// asking; any kind when absent.
+    #[serde(default)]
+    pub accepted_models: Option<Vec<String>>,
+    /// Largest model (parameters) trained without asking.
+    #[serde(default = "default_max_params")]
+    pub max_params: u64,
+    /// Most rounds per job without asking.
+    #[serde(default = "default_max_rounds")]
+    pub max_rounds: u32,
+    /// Smallest `min_sites` a job may declare without asking (never below 3).
+    #[serde(default = "default_min_sites")]
+    pub min_sites: u32,
+    /// Learning rates accepted without asking: `[lowest, highest]`.
+    #[serde(default)]
+    pub learning_rate: Option<[f64; 2]>,
+    /// Most local epochs per round without asking.
+    #[serde(default)]
+    pub max_local_epochs: Option<u32>,
+}
+
+fn default_max_params() -> u64 {
+    10_000_000
+}
+
+fn default_max_rounds() -> u32 {
+    1000
+}
+
+fn default_min_sites() -> u32 {
+    3
 }
 
 fn yes() -> bool {
@@ -47,6 +81,12 @@ impl Default for Policy {
         Self {
             allow_insecure_plaintext: false,
             report_site_metrics: true,
+            accepted_models: None,
+            max_params: default_max_params(),
+            max_rounds: default_max_rounds(),
+            min_sites: default_min_sites(),
+            learning_rate: None,
+            max_local_epochs: None,
         }
     }
 }
@@ -60,6 +100,7 @@ struct RawConfig {
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
     roster: Option<PathBuf>,
+    tls: Option<PathBuf>,
     #[serde(default)]
     policy: Policy,
     data: RawData,
@@ -95,6 +136,7 @@ impl SiteConfig {
             schema_path: base.join(raw.data.schema),
             state_dir: base.join(raw.state_dir),
             roster_path: raw.roster.map(|r| base.join(r)),
+            tls_dir: raw.tls.map(|t| base.join(t)),
             policy: raw.policy,
         })
     }

@@ -34,6 +34,7 @@ use tracing::{error, info, warn};
 use crate::config::{Policy, SiteConfig};
 use crate::egress::EgressLog;
 use crate::local::LocalData;
+use crate::policy::{self, Approvals, Decision};
 use crate::replica::{HALT_FILE, Replica};
 
 const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -71,9 +72,16 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
             config.state_dir.display()
         );
     }
-    let endpoint = Endpoint::from_shared(config.coordinator.clone())
+    let mut endpoint = Endpoint::from_shared(config.coordinator.clone())
         .with_context(|| format!("bad coordinator address `{}`", config.coordinator))?
         .connect_timeout(Duration::from_secs(5));
+    match &config.tls_dir {
+        Some(dir) => {
+            let tls = tessera_protocol::keyfile::client_tls(dir).context("the site's TLS kit")?;
+            endpoint = endpoint.tls_config(tls).context("TLS configuration")?;
+        }
+        None => warn!("no TLS kit configured: this only works with a coordinator run with --insecure-dev"),
+    }
     let replica = Replica::open(&config.state_dir, config.site_id.clone(), signing_key.clone()).await?;
     let halted = Arc::new(AtomicBool::new(replica.halted().is_some()));
     let mut site = Site {
@@ -89,6 +97,8 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         policy: config.policy.clone(),
         jobs: HashMap::new(),
         decided: HashSet::new(),
+        held: HashSet::new(),
+        state_dir: config.state_dir.clone(),
         inputs: HashMap::new(),
         sessions: HashMap::new(),
         metric_inputs: HashMap::new(),
@@ -165,6 +175,9 @@ struct Site {
     jobs: HashMap<u64, JobSpec>,
     /// Jobs whose decision this site has sent.
     decided: HashSet<u64>,
+    /// Jobs held for the data team's approval (logged once).
+    held: HashSet<u64>,
+    state_dir: std::path::PathBuf,
     /// Secure jobs: this site's quantised input per (job, round), ready for
     /// the summation (round 0 = preprocessing statistics).
     inputs: HashMap<(u64, u32), Vec<u32>>,
@@ -262,13 +275,32 @@ impl Site {
             bail!("{reason}");
         }
         let spec = JobSpec::from_toml(job_toml).context("announced job is invalid")?;
-        let verdict = if spec.aggregation == Aggregation::InsecurePlaintext && !self.policy.allow_insecure_plaintext {
-            Err(format!(
-                "job {job_id} asks for insecure_plaintext aggregation and this site's policy does not allow it \
-                 (policy.allow_insecure_plaintext); not taking part"
-            ))
+        let n_params = spec.model.layout(self.data.train.n_features).n_params();
+        let review = policy::review(&self.policy, &spec, n_params);
+        let approvals = Approvals::new(&self.state_dir);
+        let verdict = if !review.refusals.is_empty() {
+            Err(format!("job {job_id} {}; not taking part", review.refusals.join("; ")))
+        } else if review.exceeded.is_empty() {
+            Ok("within this site's policy".to_owned())
         } else {
-            Ok(())
+            match approvals.decision(job_hash) {
+                Some(Decision::Approved) => Ok("outside the policy, approved by the site's data team".to_owned()),
+                Some(Decision::Rejected) => Err(format!("job {job_id} was rejected by the site's data team")),
+                None => {
+                    // Nothing is decided, nothing is sent, no data is read:
+                    // the job waits for the data team.
+                    approvals.hold(job_hash, job_toml, &review)?;
+                    if self.held.insert(job_id) {
+                        warn!(
+                            job = job_id,
+                            "job is outside this site's policy ({}); waiting for the data team: \
+                             tessera-participant inspect {job_hash}, then approve or reject",
+                            review.exceeded.join("; ")
+                        );
+                    }
+                    bail!("job {job_id} waits for the data team's approval");
+                }
+            }
         };
         if !self.decided.contains(&job_id) {
             let hash: [u8; 32] = hex::decode(job_hash)
@@ -281,10 +313,9 @@ impl Site {
                 job_id,
                 job_hash: job_hash.to_owned(),
                 accepted,
-                reason: verdict
-                    .clone()
-                    .err()
-                    .unwrap_or_else(|| "within this site's policy".to_owned()),
+                reason: match &verdict {
+                    Ok(why) | Err(why) => why.clone(),
+                },
                 signature: sign_decision(&self.signing_key, job_id, &hash, accepted),
             };
             self.egress.record("DecideJob", &decision)?;

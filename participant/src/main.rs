@@ -6,6 +6,7 @@ mod daemon;
 mod egress;
 mod identity;
 mod local;
+mod policy;
 mod replica;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use tessera_protocol::job::JobSpec;
 
 use crate::config::SiteConfig;
 use crate::local::LocalData;
+use crate::policy::{Approvals, Decision};
 
 /// Take part in federated training without any record leaving this site.
 #[derive(Parser)]
@@ -41,6 +43,13 @@ enum Command {
         /// Override the consortium roster of the config file.
         #[arg(long)]
         roster: Option<PathBuf>,
+        /// Override the site's TLS kit (tls.pem, tls.key, ca.pem) of the config file.
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
+        /// Override the config's [policy] with this file's (a TOML file with
+        /// the policy keys at top level).
+        #[arg(long)]
+        policy: Option<PathBuf>,
         /// Take part in jobs with `insecure_plaintext = true` (sets
         /// policy.allow_insecure_plaintext; off by default).
         #[arg(long)]
@@ -61,6 +70,34 @@ enum Command {
     /// Show this site's ledger replica: verified or not, how far, and why
     /// the site halted if it did. Offline. Exit 1 if halted or invalid.
     Status {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Show exactly what a job waiting for approval would do with this
+    /// site's data, and which policy limits it exceeds. Offline.
+    Inspect {
+        /// The job's hash (or a unique prefix), from the daemon's log.
+        job_hash: String,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Approve a job that is outside this site's policy: the daemon takes
+    /// part from its next task on, and signs its acceptance into the ledger.
+    Approve {
+        job_hash: String,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Reject a job: the daemon signs the rejection into the ledger and never
+    /// touches this site's data for it.
+    Reject {
+        job_hash: String,
         #[arg(long)]
         config: PathBuf,
         #[arg(long)]
@@ -99,18 +136,39 @@ fn main() -> ExitCode {
             coordinator,
             state_dir,
             roster,
+            tls_dir,
+            policy,
             allow_insecure_plaintext,
             withhold_site_metrics,
         } => run(
             &config,
-            coordinator,
-            state_dir,
-            roster,
+            Overrides {
+                coordinator,
+                state_dir,
+                roster,
+                tls_dir,
+                policy,
+            },
             allow_insecure_plaintext,
             withhold_site_metrics,
         ),
         Command::Keygen { config, state_dir } => keygen(&config, state_dir),
         Command::Check { config } => check(&config),
+        Command::Inspect {
+            job_hash,
+            config,
+            state_dir,
+        } => inspect(&config, state_dir, &job_hash),
+        Command::Approve {
+            job_hash,
+            config,
+            state_dir,
+        } => decide(&config, state_dir, &job_hash, Decision::Approved),
+        Command::Reject {
+            job_hash,
+            config,
+            state_dir,
+        } => decide(&config, state_dir, &job_hash, Decision::Rejected),
         Command::Status { config, state_dir } => status(&config, state_dir),
         Command::PooledBaseline {
             job,
@@ -128,15 +186,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(
-    path: &Path,
+/// Command-line overrides of the site config.
+struct Overrides {
     coordinator: Option<String>,
     state_dir: Option<PathBuf>,
     roster: Option<PathBuf>,
-    allow_insecure_plaintext: bool,
-    withhold_site_metrics: bool,
-) -> anyhow::Result<()> {
+    tls_dir: Option<PathBuf>,
+    policy: Option<PathBuf>,
+}
+
+fn run(path: &Path, o: Overrides, allow_insecure_plaintext: bool, withhold_site_metrics: bool) -> anyhow::Result<()> {
+    let Overrides {
+        coordinator,
+        state_dir,
+        roster,
+        tls_dir,
+        policy,
+    } = o;
     let mut config = SiteConfig::load(path)?;
+    if let Some(file) = policy {
+        let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        config.policy = toml::from_str(&text).with_context(|| format!("invalid policy {}", file.display()))?;
+    }
     if withhold_site_metrics {
         config.policy.report_site_metrics = false;
     }
@@ -154,6 +225,9 @@ fn run(
     }
     if let Some(roster) = roster {
         config.roster_path = Some(roster);
+    }
+    if let Some(dir) = tls_dir {
+        config.tls_dir = Some(dir);
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(daemon::run(config))
@@ -282,4 +356,88 @@ fn status(path: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn site_state(path: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<(SiteConfig, PathBuf)> {
+    let config = SiteConfig::load(path)?;
+    let dir = state_dir.unwrap_or_else(|| config.state_dir.clone());
+    Ok((config, dir))
+}
+
+/// `tessera-participant inspect`: what the job would do here, in plain words.
+fn inspect(path: &Path, state_dir: Option<PathBuf>, prefix: &str) -> anyhow::Result<()> {
+    let (config, dir) = site_state(path, state_dir)?;
+    let approvals = Approvals::new(&dir);
+    let hash = approvals.find(prefix)?;
+    let (toml_text, why) = approvals.pending_job(&hash)?;
+    let spec = tessera_protocol::job::JobSpec::from_toml(&toml_text)?;
+    let data = LocalData::load(&config)?;
+    let layout = spec.model.layout(data.train.n_features);
+    println!("job `{}` ({hash})", spec.name);
+    println!(
+        "  model: {} with {} parameters, on this site's {} encoded features",
+        spec.model.label(),
+        layout.n_params(),
+        data.train.n_features
+    );
+    println!(
+        "  training: {} rounds; each round {} with {:?}, learning rate {}, batch {} on the {} local training rows",
+        spec.rounds,
+        match spec.training.local_work {
+            tessera_protocol::job::LocalWork::Epochs(e) => format!("{e} local epoch(s)"),
+            tessera_protocol::job::LocalWork::Steps(s) => format!("{s} local step(s)"),
+        },
+        spec.training.optimizer,
+        spec.training.learning_rate,
+        spec.training.batch_size,
+        data.train.len()
+    );
+    println!("  strategy: {}", spec.strategy_label());
+    match &spec.aggregation {
+        tessera_protocol::job::Aggregation::Secure(s) => println!(
+            "  leaves this site: per-feature sums of the training rows and, each round, the model update \
+             clipped to L2 norm {} — both only inside secure aggregation (the coordinator sees sums over \
+             at least {} sites); test-set accuracy/loss/AUC{}",
+            s.clip_norm,
+            spec.min_sites.max(3),
+            if config.policy.report_site_metrics {
+                " in the clear"
+            } else {
+                " only inside the secure sum (policy)"
+            }
+        ),
+        tessera_protocol::job::Aggregation::InsecurePlaintext => println!(
+            "  leaves this site: per-feature sums and every round's model update IN THE CLEAR (insecure_plaintext)"
+        ),
+    }
+    println!(
+        "  no record leaves the site; every message is listed in {}",
+        dir.join("egress.jsonl").display()
+    );
+    println!("outside this site's policy:");
+    for line in why.lines() {
+        println!("  - {line}");
+    }
+    println!(
+        "decide with: tessera-participant approve|reject {} --config {}",
+        &hash[..12],
+        path.display()
+    );
+    Ok(())
+}
+
+/// `tessera-participant approve|reject`.
+fn decide(path: &Path, state_dir: Option<PathBuf>, prefix: &str, decision: Decision) -> anyhow::Result<()> {
+    let (_, dir) = site_state(path, state_dir)?;
+    let approvals = Approvals::new(&dir);
+    let hash = approvals.find(prefix)?;
+    approvals.decide(&hash, decision)?;
+    println!(
+        "job {hash} {}; the daemon signs the decision into the ledger at its next task for the job",
+        match decision {
+            Decision::Approved => "approved",
+            Decision::Rejected => "rejected",
+        }
+    );
+    Ok(())
 }

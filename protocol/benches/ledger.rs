@@ -57,6 +57,7 @@ impl Chain {
             job_sha256: sha256_hex(toml.as_bytes()),
             job_toml: toml,
             software: "bench".into(),
+            insecure_transport: false,
         }));
         chain
     }

@@ -19,6 +19,7 @@
 
 pub mod aggregate;
 pub mod evaluation;
+pub mod identity;
 pub mod ids;
 pub mod job;
 #[cfg(feature = "io")]

@@ -56,24 +56,29 @@ pub struct Federation {
 }
 
 impl Federation {
-    /// Starts a coordinator admitting `allowed` site ids, after each of them
-    /// created its Ed25519 key and the consortium roster was written.
+    /// Provisions a consortium CA in a temp dir (`tessera ca init`), a kit
+    /// for each of `allowed` and for an operator, and starts the coordinator
+    /// over mutual TLS admitting those sites.
     pub fn start(allowed: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut roster = String::from("[sites]\n");
-        for site in allowed {
-            let out = Command::new(bin("tessera-participant"))
-                .arg("keygen")
-                .arg("--config")
-                .arg(repo().join(format!("examples/heart-disease/sites/{site}.toml")))
-                .arg("--state-dir")
-                .arg(dir.path().join(format!("site-{site}")))
+        let ca = dir.path().join("ca");
+        let run = |args: &[&str]| {
+            let out = Command::new(bin("tessera"))
+                .args(args)
                 .output()
-                .expect("run keygen");
-            assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
-            roster.push_str(&String::from_utf8_lossy(&out.stdout));
+                .expect("run tessera ca");
+            assert!(
+                out.status.success(),
+                "tessera {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ca_str = ca.to_str().expect("utf-8 path");
+        run(&["ca", "init", "--consortium", "test", "--out", ca_str]);
+        for site in allowed {
+            run(&["ca", "issue", "--ca", ca_str, "--site", site]);
         }
-        std::fs::write(dir.path().join("roster.toml"), roster).expect("write roster");
+        run(&["ca", "issue", "--ca", ca_str, "--operator", "lead"]);
         let mut federation = Self {
             dir,
             addr: String::new(),
@@ -82,6 +87,22 @@ impl Federation {
         };
         federation.spawn_coordinator("127.0.0.1:0");
         federation
+    }
+
+    /// The consortium CA directory (kits under `sites/`, `operators/`...).
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// Runs `tessera ca ARGS --ca <this federation's CA>`.
+    pub fn ca_command(&self, args: &[&str]) -> Output {
+        Command::new(bin("tessera"))
+            .args(["ca"])
+            .args(args)
+            .arg("--ca")
+            .arg(self.ca())
+            .output()
+            .expect("run tessera ca")
     }
 
     /// Starts the coordinator on `listen` and waits for its port.
@@ -103,7 +124,9 @@ impl Federation {
             .arg("--allow-site")
             .arg(&self.allowed)
             .arg("--roster")
-            .arg(self.dir.path().join("roster.toml"))
+            .arg(self.ca().join("roster.toml"))
+            .arg("--tls-dir")
+            .arg(self.ca().join("coordinator"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -113,7 +136,7 @@ impl Federation {
             if let Ok(port) = std::fs::read_to_string(&port_file)
                 && !port.is_empty()
             {
-                self.addr = format!("http://127.0.0.1:{port}");
+                self.addr = format!("https://127.0.0.1:{port}");
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -155,8 +178,10 @@ impl Federation {
             .arg(&self.addr)
             .arg("--state-dir")
             .arg(self.state_dir(site))
+            .arg("--tls-dir")
+            .arg(self.state_dir(site))
             .arg("--roster")
-            .arg(self.dir.path().join("roster.toml"))
+            .arg(self.ca().join("roster.toml"))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -165,8 +190,10 @@ impl Federation {
         self.children.push((site.to_owned(), child));
     }
 
+    /// A site's kit, which is also its state directory (keys, egress log,
+    /// ledger replica).
     pub fn state_dir(&self, site: &str) -> PathBuf {
-        self.dir.path().join(format!("site-{site}"))
+        self.ca().join("sites").join(site)
     }
 
     /// The log of the coordinator or of a site.
@@ -174,11 +201,18 @@ impl Federation {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    /// Runs the `tessera` CLI against this coordinator.
+    /// Runs the `tessera` CLI against this coordinator, as the operator.
     pub fn tessera(&self, args: &[&str]) -> Output {
+        self.tessera_as(&self.ca().join("operators/lead"), args)
+    }
+
+    /// Runs the `tessera` CLI with the kit in `kit`.
+    pub fn tessera_as(&self, kit: &Path, args: &[&str]) -> Output {
         Command::new(bin("tessera"))
             .arg("--coordinator")
             .arg(&self.addr)
+            .arg("--tls-dir")
+            .arg(kit)
             .args(args)
             .output()
             .expect("run tessera")

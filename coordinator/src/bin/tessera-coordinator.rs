@@ -4,21 +4,29 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use tessera_coordinator::ca::Consortium;
 use tessera_coordinator::driver::job_ended;
 use tessera_coordinator::ledger::Ledger;
 use tessera_coordinator::rpc::{FederationService, JobsService, LedgerService};
 use tessera_coordinator::state::Shared;
 use tessera_coordinator::store::{INTERRUPTED, Store};
+use tessera_coordinator::tls::{self, Gate};
 use tessera_coordinator::{driver, unix_ms};
+use tessera_protocol::identity::Role;
 use tessera_protocol::ids::SiteId;
 use tessera_protocol::pb::federation_server::FederationServer;
 use tessera_protocol::pb::jobs_server::JobsServer;
 use tessera_protocol::pb::ledger_server::LedgerServer;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
+
+/// Largest message accepted (models and updates stream in 1 MiB chunks).
+const MAX_MESSAGE: usize = 4 << 20;
 
 /// Runs federated training jobs for a consortium of sites.
 #[derive(Parser)]
@@ -40,12 +48,26 @@ struct Args {
     #[arg(long)]
     roster: PathBuf,
     /// The coordinator's Ed25519 key that signs ledger blocks (created,
-    /// 0600, on first start). Default: beside the database, `<db>.ledger-key`.
+    /// 0600, on first start). Default: `<tls-dir>/ledger.key`, or beside the
+    /// database (`<db>.ledger-key`) with --insecure-dev.
     #[arg(long)]
     ledger_key: Option<PathBuf>,
+    /// The coordinator's kit from `tessera ca init` (tls.pem, tls.key,
+    /// ca.pem, ledger.key): every connection is mutual TLS.
+    #[arg(long, required_unless_present = "insecure_dev", conflicts_with = "insecure_dev")]
+    tls_dir: Option<PathBuf>,
+    /// The CA's revocation list (`tessera ca revoke` writes it); re-read when
+    /// it changes. Default: `<tls-dir>/../revoked.toml`.
+    #[arg(long)]
+    revoked: Option<PathBuf>,
+    /// Development only: no TLS, identities taken from messages. Recorded in
+    /// every job's ledger block.
+    #[arg(long)]
+    insecure_dev: bool,
     /// The consortium's name, recorded in the ledger's genesis block.
-    #[arg(long, default_value = "tessera")]
-    consortium: String,
+    /// Default: the name in `<tls-dir>/consortium.toml`, else `tessera`.
+    #[arg(long)]
+    consortium: Option<String>,
     /// Write the bound port to this file once listening (for scripts and tests).
     #[arg(long)]
     port_file: Option<PathBuf>,
@@ -55,7 +77,11 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn,h2=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // Handshake refusals (no or foreign certificate) are logged
+                // by tonic at debug level: show them.
+                "info,sqlx=warn,h2=warn,tonic::transport::server::io_stream=debug".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -78,15 +104,23 @@ async fn main() -> anyhow::Result<()> {
         Some(sites)
     };
     let store = Store::open(&args.db).await?;
-    let key_path = args
-        .ledger_key
-        .clone()
-        .unwrap_or_else(|| args.db.with_extension("ledger-key"));
+    let key_path = match (&args.ledger_key, &args.tls_dir) {
+        (Some(path), _) => path.clone(),
+        (None, Some(dir)) => dir.join("ledger.key"),
+        (None, None) => args.db.with_extension("ledger-key"),
+    };
     let key = tessera_protocol::keyfile::load_or_create(&key_path)
         .with_context(|| format!("ledger key {}", key_path.display()))?;
-    let ledger = Ledger::open(store.pool().clone(), key, &args.consortium, &roster, unix_ms() as u64).await?;
+    let consortium = args
+        .consortium
+        .clone()
+        .or_else(|| args.tls_dir.as_deref().and_then(Consortium::of))
+        .unwrap_or_else(|| "tessera".to_owned());
+    let ledger = Ledger::open(store.pool().clone(), key, &consortium, &roster, unix_ms() as u64).await?;
     fail_interrupted(&ledger).await?;
-    let shared = Arc::new(Shared::new(store, ledger, allowed_sites, roster));
+    let mut shared = Shared::new(store, ledger, allowed_sites, roster);
+    shared.insecure_transport = args.insecure_dev;
+    let shared = Arc::new(shared);
     tokio::spawn(driver::run(shared.clone()));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -96,11 +130,49 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.port_file {
         std::fs::write(path, bound.port().to_string()).with_context(|| format!("cannot write {}", path.display()))?;
     }
+    let mut server = tonic::transport::Server::builder()
+        // A slow or stuck client cannot hold a request forever (long polls
+        // answer within seconds; a model upload of any size streams well
+        // within this), nor open unbounded parallel requests.
+        .timeout(Duration::from_secs(120))
+        .concurrency_limit_per_connection(16)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    let gate = match &args.tls_dir {
+        Some(dir) => {
+            server = server
+                .tls_config(tls::server_config(dir)?)
+                .context("invalid TLS configuration")?;
+            let revoked = args
+                .revoked
+                .clone()
+                .unwrap_or_else(|| dir.join("..").join("revoked.toml"));
+            info!(tls = %dir.display(), revoked = %revoked.display(), "mutual TLS");
+            Gate::mutual_tls(revoked)
+        }
+        None => {
+            warn!(
+                "--insecure-dev: NO TLS. Anyone who can reach this port can claim any identity; \
+                 every job will be marked insecure_transport in the ledger. Development only."
+            );
+            Gate::insecure_dev()
+        }
+    };
     info!(addr = %bound, db = %args.db.display(), "coordinator listening");
-    tonic::transport::Server::builder()
-        .add_service(FederationServer::new(FederationService::new(shared.clone())))
-        .add_service(JobsServer::new(JobsService::new(shared.clone())))
-        .add_service(LedgerServer::new(LedgerService::new(shared)))
+    let (g1, g2, g3) = (gate.clone(), gate.clone(), gate);
+    server
+        .add_service(InterceptedService::new(
+            FederationServer::new(FederationService::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE),
+            move |r| g1.admit(r, "Federation", &[Role::Site]),
+        ))
+        .add_service(InterceptedService::new(
+            JobsServer::new(JobsService::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE),
+            move |r| g2.admit(r, "Jobs", &[Role::Operator]),
+        ))
+        .add_service(InterceptedService::new(
+            LedgerServer::new(LedgerService::new(shared)).max_decoding_message_size(MAX_MESSAGE),
+            move |r| g3.admit(r, "Ledger", &[Role::Site, Role::Operator, Role::Auditor]),
+        ))
         // TCP_NODELAY: protocol steps are small request/response exchanges
         // that Nagle's algorithm would delay by ~40 ms each.
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {

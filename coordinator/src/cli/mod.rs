@@ -5,11 +5,14 @@
 //! finish (a user-facing outcome), 2 an unexpected error (a bug or an
 //! unreachable coordinator).
 
+mod ca;
 mod job;
 mod ledger;
 mod model;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use clap::{Parser, Subcommand};
 use tonic::Code;
@@ -27,9 +30,17 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     coordinator: String,
+    /// This user's kit from `tessera ca issue --operator/--auditor` (tls.pem,
+    /// tls.key, ca.pem): connect over mutual TLS (https:// addresses).
+    #[arg(long, global = true, env = "TESSERA_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
+
+/// The kit every connection of this process uses (set once, from the
+/// command line).
+static TLS_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 #[derive(Subcommand)]
 enum Command {
@@ -42,6 +53,9 @@ enum Command {
     /// Verify, list and report the ledger; issue and check receipts.
     #[command(subcommand)]
     Ledger(ledger::LedgerCommand),
+    /// Provision the consortium: CA, coordinator and site/operator/auditor kits.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
 }
 
 /// A failure the user can act on (exit 1) versus a bug or outage (exit 2).
@@ -63,30 +77,65 @@ impl From<tonic::Status> for CliError {
             | Code::NotFound
             | Code::FailedPrecondition
             | Code::AlreadyExists
-            | Code::PermissionDenied => CliError::User(status.message().to_owned()),
-            _ => CliError::Unexpected(anyhow::anyhow!(
-                "coordinator error ({:?}): {}",
-                status.code(),
-                status.message()
-            )),
+            | Code::PermissionDenied
+            | Code::Unauthenticated => CliError::User(status.message().to_owned()),
+            _ => {
+                // A transport failure hides its cause (often a refused TLS
+                // handshake: unknown CA, expired certificate) in the source
+                // chain: show all of it.
+                CliError::Unexpected(anyhow::anyhow!(
+                    "coordinator error ({:?}): {}{}",
+                    status.code(),
+                    status.message(),
+                    causes(&status)
+                ))
+            }
         }
     }
+}
+
+/// The causes behind an error, as `: cause: cause…`.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    out
 }
 
 pub(crate) type CliResult = Result<ExitCode, CliError>;
 
 pub(crate) async fn connect(addr: &str) -> Result<Channel, CliError> {
-    let endpoint = Channel::from_shared(addr.to_owned())
+    let mut endpoint = Channel::from_shared(addr.to_owned())
         .map_err(|e| CliError::User(format!("bad coordinator address `{addr}`: {e}")))?;
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| CliError::Unexpected(anyhow::anyhow!("cannot reach the coordinator at {addr}: {e}")))
+    match TLS_DIR.get().and_then(Option::as_ref) {
+        Some(dir) => {
+            let tls = crate::tls::client_config(dir).map_err(|e| CliError::User(format!("{e:#}")))?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| CliError::User(format!("TLS configuration: {e}")))?;
+        }
+        None if addr.starts_with("https://") => {
+            return Err(CliError::User(
+                "an https:// coordinator needs your kit: --tls-dir DIR (or TESSERA_TLS_DIR)".into(),
+            ));
+        }
+        None => {}
+    }
+    endpoint.connect().await.map_err(|e| {
+        CliError::Unexpected(anyhow::anyhow!(
+            "cannot reach the coordinator at {addr}: {e}{}",
+            causes(&e)
+        ))
+    })
 }
 
 /// Entry point of the `tessera` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = TLS_DIR.set(cli.tls_dir.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -99,6 +148,7 @@ pub fn main() -> ExitCode {
             Command::Job(cmd) => job::exec(&cli.coordinator, cmd).await,
             Command::Model(cmd) => model::exec(&cli.coordinator, cmd).await,
             Command::Ledger(cmd) => ledger::exec(&cli.coordinator, cmd).await,
+            Command::Ca(cmd) => ca::exec(cmd),
         }
     });
     match result {

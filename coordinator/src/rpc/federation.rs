@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_protocol::CHUNK_BYTES;
+use tessera_protocol::identity::Identity;
 use tessera_protocol::ids::{JobId, SiteId};
 use tessera_protocol::model::decode_params;
 use tessera_protocol::pb::federation_server::Federation;
@@ -21,6 +22,7 @@ use tessera_protocol::ledger::payload::JobAccepted;
 use tessera_protocol::ledger::verify_decision;
 
 use crate::store::MetricsRow;
+use crate::tls::Caller;
 use crate::unix_ms;
 
 /// How long a `PollTask` waits for work before answering `Idle`.
@@ -35,10 +37,20 @@ impl FederationService {
         Self { shared }
     }
 
-    /// The caller's identity. Until mutual TLS lands (issue 5) it is the id in
-    /// the message, checked against the allow-list.
-    async fn identify(&self, site_id: &str) -> Result<SiteId, RpcError> {
+    /// The calling site. Under mutual TLS it is the site named by its
+    /// certificate, and a message claiming any other site is refused;
+    /// with `--insecure-dev` it is the id in the message. Either way it must
+    /// be an admitted site.
+    async fn identify(&self, caller: Option<&Identity>, site_id: &str) -> Result<SiteId, RpcError> {
         let site = SiteId::new(site_id).map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
+        if let Some(identity) = caller
+            && identity.site().as_ref() != Some(&site)
+        {
+            warn!(%identity, claimed = %site, "site impersonation refused");
+            return Err(RpcError::PermissionDenied(format!(
+                "the certificate identifies {identity}; it cannot act as site `{site}`"
+            )));
+        }
         if let Some(allowed) = &self.shared.allowed_sites
             && !allowed.contains(&site)
         {
@@ -89,14 +101,14 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.identify(&request.get_ref().site_id).await?;
+        self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
         Ok(Response::new(pb::HeartbeatResponse {
             server_time_ms: unix_ms() as u64,
         }))
     }
 
     async fn poll_task(&self, request: Request<pb::PollTaskRequest>) -> Result<Response<pb::Task>, Status> {
-        let site = self.identify(&request.get_ref().site_id).await?;
+        let site = self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
         let deadline = tokio::time::Instant::now() + LONG_POLL;
         loop {
             let notified = self.shared.wake.notified();
@@ -119,8 +131,9 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let caller = Caller::of(&request).cloned();
         let request = request.into_inner();
-        self.identify(&request.site_id).await?;
+        self.identify(caller.as_ref(), &request.site_id).await?;
         let bytes = self
             .shared
             .store
@@ -132,8 +145,9 @@ impl Federation for FederationService {
     }
 
     async fn submit_stats(&self, request: Request<pb::StatsReport>) -> Result<Response<pb::Ack>, Status> {
+        let caller = Caller::of(&request).cloned();
         let report = request.into_inner();
-        let site = self.identify(&report.site_id).await?;
+        let site = self.identify(caller.as_ref(), &report.site_id).await?;
         let secure_report = report.n_features > 0;
         let stats = if secure_report {
             // Secure jobs: only the encoding travels here; the statistics
@@ -213,6 +227,7 @@ impl Federation for FederationService {
     }
 
     async fn submit_update(&self, request: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::Ack>, Status> {
+        let caller = Caller::of(&request).cloned();
         let mut stream = request.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::UpdateChunk {
@@ -221,7 +236,7 @@ impl Federation for FederationService {
             Some(Err(status)) => return Err(status),
             _ => return Err(RpcError::InvalidArgument("an update stream must start with its header".into()).into()),
         };
-        let site = self.identify(&header.site_id).await?;
+        let site = self.identify(caller.as_ref(), &header.site_id).await?;
         if header.masked {
             return self.submit_masked(site, header, stream).await;
         }
@@ -285,8 +300,9 @@ impl Federation for FederationService {
     }
 
     async fn submit_sec_agg(&self, request: Request<pb::SecAggMessage>) -> Result<Response<pb::Ack>, Status> {
+        let caller = Caller::of(&request).cloned();
         let message = request.into_inner();
-        let site = self.identify(&message.site_id).await?;
+        let site = self.identify(caller.as_ref(), &message.site_id).await?;
         let Some(kind) = message.kind.as_ref() else {
             return Err(RpcError::InvalidArgument("empty secure-aggregation message".into()).into());
         };
@@ -302,8 +318,9 @@ impl Federation for FederationService {
     }
 
     async fn decide_job(&self, request: Request<pb::JobDecision>) -> Result<Response<pb::Ack>, Status> {
+        let caller = Caller::of(&request).cloned();
         let d = request.into_inner();
-        let site = self.identify(&d.site_id).await?;
+        let site = self.identify(caller.as_ref(), &d.site_id).await?;
         let row = self
             .shared
             .store
@@ -355,8 +372,9 @@ impl Federation for FederationService {
     }
 
     async fn report_metrics(&self, request: Request<pb::MetricsReport>) -> Result<Response<pb::Ack>, Status> {
+        let caller = Caller::of(&request).cloned();
         let report = request.into_inner();
-        let site = self.identify(&report.site_id).await?;
+        let site = self.identify(caller.as_ref(), &report.site_id).await?;
         if report.withheld {
             // The site keeps its own figures; its evaluation is in the secure sum.
             self.check_metrics_expected(JobId(report.job_id), &site, &report)?;

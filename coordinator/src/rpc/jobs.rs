@@ -85,6 +85,7 @@ impl Jobs for JobsService {
             job_sha256: job_hash.clone(),
             job_toml: job_toml.clone(),
             software: SOFTWARE.to_owned(),
+            insecure_transport: self.shared.insecure_transport,
         });
         tx.append(&block, now_ms as u64).await.map_err(RpcError::from)?;
         tx.commit().await.map_err(RpcError::from)?;

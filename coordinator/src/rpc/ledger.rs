@@ -14,6 +14,7 @@ use tracing::warn;
 use super::RpcError;
 use crate::ledger::EndorseError;
 use crate::state::Shared;
+use crate::tls::Caller;
 
 /// Blocks per `GetBlocks` answer unless the caller asks for fewer: keeps an
 /// answer far below gRPC's 4 MiB default message limit.
@@ -68,8 +69,20 @@ impl Ledger for LedgerService {
     }
 
     async fn endorse(&self, request: Request<pb::EndorseRequest>) -> Result<Response<pb::EndorseResponse>, Status> {
+        let caller = Caller::of(&request).cloned();
         let request = request.into_inner();
         let site = SiteId::new(&request.site_id).map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
+        // Only a site endorses, and only as itself (the signature would fail
+        // anyway; this says why).
+        if let Some(identity) = &caller
+            && identity.site().as_ref() != Some(&site)
+        {
+            warn!(%identity, claimed = %site, "endorsement under another identity refused");
+            return Err(RpcError::PermissionDenied(format!(
+                "the certificate identifies {identity}; it cannot endorse as site `{site}`"
+            ))
+            .into());
+        }
         let result = self
             .shared
             .ledger

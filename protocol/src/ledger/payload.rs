@@ -38,6 +38,10 @@ pub struct JobCreated {
     pub job_sha256: String,
     pub job_toml: String,
     pub software: String,
+    /// The coordinator ran without mutual TLS (`--insecure-dev`): anyone on
+    /// the network could have claimed any identity during this job.
+    #[serde(default)]
+    pub insecure_transport: bool,
 }
 
 /// A site's decision on a job under its policy, signed by the site, so the

@@ -74,6 +74,7 @@ impl TestConsortium {
             job_sha256: sha256_hex(toml.as_bytes()),
             job_toml: toml.clone(),
             software: "test".into(),
+            insecure_transport: false,
         }));
         let job_hash: [u8; 32] = sha256(toml.as_bytes());
         let decisions: Vec<Payload> = self
@@ -221,6 +222,7 @@ fn a_round_that_does_not_start_from_the_previous_model_is_refused() {
         job_sha256: sha256_hex(toml.as_bytes()),
         job_toml: toml,
         software: "test".into(),
+        insecure_transport: false,
     }));
     let first = c.round(1, 1, &sha256_hex(b"initial"), &sha256_hex(b"after round 1"));
     c.append(&Payload::RoundCompleted(Box::new(first)));

@@ -1,0 +1,231 @@
+//! The hospital's review of a job before any of its data is touched: within
+//! policy, a job is accepted automatically; outside it, the job waits for
+//! the data team (`tessera-participant inspect`, then `approve` or
+//! `reject`); a job asking for what the policy never allows (plaintext
+//! updates, unless enabled) is refused outright.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use tessera_protocol::job::{Aggregation, JobSpec, LocalWork};
+use tessera_protocol::model::ModelSpec;
+
+use crate::config::Policy;
+
+/// What the policy says about a job.
+#[derive(Debug, Default, PartialEq)]
+pub struct Review {
+    /// Reasons the site refuses the job whatever the data team says.
+    pub refusals: Vec<String>,
+    /// Limits the job exceeds: it needs the data team's approval.
+    pub exceeded: Vec<String>,
+}
+
+/// Reviews `spec` (whose model has `n_params` parameters on this site's data).
+pub fn review(policy: &Policy, spec: &JobSpec, n_params: usize) -> Review {
+    let mut r = Review::default();
+    if spec.aggregation == Aggregation::InsecurePlaintext && !policy.allow_insecure_plaintext {
+        r.refusals.push(
+            "asks for insecure_plaintext aggregation and this site's policy does not allow it \
+             (policy.allow_insecure_plaintext)"
+                .into(),
+        );
+    }
+    let kind = match spec.model {
+        ModelSpec::LogisticRegression => "logistic_regression",
+        ModelSpec::Mlp { .. } => "mlp",
+    };
+    if let Some(models) = &policy.accepted_models
+        && !models.iter().any(|m| m == kind)
+    {
+        r.exceeded.push(format!(
+            "model kind `{kind}` is not in policy.accepted_models {models:?}"
+        ));
+    }
+    if n_params as u64 > policy.max_params {
+        r.exceeded.push(format!(
+            "the model has {n_params} parameters > policy.max_params {}",
+            policy.max_params
+        ));
+    }
+    if spec.rounds > policy.max_rounds {
+        r.exceeded.push(format!(
+            "{} rounds > policy.max_rounds {}",
+            spec.rounds, policy.max_rounds
+        ));
+    }
+    if spec.min_sites < policy.min_sites {
+        r.exceeded.push(format!(
+            "min_sites {} < policy.min_sites {} (aggregates over too few sites)",
+            spec.min_sites, policy.min_sites
+        ));
+    }
+    if let Some([lo, hi]) = policy.learning_rate {
+        let lr = spec.training.learning_rate;
+        if !(lo..=hi).contains(&lr) {
+            r.exceeded.push(format!(
+                "learning_rate {lr} is outside policy.learning_rate [{lo}, {hi}]"
+            ));
+        }
+    }
+    if let Some(max) = policy.max_local_epochs
+        && let LocalWork::Epochs(epochs) = spec.training.local_work
+        && epochs > max
+    {
+        r.exceeded
+            .push(format!("{epochs} local epochs > policy.max_local_epochs {max}"));
+    }
+    r
+}
+
+/// The data team's decision on a job, by job hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Approved,
+    Rejected,
+}
+
+/// Jobs waiting for the data team, and its decisions, in the state dir:
+/// `pending/<hash>.toml` (the job file), `pending/<hash>.txt` (why),
+/// `decisions/<hash>` (`approved` or `rejected`).
+pub struct Approvals {
+    dir: PathBuf,
+}
+
+impl Approvals {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            dir: state_dir.to_owned(),
+        }
+    }
+
+    pub fn decision(&self, job_hash: &str) -> Option<Decision> {
+        match std::fs::read_to_string(self.dir.join("decisions").join(job_hash))
+            .ok()?
+            .trim()
+        {
+            "approved" => Some(Decision::Approved),
+            "rejected" => Some(Decision::Rejected),
+            _ => None,
+        }
+    }
+
+    /// Keeps a job for the data team to inspect.
+    pub fn hold(&self, job_hash: &str, job_toml: &str, review: &Review) -> anyhow::Result<()> {
+        let dir = self.dir.join("pending");
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::write(dir.join(format!("{job_hash}.toml")), job_toml)?;
+        std::fs::write(dir.join(format!("{job_hash}.txt")), review.exceeded.join("\n"))?;
+        Ok(())
+    }
+
+    /// The full hash of the pending job whose hash starts with `prefix`.
+    pub fn find(&self, prefix: &str) -> anyhow::Result<String> {
+        let dir = self.dir.join("pending");
+        let mut found: Vec<String> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter_map(|n| n.strip_suffix(".toml").map(str::to_owned))
+                    .filter(|h| h.starts_with(prefix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => bail!(
+                "no job waiting for approval has a hash starting with `{prefix}` (in {})",
+                dir.display()
+            ),
+            n => bail!("`{prefix}` matches {n} waiting jobs; give more of the hash"),
+        }
+    }
+
+    pub fn pending_job(&self, job_hash: &str) -> anyhow::Result<(String, String)> {
+        let dir = self.dir.join("pending");
+        let toml = std::fs::read_to_string(dir.join(format!("{job_hash}.toml")))?;
+        let why = std::fs::read_to_string(dir.join(format!("{job_hash}.txt"))).unwrap_or_default();
+        Ok((toml, why))
+    }
+
+    pub fn decide(&self, job_hash: &str, decision: Decision) -> anyhow::Result<()> {
+        let dir = self.dir.join("decisions");
+        std::fs::create_dir_all(&dir)?;
+        let text = match decision {
+            Decision::Approved => "approved",
+            Decision::Rejected => "rejected",
+        };
+        std::fs::write(dir.join(job_hash), text).with_context(|| format!("cannot write to {}", dir.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(extra: &str) -> JobSpec {
+        let text = format!(
+            "name = \"j\"\nrounds = 30\n{extra}\n[model]\nkind = \"logistic_regression\"\n\
+             [training]\nlearning_rate = 0.05\nbatch_size = 16\nlocal_epochs = 1\n"
+        );
+        JobSpec::from_toml(&text).unwrap()
+    }
+
+    #[test]
+    fn jobs_within_policy_pass_and_each_exceeded_limit_is_named() {
+        let policy = Policy::default();
+        assert_eq!(review(&policy, &job(""), 16), Review::default());
+
+        let strict = Policy {
+            accepted_models: Some(vec!["mlp".into()]),
+            max_params: 10,
+            max_rounds: 20,
+            min_sites: 4,
+            learning_rate: Some([0.001, 0.01]),
+            ..Policy::default()
+        };
+        let r = review(&strict, &job(""), 16);
+        assert!(r.refusals.is_empty());
+        let text = r.exceeded.join("\n");
+        for part in [
+            "`logistic_regression` is not in policy.accepted_models",
+            "16 parameters > policy.max_params 10",
+            "30 rounds > policy.max_rounds 20",
+            "min_sites 3 < policy.min_sites 4",
+            "learning_rate 0.05 is outside",
+        ] {
+            assert!(text.contains(part), "missing `{part}` in {text}");
+        }
+    }
+
+    #[test]
+    fn plaintext_is_refused_outright_unless_allowed() {
+        let plain = job("insecure_plaintext = true");
+        let r = review(&Policy::default(), &plain, 16);
+        assert_eq!(r.refusals.len(), 1);
+        let allowed = Policy {
+            allow_insecure_plaintext: true,
+            ..Policy::default()
+        };
+        assert_eq!(review(&allowed, &plain, 16), Review::default());
+    }
+
+    #[test]
+    fn decisions_are_found_by_hash_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Approvals::new(dir.path());
+        let review = Review {
+            refusals: vec![],
+            exceeded: vec!["30 rounds > policy.max_rounds 20".into()],
+        };
+        a.hold("abcdef0123", "name = \"j\"", &review).unwrap();
+        a.hold("abcd990000", "name = \"k\"", &review).unwrap();
+        assert!(a.find("abcd").is_err(), "ambiguous prefix");
+        assert!(a.find("ffff").is_err());
+        let hash = a.find("abcdef").unwrap();
+        assert_eq!(a.decision(&hash), None);
+        a.decide(&hash, Decision::Rejected).unwrap();
+        assert_eq!(a.decision(&hash), Some(Decision::Rejected));
+        assert_eq!(a.pending_job(&hash).unwrap().1, "30 rounds > policy.max_rounds 20");
+    }
+}

@@ -1,0 +1,140 @@
+//! The hospital stays in charge: a job outside a site's policy is not
+//! trained on by that site until its data team approves it; a rejected job
+//! never touches the site's data; both decisions are signed into the ledger.
+
+use std::process::{Command, Output};
+
+use tessera_tests::{Federation, SITES, bin, example_job, repo};
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn participant(federation: &Federation, args: &[&str]) -> Output {
+    Command::new(bin("tessera-participant"))
+        .args(args)
+        .arg("--config")
+        .arg(repo().join("examples/heart-disease/sites/hungary.toml"))
+        .arg("--state-dir")
+        .arg(federation.state_dir("hungary"))
+        .output()
+        .expect("run tessera-participant")
+}
+
+/// Hungary's decisions on `job` recorded in the ledger: (accepted, reason).
+fn decisions(federation: &Federation, job: u64) -> Vec<(bool, String)> {
+    let out = federation.tessera(&["ledger", "show", "--json", "--job", &job.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["kind"] == "job_accepted" && b["payload"]["site"] == "hungary")
+        .map(|b| {
+            (
+                b["payload"]["accepted"].as_bool().unwrap(),
+                b["payload"]["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn egress_count(federation: &Federation, kind: &str) -> usize {
+    std::fs::read_to_string(federation.state_dir("hungary").join("egress.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&format!("\"kind\":\"{kind}\"")))
+        .count()
+}
+
+#[test]
+fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
+    let mut federation = Federation::start(&SITES);
+    let policy = federation.write_job("hungary-policy.toml", "max_rounds = 1\n");
+    for site in SITES {
+        if site == "hungary" {
+            federation.add_site_with(site, &["--policy", policy.to_str().unwrap()]);
+        } else {
+            federation.add_site(site);
+        }
+    }
+    let job_file = federation.write_job(
+        "job.toml",
+        &example_job(&[("rounds", "2"), ("round_timeout_s", "3"), ("dropout_after_s", "2")]),
+    );
+
+    // Two rounds > max_rounds 1: Hungary holds the job, the others train.
+    let first = federation.submit(&job_file);
+    let status = federation.wait_for(first, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    for round in status["rounds"].as_array().unwrap() {
+        assert!(
+            !round["sites"].as_array().unwrap().iter().any(|s| s == "hungary"),
+            "{round:#}"
+        );
+    }
+    assert!(decisions(&federation, first).is_empty(), "nothing decided yet");
+    assert_eq!(egress_count(&federation, "SubmitStats"), 0, "hungary's data was used");
+    assert_eq!(egress_count(&federation, "SubmitSecAgg"), 0);
+    assert!(federation.log("hungary").contains("waiting for the data team"));
+
+    // The data team sees exactly what the job would do, then approves it.
+    let hash = status["job"]["job_hash"].as_str().unwrap().to_owned();
+    let out = participant(&federation, &["inspect", &hash[..10]]);
+    assert!(out.status.success(), "{}", text(&out));
+    for part in [
+        "2 rounds > policy.max_rounds 1",
+        "logistic_regression with 16 parameters",
+        "secure aggregation",
+    ] {
+        assert!(text(&out).contains(part), "inspect lacks `{part}`: {}", text(&out));
+    }
+    let out = participant(&federation, &["approve", &hash[..10]]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The same job file again: approved, Hungary takes part and says so,
+    // signed, in the ledger.
+    let second = federation.submit(&job_file);
+    let status = federation.wait_for(second, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    let round1 = &status["rounds"][0];
+    assert!(
+        round1["sites"].as_array().unwrap().iter().any(|s| s == "hungary"),
+        "{round1:#}"
+    );
+    let d = decisions(&federation, second);
+    assert_eq!(d.len(), 1);
+    assert!(d[0].0 && d[0].1.contains("approved by the site's data team"), "{d:?}");
+
+    // Another job outside the policy, rejected: a signed rejection, and
+    // still no data used for it.
+    let stats_before = egress_count(&federation, "SubmitStats");
+    let other = federation.write_job(
+        "other.toml",
+        &example_job(&[("rounds", "3"), ("round_timeout_s", "3"), ("dropout_after_s", "2")]),
+    );
+    let third = federation.submit(&other);
+    let pending = federation.state_dir("hungary").join("pending");
+    let third_hash = federation.status(third)["job"]["job_hash"].as_str().unwrap().to_owned();
+    for _ in 0..400 {
+        if pending.join(format!("{third_hash}.toml")).exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let out = participant(&federation, &["reject", &third_hash]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = federation.wait_for(third, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    let d = decisions(&federation, third);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(!d[0].0 && d[0].1.contains("rejected by the site's data team"), "{d:?}");
+    assert_eq!(egress_count(&federation, "SubmitStats"), stats_before);
+    let out = federation.tessera(&["ledger", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -1,0 +1,176 @@
+//! Every connection is authenticated and every role is held to what it may
+//! do: refusals over real mutual TLS, each with a clear status and a line in
+//! the coordinator's log.
+
+use std::path::Path;
+use std::process::Output;
+
+use tessera_protocol::pb;
+use tessera_protocol::pb::federation_client::FederationClient;
+use tessera_protocol::pb::jobs_client::JobsClient;
+use tessera_protocol::pb::ledger_client::LedgerClient;
+use tessera_tests::{Federation, SITES, bin};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+async fn channel(addr: &str, kit: &Path) -> Channel {
+    let tls = tessera_protocol::keyfile::client_tls(kit).unwrap();
+    Channel::from_shared(addr.to_owned())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_roles_are_checked_against_the_consortium_ca() {
+    let mut federation = Federation::start(&SITES);
+    let ca = federation.ca();
+    for (role, name) in [("--auditor", "regulator"), ("--operator", "revoked-lead")] {
+        let out = federation.ca_command(&["issue", role, name]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = federation.ca_command(&["issue", "--operator", "old-lead", "--valid-until", "2020-01-01"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("already expired"));
+
+    // No client certificate at all: a clear UNAUTHENTICATED.
+    let ca_only = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(
+        std::fs::read_to_string(ca.join("ca.pem")).unwrap(),
+    ));
+    let anonymous = Channel::from_shared(federation.addr.clone())
+        .unwrap()
+        .tls_config(ca_only)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = JobsClient::new(anonymous)
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("no client certificate"), "{status:?}");
+
+    // A certificate from another consortium's CA, and an expired one: the
+    // handshake fails, the CLI says so, the coordinator logs it.
+    let other = federation.dir.path().join("other-ca");
+    let other_str = other.to_str().unwrap();
+    for args in [
+        ["ca", "init", "--consortium", "other", "--out", other_str],
+        ["ca", "issue", "--operator", "lead", "--ca", other_str],
+    ] {
+        let out = std::process::Command::new(bin("tessera")).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    for kit in [other.join("operators/lead"), ca.join("operators/old-lead")] {
+        let out = federation.tessera_as(&kit, &["job", "list"]);
+        assert!(!out.status.success(), "{}: {}", kit.display(), text(&out));
+        assert!(text(&out).contains("transport error"), "{}", text(&out));
+        eprintln!("refused as expected: {}", text(&out));
+    }
+    let log = federation.log("coordinator");
+    assert!(
+        log.contains("tls accept error"),
+        "handshake refusals not logged:\n{log}"
+    );
+    assert!(log.contains("connection refused: no client certificate"), "{log}");
+
+    // An auditor reads the ledger and nothing else.
+    let auditor = ca.join("auditors/regulator");
+    let out = federation.tessera_as(&auditor, &["ledger", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let job = federation.write_job("job.toml", &tessera_tests::example_job(&[]));
+    let out = federation.tessera_as(&auditor, &["job", "submit", job.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("may not call the Jobs service"), "{}", text(&out));
+
+    // An operator cannot take part in a round.
+    let operator = channel(&federation.addr, &ca.join("operators/lead")).await;
+    let status = FederationClient::new(operator)
+        .poll_task(pb::PollTaskRequest {
+            site_id: "cleveland".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("may not call the Federation service"));
+
+    // Site cleveland's certificate cannot act as hungary: not poll its tasks
+    // (where its secure-aggregation shares would come), not endorse.
+    let cleveland = channel(&federation.addr, &federation.state_dir("cleveland")).await;
+    let status = FederationClient::new(cleveland.clone())
+        .poll_task(pb::PollTaskRequest {
+            site_id: "hungary".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("cannot act as site `hungary`"), "{status:?}");
+    let status = LedgerClient::new(cleveland.clone())
+        .endorse(pb::EndorseRequest {
+            site_id: "hungary".into(),
+            height: 0,
+            block_hash: vec![0; 32],
+            signature: vec![0; 64],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // As itself it is admitted.
+    FederationClient::new(cleveland)
+        .heartbeat(pb::HeartbeatRequest {
+            site_id: "cleveland".into(),
+        })
+        .await
+        .unwrap();
+
+    // Revocation takes effect on the next request, without a restart.
+    let revoked = ca.join("operators/revoked-lead");
+    let out = federation.tessera_as(&revoked, &["job", "list"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = federation.ca_command(&["revoke", "--operator", "revoked-lead"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = federation.tessera_as(&revoked, &["job", "list"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("has been revoked"), "{}", text(&out));
+
+    // A revoked site is refused at once and, from the coordinator's next
+    // start, is out of the ledger's membership.
+    let out = federation.ca_command(&["revoke", "--site", "va"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let va = channel(&federation.addr, &federation.state_dir("va")).await;
+    let status = FederationClient::new(va)
+        .heartbeat(pb::HeartbeatRequest { site_id: "va".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    federation.restart_coordinator();
+    let out = federation.tessera(&["ledger", "show", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = blocks.as_array().unwrap().last().unwrap();
+    assert_eq!(last["kind"], "membership_change", "{last:#}");
+    assert_eq!(last["payload"]["change"], "site_revoked");
+    assert_eq!(last["payload"]["site"]["id"], "va");
+
+    let log = federation.log("coordinator");
+    for refusal in [
+        "call refused for this role",
+        "site impersonation refused",
+        "endorsement under another identity refused",
+        "revoked identity refused",
+    ] {
+        assert!(log.contains(refusal), "`{refusal}` not logged:\n{log}");
+    }
+}
