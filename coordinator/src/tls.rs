@@ -60,6 +60,42 @@ impl Caller {
 pub struct Gate {
     /// `None`: `--insecure-dev`, no certificates, everyone admitted.
     revoked: Option<Arc<RevocationList>>,
+    limiter: Arc<RateLimiter>,
+}
+
+/// A token bucket per caller (its identity; its address under
+/// `--insecure-dev`): a flooding client is refused with RESOURCE_EXHAUSTED
+/// while everyone else's requests go on. Per caller rather than per
+/// connection, so opening more connections does not help.
+pub struct RateLimiter {
+    per_second: f64,
+    burst: f64,
+    buckets: Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_second: f64, burst: f64) -> Self {
+        Self {
+            per_second,
+            burst,
+            buckets: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Takes one request's token for `caller`; false when it has none left.
+    fn take(&self, caller: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().expect("rate limiter lock");
+        let (tokens, last) = buckets.entry(caller.to_owned()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 struct RevocationList {
@@ -86,18 +122,22 @@ impl RevocationList {
 
 impl Gate {
     /// Mutual TLS, with the revocation list at `revoked`.
-    pub fn mutual_tls(revoked: PathBuf) -> Self {
+    pub fn mutual_tls(revoked: PathBuf, limiter: RateLimiter) -> Self {
         Self {
             revoked: Some(Arc::new(RevocationList {
                 path: revoked,
                 cache: Mutex::new((None, BTreeSet::new())),
             })),
+            limiter: Arc::new(limiter),
         }
     }
 
     /// No TLS: any caller is admitted and identified by its messages.
-    pub fn insecure_dev() -> Self {
-        Self { revoked: None }
+    pub fn insecure_dev(limiter: RateLimiter) -> Self {
+        Self {
+            revoked: None,
+            limiter: Arc::new(limiter),
+        }
     }
 
     pub fn is_insecure(&self) -> bool {
@@ -128,6 +168,17 @@ impl Gate {
                 Some(identity)
             }
         };
+        let key = match &caller {
+            Some(identity) => identity.uri(),
+            None => request.remote_addr().map_or_else(String::new, |a| a.ip().to_string()),
+        };
+        if !self.limiter.take(&key) {
+            warn!(service, caller = %key, "request over the rate limit refused");
+            return Err(Status::resource_exhausted(format!(
+                "{key} is over its request rate limit ({} per second, bursts of {}); slow down",
+                self.limiter.per_second, self.limiter.burst
+            )));
+        }
         request.extensions_mut().insert(Caller(caller));
         Ok(request)
     }

@@ -51,8 +51,9 @@ pub struct Federation {
     pub dir: tempfile::TempDir,
     pub addr: String,
     children: Vec<(String, Child)>,
-    /// The coordinator's --allow-site list, for restarts.
+    /// The coordinator's --allow-site list and extra arguments, for restarts.
     allowed: String,
+    coordinator_args: Vec<String>,
 }
 
 impl Federation {
@@ -60,6 +61,11 @@ impl Federation {
     /// for each of `allowed` and for an operator, and starts the coordinator
     /// over mutual TLS admitting those sites.
     pub fn start(allowed: &[&str]) -> Self {
+        Self::start_with(allowed, &[])
+    }
+
+    /// `start` with extra coordinator arguments.
+    pub fn start_with(allowed: &[&str], coordinator_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = dir.path().join("ca");
         let run = |args: &[&str]| {
@@ -84,6 +90,7 @@ impl Federation {
             addr: String::new(),
             children: Vec::new(),
             allowed: allowed.join(","),
+            coordinator_args: coordinator_args.iter().map(|a| a.to_string()).collect(),
         };
         federation.spawn_coordinator("127.0.0.1:0");
         federation
@@ -127,6 +134,7 @@ impl Federation {
             .arg(self.ca().join("roster.toml"))
             .arg("--tls-dir")
             .arg(self.ca().join("coordinator"))
+            .args(&self.coordinator_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

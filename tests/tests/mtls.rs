@@ -34,7 +34,9 @@ async fn channel(addr: &str, kit: &Path) -> Channel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_and_roles_are_checked_against_the_consortium_ca() {
-    let mut federation = Federation::start(&SITES);
+    // A tiny rate budget (40 requests, refilled at one per 100 s) so that a
+    // flood is refused whatever the speed of this machine.
+    let mut federation = Federation::start_with(&SITES, &["--rate-limit", "0.01", "--rate-burst", "40"]);
     let ca = federation.ca();
     for (role, name) in [("--auditor", "regulator"), ("--operator", "revoked-lead")] {
         let out = federation.ca_command(&["issue", role, name]);
@@ -94,6 +96,25 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
     let out = federation.tessera_as(&auditor, &["job", "submit", job.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("may not call the Jobs service"), "{}", text(&out));
+
+    // A flooding auditor is cut off; a site's requests still go through.
+    let flood = LedgerClient::new(channel(&federation.addr, &auditor).await);
+    let mut exhausted = 0;
+    for _ in 0..60 {
+        if let Err(status) = flood.clone().get_blocks(pb::GetBlocksRequest::default()).await {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert!(status.message().contains("rate limit"), "{status:?}");
+            exhausted += 1;
+        }
+    }
+    assert!(exhausted >= 20, "only {exhausted} of 60 requests refused");
+    let hungary = channel(&federation.addr, &federation.state_dir("hungary")).await;
+    FederationClient::new(hungary)
+        .heartbeat(pb::HeartbeatRequest {
+            site_id: "hungary".into(),
+        })
+        .await
+        .unwrap();
 
     // An operator cannot take part in a round.
     let operator = channel(&federation.addr, &ca.join("operators/lead")).await;
@@ -170,6 +191,7 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
         "site impersonation refused",
         "endorsement under another identity refused",
         "revoked identity refused",
+        "request over the rate limit refused",
     ] {
         assert!(log.contains(refusal), "`{refusal}` not logged:\n{log}");
     }
