@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test suite, on a fresh machine: installs what the tests use besides the
+# Rust toolchain (if missing), then runs every test of the workspace.
+#   - Chromium (Debian package): the regulator's ledger report is checked in a
+#     real headless browser.
+#   - PyNaCl (PyPI): scripts/verify_ledger.py, the independent ledger verifier
+#     written from docs/ledger-format.md, uses it for Ed25519.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -d ../shared/data/heart-disease ]; then
+  echo "error: ../shared/data/heart-disease is missing (the data lives in ../shared beside the repo)" >&2
+  exit 1
+fi
+if ! command -v chromium >/dev/null; then
+  echo "installing chromium (apt) for the ledger report test" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+if ! python3 -c "import nacl" 2>/dev/null; then
+  echo "installing pynacl (pip) for scripts/verify_ledger.py" >&2
+  python3 -m pip install --quiet pynacl
+fi
+cargo test --workspace "$@"
