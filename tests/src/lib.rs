@@ -64,6 +64,28 @@ impl Federation {
         Self::start_with(allowed, &[])
     }
 
+    /// `start`, then a participant for each of `sites`.
+    pub fn running(sites: &[&str]) -> Self {
+        let mut federation = Self::start(sites);
+        for site in sites {
+            federation.add_site(site);
+        }
+        federation
+    }
+
+    /// Runs `tessera-participant ARGS --config <site's example config>
+    /// --state-dir <its kit>` (the offline site commands).
+    pub fn site_command(&self, site: &str, args: &[&str]) -> Output {
+        Command::new(bin("tessera-participant"))
+            .args(args)
+            .arg("--config")
+            .arg(repo().join(format!("examples/heart-disease/sites/{site}.toml")))
+            .arg("--state-dir")
+            .arg(self.state_dir(site))
+            .output()
+            .expect("run tessera-participant")
+    }
+
     /// `start` with extra coordinator arguments.
     pub fn start_with(allowed: &[&str], coordinator_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");

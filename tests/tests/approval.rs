@@ -2,9 +2,9 @@
 //! trained on by that site until its data team approves it; a rejected job
 //! never touches the site's data; both decisions are signed into the ledger.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use tessera_tests::{Federation, SITES, bin, example_job, repo};
+use tessera_tests::{Federation, SITES, example_job};
 
 fn text(out: &Output) -> String {
     format!(
@@ -15,14 +15,7 @@ fn text(out: &Output) -> String {
 }
 
 fn participant(federation: &Federation, args: &[&str]) -> Output {
-    Command::new(bin("tessera-participant"))
-        .args(args)
-        .arg("--config")
-        .arg(repo().join("examples/heart-disease/sites/hungary.toml"))
-        .arg("--state-dir")
-        .arg(federation.state_dir("hungary"))
-        .output()
-        .expect("run tessera-participant")
+    federation.site_command("hungary", args)
 }
 
 /// Hungary's decisions on `job` recorded in the ledger: (accepted, reason).

@@ -11,10 +11,7 @@ const ACCURACY_FLOOR: f64 = 0.72;
 
 #[test]
 fn four_hospitals_train_three_rounds() {
-    let mut federation = Federation::start(&SITES);
-    for site in SITES {
-        federation.add_site(site);
-    }
+    let federation = Federation::running(&SITES);
     let job = federation.write_job("job.toml", &example_job(&[("rounds", "3")]));
     let job_id = federation.submit(&job);
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
@@ -231,10 +228,7 @@ fn check_reports_flamby_preprocessing_offline() {
 
 #[test]
 fn a_participant_killed_mid_job_does_not_stop_the_rounds() {
-    let mut federation = Federation::start(&SITES);
-    for site in SITES {
-        federation.add_site(site);
-    }
+    let mut federation = Federation::running(&SITES);
     let text = example_job(&[("rounds", "200"), ("dropout_after_s", "2")]);
     let job_id = federation.submit(&federation.write_job("job.toml", &text));
     // Kill Switzerland as soon as the first round is in: it dies inside a

@@ -61,10 +61,7 @@ fn wait_until_final(federation: &Federation) -> serde_json::Value {
 
 #[test]
 fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
-    let mut federation = Federation::start(&SITES);
-    for site in SITES {
-        federation.add_site(site);
-    }
+    let federation = Federation::running(&SITES);
     let job_id = federation.submit(&federation.write_job("job.toml", &example_job(&[("rounds", "3")])));
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
     assert_eq!(status["job"]["status"], "finished", "{status:#}");
@@ -87,13 +84,7 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
     // Every site's replica holds the same chain and verifies on its own.
     let genesis = report["genesis_hash"].as_str().unwrap();
     for site in SITES {
-        let out = Command::new(bin("tessera-participant"))
-            .args(["status", "--config"])
-            .arg(repo().join(format!("examples/heart-disease/sites/{site}.toml")))
-            .arg("--state-dir")
-            .arg(federation.state_dir(site))
-            .output()
-            .unwrap();
+        let out = federation.site_command(site, &["status"]);
         assert!(out.status.success(), "{}", text(&out));
         assert!(text(&out).contains("training: allowed"), "{}", text(&out));
         let replica = federation.state_dir(site).join("ledger.db");
@@ -307,10 +298,7 @@ fn check_report_in_chromium(html: &Path, genesis: &str) {
 
 #[test]
 fn a_restart_keeps_the_chain_and_a_forked_chain_stops_every_site() {
-    let mut federation = Federation::start(&SITES);
-    for site in SITES {
-        federation.add_site(site);
-    }
+    let mut federation = Federation::running(&SITES);
     // A coordinator killed mid-job: the job is recorded as failed on restart,
     // and the chain stays intact.
     let long = federation.submit(&federation.write_job("long.toml", &example_job(&[("rounds", "100000")])));
@@ -362,13 +350,7 @@ fn a_restart_keeps_the_chain_and_a_forked_chain_stops_every_site() {
             std::fs::read_to_string(&halt).unwrap_or_else(|_| panic!("{site} did not halt: {}", federation.log(site)));
         assert!(reason.contains("forked"), "{site}: {reason}\n{}", federation.log(site));
         assert!(federation.log(site).contains("LEDGER MISMATCH"), "{site}");
-        let out = Command::new(bin("tessera-participant"))
-            .args(["status", "--config"])
-            .arg(repo().join(format!("examples/heart-disease/sites/{site}.toml")))
-            .arg("--state-dir")
-            .arg(federation.state_dir(site))
-            .output()
-            .unwrap();
+        let out = federation.site_command(site, &["status"]);
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
         assert!(
             text(&out).contains("HALTED") && text(&out).contains("forked"),
