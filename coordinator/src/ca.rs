@@ -216,9 +216,8 @@ fn issue_tls(
 }
 
 /// `tessera ca revoke`: the identity goes on the revocation list (the
-/// coordinator refuses it from its next request on); a site also leaves the
-/// roster, which the coordinator records as a `site_revoked` ledger block at
-/// its next start.
+/// coordinator refuses it from its next request on, and records a revoked
+/// site as a `site_revoked` ledger block); a site also leaves the roster.
 pub fn revoke(ca_dir: &Path, identity: &Identity) -> anyhow::Result<()> {
     let path = ca_dir.join("revoked.toml");
     let mut revoked = Revoked::load(&path)?;

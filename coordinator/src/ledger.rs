@@ -205,6 +205,39 @@ impl Ledger {
         Ok(true)
     }
 
+    /// Records, as `site_revoked` blocks, the current members whose site
+    /// identity is in the CA's revocation list (`tessera://site/NAME`);
+    /// returns them. Nothing is written when none is.
+    pub async fn record_revocations(
+        &self,
+        revoked: &std::collections::BTreeSet<String>,
+        now_ms: u64,
+    ) -> anyhow::Result<Vec<SiteId>> {
+        let mut tx = self.begin().await?;
+        let mut done = Vec::new();
+        for (site, key) in tx.members() {
+            let uri =
+                tessera_protocol::identity::Identity::new(tessera_protocol::identity::Role::Site, site.as_str())?.uri();
+            if revoked.contains(&uri) {
+                let change = Payload::MembershipChange(MembershipChange {
+                    change: "site_revoked".to_owned(),
+                    site: Member {
+                        id: site.to_string(),
+                        key: hex::encode(key),
+                        certificate_sha256: None,
+                    },
+                    reason: "certificate revoked by the consortium CA".to_owned(),
+                });
+                tx.append(&change, now_ms).await?;
+                done.push(site);
+            }
+        }
+        if !done.is_empty() {
+            tx.commit().await?;
+        }
+        Ok(done)
+    }
+
     /// At most `limit` stored blocks from `from` on.
     pub async fn blocks_from(&self, from: u64, limit: u64) -> sqlx::Result<Vec<StoredBlock>> {
         self.store.blocks_from(from, limit).await

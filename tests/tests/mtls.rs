@@ -176,14 +176,43 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // The coordinator notices the list and records the revocation at once.
+    // (Read from the coordinator's file: the operator's request budget in
+    // this test is small.)
+    let revocations = |federation: &Federation| -> usize {
+        let out = std::process::Command::new(bin("tessera"))
+            .args(["ledger", "show", "--json"])
+            .arg(federation.db())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        blocks
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| {
+                b["kind"] == "membership_change"
+                    && b["payload"]["change"] == "site_revoked"
+                    && b["payload"]["site"]["id"] == "va"
+            })
+            .count()
+    };
+    let mut recorded = 0;
+    for _ in 0..200 {
+        recorded = revocations(&federation);
+        if recorded > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(recorded, 1, "the revocation of va never reached the ledger");
+    // A restart (which compares the roster with the ledger) does not record
+    // it twice, and the chain verifies.
     federation.restart_coordinator();
-    let out = federation.tessera(&["ledger", "show", "--json"]);
+    assert_eq!(revocations(&federation), 1);
+    let out = federation.tessera(&["ledger", "verify"]);
     assert!(out.status.success(), "{}", text(&out));
-    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let last = blocks.as_array().unwrap().last().unwrap();
-    assert_eq!(last["kind"], "membership_change", "{last:#}");
-    assert_eq!(last["payload"]["change"], "site_revoked");
-    assert_eq!(last["payload"]["site"]["id"], "va");
 
     let log = federation.log("coordinator");
     for refusal in [

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tessera_coordinator::ca::Consortium;
+use tessera_coordinator::ca::{Consortium, Revoked};
 use tessera_coordinator::driver::job_ended;
 use tessera_coordinator::ledger::Ledger;
 use tessera_coordinator::rpc::{FederationService, JobsService, LedgerService};
@@ -158,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| dir.join("..").join("revoked.toml"));
             info!(tls = %dir.display(), revoked = %revoked.display(), "mutual TLS");
+            tokio::spawn(record_revoked_sites(shared.clone(), revoked.clone()));
             Gate::mutual_tls(revoked, limiter)
         }
         None => {
@@ -211,4 +212,29 @@ async fn fail_interrupted(ledger: &Ledger) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Watches the CA's revocation list: a revoked site leaves the ledger's
+/// membership (a `site_revoked` block) as soon as the list names it. (The
+/// gate already refuses its requests from the same moment.)
+async fn record_revoked_sites(shared: Arc<Shared>, path: PathBuf) {
+    let mut seen = None;
+    loop {
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if modified != seen {
+            seen = modified;
+            match Revoked::load(&path) {
+                Ok(list) => match shared.ledger.record_revocations(&list.revoked, unix_ms() as u64).await {
+                    Ok(sites) => {
+                        for site in sites {
+                            warn!(%site, "site revoked by the consortium CA: recorded in the ledger");
+                        }
+                    }
+                    Err(e) => tracing::error!("cannot record revocations in the ledger: {e:#}"),
+                },
+                Err(e) => warn!("{e:#}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

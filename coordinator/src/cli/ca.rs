@@ -36,8 +36,7 @@ pub(crate) enum CaCommand {
         valid_until: Option<String>,
     },
     /// Revoke an identity: the coordinator refuses it from its next request
-    /// on; a revoked site also leaves the roster (and the ledger's membership
-    /// at the coordinator's next start).
+    /// on; a revoked site also leaves the roster and the ledger's membership.
     Revoke {
         #[arg(long)]
         ca: PathBuf,
