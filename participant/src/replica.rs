@@ -12,9 +12,9 @@ use tessera_protocol::ledger::payload::Payload;
 use tessera_protocol::ledger::store::LedgerStore;
 use tessera_protocol::ledger::verify::{Members, Verified, Verifier};
 use tessera_protocol::ledger::{Block, Endorsement, Header, endorse, verify_endorsement};
-use tessera_protocol::pb;
 use tessera_protocol::pb::ledger_client::LedgerClient;
 use tessera_protocol::secagg::crypto::SigningKey;
+use tessera_protocol::{pb, wire};
 use tonic::transport::Channel;
 use tracing::{error, info};
 
@@ -212,22 +212,8 @@ impl Replica {
         b: pb::LedgerBlock,
     ) -> anyhow::Result<()> {
         let height = b.height;
-        let endorsements: Vec<Endorsement> = b
-            .endorsements
-            .iter()
-            .filter_map(|e| {
-                Some(Endorsement {
-                    site: SiteId::new(&e.site_id).ok()?,
-                    signature: e.signature.clone(),
-                })
-            })
-            .collect();
-        let block = Block {
-            header: b.header,
-            payload: b.payload,
-            signature: b.signature,
-            endorsements: Vec::new(),
-        };
+        let mut block = wire::block_from_pb(b);
+        let endorsements = std::mem::take(&mut block.endorsements);
         if let Some(known) = self.blocks.get(height as usize) {
             if known.hash != block.hash() {
                 self.halt(format!(

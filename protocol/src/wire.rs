@@ -3,6 +3,7 @@
 //! (key lengths, site ids, share coordinates) before it reaches a machine.
 
 use crate::ids::SiteId;
+use crate::ledger::{Block, Endorsement};
 use crate::pb;
 use crate::secagg::{AdvertisedKeys, EncryptedShare, UnmaskRequest, UnmaskResponse, shamir::Share};
 
@@ -146,6 +147,44 @@ pub fn unmask_response_to_pb(r: &UnmaskResponse) -> pb::UnmaskResponse {
 }
 
 /// Little-endian u32 words: the body of a masked input.
+/// A ledger block as shipped by `GetBlocks`.
+pub fn block_to_pb(height: u64, b: Block) -> pb::LedgerBlock {
+    pb::LedgerBlock {
+        height,
+        header: b.header,
+        payload: b.payload,
+        signature: b.signature,
+        endorsements: b
+            .endorsements
+            .into_iter()
+            .map(|e| pb::LedgerEndorsement {
+                site_id: e.site.to_string(),
+                signature: e.signature,
+            })
+            .collect(),
+    }
+}
+
+/// A shipped ledger block. An endorsement whose site id is malformed is
+/// dropped: it could not be by a member, so it could never count.
+pub fn block_from_pb(b: pb::LedgerBlock) -> Block {
+    Block {
+        header: b.header,
+        payload: b.payload,
+        signature: b.signature,
+        endorsements: b
+            .endorsements
+            .into_iter()
+            .filter_map(|e| {
+                Some(Endorsement {
+                    site: SiteId::new(&e.site_id).ok()?,
+                    signature: e.signature,
+                })
+            })
+            .collect(),
+    }
+}
+
 pub fn encode_words(words: &[u32]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
@@ -168,6 +207,27 @@ pub fn decode_words(bytes: &[u8]) -> Result<Vec<u32>, WireError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn ledger_blocks_round_trip_and_malformed_endorsers_are_dropped() {
+        let block = Block {
+            header: vec![1; 83],
+            payload: b"{}".to_vec(),
+            signature: vec![2; 64],
+            endorsements: vec![Endorsement {
+                site: SiteId::new("va").unwrap(),
+                signature: vec![3; 64],
+            }],
+        };
+        let mut shipped = block_to_pb(7, block.clone());
+        assert_eq!(shipped.height, 7);
+        assert_eq!(block_from_pb(shipped.clone()), block);
+        shipped.endorsements.push(pb::LedgerEndorsement {
+            site_id: "Not A Site".into(),
+            signature: vec![4; 64],
+        });
+        assert_eq!(block_from_pb(shipped).endorsements, block.endorsements);
+    }
 
     #[test]
     fn malformed_keys_are_refused_with_the_field() {

@@ -12,9 +12,9 @@ use tessera_protocol::ledger::payload::Payload;
 use tessera_protocol::ledger::receipt::{self, Receipt};
 use tessera_protocol::ledger::store::LedgerStore;
 use tessera_protocol::ledger::verify::{Report, verify_chain};
-use tessera_protocol::ledger::{Block, Endorsement, Header};
-use tessera_protocol::pb;
+use tessera_protocol::ledger::{Block, Header};
 use tessera_protocol::pb::ledger_client::LedgerClient;
+use tessera_protocol::{pb, wire};
 
 use super::{CliError, CliResult, connect};
 
@@ -108,7 +108,7 @@ async fn load(addr: &str, path: Option<&PathBuf>) -> Result<Loaded, CliError> {
                     .await?
                     .into_inner();
                 let n = response.blocks.len();
-                blocks.extend(response.blocks.into_iter().map(from_pb));
+                blocks.extend(response.blocks.into_iter().map(wire::block_from_pb));
                 if n == 0 || blocks.len() as u64 >= response.chain_length {
                     break;
                 }
@@ -120,24 +120,6 @@ async fn load(addr: &str, path: Option<&PathBuf>) -> Result<Loaded, CliError> {
                 source: addr.to_owned(),
             })
         }
-    }
-}
-
-fn from_pb(b: pb::LedgerBlock) -> Block {
-    Block {
-        header: b.header,
-        payload: b.payload,
-        signature: b.signature,
-        endorsements: b
-            .endorsements
-            .into_iter()
-            .filter_map(|e| {
-                Some(Endorsement {
-                    site: SiteId::new(&e.site_id).ok()?,
-                    signature: e.signature,
-                })
-            })
-            .collect(),
     }
 }
 

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use tessera_protocol::ids::SiteId;
-use tessera_protocol::pb;
 use tessera_protocol::pb::ledger_server::Ledger;
+use tessera_protocol::{pb, wire};
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
@@ -50,20 +50,7 @@ impl Ledger for LedgerService {
         let blocks = blocks
             .into_iter()
             .enumerate()
-            .map(|(i, (b, _))| pb::LedgerBlock {
-                height: request.from_height + i as u64,
-                header: b.header,
-                payload: b.payload,
-                signature: b.signature,
-                endorsements: b
-                    .endorsements
-                    .into_iter()
-                    .map(|e| pb::LedgerEndorsement {
-                        site_id: e.site.to_string(),
-                        signature: e.signature,
-                    })
-                    .collect(),
-            })
+            .map(|(i, (b, _))| wire::block_to_pb(request.from_height + i as u64, b))
             .collect();
         Ok(Response::new(pb::GetBlocksResponse { blocks, chain_length }))
     }
