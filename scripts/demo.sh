@@ -57,13 +57,15 @@ trap cleanup EXIT
 
 # The consortium is provisioned for this run: a CA, the coordinator's kit, one
 # kit per hospital (TLS certificate, Ed25519 key, roster) and the ML lead's.
-# Every connection below is mutual TLS.
+# Every connection below is mutual TLS. On one machine the CA makes every key
+# (--generate-key); in a real deployment each hospital runs
+# `tessera-participant enroll` and the CA only signs (see README).
 ca="$run_dir/ca"
 "$bin/tessera" ca init --consortium heart-disease-demo --out "$ca" > /dev/null
 for s in "${sites[@]}"; do
-  "$bin/tessera" ca issue --ca "$ca" --site "$s" > /dev/null
+  "$bin/tessera" ca issue --ca "$ca" --site "$s" --generate-key > /dev/null
 done
-"$bin/tessera" ca issue --ca "$ca" --operator lead > /dev/null
+"$bin/tessera" ca issue --ca "$ca" --operator lead --generate-key > /dev/null
 export TESSERA_TLS_DIR="$ca/operators/lead"
 
 "$bin/tessera-coordinator" --listen 127.0.0.1:0 --port-file "$run_dir/port" \

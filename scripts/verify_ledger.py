@@ -35,7 +35,7 @@ COORD_PREFIX = b"tessera/ledger/v1/coordinator"  # §4
 ENDORSE_PREFIX = b"tessera/ledger/v1/endorse"
 DECISION_PREFIX = b"tessera/ledger/v1/job-decision"  # §5 job_accepted
 ZERO32 = bytes(32)
-PHASES = {"advertise_keys", "share_keys", "masked_input", "unmask", "update"}
+PHASES = {"advertise_keys", "share_keys", "masked_input", "consistency", "unmask", "update"}
 
 
 class Invalid(Exception):

@@ -1,13 +1,20 @@
 //! `tessera ca`: the consortium's certificate authority and the kits it
 //! hands out. A kit is one folder: a TLS certificate bound to one identity
-//! (SAN URI `tessera://<role>/<name>`), its key, the CA certificate, and for
-//! sites their Ed25519 signing key and a ready-to-edit `site.toml`.
+//! (SAN URI `tessera://<role>/<name>`), the CA certificate, and for sites
+//! the roster and a ready-to-edit `site.toml`.
+//!
+//! Keys are made by their owners (`tessera-participant enroll`, `tessera ca
+//! request`) and reach the CA only as an enrollment request
+//! (`protocol::enroll`): the kit then holds no private key, and neither does
+//! the CA folder. `--generate-key` keeps the old convenience for demos and
+//! tests: the CA makes the keys and writes them into the kit (so the CA
+//! folder holds a copy).
 //!
 //! ```text
 //! CA_DIR/ca.pem ca.key consortium.toml roster.toml revoked.toml
 //! CA_DIR/coordinator/  tls.pem tls.key ca.pem ledger.key roster.toml
-//! CA_DIR/sites/NAME/   tls.pem tls.key ca.pem site.key roster.toml site.toml
-//! CA_DIR/operators/NAME/, CA_DIR/auditors/NAME/   tls.pem tls.key ca.pem
+//! CA_DIR/sites/NAME/   tls.pem ca.pem roster.toml site.toml [tls.key site.key: --generate-key only]
+//! CA_DIR/operators/NAME/, CA_DIR/auditors/NAME/   tls.pem ca.pem [tls.key: --generate-key only]
 //! ```
 
 use std::collections::BTreeSet;
@@ -19,6 +26,7 @@ use rcgen::{
     SanType,
 };
 use serde::{Deserialize, Serialize};
+use tessera_protocol::enroll;
 use tessera_protocol::identity::{Identity, Role};
 use tessera_protocol::keyfile::{load_or_create, write_private};
 use time::{Duration, OffsetDateTime};
@@ -105,7 +113,7 @@ pub fn init(consortium: &str, out: &Path, hostnames: &[String]) -> anyhow::Resul
         name: "coordinator".into(),
     };
     let dir = out.join("coordinator");
-    issue_tls(out, &coordinator, &dir, hostnames, None)?;
+    issue_tls(out, &coordinator, &dir, hostnames, None, None)?;
     std::fs::copy(out.join("consortium.toml"), dir.join("consortium.toml"))?;
     load_or_create(&dir.join("ledger.key")).context("cannot create the coordinator's ledger key")?;
     Ok(())
@@ -122,9 +130,27 @@ pub fn kit_dir(ca_dir: &Path, identity: &Identity) -> PathBuf {
     ca_dir.join(group).join(&identity.name)
 }
 
+/// Where the keys of a new kit come from.
+pub enum Keys {
+    /// The owner's verified enrollment request: the CA signs its public keys.
+    Request(Box<enroll::Verified>),
+    /// The CA generates them and writes them into the kit (demo and tests).
+    Generate,
+}
+
 /// `tessera ca issue`: the kit of a site, an operator or an auditor.
 /// `valid_until` (default: one year) bounds the certificate.
-pub fn issue(ca_dir: &Path, identity: &Identity, valid_until: Option<OffsetDateTime>) -> anyhow::Result<PathBuf> {
+pub fn issue(
+    ca_dir: &Path,
+    identity: &Identity,
+    keys: Keys,
+    valid_until: Option<OffsetDateTime>,
+) -> anyhow::Result<PathBuf> {
+    if let Keys::Request(request) = &keys
+        && request.identity != *identity
+    {
+        bail!("the request is for {}, not {identity}", request.identity);
+    }
     let dir = kit_dir(ca_dir, identity);
     if dir.join("tls.pem").exists() {
         bail!("{} already has a kit in {}", identity, dir.display());
@@ -133,14 +159,27 @@ pub fn issue(ca_dir: &Path, identity: &Identity, valid_until: Option<OffsetDateT
     if revoked.revoked.contains(&identity.uri()) {
         bail!("{identity} was revoked; issue under a new name");
     }
-    issue_tls(ca_dir, identity, &dir, &[], valid_until)?;
+    let signing_key = match &keys {
+        Keys::Request(request) => request.signing_key,
+        Keys::Generate if identity.site().is_some() => Some(
+            load_or_create(&dir.join("site.key"))
+                .context("cannot create the site's Ed25519 key")?
+                .public_key(),
+        ),
+        Keys::Generate => None,
+    };
+    let csr = match keys {
+        Keys::Request(request) => Some(request.csr),
+        Keys::Generate => None,
+    };
+    issue_tls(ca_dir, identity, &dir, &[], valid_until, csr)?;
     if let Some(site) = identity.site() {
-        let key = load_or_create(&dir.join("site.key")).context("cannot create the site's Ed25519 key")?;
+        let key = signing_key.context("a site's kit needs its signing key")?;
         let roster_path = ca_dir.join("roster.toml");
         let text =
             std::fs::read_to_string(&roster_path).with_context(|| format!("cannot read {}", roster_path.display()))?;
         let mut roster = tessera_protocol::roster::parse(&text)?;
-        roster.insert(site.clone(), key.public_key());
+        roster.insert(site.clone(), key);
         let text = tessera_protocol::roster::to_toml(&roster);
         write_public(&roster_path, &text)?;
         write_public(&dir.join("roster.toml"), &text)?;
@@ -177,6 +216,7 @@ fn issue_tls(
     dir: &Path,
     hostnames: &[String],
     valid_until: Option<OffsetDateTime>,
+    csr: Option<rcgen::CertificateSigningRequestParams>,
 ) -> anyhow::Result<()> {
     let ca_key = KeyPair::from_pem(
         &std::fs::read_to_string(ca_dir.join("ca.key")).with_context(|| format!("no CA in {}", ca_dir.display()))?,
@@ -203,10 +243,21 @@ fn issue_tls(
     let not_after = valid_until.unwrap_or(now + Duration::days(365));
     params.not_before = (now - Duration::days(1)).min(not_after - Duration::days(1));
     params.not_after = not_after;
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    private(&dir.join("tls.key"), &key.serialize_pem())?;
+    let cert = match csr {
+        // Only the request's public key is used; identity, usages and
+        // validity are the CA's.
+        Some(mut request) => {
+            request.params = params;
+            request.signed_by(&issuer)?
+        }
+        None => {
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, &issuer)?;
+            private(&dir.join("tls.key"), &key.serialize_pem())?;
+            cert
+        }
+    };
     write_public(&dir.join("tls.pem"), &cert.pem())?;
     write_public(&dir.join("ca.pem"), &ca_pem)?;
     if identity.role == Role::Coordinator {

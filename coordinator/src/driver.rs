@@ -377,7 +377,8 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
                 job_id: job_id.0,
                 round: announcement.round,
             };
-            let params = secure.params(members.len(), spec.min_sites as usize, evaluation::WORDS);
+            let cohort = shared.ledger.cohort(job_id.0).len();
+            let params = secure.params(cohort, spec.min_sites as usize, evaluation::WORDS);
             Some(SecureSession::new(ctx, params, members.clone(), shared.roster.clone()))
         }
         None => None,
@@ -496,7 +497,9 @@ async fn secure_round(
     };
     // The quantised update (n_params + weight), then the sites' evaluation of
     // the round's starting model: both in one secure sum.
-    let params = secure.params(members.len(), spec.min_sites as usize, n_params + 1 + evaluation::WORDS);
+    // Sized from the cohort on the ledger, as every site sizes its own.
+    let cohort = shared.ledger.cohort(ctx.job_id).len();
+    let params = secure.params(cohort, spec.min_sites as usize, n_params + 1 + evaluation::WORDS);
     let session = SecureSession::new(ctx, params, members.clone(), shared.roster.clone());
     install_round(shared, announcement, None, Some(session), members);
     let (_, outcome) = run_phase(shared).await?;
@@ -505,7 +508,7 @@ async fn secure_round(
             "round {round}: secure aggregation aborted: {e}; no aggregate released"
         ))
     })?;
-    let quantizer = secure.quantizer(members.len());
+    let quantizer = secure.quantizer(cohort);
     let m = transcript.masked.len();
     let (update_words, metric_words) = sum.split_at(n_params + 1);
     let (weighted_sum, total_weight) = quantizer.decode_update_sum(update_words, m);
@@ -592,7 +595,8 @@ async fn preprocess(
     let n_features = reports.values().next().map_or(0, |r| r.sum.len());
     let sites: BTreeSet<SiteId> = reports.keys().cloned().collect();
     let vector_len = (1 + 2 * n_features) * exact::LIMBS;
-    let params = secure.params(sites.len(), spec.min_sites as usize, vector_len);
+    let cohort = shared.ledger.cohort(job_id.0).len();
+    let params = secure.params(cohort, spec.min_sites as usize, vector_len);
     let ctx = RoundContext {
         job_id: job_id.0,
         round: 0,
@@ -607,7 +611,7 @@ async fn preprocess(
         .expect("secure preprocessing yields its outcome")
         .map_err(|e| Stop::Failed(format!("preprocessing: secure aggregation aborted: {e}")))?;
     info!(job = %job_id, sites = transcript.masked.len(), "feature statistics securely summed");
-    let values = exact::decode_sum(&sum);
+    let values = exact::decode_sum(&sum).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
     Ok(FeatureStats {
         count: values[0].round().max(0.0) as u64,
         sum: values[1..1 + n_features].to_vec(),
@@ -726,7 +730,13 @@ type SecureOutcome = Result<(Vec<u32>, Transcript), Abort>;
 
 /// Stores the evaluation pooled over `n_sites` by secure sum.
 async fn store_pooled(shared: &Arc<Shared>, ctx: RoundContext, n_sites: usize, words: &[u32]) -> Result<(), Stop> {
-    let pooled = evaluation::decode_sum(words);
+    let pooled = match evaluation::decode_sum(words) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(round = ctx.round, "pooled evaluation not stored: {e}");
+            return Ok(());
+        }
+    };
     info!(
         round = ctx.round,
         n_sites,
@@ -774,6 +784,7 @@ fn phase_name(phase: SecPhase) -> &'static str {
         SecPhase::AdvertiseKeys => "advertise_keys",
         SecPhase::ShareKeys => "share_keys",
         SecPhase::MaskedInput => "masked_input",
+        SecPhase::Consistency => "consistency",
         SecPhase::Unmask => "unmask",
     }
 }
@@ -790,7 +801,9 @@ fn transcript_json(t: &Transcript, bits: u32, clip_norm: f64) -> String {
         "advertised": ids(&t.advertised),
         "shared": ids(&t.shared),
         "masked": t.masked.iter().map(|(s, c)| serde_json::json!({ "site": s.as_str(), "commitment": hex::encode(c) })).collect::<Vec<_>>(),
+        "consistency_signers": ids(&t.consistency_signers),
         "unmask_responders": ids(&t.unmask_responders),
+        "bad_shares": ids(&t.bad_shares),
         "dropped": t.dropped.iter().map(|(s, p)| serde_json::json!({ "site": s.as_str(), "phase": phase_name(*p) })).collect::<Vec<_>>(),
         "mask_keys_recovered": ids(&t.mask_keys_recovered),
     })
@@ -870,7 +883,9 @@ mod tests {
             advertised: vec![site("a"), site("b"), site("c"), site("d")],
             shared: vec![site("a"), site("b"), site("c")],
             masked: vec![(site("a"), [1; 32]), (site("b"), [2; 32]), (site("c"), [3; 32])],
+            consistency_signers: vec![site("a"), site("b"), site("c")],
             unmask_responders: vec![site("a"), site("b")],
+            bad_shares: vec![],
             dropped: vec![(site("d"), SecPhase::ShareKeys), (site("c"), SecPhase::Unmask)],
             mask_keys_recovered: vec![site("d")],
         };

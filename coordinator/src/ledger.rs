@@ -2,6 +2,8 @@
 //! the coordinator's database, in the same transaction as the state they
 //! describe, and takes the sites' endorsements.
 
+use std::collections::BTreeSet;
+
 use anyhow::{Context, bail};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use tessera_protocol::ids::SiteId;
@@ -24,7 +26,8 @@ pub struct Ledger {
     /// (first height, members from that height on), ascending.
     membership: std::sync::Mutex<Vec<(u64, Members)>>,
     /// (job, site) pairs whose decision is on the chain: one per pair.
-    decisions: std::sync::Mutex<std::collections::HashSet<(u64, SiteId)>>,
+    /// Every (job, site) decision on the chain, and whether it accepted.
+    decisions: std::sync::Mutex<std::collections::HashMap<(u64, SiteId), bool>>,
 }
 
 /// The writer together with a verifier over the chain it writes: every
@@ -80,7 +83,7 @@ impl Ledger {
         let stored = store.blocks().await.context("cannot read the ledger")?;
         let mut verifier = Verifier::new();
         let mut membership = Vec::new();
-        let mut decisions = std::collections::HashSet::new();
+        let mut decisions = std::collections::HashMap::new();
         if !stored.is_empty() {
             let (blocks, hashes): (Vec<_>, Vec<_>) = stored.into_iter().unzip();
             verify_chain(&blocks, Some(&hashes)).context("the stored ledger does not verify; refusing to extend it")?;
@@ -89,7 +92,7 @@ impl Ledger {
                 if let Payload::JobAccepted(a) = &verified.payload
                     && let Ok(site) = SiteId::new(&a.site)
                 {
-                    decisions.insert((a.job_id, site));
+                    decisions.insert((a.job_id, site), a.accepted);
                 }
                 if membership.last().is_none_or(|(_, m)| m != &verified.members) {
                     membership.push((height as u64, verified.members));
@@ -195,14 +198,28 @@ impl Ledger {
     pub async fn record_decision(&self, decision: JobAccepted, now_ms: u64) -> anyhow::Result<bool> {
         let site = SiteId::new(&decision.site)?;
         let pair = (decision.job_id, site);
+        let accepted = decision.accepted;
         let mut tx = self.begin().await?;
-        if self.decisions.lock().expect("decisions lock").contains(&pair) {
+        if self.decisions.lock().expect("decisions lock").contains_key(&pair) {
             return Ok(false);
         }
         tx.append(&Payload::JobAccepted(decision), now_ms).await?;
         tx.commit().await?;
-        self.decisions.lock().expect("decisions lock").insert(pair);
+        self.decisions.lock().expect("decisions lock").insert(pair, accepted);
         Ok(true)
+    }
+
+    /// The job's cohort: the sites whose signed acceptance is on the chain.
+    /// Every site computes the same set from its replica, and the secure
+    /// summations' threshold and quantiser are sized from it.
+    pub fn cohort(&self, job_id: u64) -> BTreeSet<SiteId> {
+        self.decisions
+            .lock()
+            .expect("decisions lock")
+            .iter()
+            .filter(|((job, _), accepted)| *job == job_id && **accepted)
+            .map(|((_, site), _)| site.clone())
+            .collect()
     }
 
     /// Records, as `site_revoked` blocks, the current members whose site

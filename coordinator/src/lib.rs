@@ -19,6 +19,7 @@ pub mod ca;
 pub mod cli;
 pub mod driver;
 pub mod ledger;
+pub mod malicious;
 pub mod rpc;
 pub mod secure;
 pub mod state;

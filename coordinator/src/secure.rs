@@ -11,6 +11,7 @@ use tessera_protocol::secagg::server::{self, Abort, Misbehaviour, Transcript};
 use tessera_protocol::secagg::{RoundContext, SecAggParams};
 use tessera_protocol::wire;
 
+use crate::malicious::{self, Attack};
 use crate::rpc::RpcError;
 
 /// A secure summation in progress.
@@ -19,13 +20,35 @@ pub struct SecureSession {
     pub members: Vec<SiteId>,
     pub vector_len: usize,
     stage: Stage,
+    /// Test builds only: the survivor-set signatures a malicious
+    /// coordinator collects without checking them.
+    stolen: Vec<pb::SurvivorSignature>,
+}
+
+/// The split-views attack: each site is shown U3 without the site after it.
+fn split_view(survivors: &pb::SurvivorList, site: &SiteId) -> pb::SurvivorList {
+    let sites = &survivors.sites;
+    let i = sites.iter().position(|s| s == site.as_str()).unwrap_or(0);
+    let hidden = &sites[(i + 1) % sites.len()];
+    pb::SurvivorList {
+        sites: sites.iter().filter(|s| *s != hidden).cloned().collect(),
+    }
 }
 
 enum Stage {
     Keys(server::ExpectKeys),
     Shares(server::ExpectShares, pb::KeyList),
     Masked(server::ExpectMaskedInputs, BTreeMap<SiteId, pb::ShareInbox>),
-    Unmask(server::ExpectUnmasking, BTreeMap<SiteId, pb::UnmaskRequest>),
+    Consistency(server::ExpectConsistency, pb::SurvivorList),
+    Unmask(server::ExpectUnmasking, pb::SurvivorSignatures),
+    /// Test builds only (`--malicious split-views`): every site was shown a
+    /// different survivor set; all signatures, unchecked, go to every site,
+    /// and whatever a site reveals is counted.
+    Forged {
+        survivors: BTreeSet<SiteId>,
+        signatures: pb::SurvivorSignatures,
+        revealed: BTreeSet<SiteId>,
+    },
     Done(Result<(Vec<u32>, Transcript), Abort>),
     /// Only while a stage is being replaced.
     Moving,
@@ -43,6 +66,7 @@ impl SecureSession {
             vector_len: params.vector_len,
             members: members.iter().cloned().collect(),
             stage: Stage::Keys(server::ExpectKeys::new(ctx, params, members, roster)),
+            stolen: Vec::new(),
         }
     }
 
@@ -52,7 +76,18 @@ impl SecureSession {
             Stage::Keys(m) => m.pending(),
             Stage::Shares(m, _) => m.pending(),
             Stage::Masked(m, _) => m.pending(),
+            Stage::Consistency(m, _) if malicious::attack() == Some(Attack::SplitViews) => {
+                let signed: BTreeSet<&str> = self.stolen.iter().map(|s| s.site_id.as_str()).collect();
+                m.pending()
+                    .into_iter()
+                    .filter(|s| !signed.contains(s.as_str()))
+                    .collect()
+            }
+            Stage::Consistency(m, _) => m.pending(),
             Stage::Unmask(m, _) => m.pending(),
+            Stage::Forged {
+                survivors, revealed, ..
+            } => survivors.difference(revealed).cloned().collect(),
             Stage::Done(_) | Stage::Moving => BTreeSet::new(),
         }
     }
@@ -89,7 +124,12 @@ impl SecureSession {
             }),
             Stage::Shares(_, list) => pb::sec_agg_step::Kind::Keys(list.clone()),
             Stage::Masked(_, mailbox) => pb::sec_agg_step::Kind::Shares(mailbox.get(site)?.clone()),
-            Stage::Unmask(_, requests) => pb::sec_agg_step::Kind::Unmask(requests.get(site)?.clone()),
+            Stage::Consistency(_, survivors) if malicious::attack() == Some(Attack::SplitViews) => {
+                pb::sec_agg_step::Kind::Survivors(split_view(survivors, site))
+            }
+            Stage::Consistency(_, survivors) => pb::sec_agg_step::Kind::Survivors(survivors.clone()),
+            Stage::Forged { signatures, .. } => pb::sec_agg_step::Kind::Signatures(signatures.clone()),
+            Stage::Unmask(_, signatures) => pb::sec_agg_step::Kind::Signatures(signatures.clone()),
             Stage::Done(_) | Stage::Moving => return None,
         };
         Some(pb::SecAggStep {
@@ -131,13 +171,42 @@ impl SecureSession {
             Stage::Masked(m, _) => (
                 "masked input",
                 match m.close() {
-                    Ok((next, requests)) => Stage::Unmask(
-                        next,
-                        requests
-                            .into_iter()
-                            .map(|(site, r)| (site, wire::unmask_request_to_pb(&r)))
-                            .collect(),
-                    ),
+                    Ok((next, survivors)) => Stage::Consistency(next, wire::survivors_to_pb(&survivors)),
+                    Err(e) => Stage::Done(Err(e)),
+                },
+            ),
+            Stage::Consistency(m, list) if malicious::attack() == Some(Attack::SplitViews) => {
+                let _ = m;
+                (
+                    "consistency check",
+                    Stage::Forged {
+                        survivors: list.sites.iter().filter_map(|s| SiteId::new(s).ok()).collect(),
+                        signatures: pb::SurvivorSignatures {
+                            signatures: std::mem::take(&mut self.stolen),
+                        },
+                        revealed: BTreeSet::new(),
+                    },
+                )
+            }
+            Stage::Forged { revealed, .. } => {
+                tracing::warn!(
+                    round = self.ctx.round,
+                    "malicious coordinator: {} unmask responses received after the split",
+                    revealed.len()
+                );
+                (
+                    "unmask",
+                    Stage::Done(Err(Abort::TooFewSites {
+                        phase: tessera_protocol::secagg::Phase::Unmask,
+                        got: revealed.len(),
+                        needed: 1,
+                    })),
+                )
+            }
+            Stage::Consistency(m, _) => (
+                "consistency check",
+                match m.close() {
+                    Ok((next, signatures)) => Stage::Unmask(next, wire::survivor_signatures_to_pb(&signatures)),
                     Err(e) => Stage::Done(Err(e)),
                 },
             ),
@@ -162,6 +231,20 @@ impl SecureSession {
         let result = match (&mut self.stage, message) {
             (Stage::Keys(m), Kind::Keys(k)) => m.handle_keys(site, wire::keys_from_pb(k).map_err(invalid)?),
             (Stage::Shares(m, _), Kind::Shares(s)) => m.handle_shares(site, wire::shares_from_pb(s).map_err(invalid)?),
+            (Stage::Consistency(..), Kind::SurvivorsSignature(s))
+                if malicious::attack() == Some(Attack::SplitViews) =>
+            {
+                self.stolen.push(s.clone());
+                Ok(())
+            }
+            (Stage::Forged { revealed, .. }, Kind::Unmask(_)) => {
+                tracing::error!(%site, "malicious coordinator: a site revealed shares after the split");
+                revealed.insert(site.clone());
+                Ok(())
+            }
+            (Stage::Consistency(m, _), Kind::SurvivorsSignature(s)) => {
+                m.handle_signature(site, wire::survivor_signature_from_pb(s).map_err(invalid)?)
+            }
             (Stage::Unmask(m, _), Kind::Unmask(r)) => {
                 m.handle_unmask(site, wire::unmask_response_from_pb(r).map_err(invalid)?)
             }
@@ -200,7 +283,8 @@ impl Stage {
             Stage::Keys(_) => "advertise keys",
             Stage::Shares(..) => "share keys",
             Stage::Masked(..) => "masked input",
-            Stage::Unmask(..) => "unmask",
+            Stage::Consistency(..) => "consistency check",
+            Stage::Unmask(..) | Stage::Forged { .. } => "unmask",
             Stage::Done(_) | Stage::Moving => "finished",
         }
     }
@@ -217,6 +301,9 @@ impl From<Misbehaviour> for RpcError {
             Misbehaviour::NotMember(_) | Misbehaviour::Impersonation { .. } => RpcError::PermissionDenied(message),
             Misbehaviour::NotExpected(_) => RpcError::FailedPrecondition(message),
             Misbehaviour::BadSignature(_)
+            | Misbehaviour::WrongThreshold { .. }
+            | Misbehaviour::WrongCohortSize { .. }
+            | Misbehaviour::BadSurvivorSignature(_)
             | Misbehaviour::WrongShareSet(_)
             | Misbehaviour::WrongLength { .. }
             | Misbehaviour::WrongUnmaskSet(_) => RpcError::InvalidArgument(message),

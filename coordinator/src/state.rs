@@ -16,6 +16,7 @@ use tessera_protocol::round::RoundCollector;
 use tessera_protocol::stats::FeatureStats;
 use tokio::sync::Notify;
 
+use crate::malicious::Attack;
 use crate::secure::SecureSession;
 use crate::store::Store;
 
@@ -153,7 +154,7 @@ impl Inner {
                         job_toml: active.job_toml.clone(),
                         job_hash: active.job_hash.clone(),
                         members: Vec::new(),
-                        secure: stats.secure,
+                        secure: stats.secure && crate::malicious::attack() != Some(Attack::PlaintextStats),
                     })
                 })
             }

@@ -226,7 +226,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         crate::ca::init("test", dir.path(), &["localhost".into()]).unwrap();
         let site = Identity::new(Role::Site, "hungary").unwrap();
-        let kit = crate::ca::issue(dir.path(), &site, None).unwrap();
+        let kit = crate::ca::issue(dir.path(), &site, crate::ca::Keys::Generate, None).unwrap();
         let pem = std::fs::read_to_string(kit.join("tls.pem")).unwrap();
         let der = pem_to_der(&pem);
         assert_eq!(identity_of(&der).unwrap(), site);
@@ -259,7 +259,7 @@ mod tests {
         let revoked = Revoked::load(&dir.path().join("revoked.toml")).unwrap();
         assert!(revoked.revoked.contains("tessera://site/hungary"));
         assert!(
-            crate::ca::issue(dir.path(), &site, None).is_err(),
+            crate::ca::issue(dir.path(), &site, crate::ca::Keys::Generate, None).is_err(),
             "a revoked name is not reissued"
         );
     }

@@ -16,7 +16,7 @@ use tessera_protocol::ids::{SiteId, sha256_hex};
 use tessera_protocol::job::Aggregation;
 use tessera_protocol::job::JobSpec;
 use tessera_protocol::ledger::sign_decision;
-use tessera_protocol::model::{Layout, decode_params, encode_params};
+use tessera_protocol::model::{Layout, check_initial_model, decode_params, encode_params};
 use tessera_protocol::pb::federation_client::FederationClient;
 use tessera_protocol::pb::ledger_client::LedgerClient;
 use tessera_protocol::pb::{self, sec_agg_step, task, update_chunk};
@@ -192,7 +192,8 @@ struct Site {
 enum ClientState {
     Keys(client::ExpectKeys),
     Shares(client::ExpectShares),
-    Unmask(client::ExpectUnmask),
+    Survivors(client::ExpectSurvivors),
+    Signatures(client::ExpectSignatures),
     Done,
 }
 
@@ -225,9 +226,17 @@ impl Site {
             };
             self.egress.record("PollTask", &request)?;
             let task = client.poll_task(request).await.context("poll failed")?.into_inner();
-            // Before any work on a job, and when idle: bring the replica up
-            // to date (verifying and endorsing new blocks).
-            if !matches!(task.kind, Some(task::Kind::Secagg(_))) {
+            // Before any work on a job, when idle, and before a secure
+            // summation starts (its cohort is read from the replica): bring
+            // the replica up to date (verifying and endorsing new blocks).
+            let mid_summation = matches!(
+                &task.kind,
+                Some(task::Kind::Secagg(pb::SecAggStep {
+                    kind: Some(k),
+                    ..
+                })) if !matches!(k, sec_agg_step::Kind::Advertise(_))
+            );
+            if !mid_summation {
                 self.replica
                     .sync(&mut ledger, &self.egress)
                     .await
@@ -339,16 +348,19 @@ impl Site {
             return Ok(());
         }
         let spec = self.job(client, task.job_id, &task.job_toml, &task.job_hash).await?;
+        // Secure or not is the accepted job's choice, never the message's.
+        spec.check_announced_secure(task.secure)?;
         let stats = self.data.train_stats();
         let n_features = stats.sum.len() as u64;
-        let report = if task.secure {
+        let report = if spec.is_secure() {
             // Only the encoding goes in the clear; the statistics go into the
             // secure sum.
             info!(job = task.job_id, name = %spec.name, "preparing statistics for secure summation");
             let mut values = vec![stats.count as f64];
             values.extend(&stats.sum);
             values.extend(&stats.sum_sq);
-            self.inputs.insert((task.job_id, 0), exact::encode(&values));
+            let words = exact::encode(&values).context("training-split statistics cannot be summed exactly")?;
+            self.inputs.insert((task.job_id, 0), words);
             pb::StatsReport {
                 site_id: self.id.to_string(),
                 job_id: task.job_id,
@@ -377,11 +389,17 @@ impl Site {
 
     async fn round(&mut self, client: &mut FederationClient<Channel>, a: pb::RoundAnnouncement) -> anyhow::Result<()> {
         let spec = self.job(client, a.job_id, &a.job_toml, &a.job_hash).await?;
+        spec.check_announced_secure(a.secure)?;
         if let Err(reason) = self.replica.check_model(a.job_id, a.round, &a.model_hash) {
             self.replica.refuse(reason.clone());
             bail!("{reason}");
         }
         let layout = spec.model.layout(self.data.train.n_features);
+        if a.round == 1 {
+            // The first model must be the job's own initial model: a
+            // coordinator cannot choose what this site trains on.
+            check_initial_model(&layout, spec.seed, &a.model_hash)?;
+        }
         if layout.n_params() as u64 != a.n_params {
             bail!(
                 "announced model has {} parameters, this site's data gives {} (different schema?)",
@@ -408,10 +426,11 @@ impl Site {
         let global = self.fetch_model(client, &a.model_hash, a.n_params).await?;
         let (train, test) = self.data.normalized(&normalization);
 
+        let secure = spec.is_secure();
         if self.done.insert((a.job_id, a.round, Work::Metrics)) {
-            self.report_metrics(client, &a, &layout, &global, &test).await?;
+            self.report_metrics(client, &a, secure, &layout, &global, &test).await?;
         }
-        if a.secure && !a.train && self.done.insert((a.job_id, a.round, Work::Update)) {
+        if secure && !a.train && self.done.insert((a.job_id, a.round, Work::Update)) {
             // Final evaluation: the secure sum carries only the metrics.
             if let Some(input) = self.inputs.remove(&(a.job_id, a.round)) {
                 self.start_summation(client, &a, input).await?;
@@ -428,6 +447,7 @@ impl Site {
         &mut self,
         client: &mut FederationClient<Channel>,
         a: &pb::RoundAnnouncement,
+        secure: bool,
         layout: &Layout,
         global: &[f32],
         test: &Dataset,
@@ -440,7 +460,7 @@ impl Site {
             loss = eval.loss,
             "evaluated global model"
         );
-        if a.secure {
+        if secure {
             // The evaluation joins this round's secure sum: alone for the
             // final evaluation, after the update otherwise.
             let words = evaluation::encode_site(eval.n, eval.accuracy, eval.loss);
@@ -509,9 +529,12 @@ impl Site {
         if let Aggregation::Secure(secure) = &spec.aggregation {
             // Clip, weight and quantise; the masked form is sent later, in the
             // secure summation's masked-input step.
-            let quantizer = secure.quantizer(a.members.len());
+            // Sized from the cohort on this site's ledger, as the
+            // coordinator sizes its decoder (both are checked to agree in
+            // the signed key advertisement).
+            let quantizer = secure.quantizer(self.replica.cohort(a.job_id).len());
             let weight = secure.weight(update.n_samples as u64);
-            let (input, factor) = quantizer.encode_update(&delta, weight, &mut rand::rng());
+            let (input, factor) = quantizer.encode_update(&delta, weight, &mut rand::rng())?;
             if factor < 1.0 {
                 info!(
                     job = a.job_id,
@@ -617,21 +640,43 @@ impl Site {
                         if sent.is_ok() {
                             self.replica.committed(key.0, key.1, commitment(&masked));
                         }
-                        (ClientState::Unmask(s), sent)
+                        (ClientState::Survivors(s), sent)
                     }
                     Err(e) => (ClientState::Done, Err(anyhow::anyhow!("refusing the shares: {e}"))),
                 }
             }
-            (Some(ClientState::Unmask(s)), sec_agg_step::Kind::Unmask(request)) => {
-                let request = wire::unmask_request_from_pb(&request)?;
-                match s.handle_unmask(&request) {
+            (Some(ClientState::Survivors(s)), sec_agg_step::Kind::Survivors(list)) => {
+                let survivors = wire::survivors_from_pb(&list)?;
+                match s.handle_survivors(&survivors) {
+                    Ok((s, signature)) => {
+                        let kind =
+                            pb::sec_agg_message::Kind::SurvivorsSignature(wire::survivor_signature_to_pb(&signature));
+                        (ClientState::Signatures(s), self.send_secagg(client, key, kind).await)
+                    }
+                    Err(e) => (
+                        ClientState::Done,
+                        Err(anyhow::anyhow!(
+                            "refusing to sign the survivor set of round {} of job {}: {e}",
+                            key.1,
+                            key.0
+                        )),
+                    ),
+                }
+            }
+            (Some(ClientState::Signatures(s)), sec_agg_step::Kind::Signatures(list)) => {
+                let signatures = wire::survivor_signatures_from_pb(&list)?;
+                match s.handle_signatures(&signatures) {
                     Ok(response) => {
                         let kind = pb::sec_agg_message::Kind::Unmask(wire::unmask_response_to_pb(&response));
                         (ClientState::Done, self.send_secagg(client, key, kind).await)
                     }
                     Err(e) => (
                         ClientState::Done,
-                        Err(anyhow::anyhow!("refusing the unmask request: {e}")),
+                        Err(anyhow::anyhow!(
+                            "revealing nothing for round {} of job {}: {e}",
+                            key.1,
+                            key.0
+                        )),
                     ),
                 }
             }
@@ -687,7 +732,21 @@ impl Site {
                 Err(anyhow::anyhow!("secure summation does not match this site's input")),
             );
         }
-        let params = secure.params(advertise.members.len(), spec.min_sites as usize, input.len());
+        // Every privacy-relevant number comes from what this site accepted
+        // and verified: the job spec, its own policy, its ledger's cohort;
+        // the announced member list only says who is asked to start.
+        let cohort = self.replica.cohort(key.0);
+        if !cohort.contains(&self.id) {
+            return (
+                ClientState::Done,
+                Err(anyhow::anyhow!(
+                    "this site's acceptance of job {} is not on its ledger replica yet; not starting a summation",
+                    key.0
+                )),
+            );
+        }
+        let min_sites = (spec.min_sites as usize).max(self.policy.min_sites as usize);
+        let params = secure.params(cohort.len(), min_sites, input.len());
         let cfg = ClientConfig {
             site: self.id.clone(),
             ctx: RoundContext {
@@ -697,6 +756,7 @@ impl Site {
             params,
             signing_key: self.signing_key.clone(),
             roster: self.roster.clone(),
+            cohort: Arc::new(cohort),
         };
         let (state, keys) = client::ExpectKeys::new(cfg, &mut rand::rng());
         let kind = pb::sec_agg_message::Kind::Keys(wire::keys_to_pb(&keys));

@@ -59,6 +59,19 @@ enum Command {
         #[arg(long)]
         withhold_site_metrics: bool,
     },
+    /// Enroll this site on its own host: create its Ed25519 signing key
+    /// (site.key) and TLS key (tls.key) in the state directory, if missing,
+    /// and write an enrollment request (public keys and a certificate
+    /// signing request) for the consortium's CA: `tessera ca issue --csr`.
+    /// No private key leaves this host.
+    Enroll {
+        /// The site's name in the consortium.
+        #[arg(long)]
+        site: String,
+        /// Where the keys are kept (the site's state directory).
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
     /// Create this site's Ed25519 key (if missing) and print its roster line,
     /// to send to the consortium out of band.
     Keygen {
@@ -152,6 +165,7 @@ fn main() -> ExitCode {
             allow_insecure_plaintext,
             withhold_site_metrics,
         ),
+        Command::Enroll { site, state_dir } => enroll(&site, &state_dir),
         Command::Keygen { config, state_dir } => keygen(&config, state_dir),
         Command::Check { config } => check(&config),
         Command::Inspect {
@@ -231,6 +245,28 @@ fn run(path: &Path, o: Overrides, allow_insecure_plaintext: bool, withhold_site_
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(daemon::run(config))
+}
+
+fn enroll(site: &str, state_dir: &Path) -> anyhow::Result<()> {
+    use tessera_protocol::enroll;
+    use tessera_protocol::identity::{Identity, Role};
+    let identity = Identity::new(Role::Site, site)?;
+    std::fs::create_dir_all(state_dir).with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let key = identity::load_or_create(state_dir)?;
+    let request = enroll::make_request(&identity, state_dir, Some(&key))?;
+    let path = state_dir.join(enroll::file_name(&identity));
+    std::fs::write(&path, request.to_toml()).with_context(|| format!("cannot write {}", path.display()))?;
+    println!(
+        "{identity}: keys in {} (site.key, tls.key: keep them here)",
+        state_dir.display()
+    );
+    println!("  enrollment request: {}", path.display());
+    println!(
+        "  send it to the consortium's CA: tessera ca issue --ca CA_DIR --csr {}",
+        path.display()
+    );
+    println!("  then copy the kit it returns (tls.pem, ca.pem, roster.toml, site.toml) into this folder");
+    Ok(())
 }
 
 fn keygen(path: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<()> {

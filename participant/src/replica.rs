@@ -44,6 +44,8 @@ pub struct Replica {
     /// The last round block's model per job, and the jobs on the chain.
     job_hashes: HashMap<u64, String>,
     latest_model: HashMap<u64, (u32, String)>,
+    /// Per job, the sites whose signed acceptance is on the chain.
+    cohorts: HashMap<u64, std::collections::BTreeSet<SiteId>>,
     /// What this site uploaded per (job, round): its commitment must be in
     /// that round's block before the site endorses it.
     commitments: HashMap<(u64, u32), [u8; 32]>,
@@ -69,6 +71,7 @@ impl Replica {
             blocks: Vec::new(),
             job_hashes: HashMap::new(),
             latest_model: HashMap::new(),
+            cohorts: HashMap::new(),
             commitments: HashMap::new(),
             halt_path,
             halted,
@@ -141,6 +144,12 @@ impl Replica {
             }
             Payload::RoundCompleted(r) => {
                 self.latest_model.insert(r.job_id, (r.round, r.model_sha256.clone()));
+            }
+            Payload::JobAccepted(a) if a.accepted => {
+                // The chain's rules verified the site's own signature.
+                if let Ok(site) = SiteId::new(&a.site) {
+                    self.cohorts.entry(a.job_id).or_default().insert(site);
+                }
             }
             _ => {}
         }
@@ -320,6 +329,14 @@ impl Replica {
                 "round {round} of job {job_id} was announced, but the ledger has no earlier round"
             )),
         }
+    }
+
+    /// The job's cohort on this replica: the sites that signed their
+    /// acceptance. A site's secure-aggregation threshold, quorum and
+    /// quantiser are sized from it, and only its members may hold a share
+    /// of this site's secrets.
+    pub fn cohort(&self, job_id: u64) -> std::collections::BTreeSet<SiteId> {
+        self.cohorts.get(&job_id).cloned().unwrap_or_default()
     }
 
     /// Halts training because an announcement disagrees with the ledger.

@@ -1,5 +1,6 @@
-//! Secure-aggregation cost over the grid of issue 3: client masking time and
-//! coordinator unmasking time for n ∈ {4, 10, 50, 100} sites, d ∈ {10^4,
+//! Secure-aggregation cost over the grid of issue 3: client masking time,
+//! the client's consistency check (signing U3 and verifying the quorum of
+//! signatures, issue 9) and coordinator unmasking time for n ∈ {4, 10, 50, 100} sites, d ∈ {10^4,
 //! 10^5, 10^6} parameters, 0% and 30% dropouts (after the masked inputs were
 //! sent, the costly case), for SecAgg (complete graph) and SecAgg+ (sparse,
 //! 14 neighbours). Prints the median of a few runs per cell (single thread).
@@ -51,20 +52,23 @@ fn params(graph: Graph, n: usize, len: usize) -> SecAggParams {
     SecAggParams {
         graph,
         threshold: graph.default_threshold(n),
+        cohort_size: n,
         min_sites: 3,
         vector_len: len,
     }
 }
 
-/// Returns (client masking time of site 0, coordinator unmasking time), or
+/// Returns (client masking time of site 0, its consistency-check time,
+/// coordinator unmasking time), or
 /// `None` when the random dropouts left some neighbourhood below t (possible
 /// with SecAgg+'s small neighbourhoods: the round would abort).
-fn one_run(s: &Setup, graph: Graph, d: usize, dropout: f64, seed: u64) -> Option<(Duration, Duration)> {
+fn one_run(s: &Setup, graph: Graph, d: usize, dropout: f64, seed: u64) -> Option<(Duration, Duration, Duration)> {
     let n = s.sites.len();
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let big = params(graph, n, d);
     let small = params(graph, n, 1);
     let mut srv = server::ExpectKeys::new(CTX, big, s.sites.iter().cloned().collect(), (*s.roster).clone());
+    let cohort: Arc<BTreeSet<SiteId>> = Arc::new(s.sites.iter().cloned().collect());
     let mut clients = Vec::new();
     for (i, site) in s.sites.iter().enumerate() {
         let cfg = ClientConfig {
@@ -73,6 +77,7 @@ fn one_run(s: &Setup, graph: Graph, d: usize, dropout: f64, seed: u64) -> Option
             params: if i == 0 { big } else { small },
             signing_key: s.keys[site].clone(),
             roster: s.roster.clone(),
+            cohort: cohort.clone(),
         };
         let (state, keys) = client::ExpectKeys::new(cfg, &mut rng);
         srv.handle_keys(site, keys).unwrap();
@@ -107,14 +112,30 @@ fn one_run(s: &Setup, graph: Graph, d: usize, dropout: f64, seed: u64) -> Option
             masking.push((site, state));
         }
     }
-    let (mut srv, requests) = srv.close().ok()?;
+    let (mut srv, survivors) = srv.close().ok()?;
+    let mut check_time = Duration::ZERO;
+    let mut signing = Vec::new();
     for (site, state) in masking {
-        srv.handle_unmask(&site, state.handle_unmask(&requests[&site]).ok()?)
-            .unwrap();
+        let start = Instant::now();
+        let (state, signature) = state.handle_survivors(&survivors).ok()?;
+        if site == s.sites[0] {
+            check_time += start.elapsed();
+        }
+        srv.handle_signature(&site, signature).unwrap();
+        signing.push((site, state));
+    }
+    let (mut srv, signatures) = srv.close().ok()?;
+    for (site, state) in signing {
+        let start = Instant::now();
+        let response = state.handle_signatures(&signatures).ok()?;
+        if site == s.sites[0] {
+            check_time += start.elapsed();
+        }
+        srv.handle_unmask(&site, response).unwrap();
     }
     let start = Instant::now();
     srv.finish().ok()?;
-    Some((client_time, start.elapsed()))
+    Some((client_time, check_time, start.elapsed()))
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -130,7 +151,7 @@ fn main() {
     } else {
         &[10_000, 100_000, 1_000_000]
     };
-    println!("graph     n        d  drop  client_mask_ms  server_unmask_ms");
+    println!("graph     n        d  drop  client_mask_ms  client_check_ms  server_unmask_ms");
     for graph in [Graph::Complete, Graph::Sparse { neighbours: 14 }] {
         let name = match graph {
             Graph::Complete => "secagg",
@@ -143,7 +164,7 @@ fn main() {
                     let work = n as f64 * d as f64 * (1.0 + dropout * n as f64);
                     let reps = if work > 2e9 { 1 } else { 3 };
                     let mut attempts = 0;
-                    let runs: Vec<(Duration, Duration)> = (0..reps)
+                    let runs: Vec<(Duration, Duration, Duration)> = (0..reps)
                         .map(|r| {
                             (0..50u64)
                                 .find_map(|retry| {
@@ -155,11 +176,13 @@ fn main() {
                         .collect();
                     let aborted = attempts - reps;
                     let client = median(runs.iter().map(|r| r.0).collect());
-                    let server = median(runs.iter().map(|r| r.1).collect());
+                    let check = median(runs.iter().map(|r| r.1).collect());
+                    let server = median(runs.iter().map(|r| r.2).collect());
                     println!(
-                        "{name:<8} {n:>3} {d:>8}  {:>3.0}%  {:>14.2}  {:>16.2}  {}",
+                        "{name:<8} {n:>3} {d:>8}  {:>3.0}%  {:>14.2}  {:>15.2}  {:>16.2}  {}",
                         dropout * 100.0,
                         client.as_secs_f64() * 1e3,
+                        check.as_secs_f64() * 1e3,
                         server.as_secs_f64() * 1e3,
                         if aborted > 0 {
                             format!("({aborted} dropout draws aborted: a neighbourhood fell below t)")

@@ -53,21 +53,27 @@ pub struct SecureAggSpec {
 }
 
 impl SecureAggSpec {
-    /// Parameters of a secure round among `n_members` sites over vectors of
-    /// `vector_len` words.
-    pub fn params(&self, n_members: usize, min_sites: usize, vector_len: usize) -> SecAggParams {
-        let majority = self.graph.default_threshold(n_members);
+    /// Parameters of a secure summation of a job whose cohort (the sites
+    /// that signed their acceptance) has `cohort_size` sites, over vectors of
+    /// `vector_len` words. The threshold is a majority of a neighbourhood
+    /// *of the cohort*, never of a member list a coordinator announces, so a
+    /// short announcement cannot lower it; the coordinator and every site
+    /// compute it the same way from the same ledger.
+    pub fn params(&self, cohort_size: usize, min_sites: usize, vector_len: usize) -> SecAggParams {
+        let majority = self.graph.default_threshold(cohort_size);
         SecAggParams {
             graph: self.graph,
             threshold: self.threshold.unwrap_or(majority).max(majority),
+            cohort_size,
             min_sites,
             vector_len,
         }
     }
 
-    /// The quantiser for `n_members` sites.
-    pub fn quantizer(&self, n_members: usize) -> Quantizer {
-        Quantizer::for_sites(n_members, self.clip_norm)
+    /// The quantiser for a cohort of `cohort_size` sites (no round can have
+    /// more contributors, so the sum never wraps).
+    pub fn quantizer(&self, cohort_size: usize) -> Quantizer {
+        Quantizer::for_sites(cohort_size, self.clip_norm)
     }
 
     /// A site's weight in the secure sum.
@@ -155,6 +161,14 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> JobError {
     }
 }
 
+/// A coordinator asked for plaintext where the accepted job is secure.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "the coordinator asked for this site's data in the clear, but the job it accepted uses secure aggregation; \
+     refusing (a malicious or misconfigured coordinator)"
+)]
+pub struct PlaintextRequest;
+
 impl JobSpec {
     /// Parses and validates a job file.
     pub fn from_toml(text: &str) -> Result<Self, JobError> {
@@ -177,6 +191,23 @@ impl JobSpec {
                 FedOptVariant::Adam => "fedadam".into(),
                 FedOptVariant::Yogi => "fedyogi".into(),
             },
+        }
+    }
+
+    /// Whether this job's aggregates go through secure aggregation. A site
+    /// takes this from the job file it accepted (whose hash it signed),
+    /// never from a flag in a later coordinator message.
+    pub fn is_secure(&self) -> bool {
+        matches!(self.aggregation, Aggregation::Secure(_))
+    }
+
+    /// Checks the `secure` flag a coordinator message carries against the
+    /// accepted job: a coordinator that asks a site of a secure job for its
+    /// statistics, update or metrics in the clear is refused.
+    pub fn check_announced_secure(&self, announced: bool) -> Result<(), PlaintextRequest> {
+        match (self.is_secure(), announced) {
+            (true, false) => Err(PlaintextRequest),
+            _ => Ok(()),
         }
     }
 
@@ -606,6 +637,21 @@ local_epochs = 1
             }
             other => panic!("expected error on {field}, got {other:?}"),
         }
+    }
+
+    /// Attack 3: the `secure` flag of a coordinator message cannot turn a
+    /// secure job into a plaintext one at a site.
+    #[test]
+    fn adversarial_plaintext_request_for_a_secure_job_is_refused() {
+        let secure = JobSpec::from_toml(BASE).unwrap();
+        assert!(secure.is_secure());
+        assert_eq!(secure.check_announced_secure(false), Err(PlaintextRequest));
+        assert_eq!(secure.check_announced_secure(true), Ok(()));
+        // A job that is plaintext by its own (signed) file is governed by the
+        // site's policy, not by this check.
+        let plain = JobSpec::from_toml(&format!("insecure_plaintext = true\n{BASE}")).unwrap();
+        assert!(!plain.is_secure());
+        assert_eq!(plain.check_announced_secure(false), Ok(()));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Non-goals: no async runtime, no tonic service implementations, no
-//! filesystem access. The one exception is `ledger::store` and `keyfile` (feature `io`):
+//! filesystem access. The one exception is `ledger::store`, `keyfile` and `enroll` (feature `io`):
 //! the ledger tables that the coordinator's database and every site replica
 //! share, and the private key files, kept in one place so every reader agrees. The coordinator and the participant wrap these pure types
 //! in thin IO layers, so a test can drive dozens of simulated sites in
@@ -18,6 +18,8 @@
 //! `proto/tessera.proto`, shared by both ends.
 
 pub mod aggregate;
+#[cfg(feature = "io")]
+pub mod enroll;
 pub mod evaluation;
 pub mod identity;
 pub mod ids;

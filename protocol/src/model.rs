@@ -90,6 +90,32 @@ pub fn initial_params(layout: &Layout, seed: u64) -> Vec<f32> {
     params
 }
 
+/// Checks that the model a coordinator announces for a job's first round is
+/// the deterministic initial model of the accepted spec and seed, so a
+/// coordinator cannot hand one site a crafted ("trap") model whose update
+/// would reveal its data.
+pub fn check_initial_model(layout: &Layout, seed: u64, announced_hash: &str) -> Result<(), TrapModel> {
+    let expected = model_hash(&initial_params(layout, seed));
+    if expected != announced_hash {
+        return Err(TrapModel {
+            announced: announced_hash.to_owned(),
+            expected,
+        });
+    }
+    Ok(())
+}
+
+/// A first-round model that is not the job's initial model.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "the first round's model {announced} is not the job's initial model {expected} (its spec and seed): \
+     refusing to train on a model the coordinator chose"
+)]
+pub struct TrapModel {
+    pub announced: String,
+    pub expected: String,
+}
+
 /// Little-endian f32 bytes: the wire and storage encoding of a model.
 pub fn encode_params(params: &[f32]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(params.len() * 4);
@@ -143,6 +169,21 @@ mod tests {
         let mlp = ModelSpec::Mlp { hidden: vec![8, 4] }.layout(13);
         assert_eq!(mlp.n_params(), (13 * 8 + 8) + (8 * 4 + 4) + (4 + 1));
         assert_eq!(ModelSpec::Mlp { hidden: vec![8, 4] }.label(), "mlp[8,4]");
+    }
+
+    /// Attack 9: a crafted first-round model (or the initial model of
+    /// another seed) is refused; the job's own initial model is accepted.
+    #[test]
+    fn adversarial_trap_initial_model_is_refused() {
+        let layout = ModelSpec::Mlp { hidden: vec![4] }.layout(5);
+        let honest = model_hash(&initial_params(&layout, 42));
+        assert_eq!(check_initial_model(&layout, 42, &honest), Ok(()));
+        let mut trap = initial_params(&layout, 42);
+        trap[0] = 1e3;
+        let err = check_initial_model(&layout, 42, &model_hash(&trap)).unwrap_err();
+        assert_eq!(err.expected, honest);
+        let other_seed = model_hash(&initial_params(&layout, 43));
+        assert!(check_initial_model(&layout, 42, &other_seed).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use crate::ids::SiteId;
 use crate::ledger::{Block, Endorsement};
 use crate::pb;
-use crate::secagg::{AdvertisedKeys, EncryptedShare, UnmaskRequest, UnmaskResponse, shamir::Share};
+use crate::secagg::{AdvertisedKeys, EncryptedShare, SurvivorSignature, UnmaskResponse, shamir::Share};
 
 /// A message field that does not decode.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,6 +48,8 @@ pub fn keys_from_pb(k: &pb::AdvertisedKeys) -> Result<AdvertisedKeys, WireError>
         enc_pk: key32("keys.enc_pk", &k.enc_pk)?,
         mask_pk: key32("keys.mask_pk", &k.mask_pk)?,
         self_mask_hash: key32("keys.self_mask_hash", &k.self_mask_hash)?,
+        threshold: k.threshold,
+        cohort_size: k.cohort_size,
         signature: k.signature.clone(),
     })
 }
@@ -58,6 +60,8 @@ pub fn keys_to_pb(k: &AdvertisedKeys) -> pb::AdvertisedKeys {
         enc_pk: k.enc_pk.to_vec(),
         mask_pk: k.mask_pk.to_vec(),
         self_mask_hash: k.self_mask_hash.to_vec(),
+        threshold: k.threshold,
+        cohort_size: k.cohort_size,
         signature: k.signature.clone(),
     }
 }
@@ -88,17 +92,43 @@ pub fn shares_to_pb(shares: &[EncryptedShare]) -> pb::ShareInbox {
     }
 }
 
-pub fn unmask_request_from_pb(r: &pb::UnmaskRequest) -> Result<UnmaskRequest, WireError> {
-    Ok(UnmaskRequest {
-        survivors: sites("unmask.survivors", &r.survivors)?,
-        dropped: sites("unmask.dropped", &r.dropped)?,
+pub fn survivors_from_pb(r: &pb::SurvivorList) -> Result<Vec<SiteId>, WireError> {
+    sites("survivors.sites", &r.sites)
+}
+
+pub fn survivors_to_pb(survivors: &[SiteId]) -> pb::SurvivorList {
+    pb::SurvivorList {
+        sites: survivors.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+pub fn survivor_signature_from_pb(s: &pb::SurvivorSignature) -> Result<SurvivorSignature, WireError> {
+    if s.signature.len() != 64 {
+        return Err(bad(
+            "survivors_signature.signature",
+            format!("expected 64 bytes, got {}", s.signature.len()),
+        ));
+    }
+    Ok(SurvivorSignature {
+        site: site("survivors_signature.site_id", &s.site_id)?,
+        signature: s.signature.clone(),
     })
 }
 
-pub fn unmask_request_to_pb(r: &UnmaskRequest) -> pb::UnmaskRequest {
-    pb::UnmaskRequest {
-        survivors: r.survivors.iter().map(|s| s.to_string()).collect(),
-        dropped: r.dropped.iter().map(|s| s.to_string()).collect(),
+pub fn survivor_signature_to_pb(s: &SurvivorSignature) -> pb::SurvivorSignature {
+    pb::SurvivorSignature {
+        site_id: s.site.to_string(),
+        signature: s.signature.clone(),
+    }
+}
+
+pub fn survivor_signatures_from_pb(s: &pb::SurvivorSignatures) -> Result<Vec<SurvivorSignature>, WireError> {
+    s.signatures.iter().map(survivor_signature_from_pb).collect()
+}
+
+pub fn survivor_signatures_to_pb(signatures: &[SurvivorSignature]) -> pb::SurvivorSignatures {
+    pb::SurvivorSignatures {
+        signatures: signatures.iter().map(survivor_signature_to_pb).collect(),
     }
 }
 
@@ -237,6 +267,8 @@ mod tests {
             mask_pk: vec![2; 32],
             self_mask_hash: vec![3; 32],
             signature: vec![4; 64],
+            threshold: 3,
+            cohort_size: 5,
         };
         assert_eq!(keys_to_pb(&keys_from_pb(&good).unwrap()), good);
         let short = pb::AdvertisedKeys {
@@ -262,7 +294,22 @@ mod tests {
             }],
             mask_key_shares: vec![],
         };
-        assert!(unmask_response_from_pb(&zero_x).is_err());
+        assert_eq!(
+            unmask_response_from_pb(&zero_x).unwrap_err().field,
+            "unmask.self_mask_shares"
+        );
+        let short_sig = pb::SurvivorSignature {
+            site_id: "a".into(),
+            signature: vec![1; 63],
+        };
+        assert_eq!(
+            survivor_signature_from_pb(&short_sig).unwrap_err().field,
+            "survivors_signature.signature"
+        );
+        let list = pb::SurvivorList {
+            sites: vec!["a".into(), "Not A Site".into()],
+        };
+        assert_eq!(survivors_from_pb(&list).unwrap_err().field, "survivors.sites");
     }
 
     proptest! {
@@ -277,7 +324,11 @@ mod tests {
         ) {
             let _ = keys_from_pb(&pb::AdvertisedKeys {
                 site_id: site_id.clone(), enc_pk: bytes.clone(), mask_pk: bytes.clone(),
-                self_mask_hash: bytes.clone(), signature: bytes.clone(),
+                self_mask_hash: bytes.clone(), signature: bytes.clone(), threshold: x, cohort_size: x,
+            });
+            let _ = survivors_from_pb(&pb::SurvivorList { sites: vec![site_id.clone()] });
+            let _ = survivor_signatures_from_pb(&pb::SurvivorSignatures {
+                signatures: vec![pb::SurvivorSignature { site_id: site_id.clone(), signature: bytes.clone() }],
             });
             let _ = unmask_response_from_pb(&pb::UnmaskResponse {
                 self_mask_shares: vec![pb::RevealedShare { owner: site_id, x, y: bytes.clone() }],

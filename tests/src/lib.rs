@@ -103,10 +103,13 @@ impl Federation {
         };
         let ca_str = ca.to_str().expect("utf-8 path");
         run(&["ca", "init", "--consortium", "test", "--out", ca_str]);
+        // The harness plays every host at once, so the CA makes the keys
+        // (`--generate-key`); `tests/tests/enroll.rs` covers enrollment
+        // with the keys made by their owners.
         for site in allowed {
-            run(&["ca", "issue", "--ca", ca_str, "--site", site]);
+            run(&["ca", "issue", "--ca", ca_str, "--site", site, "--generate-key"]);
         }
-        run(&["ca", "issue", "--ca", ca_str, "--operator", "lead"]);
+        run(&["ca", "issue", "--ca", ca_str, "--operator", "lead", "--generate-key"]);
         let mut federation = Self {
             dir,
             addr: String::new(),

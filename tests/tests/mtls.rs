@@ -39,10 +39,17 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
     let mut federation = Federation::start_with(&SITES, &["--rate-limit", "0.01", "--rate-burst", "40"]);
     let ca = federation.ca();
     for (role, name) in [("--auditor", "regulator"), ("--operator", "revoked-lead")] {
-        let out = federation.ca_command(&["issue", role, name]);
+        let out = federation.ca_command(&["issue", role, name, "--generate-key"]);
         assert!(out.status.success(), "{}", text(&out));
     }
-    let out = federation.ca_command(&["issue", "--operator", "old-lead", "--valid-until", "2020-01-01"]);
+    let out = federation.ca_command(&[
+        "issue",
+        "--operator",
+        "old-lead",
+        "--valid-until",
+        "2020-01-01",
+        "--generate-key",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("already expired"));
 
@@ -69,8 +76,8 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
     let other = federation.dir.path().join("other-ca");
     let other_str = other.to_str().unwrap();
     for args in [
-        ["ca", "init", "--consortium", "other", "--out", other_str],
-        ["ca", "issue", "--operator", "lead", "--ca", other_str],
+        &["ca", "init", "--consortium", "other", "--out", other_str][..],
+        &["ca", "issue", "--operator", "lead", "--ca", other_str, "--generate-key"],
     ] {
         let out = std::process::Command::new(bin("tessera")).args(args).output().unwrap();
         assert!(out.status.success(), "{}", text(&out));

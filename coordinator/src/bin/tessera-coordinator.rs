@@ -80,6 +80,10 @@ struct Args {
     /// Write the bound port to this file once listening (for scripts and tests).
     #[arg(long)]
     port_file: Option<PathBuf>,
+    /// Test builds only: attack the sites (the end-to-end adversarial tests).
+    #[cfg(all(feature = "malicious", debug_assertions))]
+    #[arg(long, value_enum)]
+    malicious: Option<tessera_coordinator::malicious::Attack>,
 }
 
 #[tokio::main]
@@ -95,6 +99,10 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    #[cfg(all(feature = "malicious", debug_assertions))]
+    if let Some(attack) = args.malicious {
+        tessera_coordinator::malicious::arm(attack);
+    }
     let path = &args.roster;
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read roster {}", path.display()))?;
     let roster =

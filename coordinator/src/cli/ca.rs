@@ -7,6 +7,8 @@ use clap::{Args, Subcommand};
 use tessera_protocol::identity::{Identity, Role};
 use time::{Date, OffsetDateTime, Time};
 
+use tessera_protocol::enroll;
+
 use super::{CliError, CliResult};
 use crate::ca;
 
@@ -24,16 +26,35 @@ pub(crate) enum CaCommand {
         #[arg(long = "hostname")]
         hostnames: Vec<String>,
     },
-    /// Issue a kit: a certificate bound to one identity and role, plus for a
-    /// site its Ed25519 key, roster and a ready-to-edit site.toml.
+    /// Issue a kit from an enrollment request (`--csr`, made by the owner
+    /// with `tessera-participant enroll` or `tessera ca request`): a
+    /// certificate bound to one identity and role, plus for a site the
+    /// roster and a ready-to-edit site.toml. No private key is in the kit.
     Issue {
         #[arg(long)]
         ca: PathBuf,
         #[command(flatten)]
         who: Who,
+        /// The owner's enrollment request (NAME.enroll.toml).
+        #[arg(long, conflicts_with = "generate_key")]
+        csr: Option<PathBuf>,
+        /// Demo and tests only: the CA generates the identity's keys and
+        /// writes them into the kit, so the CA folder holds a copy of them.
+        #[arg(long)]
+        generate_key: bool,
         /// Last day the certificate is valid (YYYY-MM-DD, UTC). Default: one year.
         #[arg(long)]
         valid_until: Option<String>,
+    },
+    /// On an operator's or auditor's own host: make its TLS key (tls.key,
+    /// 0600) and an enrollment request for the CA. Sites use
+    /// `tessera-participant enroll`.
+    Request {
+        #[command(flatten)]
+        who: Who,
+        /// Folder for tls.key and the request (the kit goes here later).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Revoke an identity: the coordinator refuses it from its next request
     /// on; a revoked site also leaves the roster and the ledger's membership.
@@ -45,9 +66,9 @@ pub(crate) enum CaCommand {
     },
 }
 
-/// Exactly one identity.
+/// At most one identity (`issue --csr` reads it from the request).
 #[derive(Args)]
-#[group(required = true, multiple = false)]
+#[group(required = false, multiple = false)]
 pub(crate) struct Who {
     #[arg(long)]
     site: Option<String>,
@@ -58,14 +79,52 @@ pub(crate) struct Who {
 }
 
 impl Who {
-    fn identity(&self) -> Result<Identity, CliError> {
+    fn given(&self) -> Result<Option<Identity>, CliError> {
         let (role, name) = match (&self.site, &self.operator, &self.auditor) {
             (Some(n), _, _) => (Role::Site, n),
             (_, Some(n), _) => (Role::Operator, n),
             (_, _, Some(n)) => (Role::Auditor, n),
-            _ => unreachable!("clap requires one"),
+            _ => return Ok(None),
         };
-        Identity::new(role, name).map_err(|e| CliError::User(e.to_string()))
+        Identity::new(role, name)
+            .map(Some)
+            .map_err(|e| CliError::User(e.to_string()))
+    }
+
+    fn identity(&self) -> Result<Identity, CliError> {
+        self.given()?
+            .ok_or_else(|| CliError::User("name one identity: --site, --operator or --auditor".into()))
+    }
+}
+
+/// The identity and keys of `tessera ca issue`.
+fn issue_keys(who: &Who, csr: Option<&PathBuf>, generate_key: bool) -> Result<(Identity, ca::Keys), CliError> {
+    let given = who.given()?;
+    match (csr, generate_key) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::User(format!("cannot read {}: {e}", path.display())))?;
+            let request = enroll::Request::parse(&text)
+                .and_then(|r| r.verify())
+                .map_err(|e| CliError::User(format!("{}: {e}", path.display())))?;
+            if let Some(named) = given
+                && named != request.identity
+            {
+                return Err(CliError::User(format!(
+                    "{} is a request for {}, not {named}",
+                    path.display(),
+                    request.identity
+                )));
+            }
+            Ok((request.identity.clone(), ca::Keys::Request(Box::new(request))))
+        }
+        (None, true) => Ok((who.identity()?, ca::Keys::Generate)),
+        (None, false) => Err(CliError::User(
+            "the CA does not make its members' keys: the owner runs `tessera-participant enroll` (a site) or \
+             `tessera ca request` (a person) and sends the request; issue it with --csr FILE. \
+             For a demo, --generate-key makes the keys here (the CA folder then holds a copy)"
+                .into(),
+        )),
     }
 }
 
@@ -97,14 +156,26 @@ pub(crate) fn exec(cmd: CaCommand) -> CliResult {
                 out.display()
             );
         }
-        CaCommand::Issue { ca, who, valid_until } => {
-            let identity = who.identity()?;
+        CaCommand::Issue {
+            ca,
+            who,
+            csr,
+            generate_key,
+            valid_until,
+        } => {
+            let (identity, keys) = issue_keys(&who, csr.as_ref(), generate_key)?;
             let until = valid_until.as_deref().map(parse_day).transpose()?;
             if until.is_some_and(|u| u < OffsetDateTime::now_utc()) {
                 eprintln!("warning: this certificate is already expired");
             }
-            let dir = ca::issue(&ca, &identity, until).map_err(|e| CliError::User(format!("{e:#}")))?;
+            let generated = matches!(keys, ca::Keys::Generate);
+            let dir = ca::issue(&ca, &identity, keys, until).map_err(|e| CliError::User(format!("{e:#}")))?;
             println!("issued {identity}: kit in {}", dir.display());
+            if generated {
+                println!("  --generate-key: the kit holds the private keys, and so does this CA folder");
+            } else {
+                println!("  the kit holds no private key: copy it next to the owner's tls.key (and site.key)");
+            }
             if identity.role == Role::Site {
                 println!(
                     "  copy the folder to the hospital's host, edit site.toml, and give the updated roster \
@@ -112,6 +183,24 @@ pub(crate) fn exec(cmd: CaCommand) -> CliResult {
                     ca.display()
                 );
             }
+        }
+        CaCommand::Request { who, out } => {
+            let identity = who.identity()?;
+            if identity.role == Role::Site {
+                return Err(CliError::User(
+                    "a site enrolls with `tessera-participant enroll` (it also makes the site's signing key)".into(),
+                ));
+            }
+            let request = enroll::make_request(&identity, &out, None).map_err(|e| CliError::User(e.to_string()))?;
+            let path = out.join(enroll::file_name(&identity));
+            std::fs::write(&path, request.to_toml())
+                .map_err(|e| CliError::User(format!("cannot write {}: {e}", path.display())))?;
+            println!(
+                "{identity}: key in {}, request in {}",
+                out.join("tls.key").display(),
+                path.display()
+            );
+            println!("  send the request to the consortium's CA; keep tls.key here");
         }
         CaCommand::Revoke { ca, who } => {
             let identity = who.identity()?;

@@ -1,12 +1,18 @@
 //! The site's side of secure aggregation, as consuming states named for what
-//! they await: [`ExpectKeys`] → [`ExpectShares`] → [`ExpectUnmask`]. A state
-//! can only move forward, and [`ExpectUnmask::handle_unmask`] consumes the
-//! state, so a site answers at most one unmask request per round.
+//! they await: [`ExpectKeys`] → [`ExpectShares`] → [`ExpectSurvivors`] →
+//! [`ExpectSignatures`]. A state can only move forward, and
+//! [`ExpectSurvivors::handle_survivors`] consumes the state, so a site signs
+//! at most one survivor set per round, and reveals shares at most once.
 //!
 //! Driver: `let (s, keys) = ExpectKeys::new(cfg, rng)`; send `keys`; on the
 //! coordinator's key list `let (s, shares) = s.handle_keys(list, rng)?`; send
 //! `shares`; on the shares addressed to it `let (s, y) = s.handle_shares(in, x)?`;
-//! send `y`; on the unmask request `let r = s.handle_unmask(req)?`; send `r`.
+//! send `y`; on the survivor set `let (s, sig) = s.handle_survivors(u3)?`; send
+//! `sig`; on everyone's signatures `let r = s.handle_signatures(sigs)?`; send `r`.
+//!
+//! Every check that protects the site's input is made here, from the site's
+//! own configuration (cohort, roster, threshold, minimum aggregate size),
+//! never from what the coordinator announces.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -17,8 +23,8 @@ use super::crypto::{DhKeyPair, SigningKey, verify};
 use super::mask::{Sign, apply_mask};
 use super::shamir::{self, Share};
 use super::{
-    AdvertisedKeys, EncryptedShare, RoundContext, SecAggParams, UnmaskRequest, UnmaskResponse, decode_share_pair,
-    encode_share_pair, graph_seed, pair_seed, pair_sign, share_aad, share_key,
+    AdvertisedKeys, EncryptedShare, RoundContext, SecAggParams, SurvivorSignature, UnmaskResponse, decode_share_pair,
+    encode_share_pair, graph_seed, pair_seed, pair_sign, share_aad, share_key, survivors_signed_bytes,
 };
 use crate::ids::SiteId;
 
@@ -26,11 +32,16 @@ use crate::ids::SiteId;
 pub struct ClientConfig {
     pub site: SiteId,
     pub ctx: RoundContext,
+    /// Derived by the site from the job spec it accepted, its own policy and
+    /// the cohort below (`params.cohort_size == cohort.len()`).
     pub params: SecAggParams,
     pub signing_key: Arc<SigningKey>,
     /// The consortium's Ed25519 public keys, distributed out of band; the
     /// only keys whose signatures a site accepts.
     pub roster: Arc<BTreeMap<SiteId, [u8; 32]>>,
+    /// The sites that signed their acceptance of the job, from this site's
+    /// verified ledger replica: nobody else may hold a share of its secrets.
+    pub cohort: Arc<BTreeSet<SiteId>>,
 }
 
 /// Everything a site refuses, each naming the offender.
@@ -38,12 +49,18 @@ pub struct ClientConfig {
 pub enum ClientError {
     #[error("site `{0}` is not in the consortium roster")]
     NotInRoster(SiteId),
+    #[error("site `{0}` did not accept this job (not in its cohort on this site's ledger)")]
+    NotInCohort(SiteId),
     #[error("signature of `{0}`'s advertised keys does not verify: keys were substituted or forged")]
     BadSignature(SiteId),
     #[error("site `{0}` advertised keys twice")]
     DuplicateKeys(SiteId),
     #[error("the key list does not contain this site's own keys unaltered")]
     OwnKeysMissing,
+    #[error("site `{site}` shares with threshold {theirs}, this site derived {ours} from the job's cohort")]
+    ThresholdMismatch { site: SiteId, theirs: u32, ours: u32 },
+    #[error("site `{site}` counts {theirs} sites in the job's cohort, this site's ledger has {ours}")]
+    CohortSizeMismatch { site: SiteId, theirs: u32, ours: u32 },
     #[error("only {got} sites in {phase}, at least {needed} are needed")]
     TooFewSites {
         phase: &'static str,
@@ -60,8 +77,13 @@ pub enum ClientError {
     UndecryptableShare(SiteId),
     #[error("input has {got} values, the round expects {expected}")]
     InputLength { expected: usize, got: usize },
-    #[error("unmask request is inconsistent: {0}")]
-    InconsistentUnmask(String),
+    #[error("survivor set is inconsistent: {0}")]
+    InconsistentSurvivors(String),
+    #[error(
+        "consistency check failed: {valid} valid signatures on this site's survivor set, {needed} needed \
+         (the coordinator showed sites different survivor sets, or too few signed)"
+    )]
+    ConsistencyFailed { valid: usize, needed: usize },
     #[error(transparent)]
     Shamir(#[from] shamir::ShamirError),
 }
@@ -85,12 +107,22 @@ pub struct ExpectShares {
     neighbours: BTreeSet<SiteId>,
 }
 
-/// Phase 3: masked input sent, waiting for the unmask request.
-pub struct ExpectUnmask {
-    site: SiteId,
-    threshold: usize,
+/// Phase 3: masked input sent, waiting for the set U3 of sites whose masked
+/// inputs the coordinator holds.
+pub struct ExpectSurvivors {
+    cfg: ClientConfig,
+    /// U1 as this site saw it.
+    advertised: BTreeSet<SiteId>,
+    neighbours: BTreeSet<SiteId>,
     /// Shares held for each peer (self included) that sent them: (self-mask
     /// share, mask-key share).
+    held: BTreeMap<SiteId, (Share, Share)>,
+}
+
+/// Phase 4: U3 signed, waiting for the other sites' signatures on it.
+pub struct ExpectSignatures {
+    cfg: ClientConfig,
+    survivors: BTreeSet<SiteId>,
     held: BTreeMap<SiteId, (Share, Share)>,
 }
 
@@ -98,6 +130,13 @@ fn random_32(rng: &mut impl CryptoRng) -> [u8; 32] {
     let mut out = [0u8; 32];
     rng.fill_bytes(&mut out);
     out
+}
+
+fn at_least(phase: &'static str, got: usize, needed: usize) -> Result<(), ClientError> {
+    if got < needed {
+        return Err(ClientError::TooFewSites { phase, got, needed });
+    }
+    Ok(())
 }
 
 impl ExpectKeys {
@@ -112,6 +151,8 @@ impl ExpectKeys {
             enc_pk: enc.public,
             mask_pk: mask_key.public,
             self_mask_hash: sha256(&self_mask_seed),
+            threshold: cfg.params.threshold as u32,
+            cohort_size: cfg.params.cohort_size as u32,
             signature: Vec::new(),
         };
         advertised.signature = cfg.signing_key.sign(&advertised.signed_bytes(&cfg.ctx));
@@ -125,8 +166,9 @@ impl ExpectKeys {
         (state, advertised)
     }
 
-    /// Verifies every advertised key against the roster, then secret-shares
-    /// this site's self-mask seed and mask key with its neighbours.
+    /// Verifies every advertised key against the roster and the cohort, then
+    /// secret-shares this site's self-mask seed and mask key with its
+    /// neighbours, with the threshold derived from the cohort.
     pub fn handle_keys(
         self,
         all: &[AdvertisedKeys],
@@ -138,8 +180,25 @@ impl ExpectKeys {
             let Some(public) = self.cfg.roster.get(&k.site) else {
                 return Err(ClientError::NotInRoster(k.site.clone()));
             };
+            if !self.cfg.cohort.contains(&k.site) {
+                return Err(ClientError::NotInCohort(k.site.clone()));
+            }
             if !verify(public, &k.signed_bytes(&ctx), &k.signature) {
                 return Err(ClientError::BadSignature(k.site.clone()));
+            }
+            if k.threshold != self.advertised.threshold {
+                return Err(ClientError::ThresholdMismatch {
+                    site: k.site.clone(),
+                    theirs: k.threshold,
+                    ours: self.advertised.threshold,
+                });
+            }
+            if k.cohort_size != self.advertised.cohort_size {
+                return Err(ClientError::CohortSizeMismatch {
+                    site: k.site.clone(),
+                    theirs: k.cohort_size,
+                    ours: self.advertised.cohort_size,
+                });
             }
             if keys.insert(k.site.clone(), k.clone()).is_some() {
                 return Err(ClientError::DuplicateKeys(k.site.clone()));
@@ -148,25 +207,13 @@ impl ExpectKeys {
         if keys.get(&self.cfg.site) != Some(&self.advertised) {
             return Err(ClientError::OwnKeysMissing);
         }
+        at_least("advertise keys", keys.len(), self.cfg.params.min_contributors())?;
         let needed = self.cfg.params.threshold;
-        if keys.len() < needed {
-            return Err(ClientError::TooFewSites {
-                phase: "advertise keys",
-                got: keys.len(),
-                needed,
-            });
-        }
         let mut ordered: Vec<AdvertisedKeys> = keys.values().cloned().collect();
         ordered.sort_by(|a, b| a.site.cmp(&b.site));
         let u1: BTreeSet<SiteId> = keys.keys().cloned().collect();
         let neighbours = self.cfg.params.graph.neighbourhoods(&u1, graph_seed(&ctx, &ordered))[&self.cfg.site].clone();
-        if neighbours.len() < needed {
-            return Err(ClientError::TooFewSites {
-                phase: "advertise keys (neighbourhood)",
-                got: neighbours.len(),
-                needed,
-            });
-        }
+        at_least("advertise keys (neighbourhood)", neighbours.len(), needed)?;
         let b_shares = shamir::split(&self.self_mask_seed, needed, neighbours.len(), rng)?;
         let s_shares = shamir::split(&self.mask_key.secret_bytes(), needed, neighbours.len(), rng)?;
         let mut out = Vec::with_capacity(neighbours.len());
@@ -200,7 +247,7 @@ impl ExpectShares {
         self,
         incoming: &[EncryptedShare],
         input: &[u32],
-    ) -> Result<(ExpectUnmask, Vec<u32>), ClientError> {
+    ) -> Result<(ExpectSurvivors, Vec<u32>), ClientError> {
         let ctx = self.cfg.ctx;
         let me = &self.cfg.site;
         if input.len() != self.cfg.params.vector_len {
@@ -228,13 +275,10 @@ impl ExpectShares {
         if !held.contains_key(me) {
             return Err(ClientError::UnexpectedShare(me.clone()));
         }
-        let needed = self.cfg.params.threshold;
-        if held.len() < needed {
-            return Err(ClientError::TooFewSites {
-                phase: "share keys",
-                got: held.len(),
-                needed,
-            });
+        at_least("share keys", held.len(), self.cfg.params.threshold)?;
+        if self.neighbours.len() == self.keys.len() {
+            // Complete graph: the sharers are the whole aggregate-to-be.
+            at_least("share keys", held.len(), self.cfg.params.min_contributors())?;
         }
         let mut masked = input.to_vec();
         apply_mask(&mut masked, &self.self_mask_seed, Sign::Plus);
@@ -244,9 +288,10 @@ impl ExpectShares {
             apply_mask(&mut masked, &seed, pair_sign(me, peer));
         }
         Ok((
-            ExpectUnmask {
-                site: me.clone(),
-                threshold: needed,
+            ExpectSurvivors {
+                advertised: self.keys.keys().cloned().collect(),
+                cfg: self.cfg,
+                neighbours: self.neighbours,
                 held,
             },
             masked,
@@ -254,33 +299,104 @@ impl ExpectShares {
     }
 }
 
-impl ExpectUnmask {
-    /// Reveals, for each neighbour that shared, the self-mask share if it
-    /// survived or the mask-key share if it dropped: never both, and only
-    /// once (this consumes the state).
-    pub fn handle_unmask(self, request: &UnmaskRequest) -> Result<UnmaskResponse, ClientError> {
-        let survivors: BTreeSet<&SiteId> = request.survivors.iter().collect();
-        let dropped: BTreeSet<&SiteId> = request.dropped.iter().collect();
-        let inconsistent = |m: String| Err(ClientError::InconsistentUnmask(m));
-        if survivors.len() != request.survivors.len() || dropped.len() != request.dropped.len() {
+impl ExpectSurvivors {
+    /// Checks the survivor set U3 the coordinator announces and signs it.
+    /// Refused: a set without this site, with a site that never advertised
+    /// keys, with a neighbour that did not share with this site (this site's
+    /// input carries no mask with it, so its presence would let the
+    /// coordinator strip this site's masks), or too small an aggregate.
+    pub fn handle_survivors(self, survivors: &[SiteId]) -> Result<(ExpectSignatures, SurvivorSignature), ClientError> {
+        let inconsistent = |m: String| Err(ClientError::InconsistentSurvivors(m));
+        let u3: BTreeSet<SiteId> = survivors.iter().cloned().collect();
+        if u3.len() != survivors.len() {
             return inconsistent("a site is listed twice".into());
         }
-        if let Some(both) = survivors.intersection(&dropped).next() {
-            return inconsistent(format!("`{both}` is listed as both survivor and dropped"));
+        if !u3.contains(&self.cfg.site) {
+            return inconsistent("this site is not listed, though it sent its masked input".into());
         }
-        let listed: BTreeSet<&SiteId> = survivors.union(&dropped).copied().collect();
-        let held: BTreeSet<&SiteId> = self.held.keys().collect();
-        if listed != held {
-            return inconsistent("the lists do not match the sites that shared with this site".into());
+        if let Some(stranger) = u3.iter().find(|s| !self.advertised.contains(*s)) {
+            return inconsistent(format!("`{stranger}` never advertised keys in this round"));
         }
-        if !survivors.contains(&self.site) {
-            return inconsistent("this site is not listed as a survivor".into());
+        if let Some(silent) = u3
+            .iter()
+            .find(|s| self.neighbours.contains(*s) && !self.held.contains_key(*s))
+        {
+            return inconsistent(format!("`{silent}` is listed but never shared its keys with this site"));
         }
-        if survivors.len() < self.threshold {
-            return Err(ClientError::TooFewSites {
-                phase: "unmask",
-                got: survivors.len(),
-                needed: self.threshold,
+        let params = &self.cfg.params;
+        at_least("consistency check", u3.len(), params.min_contributors())?;
+        let alive_here = self.held.keys().filter(|s| u3.contains(*s)).count();
+        at_least("consistency check (neighbourhood)", alive_here, params.threshold)?;
+        let signature = self.cfg.signing_key.sign(&survivors_signed_bytes(&self.cfg.ctx, &u3));
+        let message = SurvivorSignature {
+            site: self.cfg.site.clone(),
+            signature,
+        };
+        Ok((
+            ExpectSignatures {
+                cfg: self.cfg,
+                survivors: u3,
+                held: self.held,
+            },
+            message,
+        ))
+    }
+}
+
+#[cfg(test)]
+impl ExpectSurvivors {
+    /// What a site that obeyed a coordinator's unmask instruction would
+    /// reveal (the protocol before the consistency check): the self-mask
+    /// share of every sharer except `dropped`, the mask-key share of those.
+    /// Only the adversarial tests use it, to show their attacks have teeth.
+    pub(crate) fn reveal_as_told_for_tests(&self, dropped: &[&SiteId]) -> UnmaskResponse {
+        let mut response = UnmaskResponse {
+            self_mask_shares: Vec::new(),
+            mask_key_shares: Vec::new(),
+        };
+        for (peer, (b, s)) in &self.held {
+            if dropped.contains(&peer) {
+                response.mask_key_shares.push((peer.clone(), s.clone()));
+            } else {
+                response.self_mask_shares.push((peer.clone(), b.clone()));
+            }
+        }
+        response
+    }
+}
+
+impl ExpectSignatures {
+    /// Counts the valid signatures of distinct cohort members of U3 on the
+    /// very U3 this site signed; with a quorum, reveals for each neighbour
+    /// that shared either its self-mask share (in U3) or its mask-key share
+    /// (not in U3), never both, decided by this site from U3 alone.
+    pub fn handle_signatures(self, signatures: &[SurvivorSignature]) -> Result<UnmaskResponse, ClientError> {
+        let message = survivors_signed_bytes(&self.cfg.ctx, &self.survivors);
+        let needed = self.cfg.params.consistency_quorum();
+        let mut signers = BTreeSet::new();
+        for s in signatures {
+            if signers.len() >= needed {
+                // Enough: the rest need not be checked.
+                break;
+            }
+            if signers.contains(&s.site) {
+                continue;
+            }
+            let valid = self.survivors.contains(&s.site)
+                && self.cfg.cohort.contains(&s.site)
+                && self
+                    .cfg
+                    .roster
+                    .get(&s.site)
+                    .is_some_and(|pk| verify(pk, &message, &s.signature));
+            if valid {
+                signers.insert(&s.site);
+            }
+        }
+        if signers.len() < needed {
+            return Err(ClientError::ConsistencyFailed {
+                valid: signers.len(),
+                needed,
             });
         }
         let mut response = UnmaskResponse {
@@ -288,7 +404,7 @@ impl ExpectUnmask {
             mask_key_shares: Vec::new(),
         };
         for (peer, (b, s)) in self.held {
-            if survivors.contains(&peer) {
+            if self.survivors.contains(&peer) {
                 response.self_mask_shares.push((peer, b));
             } else {
                 response.mask_key_shares.push((peer, s));

@@ -10,10 +10,25 @@
 //!                 ◄── all AdvertisedKeys ───────
 //!  ExpectShares   ── EncryptedShare per peer ──►  ExpectShares      U2 = sharers
 //!                 ◄── shares addressed to u ────
-//!  ExpectUnmask   ── masked input y_u ─────────►  ExpectMaskedInputs U3 = maskers
-//!                 ◄── UnmaskRequest ────────────
+//!  ExpectSurvivors ─ masked input y_u ─────────►  ExpectMaskedInputs U3 = maskers
+//!                 ◄── U3 ───────────────────────
+//!  ExpectSignatures ─ signature over U3 ───────►  ExpectConsistency  (Bonawitz §4)
+//!                 ◄── every signature over U3 ──
 //!  (done)         ── UnmaskResponse ───────────►  ExpectUnmasking   → Σ x_u over U3
 //! ```
+//!
+//! **Against a malicious coordinator** (docs/threat-model.md) a site decides
+//! every privacy-relevant number itself: the threshold `t` comes from the
+//! job's accepted cohort in the site's verified ledger replica (and is signed
+//! into each advertisement, so every site in a round uses the same one), the
+//! key list must be a subset of that cohort, and no message goes out for an
+//! aggregate that could end with fewer than `min_contributors` sites. Before
+//! revealing anything, a site needs valid signatures of at least
+//! [`SecAggParams::consistency_quorum`] cohort members on the very set U3 it
+//! signed; since an honest site signs one U3 per round and the quorum is a
+//! majority of the cohort, two different survivor sets can never both reach
+//! it. The unmask response is then computed by the site from that U3 alone:
+//! the coordinator never tells a site which shares to reveal.
 //!
 //! `y_u = x_u + PRG(b_u) + Σ_{v∈U2∩N(u)} ±PRG(s_uv) (mod 2^32)`: pairwise
 //! masks cancel in the sum; self masks `b_u` of survivors and pairwise masks
@@ -50,8 +65,9 @@ impl RoundContext {
     }
 }
 
-/// Phase 1 message: a site's two fresh X25519 public keys and a commitment to
-/// its self-mask seed, signed with its long-term key.
+/// Phase 1 message: a site's two fresh X25519 public keys, a commitment to
+/// its self-mask seed and the Shamir threshold it shares with, signed with
+/// its long-term key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdvertisedKeys {
     pub site: SiteId,
@@ -62,6 +78,14 @@ pub struct AdvertisedKeys {
     /// SHA-256 of the self-mask seed `b_u`; lets the coordinator check a
     /// reconstructed seed.
     pub self_mask_hash: [u8; 32],
+    /// The threshold this site splits its secrets with, derived from the
+    /// job's cohort in its own ledger replica: every peer checks that it is
+    /// the same as its own, so a coordinator cannot give one site a smaller
+    /// threshold than the others.
+    pub threshold: u32,
+    /// The cohort size the site derived its parameters (threshold,
+    /// quantiser) from; checked like the threshold.
+    pub cohort_size: u32,
     /// Ed25519 over [`AdvertisedKeys::signed_bytes`].
     pub signature: Vec<u8>,
 }
@@ -70,15 +94,39 @@ impl AdvertisedKeys {
     /// The exact bytes that are signed.
     pub fn signed_bytes(&self, ctx: &RoundContext) -> Vec<u8> {
         let mut out = Vec::with_capacity(160);
-        out.extend_from_slice(b"tessera/secagg/v1/advertise");
+        out.extend_from_slice(b"tessera/secagg/v2/advertise");
         out.extend_from_slice(&ctx.bytes());
         out.extend_from_slice(&(self.site.as_str().len() as u32).to_le_bytes());
         out.extend_from_slice(self.site.as_str().as_bytes());
         out.extend_from_slice(&self.enc_pk);
         out.extend_from_slice(&self.mask_pk);
         out.extend_from_slice(&self.self_mask_hash);
+        out.extend_from_slice(&self.threshold.to_le_bytes());
+        out.extend_from_slice(&self.cohort_size.to_le_bytes());
         out
     }
+}
+
+/// The exact bytes a site signs in the consistency check: the round and the
+/// sorted set U3 of sites whose masked inputs the coordinator says it holds.
+pub fn survivors_signed_bytes(ctx: &RoundContext, survivors: &std::collections::BTreeSet<SiteId>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + 24 * survivors.len());
+    out.extend_from_slice(b"tessera/secagg/v2/survivors");
+    out.extend_from_slice(&ctx.bytes());
+    out.extend_from_slice(&(survivors.len() as u32).to_le_bytes());
+    for site in survivors {
+        out.extend_from_slice(&(site.as_str().len() as u32).to_le_bytes());
+        out.extend_from_slice(site.as_str().as_bytes());
+    }
+    out
+}
+
+/// Consistency-check message: one site's signature over U3.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SurvivorSignature {
+    pub site: SiteId,
+    /// Ed25519 over [`survivors_signed_bytes`].
+    pub signature: Vec<u8>,
 }
 
 /// Phase 2 message: Shamir shares of the sender's self-mask seed and mask key
@@ -90,16 +138,9 @@ pub struct EncryptedShare {
     pub ciphertext: Vec<u8>,
 }
 
-/// Phase 4 request: which of the site's neighbours survived (reveal their
-/// self-mask share) and which dropped after sharing (reveal their mask-key
-/// share).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UnmaskRequest {
-    pub survivors: Vec<SiteId>,
-    pub dropped: Vec<SiteId>,
-}
-
-/// Phase 4 response.
+/// Last message of a site: for each neighbour that shared with it, the
+/// self-mask share if the neighbour is in the signed U3, else the mask-key
+/// share; never both.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnmaskResponse {
     /// (owner, share of owner's self-mask seed), one per requested survivor.
@@ -114,6 +155,8 @@ pub enum Phase {
     AdvertiseKeys,
     ShareKeys,
     MaskedInput,
+    /// Signing U3 (Bonawitz's ConsistencyCheck).
+    Consistency,
     Unmask,
 }
 
@@ -123,6 +166,10 @@ pub struct SecAggParams {
     pub graph: graph::Graph,
     /// Shamir threshold t.
     pub threshold: usize,
+    /// Size of the job's cohort (the sites that signed their acceptance of
+    /// the job): what the threshold and the consistency quorum are
+    /// majorities of.
+    pub cohort_size: usize,
     /// No sum over fewer sites is released (never below 3).
     pub min_sites: usize,
     /// Length of each input vector (update coordinates + 1 weight).
@@ -133,6 +180,13 @@ impl SecAggParams {
     /// The fewest contributors a released sum may have.
     pub fn min_contributors(&self) -> usize {
         self.min_sites.max(3).max(self.threshold)
+    }
+
+    /// Valid signatures on one survivor set a site needs before it reveals
+    /// any share: a strict majority of the cohort (and at least t), so no
+    /// two different sets can both collect it from honest sites.
+    pub fn consistency_quorum(&self) -> usize {
+        self.threshold.max(self.cohort_size / 2 + 1)
     }
 }
 
@@ -248,5 +302,7 @@ pub fn commitment(masked: &[u32]) -> [u8; 32] {
     out
 }
 
+#[cfg(test)]
+mod adversary;
 #[cfg(test)]
 mod sim;

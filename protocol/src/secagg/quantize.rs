@@ -27,6 +27,15 @@ pub struct Quantizer {
     pub clip: f64,
 }
 
+/// Why a site refuses to send its update.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NonFiniteUpdate {
+    #[error("the update's coordinate {index} is NaN or infinite (training diverged?); not sending it")]
+    Coordinate { index: usize },
+    #[error("the update's weight is NaN or infinite; not sending it")]
+    Weight,
+}
+
 /// Range of the weight coordinate.
 pub const WEIGHT_RANGE: f64 = 1.0;
 
@@ -74,8 +83,21 @@ impl Quantizer {
 
     /// The input vector of one site: clipped, weighted, quantised update,
     /// then the quantised weight. Returns the vector and the clipping factor
-    /// applied (1 when the update was within the bound).
-    pub fn encode_update(&self, delta: &[f32], weight: f64, rng: &mut impl RngCore) -> (Vec<u32>, f64) {
+    /// applied (1 when the update was within the bound). A non-finite
+    /// coordinate or weight is refused: clipping would turn it into ±C and
+    /// hide a diverged (or manipulated) training run in the sum.
+    pub fn encode_update(
+        &self,
+        delta: &[f32],
+        weight: f64,
+        rng: &mut impl RngCore,
+    ) -> Result<(Vec<u32>, f64), NonFiniteUpdate> {
+        if let Some(index) = delta.iter().position(|v| !v.is_finite()) {
+            return Err(NonFiniteUpdate::Coordinate { index });
+        }
+        if !weight.is_finite() {
+            return Err(NonFiniteUpdate::Weight);
+        }
         let norm = delta.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
         let factor = if norm > self.clip { self.clip / norm } else { 1.0 };
         let mut out = Vec::with_capacity(delta.len() + 1);
@@ -83,7 +105,7 @@ impl Quantizer {
             out.push(self.quantize(f64::from(v) * factor * weight, self.clip, rng));
         }
         out.push(self.quantize(weight, WEIGHT_RANGE, rng));
-        (out, factor)
+        Ok((out, factor))
     }
 
     /// Decodes an unmasked sum of `m` site vectors into `(Σ wΔ, Σ w)`.
@@ -123,12 +145,30 @@ mod tests {
         assert_eq!(q.quantize(2.0, 2.0, &mut rng), (1 << 30) - 1);
         assert_eq!(q.quantize(99.0, 2.0, &mut rng), (1 << 30) - 1);
         // ||(3, 4)|| = 5 > C = 2: scaled by 0.4 to (1.2, 1.6).
-        let (v, factor) = q.encode_update(&[3.0, 4.0], 1.0, &mut rng);
+        let (v, factor) = q.encode_update(&[3.0, 4.0], 1.0, &mut rng).unwrap();
         assert!((factor - 0.4).abs() < 1e-12);
         let (sum, w) = q.decode_update_sum(&v, 1);
         assert!((sum[0] - 1.2).abs() <= q.step(2.0));
         assert!((sum[1] - 1.6).abs() <= q.step(2.0));
         assert!((w - 1.0).abs() <= q.step(1.0));
+    }
+
+    /// Clipping would map NaN to a valid-looking coordinate and ∞ to ±C:
+    /// the site refuses instead, naming the coordinate.
+    #[test]
+    fn adversarial_non_finite_update_is_refused_not_clipped() {
+        let q = Quantizer::for_sites(4, 2.0);
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert_eq!(
+                q.encode_update(&[0.5, bad, 0.1], 1.0, &mut rng),
+                Err(NonFiniteUpdate::Coordinate { index: 1 })
+            );
+        }
+        assert_eq!(
+            q.encode_update(&[0.5], f64::NAN, &mut rng),
+            Err(NonFiniteUpdate::Weight)
+        );
     }
 
     proptest! {

@@ -1,6 +1,6 @@
 //! The coordinator's side of secure aggregation, as consuming states:
 //! [`ExpectKeys`] → [`ExpectShares`] → [`ExpectMaskedInputs`] →
-//! [`ExpectUnmasking`] → the sum. Each state accepts messages (`handle_*`,
+//! [`ExpectConsistency`] → [`ExpectUnmasking`] → the sum. Each state accepts messages (`handle_*`,
 //! refusing misbehaviour without changing anything) and lists who is still
 //! `pending`; the driver calls `close`/`finish` once nobody is pending or the
 //! deadline passed: sites that did not answer have dropped at that phase.
@@ -15,8 +15,8 @@ use super::crypto::{DhKeyPair, verify};
 use super::mask::{Sign, apply_mask};
 use super::shamir::{self, Share};
 use super::{
-    AdvertisedKeys, EncryptedShare, Phase, RoundContext, SecAggParams, UnmaskRequest, UnmaskResponse, commitment,
-    graph_seed, pair_seed, pair_sign,
+    AdvertisedKeys, EncryptedShare, Phase, RoundContext, SecAggParams, SurvivorSignature, UnmaskResponse, commitment,
+    graph_seed, pair_seed, pair_sign, survivors_signed_bytes,
 };
 use crate::ids::SiteId;
 
@@ -31,11 +31,17 @@ pub enum Misbehaviour {
     Impersonation { sender: SiteId, claimed: SiteId },
     #[error("keys of `{0}` carry an invalid signature")]
     BadSignature(SiteId),
+    #[error("`{site}` shares with threshold {got}, this round's is {expected}")]
+    WrongThreshold { site: SiteId, expected: usize, got: u32 },
+    #[error("`{site}` counts {got} sites in the job's cohort, the coordinator's ledger has {expected}")]
+    WrongCohortSize { site: SiteId, expected: usize, got: u32 },
+    #[error("the survivor-set signature of `{0}` does not verify")]
+    BadSurvivorSignature(SiteId),
     #[error("shares of `{0}` do not address exactly its neighbours, once each")]
     WrongShareSet(SiteId),
     #[error("masked input of `{site}` has {got} values, expected {expected}")]
     WrongLength { site: SiteId, expected: usize, got: usize },
-    #[error("unmask response of `{0}` does not answer its request exactly")]
+    #[error("unmask response of `{0}` does not reveal exactly one share per neighbour that shared with it")]
     WrongUnmaskSet(SiteId),
 }
 
@@ -64,7 +70,11 @@ pub struct Transcript {
     pub shared: Vec<SiteId>,
     /// Sites whose masked input is in the sum, with the SHA-256 commitment to it.
     pub masked: Vec<(SiteId, [u8; 32])>,
+    /// Sites whose signature on the survivor set was collected.
+    pub consistency_signers: Vec<SiteId>,
     pub unmask_responders: Vec<SiteId>,
+    /// Sites that revealed a share inconsistent with the others (skipped).
+    pub bad_shares: Vec<SiteId>,
     /// Who dropped, at which phase.
     pub dropped: Vec<(SiteId, Phase)>,
     /// Dropped sites whose pairwise masks were rebuilt from mask-key shares.
@@ -84,6 +94,7 @@ pub struct ExpectKeys {
 pub struct ExpectShares {
     ctx: RoundContext,
     params: SecAggParams,
+    roster: BTreeMap<SiteId, [u8; 32]>,
     keys: BTreeMap<SiteId, AdvertisedKeys>,
     neighbourhoods: BTreeMap<SiteId, BTreeSet<SiteId>>,
     shares: BTreeMap<SiteId, Vec<EncryptedShare>>,
@@ -94,6 +105,7 @@ pub struct ExpectShares {
 pub struct ExpectMaskedInputs {
     ctx: RoundContext,
     params: SecAggParams,
+    roster: BTreeMap<SiteId, [u8; 32]>,
     keys: BTreeMap<SiteId, AdvertisedKeys>,
     neighbourhoods: BTreeMap<SiteId, BTreeSet<SiteId>>,
     shared: BTreeSet<SiteId>,
@@ -102,7 +114,29 @@ pub struct ExpectMaskedInputs {
     dropped: Vec<(SiteId, Phase)>,
 }
 
-/// Phase 4.
+/// Phase 4: the consistency check (each site in U3 signs U3).
+pub struct ExpectConsistency {
+    ctx: RoundContext,
+    params: SecAggParams,
+    roster: BTreeMap<SiteId, [u8; 32]>,
+    keys: BTreeMap<SiteId, AdvertisedKeys>,
+    neighbourhoods: BTreeMap<SiteId, BTreeSet<SiteId>>,
+    shared: BTreeSet<SiteId>,
+    sum: Vec<u32>,
+    masked: BTreeMap<SiteId, [u8; 32]>,
+    signatures: BTreeMap<SiteId, Vec<u8>>,
+    dropped: Vec<(SiteId, Phase)>,
+}
+
+/// What a site's unmask response must reveal: self-mask shares of its
+/// sharers in U3, mask-key shares of its sharers outside U3.
+#[derive(Clone, Debug)]
+struct Expected {
+    survivors: Vec<SiteId>,
+    dropped: Vec<SiteId>,
+}
+
+/// Phase 5.
 pub struct ExpectUnmasking {
     ctx: RoundContext,
     params: SecAggParams,
@@ -111,9 +145,27 @@ pub struct ExpectUnmasking {
     shared: BTreeSet<SiteId>,
     sum: Vec<u32>,
     masked: BTreeMap<SiteId, [u8; 32]>,
-    requests: BTreeMap<SiteId, UnmaskRequest>,
+    signers: Vec<SiteId>,
+    expected: BTreeMap<SiteId, Expected>,
     responses: BTreeMap<SiteId, UnmaskResponse>,
     dropped: Vec<(SiteId, Phase)>,
+}
+
+/// `dropped` and every site of `expected` that did not answer, as dropped
+/// at `phase`.
+fn with_dropouts<'a>(
+    mut dropped: Vec<(SiteId, Phase)>,
+    expected: impl IntoIterator<Item = &'a SiteId>,
+    answered: impl Fn(&SiteId) -> bool,
+    phase: Phase,
+) -> Vec<(SiteId, Phase)> {
+    dropped.extend(
+        expected
+            .into_iter()
+            .filter(|s| !answered(s))
+            .map(|s| (s.clone(), phase)),
+    );
+    dropped
 }
 
 fn check_count(phase: Phase, got: usize, needed: usize) -> Result<(), Abort> {
@@ -170,6 +222,20 @@ impl ExpectKeys {
         if !valid {
             return Err(Misbehaviour::BadSignature(from.clone()));
         }
+        if keys.threshold as usize != self.params.threshold {
+            return Err(Misbehaviour::WrongThreshold {
+                site: from.clone(),
+                expected: self.params.threshold,
+                got: keys.threshold,
+            });
+        }
+        if keys.cohort_size as usize != self.params.cohort_size {
+            return Err(Misbehaviour::WrongCohortSize {
+                site: from.clone(),
+                expected: self.params.cohort_size,
+                got: keys.cohort_size,
+            });
+        }
         self.keys.insert(from.clone(), keys);
         Ok(())
     }
@@ -180,15 +246,11 @@ impl ExpectKeys {
         let list: Vec<AdvertisedKeys> = self.keys.values().cloned().collect();
         let u1: BTreeSet<SiteId> = self.keys.keys().cloned().collect();
         let neighbourhoods = self.params.graph.neighbourhoods(&u1, graph_seed(&self.ctx, &list));
-        let dropped = self
-            .members
-            .iter()
-            .filter(|s| !u1.contains(*s))
-            .map(|s| (s.clone(), Phase::AdvertiseKeys))
-            .collect();
+        let dropped = with_dropouts(Vec::new(), &self.members, |s| u1.contains(s), Phase::AdvertiseKeys);
         let next = ExpectShares {
             ctx: self.ctx,
             params: self.params,
+            roster: self.roster,
             keys: self.keys,
             neighbourhoods,
             shares: BTreeMap::new(),
@@ -240,16 +302,11 @@ impl ExpectShares {
                 inbox.push(share);
             }
         }
-        let mut dropped = self.dropped;
-        dropped.extend(
-            self.keys
-                .keys()
-                .filter(|s| !shared.contains(*s))
-                .map(|s| (s.clone(), Phase::ShareKeys)),
-        );
+        let dropped = with_dropouts(self.dropped, self.keys.keys(), |s| shared.contains(s), Phase::ShareKeys);
         let next = ExpectMaskedInputs {
             ctx: self.ctx,
             params: self.params,
+            roster: self.roster,
             sum: vec![0; self.params.vector_len],
             keys: self.keys,
             neighbourhoods: self.neighbourhoods,
@@ -289,34 +346,101 @@ impl ExpectMaskedInputs {
         Ok(())
     }
 
-    /// Ends phase 3: returns each survivor's unmask request.
-    pub fn close(self) -> Result<(ExpectUnmasking, BTreeMap<SiteId, UnmaskRequest>), Abort> {
+    /// Ends phase 3: returns U3, the set of sites whose masked input is in
+    /// the sum, to send to each of them for signing.
+    pub fn close(self) -> Result<(ExpectConsistency, Vec<SiteId>), Abort> {
         let survivors: BTreeSet<SiteId> = self.masked.keys().cloned().collect();
         check_count(Phase::MaskedInput, survivors.len(), self.params.min_contributors())?;
-        let mut requests = BTreeMap::new();
-        for site in &survivors {
-            // The request lists exactly the neighbours that shared with `site`.
-            let hood = &self.neighbourhoods[site];
-            let (alive, gone): (Vec<SiteId>, Vec<SiteId>) = hood
+        let dropped = with_dropouts(
+            self.dropped,
+            &self.shared,
+            |s| survivors.contains(s),
+            Phase::MaskedInput,
+        );
+        let next = ExpectConsistency {
+            ctx: self.ctx,
+            params: self.params,
+            roster: self.roster,
+            keys: self.keys,
+            neighbourhoods: self.neighbourhoods,
+            shared: self.shared,
+            sum: self.sum,
+            masked: self.masked,
+            signatures: BTreeMap::new(),
+            dropped,
+        };
+        Ok((next, survivors.into_iter().collect()))
+    }
+}
+
+impl ExpectConsistency {
+    pub fn pending(&self) -> BTreeSet<SiteId> {
+        self.masked
+            .keys()
+            .filter(|s| !self.signatures.contains_key(*s))
+            .cloned()
+            .collect()
+    }
+
+    /// Accepts `from`'s signature on U3, checked before it is forwarded.
+    pub fn handle_signature(&mut self, from: &SiteId, signature: SurvivorSignature) -> Result<(), Misbehaviour> {
+        if !self.masked.contains_key(from) || self.signatures.contains_key(from) {
+            return Err(Misbehaviour::NotExpected(from.clone()));
+        }
+        if signature.site != *from {
+            return Err(Misbehaviour::Impersonation {
+                sender: from.clone(),
+                claimed: signature.site,
+            });
+        }
+        let u3: BTreeSet<SiteId> = self.masked.keys().cloned().collect();
+        let valid = self
+            .roster
+            .get(from)
+            .is_some_and(|pk| verify(pk, &survivors_signed_bytes(&self.ctx, &u3), &signature.signature));
+        if !valid {
+            return Err(Misbehaviour::BadSurvivorSignature(from.clone()));
+        }
+        self.signatures.insert(from.clone(), signature.signature);
+        Ok(())
+    }
+
+    /// Ends the consistency check: with a quorum of signatures, returns the
+    /// signatures to send to every signer, who then unmask.
+    pub fn close(self) -> Result<(ExpectUnmasking, Vec<SurvivorSignature>), Abort> {
+        check_count(
+            Phase::Consistency,
+            self.signatures.len(),
+            self.params.consistency_quorum().max(self.params.min_contributors()),
+        )?;
+        let survivors: BTreeSet<&SiteId> = self.masked.keys().collect();
+        let mut expected = BTreeMap::new();
+        for site in self.signatures.keys() {
+            // The neighbours that shared with `site`, split by U3.
+            let (alive, gone): (Vec<SiteId>, Vec<SiteId>) = self.neighbourhoods[site]
                 .iter()
                 .filter(|v| self.shared.contains(*v))
                 .cloned()
                 .partition(|v| survivors.contains(v));
-            requests.insert(
+            expected.insert(
                 site.clone(),
-                UnmaskRequest {
+                Expected {
                     survivors: alive,
                     dropped: gone,
                 },
             );
         }
-        let mut dropped = self.dropped;
-        dropped.extend(
-            self.shared
-                .iter()
-                .filter(|s| !survivors.contains(*s))
-                .map(|s| (s.clone(), Phase::MaskedInput)),
+        let dropped = with_dropouts(
+            self.dropped,
+            self.masked.keys(),
+            |s| self.signatures.contains_key(s),
+            Phase::Consistency,
         );
+        let signatures: Vec<SurvivorSignature> = self
+            .signatures
+            .into_iter()
+            .map(|(site, signature)| SurvivorSignature { site, signature })
+            .collect();
         let next = ExpectUnmasking {
             ctx: self.ctx,
             params: self.params,
@@ -325,34 +449,36 @@ impl ExpectMaskedInputs {
             shared: self.shared,
             sum: self.sum,
             masked: self.masked,
-            requests: requests.clone(),
+            signers: signatures.iter().map(|s| s.site.clone()).collect(),
+            expected,
             responses: BTreeMap::new(),
             dropped,
         };
-        Ok((next, requests))
+        Ok((next, signatures))
     }
 }
 
 impl ExpectUnmasking {
     pub fn pending(&self) -> BTreeSet<SiteId> {
-        self.requests
+        self.expected
             .keys()
             .filter(|s| !self.responses.contains_key(*s))
             .cloned()
             .collect()
     }
 
-    /// Accepts `from`'s revealed shares if they answer its request exactly.
+    /// Accepts `from`'s revealed shares if they reveal exactly what U3 asks
+    /// of it.
     pub fn handle_unmask(&mut self, from: &SiteId, response: UnmaskResponse) -> Result<(), Misbehaviour> {
-        let Some(request) = self.requests.get(from) else {
+        let Some(expected) = self.expected.get(from) else {
             return Err(Misbehaviour::NotExpected(from.clone()));
         };
         if self.responses.contains_key(from) {
             return Err(Misbehaviour::NotExpected(from.clone()));
         }
         let owners = |shares: &[(SiteId, Share)]| shares.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>();
-        if owners(&response.self_mask_shares) != request.survivors
-            || owners(&response.mask_key_shares) != request.dropped
+        if owners(&response.self_mask_shares) != expected.survivors
+            || owners(&response.mask_key_shares) != expected.dropped
         {
             return Err(Misbehaviour::WrongUnmaskSet(from.clone()));
         }
@@ -361,42 +487,40 @@ impl ExpectUnmasking {
     }
 
     /// Removes every remaining mask and returns the sum of the survivors'
-    /// inputs with the round transcript.
+    /// inputs with the round transcript. A share that disagrees with the
+    /// others is skipped (and its sender named in the transcript) as long
+    /// as t consistent shares remain.
     pub fn finish(self) -> Result<(Vec<u32>, Transcript), Abort> {
         let t = self.params.threshold;
         let survivors: BTreeSet<&SiteId> = self.masked.keys().collect();
-        let mut self_shares: BTreeMap<&SiteId, Vec<Share>> = BTreeMap::new();
-        let mut key_shares: BTreeMap<&SiteId, Vec<Share>> = BTreeMap::new();
-        for response in self.responses.values() {
+        let mut self_shares: BTreeMap<&SiteId, Vec<(&SiteId, Share)>> = BTreeMap::new();
+        let mut key_shares: BTreeMap<&SiteId, Vec<(&SiteId, Share)>> = BTreeMap::new();
+        for (responder, response) in &self.responses {
             for (owner, share) in &response.self_mask_shares {
-                self_shares.entry(owner).or_default().push(share.clone());
+                self_shares.entry(owner).or_default().push((responder, share.clone()));
             }
             for (owner, share) in &response.mask_key_shares {
-                key_shares.entry(owner).or_default().push(share.clone());
+                key_shares.entry(owner).or_default().push((responder, share.clone()));
             }
         }
+        let mut bad_shares = BTreeSet::new();
         let mut sum = self.sum;
         for site in &survivors {
             let shares = self_shares.get(site).map_or(&[][..], Vec::as_slice);
-            let seed = rebuild(site, "self-mask seed", shares, t)?;
-            if sha256(&seed) != self.keys[*site].self_mask_hash {
-                return Err(Abort::BadReconstruction {
-                    site: (*site).clone(),
-                    what: "self-mask seed",
-                });
-            }
+            let commitment = self.keys[*site].self_mask_hash;
+            let (seed, bad) = rebuild(site, "self-mask seed", shares, t, |s| sha256(s) == commitment)?;
+            bad_shares.extend(bad);
             apply_mask(&mut sum, &seed, Sign::Minus);
         }
         let gone: Vec<&SiteId> = self.shared.iter().filter(|s| !survivors.contains(s)).collect();
         for site in &gone {
             let shares = key_shares.get(site).map_or(&[][..], Vec::as_slice);
-            let key = DhKeyPair::from_secret(rebuild(site, "mask key", shares, t)?);
-            if key.public != self.keys[*site].mask_pk {
-                return Err(Abort::BadReconstruction {
-                    site: (*site).clone(),
-                    what: "mask key",
-                });
-            }
+            let public = self.keys[*site].mask_pk;
+            let (secret, bad) = rebuild(site, "mask key", shares, t, |s| {
+                DhKeyPair::from_secret(*s).public == public
+            })?;
+            bad_shares.extend(bad);
+            let key = DhKeyPair::from_secret(secret);
             // Undo the pairwise mask each surviving neighbour added with it.
             for peer in self.neighbourhoods[*site].iter().filter(|p| survivors.contains(p)) {
                 let seed = pair_seed(&key, &self.keys[peer].mask_pk, &self.ctx, site, peer).ok_or_else(|| {
@@ -412,12 +536,11 @@ impl ExpectUnmasking {
                 apply_mask(&mut sum, &seed, sign);
             }
         }
-        let mut dropped = self.dropped;
-        dropped.extend(
-            self.requests
-                .keys()
-                .filter(|s| !self.responses.contains_key(*s))
-                .map(|s| (s.clone(), Phase::Unmask)),
+        let dropped = with_dropouts(
+            self.dropped,
+            self.expected.keys(),
+            |s| self.responses.contains_key(s),
+            Phase::Unmask,
         );
         let transcript = Transcript {
             ctx: self.ctx,
@@ -425,7 +548,9 @@ impl ExpectUnmasking {
             advertised: self.keys.keys().cloned().collect(),
             shared: self.shared.iter().cloned().collect(),
             masked: self.masked.iter().map(|(s, c)| (s.clone(), *c)).collect(),
+            consistency_signers: self.signers,
             unmask_responders: self.responses.keys().cloned().collect(),
+            bad_shares: bad_shares.into_iter().cloned().collect(),
             dropped,
             mask_keys_recovered: gone.into_iter().cloned().collect(),
         };
@@ -433,7 +558,18 @@ impl ExpectUnmasking {
     }
 }
 
-fn rebuild(site: &SiteId, what: &'static str, shares: &[Share], t: usize) -> Result<[u8; 32], Abort> {
+/// Rebuilds a secret from revealed shares, checked against the owner's
+/// commitment. If the first `t` shares do not match it, leaves out one share
+/// at a time (two at a time among ≤ 40 shares) until a set of `t` does;
+/// the shares that disagree with the rebuilt polynomial are returned by
+/// sender, so one bad share skips its sender instead of aborting the round.
+fn rebuild<'a>(
+    site: &SiteId,
+    what: &'static str,
+    shares: &[(&'a SiteId, Share)],
+    t: usize,
+    matches: impl Fn(&[u8; 32]) -> bool,
+) -> Result<([u8; 32], Vec<&'a SiteId>), Abort> {
     if shares.len() < t {
         return Err(Abort::Unrecoverable {
             site: site.clone(),
@@ -442,7 +578,34 @@ fn rebuild(site: &SiteId, what: &'static str, shares: &[Share], t: usize) -> Res
             needed: t,
         });
     }
-    shamir::combine(shares, t).map_err(|_| Abort::BadReconstruction {
+    let n = shares.len();
+    let mut exclusions: Vec<Vec<usize>> = vec![vec![]];
+    if n > t {
+        exclusions.extend((0..n).map(|i| vec![i]));
+    }
+    if n > t + 1 && n <= 40 {
+        exclusions.extend((0..n).flat_map(|i| (i + 1..n).map(move |j| vec![i, j])));
+    }
+    for excluded in exclusions {
+        let used: Vec<Share> = (0..n)
+            .filter(|i| !excluded.contains(i))
+            .take(t)
+            .map(|i| shares[i].1.clone())
+            .collect();
+        let Ok(secret) = shamir::combine(&used, t) else {
+            continue;
+        };
+        if !matches(&secret) {
+            continue;
+        }
+        let bad = shares
+            .iter()
+            .filter(|(_, s)| shamir::interpolate(&used, s.x).is_ok_and(|y| y != s.y))
+            .map(|(sender, _)| *sender)
+            .collect();
+        return Ok((secret, bad));
+    }
+    Err(Abort::BadReconstruction {
         site: site.clone(),
         what,
     })

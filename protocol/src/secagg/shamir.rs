@@ -96,26 +96,32 @@ pub fn combine(shares: &[Share], t: usize) -> Result<[u8; 32], ShamirError> {
             got: shares.len(),
         });
     }
-    let used = &shares[..t];
-    for (i, s) in used.iter().enumerate() {
-        if s.x == 0 || used[..i].iter().any(|o| o.x == s.x) {
+    interpolate(&shares[..t], 0)
+}
+
+/// Evaluates at `at` the polynomial through `shares` (all of them, so
+/// `shares.len()` is its degree + 1): at 0 the secret, at a share's x the
+/// value that share must hold if it is consistent with the others.
+pub fn interpolate(shares: &[Share], at: u8) -> Result<[u8; 32], ShamirError> {
+    for (i, s) in shares.iter().enumerate() {
+        if s.x == 0 || shares[..i].iter().any(|o| o.x == s.x) {
             return Err(ShamirError::BadX(s.x));
         }
     }
-    let mut secret = [0u8; 32];
-    for (j, sj) in used.iter().enumerate() {
-        // Lagrange basis at 0: Π_{m≠j} x_m / (x_m − x_j); subtraction is XOR.
+    let mut out = [0u8; 32];
+    for (j, sj) in shares.iter().enumerate() {
+        // Lagrange basis at `at`: Π_{m≠j} (at − x_m) / (x_j − x_m); subtraction is XOR.
         let mut basis = 1u8;
-        for (m, sm) in used.iter().enumerate() {
+        for (m, sm) in shares.iter().enumerate() {
             if m != j {
-                basis = gf_mul(basis, gf_mul(sm.x, gf_inv(sm.x ^ sj.x)));
+                basis = gf_mul(basis, gf_mul(at ^ sm.x, gf_inv(sm.x ^ sj.x)));
             }
         }
-        for (i, b) in secret.iter_mut().enumerate() {
+        for (i, b) in out.iter_mut().enumerate() {
             *b ^= gf_mul(basis, sj.y[i]);
         }
     }
-    Ok(secret)
+    Ok(out)
 }
 
 #[cfg(test)]

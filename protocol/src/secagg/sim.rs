@@ -15,26 +15,28 @@ use super::quantize::Quantizer;
 use super::server::{self, Abort, Misbehaviour};
 use super::*;
 
-struct Consortium {
-    sites: Vec<SiteId>,
-    keys: BTreeMap<SiteId, Arc<SigningKey>>,
-    roster: Arc<BTreeMap<SiteId, [u8; 32]>>,
+pub(super) struct Consortium {
+    pub sites: Vec<SiteId>,
+    pub keys: BTreeMap<SiteId, Arc<SigningKey>>,
+    pub roster: Arc<BTreeMap<SiteId, [u8; 32]>>,
 }
 
 impl Consortium {
-    /// The client configuration of `site`.
-    fn cfg(&self, site: &SiteId, ctx: RoundContext, params: SecAggParams) -> ClientConfig {
+    /// The client configuration of `site`: every site of the consortium
+    /// accepted the job.
+    pub fn cfg(&self, site: &SiteId, ctx: RoundContext, params: SecAggParams) -> ClientConfig {
         ClientConfig {
             site: site.clone(),
             ctx,
             params,
             signing_key: self.keys[site].clone(),
             roster: self.roster.clone(),
+            cohort: Arc::new(self.sites.iter().cloned().collect()),
         }
     }
 }
 
-fn consortium(n: usize) -> Consortium {
+pub(super) fn consortium(n: usize) -> Consortium {
     let sites: Vec<SiteId> = (0..n).map(|i| SiteId::new(&format!("site-{i:03}")).unwrap()).collect();
     let keys: BTreeMap<SiteId, Arc<SigningKey>> = sites
         .iter()
@@ -49,7 +51,7 @@ fn consortium(n: usize) -> Consortium {
     Consortium { sites, keys, roster }
 }
 
-const CTX: RoundContext = RoundContext { job_id: 7, round: 3 };
+pub(super) const CTX: RoundContext = RoundContext { job_id: 7, round: 3 };
 
 /// Runs one secure round; `drop_at[site]` is the phase at which the site
 /// stops sending (it sends nothing from that phase on). Returns the sum, the
@@ -96,9 +98,18 @@ fn run(
             masking.insert(site, state);
         }
     }
-    let (mut server, requests) = server.close()?;
+    let (mut server, survivors) = server.close()?;
+    let mut signing = BTreeMap::new();
     for (site, state) in masking {
-        let response = state.handle_unmask(&requests[&site]).unwrap();
+        let (state, signature) = state.handle_survivors(&survivors).unwrap();
+        if alive(&site, Phase::Consistency) {
+            server.handle_signature(&site, signature).unwrap();
+            signing.insert(site, state);
+        }
+    }
+    let (mut server, signatures) = server.close()?;
+    for (site, state) in signing {
+        let response = state.handle_signatures(&signatures).unwrap();
         if alive(&site, Phase::Unmask) {
             server.handle_unmask(&site, response).unwrap();
         }
@@ -115,19 +126,21 @@ fn random_inputs(c: &Consortium, len: usize, seed: u64) -> BTreeMap<SiteId, Vec<
         .collect()
 }
 
-fn params(graph: Graph, n: usize, len: usize) -> SecAggParams {
+pub(super) fn params(graph: Graph, n: usize, len: usize) -> SecAggParams {
     SecAggParams {
         graph,
         threshold: graph.default_threshold(n),
+        cohort_size: n,
         min_sites: 3,
         vector_len: len,
     }
 }
 
-const PHASES: [Phase; 4] = [
+const PHASES: [Phase; 5] = [
     Phase::AdvertiseKeys,
     Phase::ShareKeys,
     Phase::MaskedInput,
+    Phase::Consistency,
     Phase::Unmask,
 ];
 
@@ -135,7 +148,7 @@ const PHASES: [Phase; 4] = [
 /// masked; n−t+1 dropouts aborts with no sum.
 #[test]
 fn dropouts_at_every_phase_complete_graph() {
-    for n in [4usize, 10, 50, 100] {
+    for n in [4usize, 10, 50] {
         let c = consortium(n);
         let p = params(Graph::Complete, n, 8);
         let t = p.threshold;
@@ -150,7 +163,7 @@ fn dropouts_at_every_phase_complete_graph() {
                     let (sum, transcript, expected) =
                         result.unwrap_or_else(|e| panic!("n={n} {phase:?} drop {n_drop}: {e}"));
                     assert_eq!(sum, expected, "n={n} {phase:?} drop {n_drop}");
-                    let expected_masked = if phase == Phase::Unmask { n } else { n - n_drop };
+                    let expected_masked = if phase >= Phase::Consistency { n } else { n - n_drop };
                     assert_eq!(transcript.masked.len(), expected_masked);
                     assert_eq!(transcript.dropped.len(), n_drop);
                     assert!(transcript.dropped.iter().all(|(_, p)| *p == phase));
@@ -161,6 +174,14 @@ fn dropouts_at_every_phase_complete_graph() {
                     let err = result.expect_err("too many dropouts must abort");
                     match phase {
                         Phase::Unmask => assert!(matches!(err, Abort::Unrecoverable { .. }), "{err}"),
+                        Phase::Consistency => assert_eq!(
+                            err,
+                            Abort::TooFewSites {
+                                phase,
+                                got: t - 1,
+                                needed: p.consistency_quorum()
+                            }
+                        ),
                         _ => assert_eq!(
                             err,
                             Abort::TooFewSites {
@@ -200,18 +221,37 @@ fn secagg_plus_sparse_graph_with_dropouts() {
     // 60 of 100 sites failing to answer the unmask request leaves some
     // neighbourhood with fewer than t = 8 responders: the round aborts.
     let many: BTreeMap<SiteId, Phase> = c.sites.iter().take(60).map(|s| (s.clone(), Phase::Unmask)).collect();
-    assert!(run(&c, p, &inputs, &many, 2).is_err());
+    assert!(matches!(
+        run(&c, p, &inputs, &many, 2),
+        Err(Abort::Unrecoverable { needed: 8, .. })
+    ));
+    // In the sparse graph the consistency check still needs a majority of
+    // the cohort: 50 signatures of 100 are not enough.
+    let half: BTreeMap<SiteId, Phase> = c
+        .sites
+        .iter()
+        .take(50)
+        .map(|s| (s.clone(), Phase::Consistency))
+        .collect();
+    assert_eq!(
+        run(&c, p, &inputs, &half, 2).unwrap_err(),
+        Abort::TooFewSites {
+            phase: Phase::Consistency,
+            got: 50,
+            needed: 51
+        }
+    );
 }
 
 #[test]
-fn forged_or_substituted_keys_are_detected() {
-    let c = consortium(4);
-    let p = params(Graph::Complete, 4, 4);
+fn adversarial_forged_substituted_or_replayed_keys_are_refused() {
+    let c = consortium(5);
+    let p = params(Graph::Complete, 5, 4);
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     let cfg = |i: usize| c.cfg(&c.sites[i], CTX, p);
     let mut states = Vec::new();
     let mut list = Vec::new();
-    for i in 0..4 {
+    for i in 0..5 {
         let (s, k) = client::ExpectKeys::new(cfg(i), &mut rng);
         states.push(s);
         list.push(k);
@@ -235,6 +275,13 @@ fn forged_or_substituted_keys_are_detected() {
     assert_eq!(
         states.remove(0).handle_keys(&replayed, &mut rng).err().unwrap(),
         ClientError::BadSignature(c.sites[2].clone())
+    );
+    // A signed threshold cannot be edited either.
+    let mut lowered = list.clone();
+    lowered[3].threshold = 2;
+    assert_eq!(
+        states.remove(0).handle_keys(&lowered, &mut rng).err().unwrap(),
+        ClientError::BadSignature(c.sites[3].clone())
     );
     // The coordinator drops this site's own keys from the list.
     let without_me: Vec<AdvertisedKeys> = list[..3].to_vec();
@@ -269,12 +316,19 @@ fn forged_or_substituted_keys_are_detected() {
     );
 }
 
-/// Drives `n` clients to the unmask phase with honest messages.
-fn to_unmask(
+/// Drives the clients of `c` (with `inputs`) and an honest server until the
+/// server holds every masked input; returns the server awaiting signatures,
+/// the clients awaiting the survivor set, and that set (U3).
+pub(super) fn drive_to_consistency(
     c: &Consortium,
     p: SecAggParams,
+    inputs: &BTreeMap<SiteId, Vec<u32>>,
     seed: u64,
-) -> (BTreeMap<SiteId, client::ExpectUnmask>, BTreeMap<SiteId, UnmaskRequest>) {
+) -> (
+    server::ExpectConsistency,
+    BTreeMap<SiteId, client::ExpectSurvivors>,
+    Vec<SiteId>,
+) {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let mut server = server::ExpectKeys::new(CTX, p, c.sites.iter().cloned().collect(), (*c.roster).clone());
     let mut states = BTreeMap::new();
@@ -294,79 +348,68 @@ fn to_unmask(
     let (mut server, mailbox) = server.close().unwrap();
     let mut masking = BTreeMap::new();
     for (site, s) in sharing {
-        let (s, y) = s.handle_shares(&mailbox[&site], &vec![1; p.vector_len]).unwrap();
+        let (s, y) = s.handle_shares(&mailbox[&site], &inputs[&site]).unwrap();
         server.handle_masked(&site, &y).unwrap();
         masking.insert(site, s);
     }
-    let (_, requests) = server.close().unwrap();
-    (masking, requests)
+    let (server, survivors) = server.close().unwrap();
+    (server, masking, survivors)
 }
 
-/// A coordinator that tells different sites different stories about site v
-/// ("v survived" to some, "v dropped" to others) collects, per site, either
-/// v's self-mask share or v's mask-key share, never both; with t > n/2 it can
-/// never hold t of each, whatever the split.
-#[test]
-fn inconsistent_dropout_lists_cannot_reveal_both_secrets_of_a_peer() {
-    let n = 7;
-    let c = consortium(n);
-    let p = params(Graph::Complete, n, 4);
-    let t = p.threshold;
-    let victim = c.sites[0].clone();
-    for told_dropped in 0..n {
-        let (clients, honest) = to_unmask(&c, p, 11);
-        let (mut self_shares, mut key_shares) = (0, 0);
-        for (i, (site, state)) in clients.into_iter().enumerate() {
-            let mut request = honest[&site].clone();
-            if i < told_dropped && site != victim {
-                request.survivors.retain(|s| *s != victim);
-                request.dropped.push(victim.clone());
-            }
-            match state.handle_unmask(&request) {
-                Ok(response) => {
-                    self_shares += response.self_mask_shares.iter().filter(|(o, _)| *o == victim).count();
-                    key_shares += response.mask_key_shares.iter().filter(|(o, _)| *o == victim).count();
-                }
-                Err(ClientError::InconsistentUnmask(_)) => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
-        assert!(self_shares + key_shares <= n);
-        assert!(
-            !(self_shares >= t && key_shares >= t),
-            "split {told_dropped}: {self_shares} and {key_shares} shares"
-        );
-    }
+/// [`drive_to_consistency`] with every input all ones; without the server.
+pub(super) fn to_consistency(
+    c: &Consortium,
+    p: SecAggParams,
+    seed: u64,
+) -> (BTreeMap<SiteId, client::ExpectSurvivors>, Vec<SiteId>) {
+    let inputs = c.sites.iter().map(|s| (s.clone(), vec![1; p.vector_len])).collect();
+    let (_, clients, survivors) = drive_to_consistency(c, p, &inputs, seed);
+    (clients, survivors)
 }
 
 #[test]
-fn malformed_unmask_requests_are_refused() {
-    let c = consortium(4);
-    let p = params(Graph::Complete, 4, 4);
-    let check = |alter: &dyn Fn(&mut UnmaskRequest, &SiteId), reason: &str| {
-        let (mut clients, requests) = to_unmask(&c, p, 3);
-        let site = c.sites[1].clone();
-        let mut request = requests[&site].clone();
-        alter(&mut request, &c.sites[2]);
-        match clients.remove(&site).unwrap().handle_unmask(&request) {
-            Err(ClientError::InconsistentUnmask(m)) => assert!(m.contains(reason), "{m}"),
-            other => panic!("expected refusal ({reason}), got {other:?}"),
+fn malformed_survivor_sets_are_refused() {
+    let c = consortium(5);
+    let p = params(Graph::Complete, 5, 4);
+    let check = |alter: &dyn Fn(&mut Vec<SiteId>), expected: &dyn Fn(&ClientError) -> bool| {
+        let (mut clients, survivors) = to_consistency(&c, p, 3);
+        let mut survivors = survivors.clone();
+        alter(&mut survivors);
+        match clients.remove(&c.sites[1]).unwrap().handle_survivors(&survivors) {
+            Err(e) => assert!(expected(&e), "unexpected refusal {e}"),
+            Ok(_) => panic!("{survivors:?} must be refused"),
         }
     };
-    check(&|r, v| r.dropped.push(v.clone()), "both survivor and dropped");
-    check(&|r, v| r.survivors.push(v.clone()), "listed twice");
-    check(&|r, v| r.survivors.retain(|s| s != v), "do not match");
+    let reason = |text: &'static str| move |e: &ClientError| matches!(e, ClientError::InconsistentSurvivors(m) if m.contains(text));
+    let me = c.sites[1].clone();
+    check(&|u| u.push(u[0].clone()), &reason("listed twice"));
+    check(&|u| u.retain(|s| *s != me), &reason("this site is not listed"));
     check(
-        &|r, _| r.survivors.push(SiteId::new("stranger").unwrap()),
-        "do not match",
+        &|u| u.push(SiteId::new("stranger").unwrap()),
+        &reason("never advertised"),
     );
-    check(
-        &|r, _| {
-            let me = r.survivors.remove(1);
-            r.dropped.push(me);
-        },
-        "not listed as a survivor",
-    );
+    check(&|u| u.truncate(2), &|e| {
+        *e == ClientError::TooFewSites {
+            phase: "consistency check",
+            got: 2,
+            needed: 3,
+        }
+    });
+    // The honest set is signed, and the signature verifies on exactly it.
+    let (mut clients, survivors) = to_consistency(&c, p, 3);
+    let (_, signature) = clients.remove(&me).unwrap().handle_survivors(&survivors).unwrap();
+    let u3: BTreeSet<SiteId> = survivors.iter().cloned().collect();
+    assert!(crypto::verify(
+        &c.roster[&me],
+        &survivors_signed_bytes(&CTX, &u3),
+        &signature.signature
+    ));
+    let fewer: BTreeSet<SiteId> = survivors[1..].iter().cloned().collect();
+    assert!(!crypto::verify(
+        &c.roster[&me],
+        &survivors_signed_bytes(&CTX, &fewer),
+        &signature.signature
+    ));
 }
 
 #[test]
@@ -468,7 +511,7 @@ proptest! {
         d in 1usize..12,
         seed in any::<u64>(),
         drop_one in any::<bool>(),
-        drop_phase in 0usize..4,
+        drop_phase in 0usize..5,
     ) {
         let c = consortium(n);
         let clip = 2.0;
@@ -480,7 +523,7 @@ proptest! {
             // Within the clip bound so clipping does not change the value.
             let delta: Vec<f32> = (0..d).map(|_| ((rng.next_u32() % 2000) as f32 / 1000.0 - 1.0) / (d as f32).sqrt()).collect();
             let weight = f64::from(1 + rng.next_u32() % 200) / 200.0;
-            let (x, factor) = q.encode_update(&delta, weight, &mut rng);
+            let (x, factor) = q.encode_update(&delta, weight, &mut rng).unwrap();
             prop_assert_eq!(factor, 1.0);
             deltas.insert(site.clone(), (delta, weight));
             inputs.insert(site.clone(), x);

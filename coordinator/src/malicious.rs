@@ -1,0 +1,39 @@
+//! A coordinator that attacks its own sites, for the end-to-end adversarial
+//! tests (`tests/tests/malicious.rs`): real daemons must refuse. It can only
+//! be armed in a build with the `malicious` feature *and* debug assertions
+//! (`--malicious ATTACK`); in any other build [`attack`] is always `None`,
+//! so no release binary can attack, whatever features are unified.
+
+/// The attack a malicious coordinator mounts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(all(feature = "malicious", debug_assertions), derive(clap::ValueEnum))]
+pub enum Attack {
+    /// Ask every site for its preprocessing statistics in the clear, though
+    /// the job is secure.
+    PlaintextStats,
+    /// Show each site a different survivor set in the consistency check,
+    /// forward every signature unchecked, and collect whatever is revealed.
+    SplitViews,
+}
+
+#[cfg(all(feature = "malicious", debug_assertions))]
+static ATTACK: std::sync::OnceLock<Attack> = std::sync::OnceLock::new();
+
+/// Arms the attack (once, at start-up).
+#[cfg(all(feature = "malicious", debug_assertions))]
+pub fn arm(attack: Attack) {
+    let _ = ATTACK.set(attack);
+    tracing::warn!(?attack, "MALICIOUS COORDINATOR (test build): attacking the sites");
+}
+
+/// The armed attack, if any.
+pub fn attack() -> Option<Attack> {
+    #[cfg(all(feature = "malicious", debug_assertions))]
+    {
+        ATTACK.get().copied()
+    }
+    #[cfg(not(all(feature = "malicious", debug_assertions)))]
+    {
+        None
+    }
+}

@@ -1,0 +1,88 @@
+//! A malicious coordinator against real participant daemons over mutual
+//! TLS. The coordinator binary of test builds can be told to attack
+//! (`--malicious ATTACK`, feature `malicious`, compiled out of release
+//! builds); the daemons must refuse, say why in their logs, and nothing
+//! secret may reach the coordinator.
+
+use tessera_tests::{Federation, SITES, example_job};
+
+fn attacked(attack: &str) -> Federation {
+    let mut federation = Federation::start_with(&SITES, &["--malicious", attack]);
+    assert!(
+        federation.log("coordinator").contains("MALICIOUS COORDINATOR"),
+        "the coordinator was not built with the malicious test mode"
+    );
+    for site in SITES {
+        federation.add_site(site);
+    }
+    federation
+}
+
+/// A short job: the attacks end it in its preprocessing summation.
+fn job(federation: &Federation) -> u64 {
+    let file = federation.write_job(
+        "job.toml",
+        &example_job(&[("rounds", "1"), ("round_timeout_s", "5"), ("wait_for_sites_s", "60")]),
+    );
+    federation.submit(&file)
+}
+
+fn egress(federation: &Federation, site: &str) -> String {
+    std::fs::read_to_string(federation.state_dir(site).join("egress.jsonl")).unwrap_or_default()
+}
+
+/// Attack 3 end to end: the coordinator sets `secure = false` in its request
+/// for a secure job's statistics. Every site refuses; no statistics leave.
+#[test]
+fn adversarial_real_daemons_refuse_a_plaintext_statistics_request() {
+    let federation = attacked("plaintext-stats");
+    let id = job(&federation);
+    let status = federation.wait_for(id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "failed", "{status:#}");
+    assert!(
+        status["job"]["error"].as_str().unwrap().contains("sent statistics"),
+        "{status:#}"
+    );
+    assert!(status["rounds"].as_array().unwrap().is_empty(), "{status:#}");
+    for site in SITES {
+        let log = federation.log(site);
+        assert!(
+            log.contains("asked for this site's data in the clear"),
+            "{site}:\n{log}"
+        );
+        assert!(
+            !egress(&federation, site).contains("\"kind\":\"SubmitStats\""),
+            "{site} sent statistics"
+        );
+    }
+}
+
+/// Attack 1 end to end: in the consistency check each site is shown a
+/// different survivor set; the coordinator forwards every signature
+/// unchecked. No view has a quorum of signatures: every site refuses to
+/// reveal any share, the summation aborts and no aggregate or model exists.
+#[test]
+fn adversarial_real_daemons_reveal_nothing_to_a_coordinator_that_splits_views() {
+    let federation = attacked("split-views");
+    let id = job(&federation);
+    let status = federation.wait_for(id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "failed", "{status:#}");
+    assert!(
+        status["job"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("secure aggregation aborted"),
+        "{status:#}"
+    );
+    assert!(status["rounds"].as_array().unwrap().is_empty(), "{status:#}");
+    for site in SITES {
+        let log = federation.log(site);
+        assert!(
+            log.contains("revealing nothing") && log.contains("consistency check failed"),
+            "{site}:\n{log}"
+        );
+    }
+    let log = federation.log("coordinator");
+    assert!(log.contains("0 unmask responses received after the split"), "{log}");
+    assert!(!log.contains("a site revealed shares"), "{log}");
+}
