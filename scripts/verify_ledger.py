@@ -586,6 +586,8 @@ def main(argv=None):
     ap.add_argument("--receipt", metavar="FILE", help="verify a receipt (§8) instead")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--self-test", action="store_true", help="run known-answer tests")
+    ap.add_argument("--allow-pending", action="store_true",
+                    help="accept a tail of intact blocks still short of their endorsement quorum")
     a = ap.parse_args(argv)
     if a.self_test:
         return 0 if self_test() else 1
@@ -603,12 +605,18 @@ def main(argv=None):
         if a.json:
             print(json.dumps({"valid": False, "error": str(e)}))
         return 1
+    pending = result.get("pending", 0)
     if a.json:
-        print(json.dumps({"valid": True, **result}, indent=2))
+        print(json.dumps({"valid": True, "final": pending == 0, **result}, indent=2))
     else:
         for k, v in result.items():
             print(f"{k}: {v}")
         print("receipt valid" if a.receipt else "ledger intact")
+    if pending and not a.allow_pending:
+        first = result["blocks"] - pending
+        print(f"ledger not final: block {first} and the {pending - 1} block(s) after it lack their "
+              "endorsement quorum (--allow-pending accepts an unendorsed tail)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,11 +21,27 @@ fn text(out: &Output) -> String {
 }
 
 fn python_verify(path: &Path) -> Output {
+    python_verify_with(path, &[])
+}
+
+fn python_verify_with(path: &Path, args: &[&str]) -> Output {
     Command::new("python3")
         .arg(repo().join("scripts/verify_ledger.py"))
         .arg(path)
+        .args(args)
         .output()
         .expect("run python3 scripts/verify_ledger.py")
+}
+
+/// Copies a ledger database with its WAL file (recent pages live there).
+fn copy_ledger(db: &Path, copy: &Path) {
+    std::fs::copy(db, copy).unwrap();
+    let wal = db.with_extension("db-wal");
+    if wal.exists() {
+        std::fs::copy(&wal, copy.with_extension("db-wal")).unwrap();
+    } else {
+        let _ = std::fs::remove_file(copy.with_extension("db-wal"));
+    }
 }
 
 /// Runs SQL on a ledger file with Python's sqlite3 (the tests' stand-in for
@@ -92,8 +108,46 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
         assert_eq!(r["intact"], true, "{site}: {r:#}");
         assert_eq!(r["genesis_hash"], genesis, "{site}");
         assert!(r["blocks"].as_u64().unwrap() >= 13, "{site}: {r:#}");
-        let out = python_verify(&replica);
+        // A replica gathers the other sites' endorsements of its last blocks
+        // only on its next sync: its tail may still be pending.
+        let out = python_verify_with(&replica, &["--allow-pending"]);
         assert!(out.status.success(), "python verifier on {site}: {}", text(&out));
+    }
+
+    // Finality. Without the last block's endorsements the chain is intact
+    // but not final: both verifiers refuse it unless told to accept an
+    // unendorsed tail. A non-final block *before* final ones (history a
+    // coordinator could still rewrite under endorsed blocks) is refused even
+    // then.
+    let last = report["blocks"].as_u64().unwrap() - 1;
+    for (height, tail) in [(last, true), (5, false)] {
+        let copy = federation.dir.path().join(format!("unendorsed-{height}.db"));
+        copy_ledger(&db, &copy);
+        edit(
+            &copy,
+            &format!("DELETE FROM ledger_endorsements WHERE height = {height};"),
+        );
+        let path = copy.to_str().unwrap();
+        let strict = tessera_offline(&["ledger", "verify", path]);
+        let lenient = tessera_offline(&["ledger", "verify", path, "--allow-pending"]);
+        let py_strict = python_verify(&copy);
+        let py_lenient = python_verify_with(&copy, &["--allow-pending"]);
+        for (who, out) in [("rust", &strict), ("python", &py_strict)] {
+            assert_eq!(out.status.code(), Some(1), "{who}, block {height}: {}", text(out));
+            assert!(text(out).contains(&format!("block {height}")), "{who}: {}", text(out));
+        }
+        for (who, out) in [("rust", &lenient), ("python", &py_lenient)] {
+            let expected = if tail { Some(0) } else { Some(1) };
+            assert_eq!(
+                out.status.code(),
+                expected,
+                "{who} --allow-pending, block {height}: {}",
+                text(out)
+            );
+        }
+        if tail {
+            assert!(text(&strict).contains("NOT final"), "{}", text(&strict));
+        }
     }
 
     // The listing: every round block names its four contributors, each with
@@ -213,13 +267,7 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
     for (what, sql, height) in cases {
         // The database is in WAL mode: recent pages are in the -wal file.
         let copy = federation.dir.path().join("tampered.db");
-        std::fs::copy(&db, &copy).unwrap();
-        let wal = db.with_extension("db-wal");
-        if wal.exists() {
-            std::fs::copy(&wal, copy.with_extension("db-wal")).unwrap();
-        } else {
-            let _ = std::fs::remove_file(copy.with_extension("db-wal"));
-        }
+        copy_ledger(&db, &copy);
         edit(&copy, &sql);
         let out = tessera_offline(&["ledger", "verify", copy.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out));

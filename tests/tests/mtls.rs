@@ -97,7 +97,7 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
 
     // An auditor reads the ledger and nothing else.
     let auditor = ca.join("auditors/regulator");
-    let out = federation.tessera_as(&auditor, &["ledger", "verify"]);
+    let out = federation.tessera_as(&auditor, &["ledger", "verify", "--allow-pending"]);
     assert!(out.status.success(), "{}", text(&out));
     let job = federation.write_job("job.toml", &tessera_tests::example_job(&[]));
     let out = federation.tessera_as(&auditor, &["job", "submit", job.to_str().unwrap()]);
@@ -218,7 +218,7 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
     // it twice, and the chain verifies.
     federation.restart_coordinator();
     assert_eq!(revocations(&federation), 1);
-    let out = federation.tessera(&["ledger", "verify"]);
+    let out = federation.tessera(&["ledger", "verify", "--allow-pending"]);
     assert!(out.status.success(), "{}", text(&out));
 
     let log = federation.log("coordinator");

@@ -24,13 +24,19 @@ mod report;
 pub(crate) enum LedgerCommand {
     /// Check every hash link, signature and endorsement against the genesis
     /// membership, and stored models against their hashes. Exit 0 when
-    /// intact, 1 naming the first bad block.
+    /// intact and final, 1 naming the first bad block, or the first block of
+    /// a tail that still lacks its endorsement quorum.
     Verify {
         /// A ledger file (coordinator database or site replica). Without it,
         /// the coordinator's chain is read through its read-only API.
         path: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Accept a tail of blocks that are intact but not yet endorsed by a
+        /// quorum of sites (exit 0, with a warning). Never accepts a block
+        /// that fails verification.
+        #[arg(long)]
+        allow_pending: bool,
     },
     /// List the blocks, readable or as JSON.
     Show {
@@ -148,16 +154,24 @@ pub(crate) fn verdict(loaded: &Loaded) -> Result<(Report, usize), String> {
 
 pub(crate) async fn exec(addr: &str, cmd: LedgerCommand) -> CliResult {
     match cmd {
-        LedgerCommand::Verify { path, json } => {
+        LedgerCommand::Verify {
+            path,
+            json,
+            allow_pending,
+        } => {
             let loaded = load(addr, path.as_ref()).await?;
             let result = verdict(&loaded);
             if json {
                 let value = match &result {
                     Ok((r, models)) => serde_json::json!({
                         "intact": true,
+                        "final": r.pending == 0,
                         "source": loaded.source,
                         "blocks": r.blocks,
                         "pending": r.pending,
+                        "first_pending": r.first_pending.map(|(height, endorsements, quorum)| serde_json::json!({
+                            "height": height, "endorsements": endorsements, "quorum": quorum,
+                        })),
                         "models_checked": models,
                         "consortium": r.genesis.consortium,
                         "genesis_hash": hex::encode(r.genesis_hash),
@@ -184,7 +198,24 @@ pub(crate) async fn exec(addr: &str, cmd: LedgerCommand) -> CliResult {
                             None => println!("  no models in this source (a replica or the API): not checked"),
                         }
                     }
-                    Ok(ExitCode::SUCCESS)
+                    match r.first_pending {
+                        Some((height, have, need)) if !allow_pending => {
+                            eprintln!(
+                                "ledger NOT final ({}): block {height} and the {} block(s) after it lack their \
+                                 endorsement quorum (block {height}: {have} of {need} endorsements); a coordinator \
+                                 could still show other sites another history there. --allow-pending accepts an \
+                                 unendorsed tail",
+                                loaded.source,
+                                r.pending - 1
+                            );
+                            Ok(ExitCode::from(1))
+                        }
+                        Some((height, _, _)) => {
+                            eprintln!("warning: blocks from {height} on are not final yet (--allow-pending)");
+                            Ok(ExitCode::SUCCESS)
+                        }
+                        None => Ok(ExitCode::SUCCESS),
+                    }
                 }
                 Err(e) => {
                     eprintln!("ledger verification FAILED ({}): {e}", loaded.source);

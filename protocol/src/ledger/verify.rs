@@ -62,6 +62,8 @@ pub struct Report {
     pub blocks: u64,
     /// Blocks at the end still short of their endorsement quorum.
     pub pending: u64,
+    /// The first of them: (height, valid endorsements, quorum).
+    pub first_pending: Option<(u64, usize, usize)>,
     /// Every model hash a round block names, with the block's height.
     pub models: Vec<(u64, String)>,
 }
@@ -395,6 +397,7 @@ pub fn verify_chain(blocks: &[Block], stored_hashes: Option<&[[u8; 32]]>) -> Res
         genesis_hash,
         blocks: blocks.len() as u64,
         pending: first_pending.map_or(0, |(h, _, _)| blocks.len() as u64 - h),
+        first_pending,
         models: verifier.models,
     })
 }
