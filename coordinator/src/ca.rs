@@ -31,19 +31,15 @@ use tessera_protocol::identity::{Identity, Role};
 use tessera_protocol::keyfile::{load_or_create, write_private};
 use time::{Duration, OffsetDateTime};
 
-/// What `consortium.toml` (in the CA directory and the coordinator's kit)
-/// holds.
-#[derive(Serialize, Deserialize)]
-pub struct Consortium {
-    pub name: String,
-}
+/// `consortium.toml` (in the CA directory, the coordinator's kit and every
+/// site kit): the consortium's name and the coordinator's ledger key, which
+/// sites pin (`protocol::ledger::pin`).
+pub use tessera_protocol::ledger::pin::Consortium;
 
-impl Consortium {
-    /// The consortium named in a kit or CA directory, if any.
-    pub fn of(dir: &Path) -> Option<String> {
-        let text = std::fs::read_to_string(dir.join("consortium.toml")).ok()?;
-        toml::from_str::<Consortium>(&text).ok().map(|c| c.name)
-    }
+/// The consortium named in a kit or CA directory, if any.
+pub fn consortium_name(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("consortium.toml")).ok()?;
+    Consortium::parse(&text).ok().map(|c| c.name)
 }
 
 /// Identities the CA has revoked (`revoked.toml`), read by the coordinator.
@@ -98,12 +94,6 @@ pub fn init(consortium: &str, out: &Path, hostnames: &[String]) -> anyhow::Resul
     private(&out.join("ca.key"), &key.serialize_pem())?;
     write_public(&out.join("ca.pem"), &cert.pem())?;
     write_public(
-        &out.join("consortium.toml"),
-        &toml::to_string(&Consortium {
-            name: consortium.to_owned(),
-        })?,
-    )?;
-    write_public(
         &out.join("roster.toml"),
         "# Ed25519 public keys of the consortium's sites.\n[sites]\n",
     )?;
@@ -114,8 +104,15 @@ pub fn init(consortium: &str, out: &Path, hostnames: &[String]) -> anyhow::Resul
     };
     let dir = out.join("coordinator");
     issue_tls(out, &coordinator, &dir, hostnames, None, None)?;
-    std::fs::copy(out.join("consortium.toml"), dir.join("consortium.toml"))?;
-    load_or_create(&dir.join("ledger.key")).context("cannot create the coordinator's ledger key")?;
+    let ledger_key = load_or_create(&dir.join("ledger.key")).context("cannot create the coordinator's ledger key")?;
+    // Every site kit pins this: a site trusts no genesis signed by another key.
+    let pin = Consortium {
+        name: consortium.to_owned(),
+        coordinator_key: Some(hex::encode(ledger_key.public_key())),
+    }
+    .to_toml();
+    write_public(&out.join("consortium.toml"), &pin)?;
+    write_public(&dir.join("consortium.toml"), &pin)?;
     Ok(())
 }
 
@@ -184,6 +181,9 @@ pub fn issue(
         write_public(&roster_path, &text)?;
         write_public(&dir.join("roster.toml"), &text)?;
         write_public(&dir.join("site.toml"), &site_config(&site.to_string()))?;
+        if let Ok(pin) = std::fs::read_to_string(ca_dir.join("consortium.toml")) {
+            write_public(&dir.join("consortium.toml"), &pin)?;
+        }
     }
     Ok(dir)
 }

@@ -15,6 +15,7 @@ use tessera_protocol::evaluation;
 use tessera_protocol::ids::{SiteId, sha256_hex};
 use tessera_protocol::job::Aggregation;
 use tessera_protocol::job::JobSpec;
+use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::sign_decision;
 use tessera_protocol::model::{Layout, check_initial_model, decode_params, encode_params};
 use tessera_protocol::pb::federation_client::FederationClient;
@@ -82,7 +83,8 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         }
         None => warn!("no TLS kit configured: this only works with a coordinator run with --insecure-dev"),
     }
-    let replica = Replica::open(&config.state_dir, config.site_id.clone(), signing_key.clone()).await?;
+    let pin = consortium_pin(config.tls_dir.as_deref())?;
+    let replica = Replica::open(&config.state_dir, config.site_id.clone(), signing_key.clone(), pin).await?;
     let halted = Arc::new(AtomicBool::new(replica.halted().is_some()));
     let mut site = Site {
         replica,
@@ -834,6 +836,30 @@ impl Site {
             bail!("downloaded model does not match its hash {model_hash}");
         }
         Ok(decode_params(&bytes)?)
+    }
+}
+
+/// The consortium this site's kit pins (`consortium.toml` beside its TLS
+/// files): the replica accepts no genesis but that consortium's, signed by
+/// that coordinator key.
+fn consortium_pin(tls_dir: Option<&std::path::Path>) -> anyhow::Result<Option<Consortium>> {
+    let Some(path) = tls_dir.map(|d| d.join("consortium.toml")) else {
+        return Ok(None);
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let pin = Consortium::parse(&text).with_context(|| format!("invalid {}", path.display()))?;
+            info!(consortium = %pin.name, coordinator_key = ?pin.coordinator_key, "ledger genesis pinned by the kit");
+            Ok(Some(pin))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            warn!(
+                "no {} in the kit: this site trusts the first genesis block the coordinator serves",
+                path.display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tessera_protocol::ids::SiteId;
 use tessera_protocol::ledger::payload::Payload;
+use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::store::LedgerStore;
 use tessera_protocol::ledger::verify::{Members, Verified, Verifier};
 use tessera_protocol::ledger::{Block, Endorsement, Header, endorse, verify_endorsement};
@@ -51,12 +52,19 @@ pub struct Replica {
     commitments: HashMap<(u64, u32), [u8; 32]>,
     halt_path: PathBuf,
     halted: Option<String>,
+    /// The consortium the site's kit pins: the genesis must be its.
+    pin: Option<Consortium>,
 }
 
 impl Replica {
     /// Opens (or creates) the replica and re-verifies it: a replica that no
     /// longer verifies (changed on disk) halts the site at once.
-    pub async fn open(state_dir: &Path, site: SiteId, key: Arc<SigningKey>) -> anyhow::Result<Self> {
+    pub async fn open(
+        state_dir: &Path,
+        site: SiteId,
+        key: Arc<SigningKey>,
+        pin: Option<Consortium>,
+    ) -> anyhow::Result<Self> {
         let path = state_dir.join("ledger.db");
         let store = LedgerStore::open(&path)
             .await
@@ -75,6 +83,7 @@ impl Replica {
             commitments: HashMap::new(),
             halt_path,
             halted,
+            pin,
         };
         for (block, stored_hash) in replica.store.blocks().await? {
             if block.hash() != stored_hash {
@@ -136,6 +145,11 @@ impl Replica {
                     hex::encode(mine)
                 ));
             }
+        }
+        if let (Ok(header), Some(pin)) = (Header::decode(&block.header), &self.pin)
+            && let Ok(Payload::Genesis(genesis)) = Payload::parse(header.kind, &block.payload)
+        {
+            pin.check_genesis(&genesis)?;
         }
         let verified = self.verifier.push(block).map_err(|e| e.to_string())?;
         match &verified.payload {

@@ -86,3 +86,35 @@ fn adversarial_real_daemons_reveal_nothing_to_a_coordinator_that_splits_views() 
     assert!(log.contains("0 unmask responses received after the split"), "{log}");
     assert!(!log.contains("a site revealed shares"), "{log}");
 }
+
+/// Attack 7 end to end: a coordinator that signs the ledger with another key
+/// than the one the consortium's kits pin (a fresh chain of its own making)
+/// is refused by every site at the genesis block: the site halts, says why,
+/// and never trains.
+#[test]
+fn adversarial_real_daemons_refuse_a_genesis_their_kit_does_not_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let other_key = dir.path().join("other-ledger.key");
+    let mut federation = Federation::start_with(&SITES, &["--ledger-key", other_key.to_str().unwrap()]);
+    let site = SITES[0];
+    federation.add_site(site);
+    let halt = federation.state_dir(site).join("HALTED");
+    for _ in 0..400 {
+        if halt.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let reason = std::fs::read_to_string(&halt).unwrap_or_else(|_| panic!("{} never halted", site));
+    assert!(
+        reason.contains("genesis names coordinator key") && reason.contains("pins"),
+        "{reason}"
+    );
+    assert!(federation.log(site).contains("ledger genesis pinned by the kit"));
+    assert!(
+        !std::fs::read_to_string(federation.state_dir(site).join("egress.jsonl"))
+            .unwrap_or_default()
+            .contains("\"kind\":\"Endorse\""),
+        "the site endorsed a genesis it does not pin"
+    );
+}

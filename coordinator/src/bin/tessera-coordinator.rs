@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tessera_coordinator::ca::{Consortium, Revoked};
+use tessera_coordinator::ca::{Revoked, consortium_name};
 use tessera_coordinator::driver::job_ended;
 use tessera_coordinator::ledger::Ledger;
 use tessera_coordinator::rpc::{FederationService, JobsService, LedgerService};
@@ -131,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
     let consortium = args
         .consortium
         .clone()
-        .or_else(|| args.tls_dir.as_deref().and_then(Consortium::of))
+        .or_else(|| args.tls_dir.as_deref().and_then(consortium_name))
         .unwrap_or_else(|| "tessera".to_owned());
     let ledger = Ledger::open(store.pool().clone(), key, &consortium, &roster, unix_ms() as u64).await?;
     fail_interrupted(&ledger).await?;

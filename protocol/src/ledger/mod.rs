@@ -6,6 +6,7 @@
 
 pub mod merkle;
 pub mod payload;
+pub mod pin;
 pub mod receipt;
 #[cfg(feature = "io")]
 pub mod store;
