@@ -764,15 +764,22 @@ fn adversarial_sparse_graph_split_needs_a_cohort_majority() {
         },
         &mut loot,
     );
+    let mut quorum_failures = 0;
     for (site, result) in &outcome {
         match result {
-            Err(ClientError::ConsistencyFailed { needed: 21, .. }) => {}
+            Err(ClientError::ConsistencyFailed { needed: 21, .. }) => quorum_failures += 1,
             // Sites whose neighbours are mostly in the other half refuse
             // the set outright.
             Err(ClientError::InconsistentSurvivors(_)) | Err(ClientError::TooFewSites { .. }) => {}
             other => panic!("{site}: {other:?}"),
         }
     }
+    // Most sites signed their half (it passed every other check) and were
+    // stopped by the cohort-majority quorum alone.
+    assert!(
+        quorum_failures > n / 2,
+        "only {quorum_failures} sites reached the quorum check"
+    );
     assert!(loot.b_shares.is_empty() && loot.s_shares.is_empty());
 }
 

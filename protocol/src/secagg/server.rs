@@ -124,6 +124,8 @@ pub struct ExpectConsistency {
     shared: BTreeSet<SiteId>,
     sum: Vec<u32>,
     masked: BTreeMap<SiteId, [u8; 32]>,
+    /// The bytes every site must sign: U3, fixed when this phase opened.
+    signed_bytes: Vec<u8>,
     signatures: BTreeMap<SiteId, Vec<u8>>,
     dropped: Vec<(SiteId, Phase)>,
 }
@@ -366,6 +368,7 @@ impl ExpectMaskedInputs {
             shared: self.shared,
             sum: self.sum,
             masked: self.masked,
+            signed_bytes: survivors_signed_bytes(&self.ctx, &survivors),
             signatures: BTreeMap::new(),
             dropped,
         };
@@ -393,11 +396,10 @@ impl ExpectConsistency {
                 claimed: signature.site,
             });
         }
-        let u3: BTreeSet<SiteId> = self.masked.keys().cloned().collect();
         let valid = self
             .roster
             .get(from)
-            .is_some_and(|pk| verify(pk, &survivors_signed_bytes(&self.ctx, &u3), &signature.signature));
+            .is_some_and(|pk| verify(pk, &self.signed_bytes, &signature.signature));
         if !valid {
             return Err(Misbehaviour::BadSurvivorSignature(from.clone()));
         }
