@@ -34,6 +34,7 @@ KINDS = ["genesis", "job_created", "job_accepted", "round_completed",
 COORD_PREFIX = b"tessera/ledger/v1/coordinator"  # §4
 ENDORSE_PREFIX = b"tessera/ledger/v1/endorse"
 DECISION_PREFIX = b"tessera/ledger/v1/job-decision"  # §5 job_accepted
+ROTATION_PREFIX = b"tessera/ledger/v1/key-rotation"  # §5 membership_change
 ZERO32 = bytes(32)
 PHASES = {"advertise_keys", "share_keys", "masked_input", "consistency", "unmask", "update"}
 
@@ -254,9 +255,49 @@ def check_fields(kind, p):
         ids = [s["id"] for s in p["sites"]]
         if len(ids) != len(set(ids)):
             return "genesis site ids are not unique"
-        if not 1 <= p["quorum"] <= len(ids):
-            return f"quorum {p['quorum']} not in 1..{len(ids)}"
+        if p["quorum"] != majority(len(ids)):
+            return f"quorum {p['quorum']} is not the majority of {len(ids)} sites"
+    if kind == "membership_change":
+        rs = p.get("rotation_signature")
+        if rs is not None and not is_hex(rs, 64):
+            return "membership_change payload field 'rotation_signature' is malformed"
     return None
+
+
+def majority(n):
+    """§6 Finality: a strict majority of n eligible endorsers."""
+    return n // 2 + 1
+
+
+def rotation_ok(old_key, site_id, new_key, sig_hex):
+    """§5 membership_change: the old key's consent to a key rotation."""
+    if sig_hex is None:
+        return False
+    sid = site_id.encode("utf-8")
+    msg = ROTATION_PREFIX + len(sid).to_bytes(2, "big") + sid + new_key
+    return ed25519_ok(old_key, msg, bytes.fromhex(sig_hex))
+
+
+def check_conflicts(rows, hashes, coord_key):
+    """§6 Equivocation: stored evidence rows (height, header, signature)."""
+    for height, header, sig in sorted(rows, key=lambda r: r[0]):
+        def bad(msg):
+            raise Invalid(f"block {height}", msg)
+        if not isinstance(height, int) or not 0 <= height < len(hashes):
+            bad("equivocation evidence names a height beyond the chain")
+        try:
+            hdr = decode_header(header)
+        except ValueError as e:
+            bad(f"equivocation evidence: header does not decode ({e})")
+        if hdr["height"] != height:
+            bad("equivocation evidence: header height differs from its row")
+        h = sha256(header)
+        if h == hashes[height]:
+            bad("equivocation evidence is the chain's own block")
+        if not isinstance(sig, bytes) or len(sig) != 64 or \
+                not ed25519_ok(coord_key, COORD_PREFIX + h, sig):
+            bad("equivocation evidence is not signed by the coordinator")
+        bad(f"equivocation: the coordinator also signed block hash {h.hex()} at this height")
 
 
 # ------------------------------------------------- §6 rules 1-7 (one block)
@@ -320,8 +361,13 @@ def verify_ledger(path):
                 "SELECT height, site_id, signature FROM ledger_endorsements "
                 "ORDER BY height, site_id"):
             ends.setdefault(height, []).append((site, esig))
-        has_models = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' "
-                                "AND name='models'").fetchone() is not None
+        def has_table(name):
+            return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                              (name,)).fetchone() is not None
+        has_models = has_table("models")
+        conflicts = []
+        if has_table("ledger_conflicts"):
+            conflicts = db.execute("SELECT height, header, signature FROM ledger_conflicts").fetchall()
         models = {}
         if has_models:
             for mh, n_params, data in db.execute("SELECT hash, n_params, data FROM models"):
@@ -331,7 +377,8 @@ def verify_ledger(path):
     if not rows:
         raise Invalid("block 0", "ledger has no blocks")
 
-    prev, coord_key, members, quorum = None, None, None, None
+    prev, coord_key, members = None, None, None
+    hashes = []
     jobs = {}            # job_id -> {"ended", "round", "model", "sha256", "models"}
     warnings = []        # §9 "facts that are not verification rules"
     first_pending = None  # first non-final block of the current non-final tail
@@ -351,8 +398,9 @@ def verify_ledger(path):
             bad("stored hash column does not equal SHA-256(header)")
         members = used
         kind = KINDS[hdr["kind"]]
+        hashes.append(h)
         if kind == "genesis":
-            quorum, consortium, genesis_hash = p["quorum"], p["consortium"], h
+            consortium, genesis_hash = p["consortium"], h
         # Rule 8: consistency with the chain.
         if kind == "job_created":
             if p["job_id"] in jobs:
@@ -417,14 +465,13 @@ def verify_ledger(path):
                     bad("commitment_root is not the Merkle root of commitments")
                 if has_models and p["model_sha256"] not in models:   # §6 Models
                     bad(f"model {p['model_sha256']} is not in the models table")
-        # Finality, counted against the membership used for rule 7.
-        final = n_end >= min(quorum, len(members))
-        if final and first_pending is not None:
-            raise Invalid(f"block {first_pending}", "not final, but block "
-                          f"{i} after it is final (endorsements removed)")
-        if not final and first_pending is None:
-            first_pending = i
-        # Membership change applies after the block.
+        # Finality: endorsements by a majority of all the members before this
+        # block (§6), a membership change's own subject never counted.
+        subject = p["site"]["id"] if kind == "membership_change" else None
+        counted = n_end - (1 if subject in {s for s, _ in ends.get(col_height, [])} else 0)
+        final = counted >= majority(len(members))
+        # Membership change applies after the block (its own checks first:
+        # a block is judged whole before the order of finality is).
         if kind == "membership_change":
             site, change = p["site"], p["change"]
             present = site["id"] in members
@@ -432,6 +479,16 @@ def verify_ledger(path):
                 bad(f"site_added: {site['id']!r} is already a member")
             if change != "site_added" and not present:
                 bad(f"{change}: {site['id']!r} is not a member")
+            if change == "key_rotated" and not rotation_ok(
+                    members[site["id"]], site["id"], bytes.fromhex(site["key"]),
+                    p.get("rotation_signature")):
+                bad(f"key_rotated: {site['id']!r}'s new key is not signed by its old key")
+        if final and first_pending is not None:
+            raise Invalid(f"block {first_pending}", "not final, but block "
+                          f"{i} after it is final (endorsements removed)")
+        if not final and first_pending is None:
+            first_pending = i
+        if kind == "membership_change":
             members = dict(members)
             if change == "site_revoked":
                 del members[site["id"]]
@@ -439,6 +496,7 @@ def verify_ledger(path):
                 members[site["id"]] = bytes.fromhex(site["key"])
         prev = (h, hdr["timestamp_ms"])
 
+    check_conflicts(conflicts, hashes, coord_key)
     # Models table (coordinator database only): every row's hash is SHA-256(data).
     for mh, (_, data) in models.items():
         if not isinstance(data, bytes) or sha256(data).hex() != mh:

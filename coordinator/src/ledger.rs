@@ -137,7 +137,7 @@ impl Ledger {
                 consortium: consortium.to_owned(),
                 coordinator_key,
                 sites: roster.iter().map(|(id, k)| member(id, k)).collect(),
-                quorum: roster.len() / 2 + 1,
+                quorum: tessera_protocol::ledger::verify::majority(roster.len()),
                 software: SOFTWARE.to_owned(),
             };
             let quorum = genesis.quorum;
@@ -146,12 +146,24 @@ impl Ledger {
             info!(consortium, sites = roster.len(), quorum, "ledger genesis written");
             return Ok(());
         };
+        // A site whose key changed is revoked and added again: a
+        // `key_rotated` block needs the old key's consent, which a roster
+        // entry does not carry, and the ledger must not claim a rotation
+        // nobody proved.
+        // Newcomers come first and leavers last, so that every change keeps
+        // some member able to endorse it.
         let mut changes = Vec::new();
         for (id, key) in roster {
-            match current.get(id) {
-                None => changes.push(("site_added", member(id, key))),
-                Some(k) if k != key => changes.push(("key_rotated", member(id, key))),
-                Some(_) => {}
+            if !current.contains_key(id) {
+                changes.push(("site_added", member(id, key)));
+            }
+        }
+        for (id, key) in roster {
+            if let Some(old) = current.get(id)
+                && old != key
+            {
+                changes.push(("site_revoked", member(id, old)));
+                changes.push(("site_added", member(id, key)));
             }
         }
         for (id, key) in &current {
@@ -165,6 +177,7 @@ impl Ledger {
                 change: change.to_owned(),
                 site,
                 reason: "roster changed".to_owned(),
+                rotation_signature: None,
             });
             tx.append(&payload, now_ms).await?;
         }
@@ -244,6 +257,7 @@ impl Ledger {
                         certificate_sha256: None,
                     },
                     reason: "certificate revoked by the consortium CA".to_owned(),
+                    rotation_signature: None,
                 });
                 tx.append(&change, now_ms).await?;
                 done.push(site);
@@ -417,7 +431,8 @@ mod tests {
         .unwrap();
         assert_eq!(ledger.chain_length().await, 1);
         drop(ledger);
-        // Same roster: nothing new. Then b rotates its key, c leaves, d joins.
+        // Same roster: nothing new. Then b gets a new key (revoked and
+        // re-added: nothing proves the old key consented), c leaves, d joins.
         let d = key();
         for sites in [
             vec![("a", &a), ("b", &b), ("c", &c)],
@@ -446,8 +461,9 @@ mod tests {
         assert_eq!(
             changes,
             [
-                ("key_rotated".to_owned(), "b".to_owned()),
                 ("site_added".to_owned(), "d".to_owned()),
+                ("site_revoked".to_owned(), "b".to_owned()),
+                ("site_added".to_owned(), "b".to_owned()),
                 ("site_revoked".to_owned(), "c".to_owned()),
             ]
         );

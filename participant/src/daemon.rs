@@ -36,10 +36,14 @@ use crate::config::{Policy, SiteConfig};
 use crate::egress::EgressLog;
 use crate::local::LocalData;
 use crate::policy::{self, Approvals, Decision};
-use crate::replica::{HALT_FILE, Replica};
+use crate::replica::{HALT_FILE, Refusal, Replica};
 
 const HEARTBEAT: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long a site waits for the blocks a task relies on to become final
+/// before declining it: long enough for idle members, which sync on each
+/// long poll (5 s), to endorse.
+const FINALITY_WAIT: Duration = Duration::from_secs(20);
 
 /// Runs until the process is stopped.
 pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
@@ -239,10 +243,8 @@ impl Site {
                 })) if !matches!(k, sec_agg_step::Kind::Advertise(_))
             );
             if !mid_summation {
-                self.replica
-                    .sync(&mut ledger, &self.egress)
-                    .await
-                    .context("ledger sync failed")?;
+                let idle = matches!(&task.kind, None | Some(task::Kind::Idle(_)));
+                self.sync_to_finality(&mut ledger, idle).await?;
                 if self.replica.halted().is_some() {
                     continue;
                 }
@@ -267,6 +269,44 @@ impl Site {
         }
     }
 
+    /// A check against the final ledger: a contradiction halts the site; a
+    /// block that is not final yet only declines this task.
+    fn acts_on(&mut self, check: Result<(), Refusal>) -> anyhow::Result<()> {
+        match check {
+            Ok(()) => Ok(()),
+            Err(Refusal::Contradicts(reason)) => {
+                self.replica.refuse(reason.clone());
+                bail!("{reason}")
+            }
+            Err(Refusal::NotFinal(reason) | Refusal::Stale(reason)) => bail!("{reason}"),
+        }
+    }
+
+    /// Brings the replica up to date and, before work, waits (bounded) for
+    /// the other sites' endorsements to make every block final: this site
+    /// acts only on final blocks. The endorsements arrive as the other
+    /// sites sync, usually within milliseconds of this site's own.
+    async fn sync_to_finality(&mut self, ledger: &mut LedgerClient<Channel>, idle: bool) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + FINALITY_WAIT;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            self.replica
+                .sync(ledger, &self.egress)
+                .await
+                .context("ledger sync failed")?;
+            if idle || self.replica.is_final() || self.replica.halted().is_some() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                // The task's own checks decline what is not final.
+                warn!("ledger blocks still lack a majority of endorsements; declining work that relies on them");
+                return Ok(());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+
     /// Checks a job file against its hash and the ledger, parses it and
     /// applies the site's policy. The site's decision is signed and sent
     /// once per job (the coordinator records it in the ledger) before the
@@ -281,10 +321,7 @@ impl Site {
         if sha256_hex(job_toml.as_bytes()) != job_hash {
             bail!("job file does not match its announced hash {job_hash}");
         }
-        if let Err(reason) = self.replica.check_job(job_id, job_hash) {
-            self.replica.refuse(reason.clone());
-            bail!("{reason}");
-        }
+        self.acts_on(self.replica.check_job(job_id, job_hash))?;
         let spec = JobSpec::from_toml(job_toml).context("announced job is invalid")?;
         let n_params = spec.model.layout(self.data.train.n_features).n_params();
         let review = policy::review(&self.policy, &spec, n_params);
@@ -392,10 +429,7 @@ impl Site {
     async fn round(&mut self, client: &mut FederationClient<Channel>, a: pb::RoundAnnouncement) -> anyhow::Result<()> {
         let spec = self.job(client, a.job_id, &a.job_toml, &a.job_hash).await?;
         spec.check_announced_secure(a.secure)?;
-        if let Err(reason) = self.replica.check_model(a.job_id, a.round, &a.model_hash) {
-            self.replica.refuse(reason.clone());
-            bail!("{reason}");
-        }
+        self.acts_on(self.replica.check_model(a.job_id, a.round, &a.model_hash))?;
         let layout = spec.model.layout(self.data.train.n_features);
         if a.round == 1 {
             // The first model must be the job's own initial model: a

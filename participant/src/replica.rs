@@ -1,6 +1,11 @@
 //! The site's replica of the ledger (`<state_dir>/ledger.db`): every block is
 //! verified before it is stored and endorsed, announcements are checked
 //! against it, and any disagreement with the coordinator halts training.
+//!
+//! A site *acts* only on final blocks (endorsed by a majority of the current
+//! members): the jobs, cohorts and models it checks announcements against
+//! are taken from the final prefix of the chain. Two blocks at one height
+//! cannot both be final, so every honest site that acts sees one history.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,16 +13,17 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tessera_protocol::ids::SiteId;
+use tessera_protocol::ledger::equivocation::{self, Gossip};
 use tessera_protocol::ledger::payload::Payload;
 use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::store::LedgerStore;
 use tessera_protocol::ledger::verify::{Members, Verified, Verifier};
-use tessera_protocol::ledger::{Block, Endorsement, Header, endorse, verify_endorsement};
+use tessera_protocol::ledger::{Block, Endorsement, Header, endorse, sha256};
 use tessera_protocol::pb::ledger_client::LedgerClient;
 use tessera_protocol::secagg::crypto::SigningKey;
 use tessera_protocol::{pb, wire};
 use tonic::transport::Channel;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::egress::EgressLog;
 
@@ -32,8 +38,33 @@ pub const HALT_FILE: &str = "HALTED";
 struct Known {
     hash: [u8; 32],
     endorsers: std::collections::BTreeSet<SiteId>,
-    /// Members who may endorse it.
-    members: Members,
+    /// Members who may endorse it, the change's subject, the count needed.
+    verified: Verified,
+}
+
+impl Known {
+    fn is_final(&self) -> bool {
+        self.verified.is_final_with(&self.endorsers)
+    }
+}
+
+/// Why an announcement was not acted on.
+#[derive(Debug)]
+pub enum Refusal {
+    /// It contradicts the final ledger: the coordinator lied; halt.
+    Contradicts(String),
+    /// What it relies on is not final yet: decline, wait, try again.
+    NotFinal(String),
+    /// It asks for work the final ledger shows is already done: decline.
+    Stale(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Contradicts(s) | Refusal::NotFinal(s) | Refusal::Stale(s) => f.write_str(s),
+        }
+    }
 }
 
 pub struct Replica {
@@ -42,6 +73,8 @@ pub struct Replica {
     store: LedgerStore,
     verifier: Verifier,
     blocks: Vec<Known>,
+    /// Blocks `0..final_len` are final; only their effects below apply.
+    final_len: usize,
     /// The last round block's model per job, and the jobs on the chain.
     job_hashes: HashMap<u64, String>,
     latest_model: HashMap<u64, (u32, String)>,
@@ -77,6 +110,7 @@ impl Replica {
             store,
             verifier: Verifier::new(),
             blocks: Vec::new(),
+            final_len: 0,
             job_hashes: HashMap::new(),
             latest_model: HashMap::new(),
             cohorts: HashMap::new(),
@@ -98,6 +132,15 @@ impl Replica {
                 break;
             }
         }
+        replica.advance_finality();
+        match replica.store.conflicts().await {
+            Ok(conflicts) if !conflicts.is_empty() => replica.halt(format!(
+                "this replica holds proof that the coordinator equivocated at height {}",
+                conflicts[0].height
+            )),
+            Ok(_) => {}
+            Err(e) => replica.halt(format!("cannot read the replica's equivocation evidence: {e}")),
+        }
         if let Some(reason) = &replica.halted {
             error!("this site is halted and will not train: {reason}");
         }
@@ -110,6 +153,35 @@ impl Replica {
 
     pub fn len(&self) -> u64 {
         self.blocks.len() as u64
+    }
+
+    /// Whether every block this replica holds is final.
+    pub fn is_final(&self) -> bool {
+        self.final_len == self.blocks.len()
+    }
+
+    /// Applies, in chain order, the effects of blocks that became final.
+    fn advance_finality(&mut self) {
+        while let Some(known) = self.blocks.get(self.final_len)
+            && known.is_final()
+        {
+            match &known.verified.payload {
+                Payload::JobCreated(j) => {
+                    self.job_hashes.insert(j.job_id, j.job_sha256.clone());
+                }
+                Payload::RoundCompleted(r) => {
+                    self.latest_model.insert(r.job_id, (r.round, r.model_sha256.clone()));
+                }
+                Payload::JobAccepted(a) if a.accepted => {
+                    // The chain's rules verified the site's own signature.
+                    if let Ok(site) = SiteId::new(&a.site) {
+                        self.cohorts.entry(a.job_id).or_default().insert(site);
+                    }
+                }
+                _ => {}
+            }
+            self.final_len += 1;
+        }
     }
 
     /// Stops this site; the first reason is the one kept.
@@ -152,25 +224,10 @@ impl Replica {
             pin.check_genesis(&genesis)?;
         }
         let verified = self.verifier.push(block).map_err(|e| e.to_string())?;
-        match &verified.payload {
-            Payload::JobCreated(j) => {
-                self.job_hashes.insert(j.job_id, j.job_sha256.clone());
-            }
-            Payload::RoundCompleted(r) => {
-                self.latest_model.insert(r.job_id, (r.round, r.model_sha256.clone()));
-            }
-            Payload::JobAccepted(a) if a.accepted => {
-                // The chain's rules verified the site's own signature.
-                if let Ok(site) = SiteId::new(&a.site) {
-                    self.cohorts.entry(a.job_id).or_default().insert(site);
-                }
-            }
-            _ => {}
-        }
         self.blocks.push(Known {
             hash: verified.hash,
             endorsers: verified.endorsers.clone(),
-            members: verified.members.clone(),
+            verified: verified.clone(),
         });
         Ok(verified)
     }
@@ -183,19 +240,13 @@ impl Replica {
         if self.halted.is_some() {
             return Ok(());
         }
-        let quorum = self.verifier.quorum();
-        // Re-read from the first block this replica does not hold as final
-        // (bounded), so its copy gathers the other sites' endorsements; at
+        // Re-read from the first block this replica does not hold as final,
+        // so its copy gathers the other sites' endorsements (however far
+        // behind the tip: a block left pending would block all work); at
         // least the last block is re-read, which catches a rewritten tip.
         let len = self.len();
-        let first_open = self
-            .blocks
-            .iter()
-            .position(|b| b.endorsers.len() < quorum)
-            .map_or(len, |p| p as u64);
-        let mut from = first_open
-            .min(len.saturating_sub(1))
-            .max(len.saturating_sub(u64::from(BATCH)));
+        let first_open = self.final_len as u64;
+        let mut from = first_open.min(len.saturating_sub(1));
         loop {
             let request = pb::GetBlocksRequest {
                 from_height: from,
@@ -235,8 +286,9 @@ impl Replica {
         b: pb::LedgerBlock,
     ) -> anyhow::Result<()> {
         let height = b.height;
+        let relayed = b.endorsements.clone();
         let mut block = wire::block_from_pb(b);
-        let endorsements = std::mem::take(&mut block.endorsements);
+        block.endorsements.clear();
         if let Some(known) = self.blocks.get(height as usize) {
             if known.hash != block.hash() {
                 self.halt(format!(
@@ -244,12 +296,12 @@ impl Replica {
                 ));
                 return Ok(());
             }
-            let (members, hash) = (known.members.clone(), known.hash);
-            self.merge(height, &members, &endorsements).await?;
+            let (members, hash) = (known.verified.members.clone(), known.hash);
+            self.merge(height, &relayed).await?;
             // An endorsement lost to a crash or a dropped connection is sent
             // again: the coordinator does not hold one from this site.
-            if !endorsements.iter().any(|e| e.site == self.site) {
-                self.endorse(client, egress, height, hash, &members).await?;
+            if !relayed.iter().any(|e| e.site_id == self.site.as_str()) {
+                self.endorse(client, egress, height, hash, &members, &block).await?;
             }
             return Ok(());
         }
@@ -261,8 +313,8 @@ impl Replica {
             }
         };
         self.store.append(height, &block).await?;
-        self.merge(height, &verified.members, &endorsements).await?;
-        self.endorse(client, egress, height, verified.hash, &verified.members)
+        self.merge(height, &relayed).await?;
+        self.endorse(client, egress, height, verified.hash, &verified.members, &block)
             .await?;
         info!(height, kind = verified.payload.kind().name(), "ledger block verified");
         Ok(())
@@ -277,76 +329,150 @@ impl Replica {
         height: u64,
         hash: [u8; 32],
         members: &Members,
+        block: &Block,
     ) -> anyhow::Result<()> {
         if members.get(&self.site) != Some(&self.key.public_key()) {
             return Ok(());
         }
         let signature = endorse(&self.key, &hash);
+        // The header and the coordinator's signature travel with the
+        // endorsement: relayed to the other sites, they prove which block
+        // this site was shown at this height (gossip against equivocation).
         let request = pb::EndorseRequest {
             site_id: self.site.to_string(),
             height,
             block_hash: hash.to_vec(),
             signature: signature.clone(),
+            header: block.header.clone(),
+            coordinator_signature: block.signature.clone(),
         };
         egress.record("Endorse", &request)?;
         client.endorse(request).await?;
-        let mine = Endorsement {
-            site: self.site.clone(),
+        let mine = pb::LedgerEndorsement {
+            site_id: self.site.to_string(),
             signature,
+            header: Vec::new(),
+            coordinator_signature: Vec::new(),
         };
-        self.merge(height, members, std::slice::from_ref(&mine)).await
+        self.merge(height, std::slice::from_ref(&mine)).await
     }
 
-    /// Stores endorsements that are valid for the block at `height`.
-    async fn merge(&mut self, height: u64, members: &Members, endorsements: &[Endorsement]) -> anyhow::Result<()> {
-        let known = &self.blocks[height as usize];
-        let hash = known.hash;
-        let fresh: Vec<&Endorsement> = endorsements
-            .iter()
-            .filter(|e| !known.endorsers.contains(&e.site))
-            .filter(|e| {
-                members
-                    .get(&e.site)
-                    .is_some_and(|k| verify_endorsement(k, &hash, &e.signature))
-            })
-            .collect();
-        for e in fresh {
-            self.store.add_endorsement(height, e).await?;
-            self.blocks[height as usize].endorsers.insert(e.site.clone());
+    /// Judges endorsements relayed for the block at `height`: valid ones are
+    /// stored (and may make blocks final); one that proves the coordinator
+    /// signed another block here is stored as evidence and halts the site.
+    async fn merge(&mut self, height: u64, relayed: &[pb::LedgerEndorsement]) -> anyhow::Result<()> {
+        let coordinator = self.coordinator_key();
+        for e in relayed {
+            let known = &self.blocks[height as usize];
+            let Ok(site) = SiteId::new(&e.site_id) else { continue };
+            let Some(key) = known.verified.members.get(&site).copied() else {
+                continue;
+            };
+            if known.endorsers.contains(&site) && e.header.is_empty() {
+                continue;
+            }
+            let gossip = equivocation::judge(
+                height,
+                &known.hash,
+                &coordinator,
+                &key,
+                &equivocation::Relayed {
+                    signature: &e.signature,
+                    header: (!e.header.is_empty()).then_some(e.header.as_slice()),
+                    coordinator_signature: (!e.coordinator_signature.is_empty())
+                        .then_some(e.coordinator_signature.as_slice()),
+                },
+            );
+            match gossip {
+                Gossip::Agrees if !known.endorsers.contains(&site) => {
+                    let endorsement = Endorsement {
+                        site: site.clone(),
+                        signature: e.signature.clone(),
+                    };
+                    self.store.add_endorsement(height, &endorsement).await?;
+                    self.blocks[height as usize].endorsers.insert(site);
+                }
+                Gossip::Agrees => {}
+                Gossip::Equivocation(conflict) => {
+                    self.store.add_conflict(&conflict).await?;
+                    self.halt(format!(
+                        "the coordinator equivocated at height {height}: `{site}` endorsed another block it \
+                         signed there ({}); evidence kept in ledger.db",
+                        hex::encode(sha256(&conflict.header))
+                    ));
+                    return Ok(());
+                }
+                Gossip::Invalid(why) => {
+                    warn!(height, %site, "relayed endorsement ignored: {why}");
+                }
+            }
         }
+        self.advance_finality();
         Ok(())
+    }
+
+    fn coordinator_key(&self) -> [u8; 32] {
+        self.verifier
+            .genesis()
+            .and_then(|g| hex::decode(&g.coordinator_key).ok())
+            .and_then(|k| k.try_into().ok())
+            .unwrap_or([0; 32])
     }
 
     /// Checks a job against the chain before this site touches its data:
     /// the job must be on the ledger with the announced hash.
-    pub fn check_job(&self, job_id: u64, job_hash: &str) -> Result<(), String> {
+    pub fn check_job(&self, job_id: u64, job_hash: &str) -> Result<(), Refusal> {
         match self.job_hashes.get(&job_id) {
             Some(h) if h == job_hash => Ok(()),
-            Some(h) => Err(format!(
+            Some(h) => Err(Refusal::Contradicts(format!(
                 "job {job_id} is on the ledger with hash {h}, but was announced with {job_hash}"
-            )),
-            None => Err(format!("job {job_id} is not on the ledger")),
+            ))),
+            None if !self.is_final() => Err(self.not_final(&format!("job {job_id}"))),
+            None => Err(Refusal::Contradicts(format!("job {job_id} is not on the ledger"))),
         }
+    }
+
+    fn not_final(&self, what: &str) -> Refusal {
+        let height = self.final_len;
+        let known = &self.blocks[height];
+        Refusal::NotFinal(format!(
+            "{what} waits for ledger block {height} to be final ({} of {} endorsements); \
+             this site acts only on final blocks",
+            known.verified.counted(&known.endorsers),
+            known.verified.need
+        ))
     }
 
     /// Checks an announced model against the chain: after round r − 1 of a
     /// job, the model for round r is the one its block recorded.
-    pub fn check_model(&self, job_id: u64, round: u32, model_hash: &str) -> Result<(), String> {
-        match self.latest_model.get(&job_id) {
+    pub fn check_model(&self, job_id: u64, round: u32, model_hash: &str) -> Result<(), Refusal> {
+        let latest = self.latest_model.get(&job_id);
+        let done = latest.map_or(0, |(r, _)| *r);
+        if round <= done {
+            // Announced before the round's block became final here (this
+            // site waited for finality meanwhile): too late, not a lie.
+            return Err(Refusal::Stale(format!(
+                "round {round} of job {job_id} is already complete on the ledger (round {done})"
+            )));
+        }
+        if done + 1 < round && !self.is_final() {
+            return Err(self.not_final(&format!("round {round} of job {job_id}")));
+        }
+        match latest {
             None if round == 1 => Ok(()),
             Some((r, m)) if *r + 1 == round && m == model_hash => Ok(()),
-            Some((r, m)) => Err(format!(
+            Some((r, m)) => Err(Refusal::Contradicts(format!(
                 "round {round} of job {job_id} was announced with model {model_hash}, \
-                 but the ledger's last round ({r}) produced {m}"
-            )),
-            None => Err(format!(
+                 but the ledger's last final round ({r}) produced {m}"
+            ))),
+            None => Err(Refusal::Contradicts(format!(
                 "round {round} of job {job_id} was announced, but the ledger has no earlier round"
-            )),
+            ))),
         }
     }
 
-    /// The job's cohort on this replica: the sites that signed their
-    /// acceptance. A site's secure-aggregation threshold, quorum and
+    /// The job's cohort on this replica: the sites whose signed acceptance
+    /// is final. A site's secure-aggregation threshold, quorum and
     /// quantiser are sized from it, and only its members may hold a share
     /// of this site's secrets.
     pub fn cohort(&self, job_id: u64) -> std::collections::BTreeSet<SiteId> {

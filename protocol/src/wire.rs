@@ -190,6 +190,8 @@ pub fn block_to_pb(height: u64, b: Block) -> pb::LedgerBlock {
             .map(|e| pb::LedgerEndorsement {
                 site_id: e.site.to_string(),
                 signature: e.signature,
+                header: Vec::new(),
+                coordinator_signature: Vec::new(),
             })
             .collect(),
     }
@@ -255,6 +257,7 @@ mod tests {
         shipped.endorsements.push(pb::LedgerEndorsement {
             site_id: "Not A Site".into(),
             signature: vec![4; 64],
+            ..Default::default()
         });
         assert_eq!(block_from_pb(shipped).endorsements, block.endorsements);
     }

@@ -151,6 +151,7 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
             height: 0,
             block_hash: vec![0; 32],
             signature: vec![0; 64],
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 use tessera_protocol::ids::{SiteId, sha256_hex};
+use tessera_protocol::ledger::equivocation::{Conflict, check_conflicts};
 use tessera_protocol::ledger::payload::Payload;
 use tessera_protocol::ledger::receipt::{self, Receipt};
 use tessera_protocol::ledger::store::LedgerStore;
@@ -77,6 +78,8 @@ pub(crate) struct Loaded {
     pub stored_hashes: Option<Vec<[u8; 32]>>,
     /// (hash, bytes) when the source holds models.
     pub models: Option<Vec<(String, Vec<u8>)>>,
+    /// Equivocation evidence a site's replica kept (`ledger_conflicts`).
+    pub conflicts: Vec<Conflict>,
     pub source: String,
 }
 
@@ -94,11 +97,13 @@ async fn load(addr: &str, path: Option<&PathBuf>) -> Result<Loaded, CliError> {
                 .await
                 .map_err(|e| CliError::User(format!("{} is not a Tessera ledger: {e}", path.display())))?;
             let models = store.models().await.context("cannot read models")?;
+            let conflicts = store.conflicts().await.context("cannot read equivocation evidence")?;
             let (blocks, hashes) = stored.into_iter().unzip();
             Ok(Loaded {
                 blocks,
                 stored_hashes: Some(hashes),
                 models,
+                conflicts,
                 source: path.display().to_string(),
             })
         }
@@ -123,15 +128,23 @@ async fn load(addr: &str, path: Option<&PathBuf>) -> Result<Loaded, CliError> {
                 blocks,
                 stored_hashes: None,
                 models: None,
+                conflicts: Vec::new(),
                 source: addr.to_owned(),
             })
         }
     }
 }
 
-/// The verdict on a loaded chain: the chain rules, then the stored models.
+/// The verdict on a loaded chain: the chain rules, the equivocation
+/// evidence, then the stored models.
 pub(crate) fn verdict(loaded: &Loaded) -> Result<(Report, usize), String> {
     let report = verify_chain(&loaded.blocks, loaded.stored_hashes.as_deref()).map_err(|e| e.to_string())?;
+    let coordinator: [u8; 32] = hex::decode(&report.genesis.coordinator_key)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .expect("a verified genesis has a 32-byte coordinator key");
+    let hashes: Vec<[u8; 32]> = loaded.blocks.iter().map(Block::hash).collect();
+    check_conflicts(&hashes, &coordinator, &loaded.conflicts).map_err(|e| e.to_string())?;
     let Some(models) = &loaded.models else {
         return Ok((report, 0));
     };
@@ -276,7 +289,7 @@ pub(crate) async fn exec(addr: &str, cmd: LedgerCommand) -> CliResult {
                     );
                     println!("  block {} ({})", c.block_height, hex::encode(c.block_hash));
                     println!(
-                        "  endorsed by {} of quorum {}: {}",
+                        "  endorsed by {} (genesis majority {}): {}",
                         c.endorsed_by.len(),
                         c.quorum,
                         c.endorsed_by.join(", ")
@@ -309,7 +322,7 @@ pub(crate) fn summary(payload: &Payload) -> String {
     let short = |h: &str| h.chars().take(12).collect::<String>();
     match payload {
         Payload::Genesis(g) => format!(
-            "consortium `{}`: {} sites, quorum {}",
+            "consortium `{}`: {} sites, quorum {} (a majority of the current members)",
             g.consortium,
             g.sites.len(),
             g.quorum

@@ -4,12 +4,17 @@
 //! byte-for-byte specification this module implements; an independent
 //! verifier (`scripts/verify_ledger.py`) is written from that page alone.
 
+#[cfg(any(test, feature = "testkit"))]
+pub mod corpus;
+pub mod equivocation;
 pub mod merkle;
 pub mod payload;
 pub mod pin;
 pub mod receipt;
 #[cfg(feature = "io")]
 pub mod store;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod verify;
 pub mod writer;
 
@@ -31,6 +36,8 @@ pub const ENDORSE_DOMAIN: &[u8] = b"tessera/ledger/v1/endorse";
 
 /// Prefix of the message a site signs to accept or reject a job.
 pub const DECISION_DOMAIN: &[u8] = b"tessera/ledger/v1/job-decision";
+/// Domain of a site's old key consenting to its replacement.
+pub const ROTATION_DOMAIN: &[u8] = b"tessera/ledger/v1/key-rotation";
 
 /// What a block records. The numbers are part of the format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -215,6 +222,25 @@ pub fn verify_decision(
     signature: &[u8],
 ) -> bool {
     verify_signature(site_key, &decision_message(job_id, job_sha256, accepted), signature)
+}
+
+/// The bytes a site's *old* key signs to hand its membership to a new key:
+/// the domain, u16 BE length of the site id, the id's UTF-8 bytes and the
+/// new 32-byte public key. Without it a coordinator (or a CA) could swap a
+/// site's key for one it holds and endorse in the site's name.
+pub fn rotation_message(site: &SiteId, new_key: &[u8; 32]) -> Vec<u8> {
+    let id = site.as_str().as_bytes();
+    let len = u16::try_from(id.len()).expect("site ids are short");
+    [ROTATION_DOMAIN, &len.to_be_bytes(), id, new_key.as_slice()].concat()
+}
+
+/// The old key's consent to a key rotation.
+pub fn sign_rotation(old_key: &SigningKey, site: &SiteId, new_key: &[u8; 32]) -> Vec<u8> {
+    old_key.sign(&rotation_message(site, new_key))
+}
+
+pub fn verify_rotation(old_key: &[u8; 32], site: &SiteId, new_key: &[u8; 32], signature: &[u8]) -> bool {
+    verify_signature(old_key, &rotation_message(site, new_key), signature)
 }
 
 #[cfg(test)]

@@ -149,6 +149,10 @@ pub struct MembershipChange {
     pub change: String,
     pub site: Member,
     pub reason: String,
+    /// `key_rotated` only: hex signature by the site's old key over
+    /// `rotation_message` (the old key hands over to the new one).
+    #[serde(default)]
+    pub rotation_signature: Option<String>,
 }
 
 /// A payload of any kind, parsed.

@@ -215,11 +215,11 @@ pub fn check(receipt: &Receipt) -> Result<Checked, ReceiptError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::tamper_tests::TestConsortium;
+    use crate::ledger::testkit::TestConsortium;
 
     #[test]
     fn a_receipt_proves_inclusion_and_any_change_breaks_it() {
-        let mut c = TestConsortium::new(5, 3);
+        let mut c = TestConsortium::new(5);
         c.job(1, 2);
         let round_block = c
             .blocks

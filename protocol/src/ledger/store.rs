@@ -8,6 +8,7 @@ use std::str::FromStr;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection};
 
+use super::equivocation::Conflict;
 use super::writer::Tip;
 use super::{Block, Endorsement, Header};
 use crate::ids::SiteId;
@@ -25,6 +26,12 @@ CREATE TABLE IF NOT EXISTS ledger_endorsements (
     site_id   TEXT    NOT NULL,
     signature BLOB    NOT NULL,
     PRIMARY KEY (height, site_id)
+);
+CREATE TABLE IF NOT EXISTS ledger_conflicts (
+    height    INTEGER NOT NULL,
+    header    BLOB    NOT NULL,
+    signature BLOB    NOT NULL,
+    PRIMARY KEY (height, header)
 );
 ";
 
@@ -183,6 +190,45 @@ impl LedgerStore {
     pub async fn add_endorsement(&self, height: u64, e: &Endorsement) -> sqlx::Result<()> {
         let mut conn = self.pool.acquire().await?;
         Self::endorse_in(&mut conn, height, e).await
+    }
+
+    /// Keeps proof that the coordinator signed another block at a height
+    /// this file holds (the caller has checked it with `equivocation`).
+    pub async fn add_conflict(&self, c: &Conflict) -> sqlx::Result<()> {
+        sqlx::query("INSERT OR IGNORE INTO ledger_conflicts (height, header, signature) VALUES (?, ?, ?)")
+            .bind(c.height as i64)
+            .bind(&c.header)
+            .bind(&c.signature)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Stored equivocation evidence; none in a file without the table (a
+    /// ledger written before it existed).
+    pub async fn conflicts(&self) -> sqlx::Result<Vec<Conflict>> {
+        let has_table: Option<(String,)> =
+            sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'ledger_conflicts'")
+                .fetch_optional(&self.pool)
+                .await?;
+        if has_table.is_none() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query("SELECT height, header, signature FROM ledger_conflicts ORDER BY height")
+            .fetch_all(&self.pool)
+            .await?;
+        // A hand-edited table (text, NULL, negative heights) is an error the
+        // caller reports, never a panic.
+        rows.into_iter()
+            .map(|r| {
+                let height: i64 = r.try_get("height")?;
+                Ok(Conflict {
+                    height: u64::try_from(height).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                    header: r.try_get("header")?,
+                    signature: r.try_get("signature")?,
+                })
+            })
+            .collect()
     }
 
     /// Stored models (hash, bytes), when this file holds them (the

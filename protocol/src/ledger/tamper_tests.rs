@@ -4,177 +4,11 @@
 use proptest::prelude::*;
 
 use super::payload::*;
+use super::testkit::{TestConsortium, key};
 use super::verify::{Problem, verify_chain};
 use super::writer::ChainWriter;
 use super::*;
 use crate::ids::sha256_hex;
-
-pub(crate) struct TestConsortium {
-    pub sites: Vec<(SiteId, SigningKey)>,
-    pub writer: ChainWriter,
-    pub blocks: Vec<Block>,
-}
-
-fn key() -> SigningKey {
-    SigningKey::from_pkcs8(&SigningKey::generate_pkcs8()).unwrap()
-}
-
-impl TestConsortium {
-    pub fn new(n_sites: usize, quorum: usize) -> Self {
-        let sites: Vec<(SiteId, SigningKey)> = (0..n_sites)
-            .map(|i| (SiteId::new(&format!("site-{i}")).unwrap(), key()))
-            .collect();
-        let writer = ChainWriter::new(key(), None);
-        let genesis = Payload::Genesis(Genesis {
-            consortium: "test".into(),
-            coordinator_key: hex::encode(writer.public_key()),
-            sites: sites
-                .iter()
-                .map(|(id, k)| Member {
-                    id: id.to_string(),
-                    key: hex::encode(k.public_key()),
-                    certificate_sha256: None,
-                })
-                .collect(),
-            quorum,
-            software: "test".into(),
-        });
-        let mut c = Self {
-            sites,
-            writer,
-            blocks: Vec::new(),
-        };
-        c.append(&genesis);
-        c
-    }
-
-    /// Appends a block endorsed by every site.
-    pub fn append(&mut self, payload: &Payload) {
-        let (mut block, tip) = self.writer.next_block(payload, 1_000 + self.blocks.len() as u64);
-        let hash = block.hash();
-        block.endorsements = self
-            .sites
-            .iter()
-            .map(|(id, k)| Endorsement {
-                site: id.clone(),
-                signature: endorse(k, &hash),
-            })
-            .collect();
-        self.writer.commit(tip);
-        self.blocks.push(block);
-    }
-
-    /// A job: created, accepted by every site, `rounds` rounds with their
-    /// metrics, ended.
-    pub fn job(&mut self, job_id: u64, rounds: u32) {
-        let toml = format!("name = \"job {job_id}\"");
-        self.append(&Payload::JobCreated(JobCreated {
-            job_id,
-            name: format!("job {job_id}"),
-            job_sha256: sha256_hex(toml.as_bytes()),
-            job_toml: toml.clone(),
-            software: "test".into(),
-            insecure_transport: false,
-        }));
-        let job_hash: [u8; 32] = sha256(toml.as_bytes());
-        let decisions: Vec<Payload> = self
-            .sites
-            .iter()
-            .map(|(id, k)| {
-                Payload::JobAccepted(JobAccepted {
-                    job_id,
-                    site: id.to_string(),
-                    job_sha256: hex::encode(job_hash),
-                    accepted: true,
-                    reason: "within policy".into(),
-                    signature: hex::encode(sign_decision(k, job_id, &job_hash, true)),
-                })
-            })
-            .collect();
-        for d in &decisions {
-            self.append(d);
-        }
-        let mut model = sha256_hex(&job_id.to_be_bytes());
-        for round in 1..=rounds {
-            let next = sha256_hex(format!("{job_id}/{round}").as_bytes());
-            self.append(&Payload::RoundCompleted(Box::new(
-                self.round(job_id, round, &model, &next),
-            )));
-            self.append(&Payload::Metrics(Metrics {
-                job_id,
-                model_of_round: round,
-                model_sha256: next.clone(),
-                sites: vec![],
-                pooled: None,
-            }));
-            model = next;
-        }
-        self.append(&Payload::JobEnded(JobEnded {
-            job_id,
-            status: "finished".into(),
-            reason: String::new(),
-            rounds_done: rounds,
-            final_model_sha256: Some(model),
-        }));
-    }
-
-    /// A site rotates its key: the change block is endorsed under the old
-    /// key, later blocks under the new one.
-    pub fn rotate_key(&mut self, index: usize) {
-        let new = key();
-        let change = Payload::MembershipChange(MembershipChange {
-            change: "key_rotated".into(),
-            site: Member {
-                id: self.sites[index].0.to_string(),
-                key: hex::encode(new.public_key()),
-                certificate_sha256: None,
-            },
-            reason: "scheduled rotation".into(),
-        });
-        self.append(&change);
-        self.sites[index].1 = new;
-    }
-
-    pub fn round(&self, job_id: u64, round: u32, base: &str, model: &str) -> RoundCompleted {
-        let commitments: Vec<Commitment> = self
-            .sites
-            .iter()
-            .map(|(id, _)| Commitment {
-                site: id.to_string(),
-                sha256: sha256_hex(format!("{id}/{job_id}/{round}").as_bytes()),
-            })
-            .collect();
-        let leaves: Vec<Vec<u8>> = commitments
-            .iter()
-            .map(|c| {
-                merkle::leaf(
-                    &SiteId::new(&c.site).unwrap(),
-                    &hex::decode(&c.sha256).unwrap().try_into().unwrap(),
-                )
-            })
-            .collect();
-        RoundCompleted {
-            job_id,
-            round,
-            contributors: commitments.iter().map(|c| c.site.clone()).collect(),
-            dropouts: vec![],
-            commitment_root: hex::encode(merkle::root(&leaves)),
-            commitments,
-            aggregate_sha256: sha256_hex(b"aggregate"),
-            base_model_sha256: base.into(),
-            model_sha256: model.into(),
-            n_params: 10,
-            total_weight: 1.0,
-            strategy: "fedavg".into(),
-            config_sha256: sha256_hex(b"config"),
-            secure_aggregation: true,
-            clip_norm: Some(10.0),
-            quantization_bits: Some(24),
-            transcript: None,
-            privacy_epsilon: None,
-        }
-    }
-}
 
 fn fails_at(blocks: &[Block], height: u64) -> Result<(), TestCaseError> {
     match verify_chain(blocks, None) {
@@ -190,7 +24,7 @@ fn fails_at(blocks: &[Block], height: u64) -> Result<(), TestCaseError> {
 
 #[test]
 fn an_untouched_ledger_verifies_and_lists_its_models() {
-    let mut c = TestConsortium::new(4, 3);
+    let mut c = TestConsortium::new(4);
     c.job(1, 3);
     c.job(2, 2);
     let report = verify_chain(&c.blocks, None).unwrap();
@@ -201,7 +35,7 @@ fn an_untouched_ledger_verifies_and_lists_its_models() {
 
 #[test]
 fn a_removed_endorsement_in_the_middle_is_detected_but_a_pending_tail_is_not_an_error() {
-    let mut c = TestConsortium::new(4, 3);
+    let mut c = TestConsortium::new(4);
     c.job(1, 2);
     let last = c.blocks.len() - 1;
     c.blocks[last].endorsements.truncate(2);
@@ -214,7 +48,7 @@ fn a_removed_endorsement_in_the_middle_is_detected_but_a_pending_tail_is_not_an_
 
 #[test]
 fn a_round_that_does_not_start_from_the_previous_model_is_refused() {
-    let mut c = TestConsortium::new(3, 2);
+    let mut c = TestConsortium::new(3);
     let toml = "name = \"j\"".to_owned();
     c.append(&Payload::JobCreated(JobCreated {
         job_id: 1,
@@ -235,7 +69,7 @@ fn a_round_that_does_not_start_from_the_previous_model_is_refused() {
 
 #[test]
 fn a_job_decision_must_be_signed_by_the_site_it_names() {
-    let mut c = TestConsortium::new(3, 2);
+    let mut c = TestConsortium::new(3);
     c.job(1, 0);
     c.blocks.pop(); // job_ended: decisions may still come
     let toml = "name = \"job 1\"";
@@ -279,7 +113,7 @@ fn a_job_decision_must_be_signed_by_the_site_it_names() {
 
 #[test]
 fn membership_changes_decide_who_may_endorse() {
-    let mut c = TestConsortium::new(3, 2);
+    let mut c = TestConsortium::new(3);
     let newcomer = key();
     let revoked = c.sites.remove(0);
     c.append(&Payload::MembershipChange(MembershipChange {
@@ -290,6 +124,7 @@ fn membership_changes_decide_who_may_endorse() {
             certificate_sha256: None,
         },
         reason: "left the consortium".into(),
+        rotation_signature: None,
     }));
     let newcomer_key = hex::encode(newcomer.public_key());
     c.sites.push((SiteId::new("newcomer").unwrap(), newcomer));
@@ -304,6 +139,7 @@ fn membership_changes_decide_who_may_endorse() {
             certificate_sha256: None,
         },
         reason: "joined".into(),
+        rotation_signature: None,
     });
     c.append(&add);
     let e = verify_chain(&c.blocks, None).unwrap_err();
@@ -362,7 +198,7 @@ proptest! {
         target: prop::sample::Index,
         how in tamper(),
     ) {
-        let mut c = TestConsortium::new(n_sites, n_sites - 1);
+        let mut c = TestConsortium::new(n_sites);
         for (i, rounds) in jobs.iter().enumerate() {
             c.job(i as u64 + 1, *rounds);
             c.rotate_key(i % n_sites);
@@ -432,4 +268,47 @@ proptest! {
         }
         fails_at(blocks, at as u64)?;
     }
+}
+
+/// A coordinator (or CA) that swaps a site's key for one it holds cannot
+/// make the swap stick: a rotation needs the old key's signature, and a
+/// majority of the *other* members must endorse it.
+#[test]
+fn adversarial_key_swap_needs_the_old_key_and_a_majority_without_the_site() {
+    let mut c = TestConsortium::new(3);
+    let id = c.sites[0].0.clone();
+    let attacker = key();
+    let swap = |signature: Option<Vec<u8>>| {
+        Payload::MembershipChange(MembershipChange {
+            change: "key_rotated".into(),
+            site: Member {
+                id: id.to_string(),
+                key: hex::encode(attacker.public_key()),
+                certificate_sha256: None,
+            },
+            reason: "rotation".into(),
+            rotation_signature: signature.map(hex::encode),
+        })
+    };
+    for signature in [
+        None,
+        Some(sign_rotation(&attacker, &id, &attacker.public_key())),
+        Some(vec![0; 64]),
+    ] {
+        let mut forged = TestConsortium::new(3);
+        forged.sites = c.sites.iter().map(|(i, _)| (i.clone(), key())).collect();
+        let mut chain = c.blocks.clone();
+        let tip = c.tip_at(chain.len() - 1);
+        chain.push(c.writer.block_after(Some(tip), &swap(signature), 5_000).0);
+        let e = verify_chain(&chain, None).unwrap_err();
+        assert_eq!(e.height, 1);
+        assert!(e.to_string().contains("not signed by its old key"), "{e}");
+    }
+    // With the old key's consent but endorsed only by the rotating site and
+    // one other of three: 1 of the 2 others is no majority.
+    let consent = sign_rotation(&c.sites[0].1, &id, &attacker.public_key());
+    c.append(&swap(Some(consent)));
+    c.blocks[1].endorsements.truncate(1);
+    let report = verify_chain(&c.blocks, None).unwrap();
+    assert_eq!(report.first_pending, Some((1, 0, 2)));
 }

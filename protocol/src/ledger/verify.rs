@@ -52,6 +52,13 @@ pub enum Problem {
     NotFinal { have: usize, need: usize },
     #[error("{0}")]
     Semantics(String),
+    #[error(
+        "equivocation: the coordinator also signed a different block at this height ({0}); \
+         two sites were shown two histories"
+    )]
+    Equivocation(String),
+    #[error("equivocation evidence is not valid: {0}")]
+    Evidence(String),
 }
 
 /// What a valid chain holds.
@@ -75,9 +82,32 @@ pub struct Verified {
     pub hash: [u8; 32],
     /// Members whose valid endorsements the block carries.
     pub endorsers: BTreeSet<SiteId>,
-    /// The members who may endorse this block (the membership before a
-    /// change it makes).
+    /// The members whose endorsement keys this block is checked against
+    /// (the membership before a change it makes).
     pub members: Members,
+    /// A membership change's subject: its endorsement is checked but never
+    /// counted, so no site can approve its own rotation or revocation.
+    pub subject: Option<SiteId>,
+    /// Counted endorsements that make this block final.
+    pub need: usize,
+}
+
+impl Verified {
+    /// Endorsements in `endorsers` that count towards finality.
+    pub fn counted(&self, endorsers: &BTreeSet<SiteId>) -> usize {
+        endorsers.iter().filter(|s| Some(*s) != self.subject.as_ref()).count()
+    }
+
+    /// Whether `endorsers` make this block final.
+    pub fn is_final_with(&self, endorsers: &BTreeSet<SiteId>) -> bool {
+        self.counted(endorsers) >= self.need
+    }
+}
+
+/// A strict majority of `n` members: two blocks at one height can both be
+/// final only if some member endorsed both, which an honest site never does.
+pub fn majority(n: usize) -> usize {
+    n / 2 + 1
 }
 
 #[derive(Default, Clone)]
@@ -129,13 +159,6 @@ impl Verifier {
         self.genesis.as_ref().map(|(g, _)| g)
     }
 
-    /// Endorsement quorum at the current height.
-    pub fn quorum(&self) -> usize {
-        self.genesis
-            .as_ref()
-            .map_or(usize::MAX, |(g, _)| g.quorum.min(self.members.len()).max(1))
-    }
-
     /// The members who may endorse the next block.
     pub fn members(&self) -> &Members {
         &self.members
@@ -183,6 +206,16 @@ impl Verifier {
         if !verify_block_signature(&coordinator_key, &hash, &block.signature) {
             return Err(Problem::Signature);
         }
+        let subject = match &payload {
+            Payload::MembershipChange(c) => Some(SiteId::new(&c.site.id).map_err(|e| bad(header.kind, e.to_string()))?),
+            _ => None,
+        };
+        // A majority of *all* members before the block, the subject of a
+        // change included, even though its own endorsement is not counted:
+        // two final blocks at one height then always share an endorser. (A
+        // majority of the others would let "revoke S" and "revoke T" both be
+        // final in a consortium of two, each endorsed by the other site.)
+        let need = majority(members.len());
         let mut endorsers = BTreeSet::new();
         for e in &block.endorsements {
             let key = members
@@ -219,6 +252,8 @@ impl Verifier {
             hash,
             endorsers,
             members,
+            subject,
+            need,
         })
     }
 
@@ -289,10 +324,15 @@ fn genesis_members(g: &Genesis) -> Result<([u8; 32], Members), Problem> {
             return Err(bad(Kind::Genesis, format!("site `{}` listed twice", m.id)));
         }
     }
-    if g.quorum == 0 || g.quorum > members.len() {
+    if g.quorum != majority(members.len()) {
         return Err(bad(
             Kind::Genesis,
-            format!("quorum {} for {} sites", g.quorum, members.len()),
+            format!(
+                "quorum {} for {} sites; it must be their majority, {}",
+                g.quorum,
+                members.len(),
+                majority(members.len())
+            ),
         ));
     }
     Ok((coordinator, members))
@@ -308,6 +348,27 @@ fn apply_change(members: &mut Members, change: &super::payload::MembershipChange
     let kind = Kind::MembershipChange;
     let (id, key) = member_entry(&change.site).map_err(|e| bad(kind, e))?;
     let present = members.contains_key(&id);
+    // Well-formed whenever present (lowercase hex of 64 bytes), as the
+    // independent verifier reads the specification.
+    if let Some(s) = &change.rotation_signature
+        && (s.len() != 128 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    {
+        return Err(bad(kind, "rotation_signature is not 64 bytes of lowercase hex"));
+    }
+    if change.change == "key_rotated" && present {
+        let old = members[&id];
+        let consent = change
+            .rotation_signature
+            .as_deref()
+            .and_then(|s| hex::decode(s).ok())
+            .is_some_and(|sig| super::verify_rotation(&old, &id, &key, &sig));
+        if !consent {
+            return Err(bad(
+                kind,
+                format!("key rotation of `{}` is not signed by its old key", change.site.id),
+            ));
+        }
+    }
     match change.change.as_str() {
         "site_added" if !present => members.insert(id, key),
         "key_rotated" if present => members.insert(id, key),
@@ -372,7 +433,7 @@ pub fn verify_chain(blocks: &[Block], stored_hashes: Option<&[[u8; 32]]>) -> Res
     let mut first_pending: Option<(u64, usize, usize)> = None;
     for (i, block) in blocks.iter().enumerate() {
         let height = i as u64;
-        let endorsements = verifier.push(block)?.endorsers.len();
+        let verified = verifier.push(block)?;
         if let Some(stored) = stored_hashes
             && stored.get(i) != Some(&block.hash())
         {
@@ -381,7 +442,7 @@ pub fn verify_chain(blocks: &[Block], stored_hashes: Option<&[[u8; 32]]>) -> Res
                 problem: Problem::StoredHash,
             });
         }
-        let need = verifier.quorum();
+        let (endorsements, need) = (verified.counted(&verified.endorsers), verified.need);
         if endorsements < need {
             first_pending.get_or_insert((height, endorsements, need));
         } else if let Some((h, have, need)) = first_pending {

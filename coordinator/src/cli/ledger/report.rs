@@ -46,7 +46,8 @@ pub(crate) fn render(loaded: &Loaded) -> String {
             let _ = write!(
                 h,
                 "<h2>Members at genesis</h2><table><tr><th>site</th><th>Ed25519 key</th></tr>{}</table>\
-                 <p>Coordinator key <code>{}</code>; a block is final with {} endorsements.</p>",
+                 <p>Coordinator key <code>{}</code>; a block is final when a majority of the members at that block \
+                 endorse it ({} of the genesis members; the subject of a membership change does not count).</p>",
                 r.genesis
                     .sites
                     .iter()
@@ -139,7 +140,7 @@ pub(crate) fn render(loaded: &Loaded) -> String {
         });
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} (quorum {}): {}</td>\
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} (majority at genesis {}): {}</td>\
              <td><code>{}</code></td><td>{}</td></tr>",
             header.height,
             r.job_id,

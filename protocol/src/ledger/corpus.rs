@@ -1,0 +1,328 @@
+//! The shared corpus: ledgers, valid and invalid, with the verdict the
+//! specification (`docs/ledger-format.md`) gives each. The workspace's tests
+//! write every case to an SQLite file and run both verifiers on it
+//! (`tessera ledger verify` and `scripts/verify_ledger.py`): they must agree
+//! with each other and with the verdict. Cases concentrate on the rules two
+//! independent readers of the page could read differently: finality under
+//! membership changes, key rotation, equivocation evidence.
+
+use super::equivocation::Conflict;
+use super::payload::*;
+use super::testkit::{TestConsortium, key};
+use super::*;
+use crate::ids::sha256_hex;
+
+/// What a verifier must say about a case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Intact and final: exit 0.
+    Final,
+    /// Intact, but blocks from `first` on lack their quorum: exit 1, or 0
+    /// with `--allow-pending`.
+    Pending { first: u64 },
+    /// Invalid at `height`: exit 1 whatever the options, naming the height.
+    Invalid { height: u64 },
+}
+
+/// One ledger of the corpus.
+pub struct Case {
+    pub name: &'static str,
+    pub blocks: Vec<Block>,
+    /// Rows of `ledger_conflicts`.
+    pub conflicts: Vec<Conflict>,
+    pub expect: Expect,
+}
+
+fn case(name: &'static str, c: TestConsortium, expect: Expect) -> Case {
+    Case {
+        name,
+        blocks: c.blocks,
+        conflicts: Vec::new(),
+        expect,
+    }
+}
+
+fn last(c: &TestConsortium) -> u64 {
+    c.blocks.len() as u64 - 1
+}
+
+/// Keeps only the endorsements of `block` by the sites at `keep` indexes.
+fn endorsed_by(c: &mut TestConsortium, block: usize, keep: &[usize]) {
+    let names: Vec<SiteId> = keep.iter().map(|&i| c.sites[i].0.clone()).collect();
+    c.blocks[block].endorsements.retain(|e| names.contains(&e.site));
+}
+
+fn change(kind: &str, id: &SiteId, key: [u8; 32], rotation_signature: Option<Vec<u8>>) -> Payload {
+    Payload::MembershipChange(MembershipChange {
+        change: kind.into(),
+        site: Member {
+            id: id.to_string(),
+            key: hex::encode(key),
+            certificate_sha256: None,
+        },
+        reason: "corpus".into(),
+        rotation_signature: rotation_signature.map(hex::encode),
+    })
+}
+
+fn ended(job_id: u64, reason: &str) -> Payload {
+    Payload::JobEnded(JobEnded {
+        job_id,
+        status: "cancelled".into(),
+        reason: reason.into(),
+        rounds_done: 0,
+        final_model_sha256: None,
+    })
+}
+
+fn created(job_id: u64) -> Payload {
+    let toml = format!("name = \"corpus {job_id}\"");
+    Payload::JobCreated(JobCreated {
+        job_id,
+        name: format!("corpus {job_id}"),
+        job_sha256: sha256_hex(toml.as_bytes()),
+        job_toml: toml,
+        software: "corpus".into(),
+        insecure_transport: false,
+    })
+}
+
+/// Every case. Keys are fresh on each call; verdicts do not depend on them.
+pub fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+
+    let mut c = TestConsortium::new(3);
+    c.job(1, 2);
+    out.push(case("final", c, Expect::Final));
+
+    let mut c = TestConsortium::new(3);
+    c.job(1, 1);
+    let tip = c.blocks.len() - 1;
+    endorsed_by(&mut c, tip, &[0]);
+    let first = last(&c);
+    out.push(case("pending_tail", c, Expect::Pending { first }));
+
+    let mut c = TestConsortium::new(4);
+    c.job(1, 1);
+    endorsed_by(&mut c, 2, &[0, 1]);
+    out.push(case("endorsements_removed_mid_chain", c, Expect::Invalid { height: 2 }));
+
+    let mut c = TestConsortium::new(3);
+    c.rotate_key(1);
+    c.job(1, 1);
+    out.push(case("key_rotation_signed_by_old_key", c, Expect::Final));
+
+    // The coordinator swaps a site's key for one it holds: no consent.
+    let mut c = TestConsortium::new(3);
+    let (id, new) = (c.sites[1].0.clone(), key());
+    c.append(&change("key_rotated", &id, new.public_key(), None));
+    out.push(case("key_rotation_without_old_key", c, Expect::Invalid { height: 1 }));
+
+    // Signed by the new key only: whoever holds it consents to nothing.
+    let mut c = TestConsortium::new(3);
+    let (id, new) = (c.sites[1].0.clone(), key());
+    let signature = sign_rotation(&new, &id, &new.public_key());
+    c.append(&change("key_rotated", &id, new.public_key(), Some(signature)));
+    out.push(case("key_rotation_signed_by_new_key", c, Expect::Invalid { height: 1 }));
+
+    // 4 members; the rotating site's own endorsement does not count, so
+    // itself and one other (1 of the 3 others) leave the block pending, and a
+    // final block after it makes the chain invalid.
+    let mut c = TestConsortium::new(4);
+    c.rotate_key(0);
+    endorsed_by(&mut c, 1, &[0, 1]);
+    c.job(1, 0);
+    out.push(case(
+        "key_rotation_endorsed_by_itself",
+        c,
+        Expect::Invalid { height: 1 },
+    ));
+
+    // A rotation signature, even where it is ignored, must be well-formed.
+    let mut c = TestConsortium::new(3);
+    let (id, old) = (c.sites[0].0.clone(), c.sites[0].1.public_key());
+    let mut revocation = change("site_revoked", &id, old, None);
+    if let Payload::MembershipChange(m) = &mut revocation {
+        m.rotation_signature = Some("AB".repeat(64));
+    }
+    c.append(&revocation);
+    out.push(case("malformed_rotation_signature", c, Expect::Invalid { height: 1 }));
+
+    // A block is judged whole before the order of finality: an unconsented
+    // rotation after a pending block is invalid at its own height.
+    let mut c = TestConsortium::new(3);
+    c.append(&created(1));
+    endorsed_by(&mut c, 1, &[0]);
+    let (id, new) = (c.sites[2].0.clone(), key());
+    c.append(&change("key_rotated", &id, new.public_key(), None));
+    out.push(case(
+        "bad_rotation_after_pending_block",
+        c,
+        Expect::Invalid { height: 2 },
+    ));
+
+    // Revocation endorsed by the two remaining members: a majority of 3.
+    let mut c = TestConsortium::new(3);
+    let (id, old) = (c.sites[0].0.clone(), c.sites[0].1.public_key());
+    c.append(&change("site_revoked", &id, old, None));
+    c.sites.remove(0);
+    c.job(1, 1);
+    out.push(case("site_revoked", c, Expect::Final));
+
+    // The revoked site's endorsement of its own revocation does not count.
+    let mut c = TestConsortium::new(3);
+    let (id, old) = (c.sites[0].0.clone(), c.sites[0].1.public_key());
+    c.append(&change("site_revoked", &id, old, None));
+    endorsed_by(&mut c, 1, &[0, 1]);
+    out.push(case("site_revoked_counting_itself", c, Expect::Pending { first: 1 }));
+
+    // Two members, each shown the other's revocation: the subject counts in
+    // the majority (2 of 2), so neither revocation can be final.
+    let mut c = TestConsortium::new(2);
+    let (id, old) = (c.sites[0].0.clone(), c.sites[0].1.public_key());
+    c.append(&change("site_revoked", &id, old, None));
+    endorsed_by(&mut c, 1, &[1]);
+    out.push(case(
+        "revocation_in_a_consortium_of_two",
+        c,
+        Expect::Pending { first: 1 },
+    ));
+
+    // Quorum is a majority of the *current* members: after two of five
+    // leave, two endorsements of three members make a block final.
+    let mut c = TestConsortium::new(5);
+    for _ in 0..2 {
+        let (id, old) = (c.sites[0].0.clone(), c.sites[0].1.public_key());
+        c.append(&change("site_revoked", &id, old, None));
+        c.sites.remove(0);
+    }
+    c.append(&created(1));
+    let tip = c.blocks.len() - 1;
+    endorsed_by(&mut c, tip, &[0, 1]);
+    out.push(case("quorum_follows_membership", c, Expect::Final));
+
+    // A member added: later blocks need a majority of four.
+    let mut c = TestConsortium::new(3);
+    let newcomer = key();
+    let id = SiteId::new("site-new").unwrap();
+    c.append(&change("site_added", &id, newcomer.public_key(), None));
+    c.sites.push((id, newcomer));
+    c.append(&created(1));
+    let tip = c.blocks.len() - 1;
+    endorsed_by(&mut c, tip, &[0, 1]);
+    out.push(case("site_added_raises_quorum", c, Expect::Pending { first: 2 }));
+
+    // Genesis must declare the majority of its sites.
+    let mut c = TestConsortium::new(4);
+    let genesis = match Payload::parse(Kind::Genesis, &c.blocks[0].payload).unwrap() {
+        Payload::Genesis(g) => Genesis { quorum: 2, ..g },
+        _ => unreachable!(),
+    };
+    c.blocks.clear();
+    c.writer = writer::ChainWriter::new(key(), None);
+    let genesis = Payload::Genesis(Genesis {
+        coordinator_key: hex::encode(c.writer.public_key()),
+        ..genesis
+    });
+    c.append(&genesis);
+    out.push(case("genesis_quorum_below_majority", c, Expect::Invalid { height: 0 }));
+
+    // Equivocation: a second coordinator-signed block at the tip's height,
+    // stored by a site that received it through a relayed endorsement.
+    for (name, endorse_tip) in [("equivocation_final_tip", true), ("equivocation_pending_tip", false)] {
+        let mut c = TestConsortium::new(3);
+        c.job(1, 0);
+        c.blocks.pop();
+        c.append(&ended(1, "this branch"));
+        if !endorse_tip {
+            let tip = c.blocks.len() - 1;
+            endorsed_by(&mut c, tip, &[0]);
+        }
+        let other = c.sibling_of_tip(&ended(1, "the other branch"));
+        let height = last(&c);
+        out.push(Case {
+            name,
+            conflicts: vec![Conflict {
+                height,
+                header: other.header,
+                signature: other.signature,
+            }],
+            ..case(name, c, Expect::Invalid { height })
+        });
+    }
+
+    // Evidence that proves nothing (not the coordinator's signature) is a
+    // tampered file, not an equivocation; it is refused all the same.
+    let mut c = TestConsortium::new(3);
+    c.job(1, 1);
+    let other = c.sibling_of_tip(&ended(1, "forged"));
+    let forged = sign_block(&c.sites[0].1, &other.hash());
+    let height = last(&c);
+    out.push(Case {
+        name: "evidence_not_signed_by_coordinator",
+        conflicts: vec![Conflict {
+            height,
+            header: other.header,
+            signature: forged,
+        }],
+        ..case("", c, Expect::Invalid { height })
+    });
+
+    // An outsider's endorsement.
+    let mut c = TestConsortium::new(3);
+    c.job(1, 1);
+    let outsider = key();
+    let hash = c.blocks[3].hash();
+    c.blocks[3].endorsements.push(Endorsement {
+        site: SiteId::new("outsider").unwrap(),
+        signature: endorse(&outsider, &hash),
+    });
+    out.push(case("endorsement_by_non_member", c, Expect::Invalid { height: 3 }));
+
+    // A payload changed after signing.
+    let mut c = TestConsortium::new(3);
+    c.job(1, 1);
+    let byte = c.blocks[2].payload.len() / 2;
+    c.blocks[2].payload[byte] ^= 1;
+    out.push(case("payload_edited", c, Expect::Invalid { height: 2 }));
+
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::equivocation::check_conflicts;
+    use crate::ledger::verify::verify_chain;
+
+    /// The Rust verifier's verdict on a case, in the corpus's terms.
+    pub fn verdict(case: &Case) -> Expect {
+        let report = match verify_chain(&case.blocks, None) {
+            Ok(r) => r,
+            Err(e) => return Expect::Invalid { height: e.height },
+        };
+        let hashes: Vec<[u8; 32]> = case.blocks.iter().map(Block::hash).collect();
+        let coordinator: [u8; 32] = hex::decode(&report.genesis.coordinator_key)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        if let Err(e) = check_conflicts(&hashes, &coordinator, &case.conflicts) {
+            return Expect::Invalid { height: e.height };
+        }
+        match report.first_pending {
+            Some((first, _, _)) => Expect::Pending { first },
+            None => Expect::Final,
+        }
+    }
+
+    #[test]
+    fn the_rust_verifier_gives_every_corpus_case_its_verdict() {
+        let cases = cases();
+        assert!(cases.len() >= 15);
+        let mut names = std::collections::BTreeSet::new();
+        for case in &cases {
+            assert!(names.insert(case.name), "two cases named {}", case.name);
+            assert_eq!(verdict(case), case.expect, "case {}", case.name);
+        }
+    }
+}
