@@ -5,127 +5,43 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tessera_protocol::ids::{SiteId, sha256_hex};
-use tessera_protocol::ledger::payload::{Commitment, Genesis, JobCreated, Member, Payload, RoundCompleted};
+use tessera_protocol::ids::sha256_hex;
+use tessera_protocol::ledger::endorse;
+use tessera_protocol::ledger::payload::{JobCreated, Payload};
+use tessera_protocol::ledger::testkit::TestConsortium;
 use tessera_protocol::ledger::verify::{Verifier, verify_chain};
-use tessera_protocol::ledger::writer::ChainWriter;
-use tessera_protocol::ledger::{Block, Endorsement, endorse, merkle};
-use tessera_protocol::secagg::crypto::SigningKey;
 
-fn key() -> SigningKey {
-    SigningKey::from_pkcs8(&SigningKey::generate_pkcs8()).unwrap()
+fn model(round: u32) -> String {
+    sha256_hex(&round.to_be_bytes())
 }
 
-struct Chain {
-    sites: Vec<(SiteId, SigningKey)>,
-    writer: ChainWriter,
-    blocks: Vec<Block>,
+fn round(chain: &TestConsortium, round: u32) -> Payload {
+    Payload::RoundCompleted(Box::new(chain.round(1, round, &model(round - 1), &model(round))))
 }
 
-impl Chain {
-    fn new() -> Self {
-        let sites: Vec<_> = ["cleveland", "hungary", "switzerland", "va"]
-            .iter()
-            .map(|s| (SiteId::new(s).unwrap(), key()))
-            .collect();
-        let writer = ChainWriter::new(key(), None);
-        let mut chain = Self {
-            writer,
-            sites,
-            blocks: Vec::new(),
-        };
-        let genesis = Payload::Genesis(Genesis {
-            consortium: "bench".into(),
-            coordinator_key: hex::encode(chain.writer.public_key()),
-            sites: chain
-                .sites
-                .iter()
-                .map(|(id, k)| Member {
-                    id: id.to_string(),
-                    key: hex::encode(k.public_key()),
-                    certificate_sha256: None,
-                })
-                .collect(),
-            quorum: 3,
-            software: "bench".into(),
-        });
-        chain.push(&genesis);
-        let toml = "name = \"bench\"".to_owned();
-        chain.push(&Payload::JobCreated(JobCreated {
-            job_id: 1,
-            name: "bench".into(),
-            job_sha256: sha256_hex(toml.as_bytes()),
-            job_toml: toml,
-            software: "bench".into(),
-            insecure_transport: false,
-        }));
-        chain
+/// Genesis, a job and 998 rounds, every block endorsed by the 4 sites.
+fn chain() -> TestConsortium {
+    let mut chain = TestConsortium::new(4);
+    let toml = "name = \"bench\"".to_owned();
+    chain.append(&Payload::JobCreated(JobCreated {
+        job_id: 1,
+        name: "bench".into(),
+        job_sha256: sha256_hex(toml.as_bytes()),
+        job_toml: toml,
+        software: "bench".into(),
+        insecure_transport: false,
+    }));
+    for r in 1..=998 {
+        let payload = round(&chain, r);
+        chain.append(&payload);
     }
-
-    fn push(&mut self, payload: &Payload) {
-        let (mut block, tip) = self.writer.next_block(payload, 1);
-        let hash = block.hash();
-        block.endorsements = self
-            .sites
-            .iter()
-            .map(|(id, k)| Endorsement {
-                site: id.clone(),
-                signature: endorse(k, &hash),
-            })
-            .collect();
-        self.writer.commit(tip);
-        self.blocks.push(block);
-    }
-
-    fn round(&self, round: u32) -> Payload {
-        let commitments: Vec<Commitment> = self
-            .sites
-            .iter()
-            .map(|(id, _)| Commitment {
-                site: id.to_string(),
-                sha256: sha256_hex(format!("{id}{round}").as_bytes()),
-            })
-            .collect();
-        let leaves: Vec<Vec<u8>> = commitments
-            .iter()
-            .map(|c| {
-                merkle::leaf(
-                    &SiteId::new(&c.site).unwrap(),
-                    &hex::decode(&c.sha256).unwrap().try_into().unwrap(),
-                )
-            })
-            .collect();
-        Payload::RoundCompleted(Box::new(RoundCompleted {
-            job_id: 1,
-            round,
-            contributors: commitments.iter().map(|c| c.site.clone()).collect(),
-            dropouts: vec![],
-            commitment_root: hex::encode(merkle::root(&leaves)),
-            commitments,
-            aggregate_sha256: sha256_hex(b"a"),
-            base_model_sha256: sha256_hex(&(round - 1).to_be_bytes()),
-            model_sha256: sha256_hex(&round.to_be_bytes()),
-            n_params: 16,
-            total_weight: 0.5,
-            strategy: "fedavg".into(),
-            config_sha256: sha256_hex(b"c"),
-            secure_aggregation: true,
-            clip_norm: Some(10.0),
-            quantization_bits: Some(24),
-            transcript: None,
-            privacy_epsilon: None,
-        }))
-    }
+    chain
 }
 
 fn bench_ledger(c: &mut Criterion) {
-    let mut chain = Chain::new();
-    for round in 1..=998 {
-        let payload = chain.round(round);
-        chain.push(&payload);
-    }
+    let chain = chain();
     let mut group = c.benchmark_group("ledger");
-    let next = chain.round(999);
+    let next = round(&chain, 999);
     group.bench_function("coordinator_writes_round_block", |b| {
         b.iter(|| chain.writer.next_block(black_box(&next), 2))
     });
