@@ -255,6 +255,9 @@ def check_fields(kind, p):
         ids = [s["id"] for s in p["sites"]]
         if len(ids) != len(set(ids)):
             return "genesis site ids are not unique"
+        keys = [s["key"] for s in p["sites"]]
+        if len(keys) != len(set(keys)):
+            return "genesis site keys are not unique"
         if p["quorum"] != majority(len(ids)):
             return f"quorum {p['quorum']} is not the majority of {len(ids)} sites"
     if kind == "membership_change":
@@ -479,6 +482,8 @@ def verify_ledger(path):
                 bad(f"site_added: {site['id']!r} is already a member")
             if change != "site_added" and not present:
                 bad(f"{change}: {site['id']!r} is not a member")
+            if change != "site_revoked" and bytes.fromhex(site["key"]) in members.values():
+                bad(f"{change}: {site['id']!r} would share a key with another member")
             if change == "key_rotated" and not rotation_ok(
                     members[site["id"]], site["id"], bytes.fromhex(site["key"]),
                     p.get("rotation_signature")):

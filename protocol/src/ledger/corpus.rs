@@ -227,6 +227,24 @@ pub fn cases() -> Vec<Case> {
     c.append(&genesis);
     out.push(case("genesis_quorum_below_majority", c, Expect::Invalid { height: 0 }));
 
+    // Two members with one key would count one site's endorsement twice.
+    let mut c = TestConsortium::new(3);
+    let (id, shared) = (SiteId::new("site-twin").unwrap(), c.sites[0].1.public_key());
+    c.append(&change("site_added", &id, shared, None));
+    out.push(case("site_added_with_a_members_key", c, Expect::Invalid { height: 1 }));
+
+    let mut c = TestConsortium::new(3);
+    let mut genesis = match Payload::parse(Kind::Genesis, &c.blocks[0].payload).unwrap() {
+        Payload::Genesis(g) => g,
+        _ => unreachable!(),
+    };
+    genesis.sites[1].key = genesis.sites[0].key.clone();
+    c.blocks.clear();
+    c.writer = writer::ChainWriter::new(key(), None);
+    genesis.coordinator_key = hex::encode(c.writer.public_key());
+    c.append(&Payload::Genesis(genesis));
+    out.push(case("genesis_shared_key", c, Expect::Invalid { height: 0 }));
+
     // Equivocation: a second coordinator-signed block at the tip's height,
     // stored by a site that received it through a relayed endorsement.
     for (name, endorse_tip) in [("equivocation_final_tip", true), ("equivocation_pending_tip", false)] {

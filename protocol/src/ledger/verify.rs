@@ -320,6 +320,9 @@ fn genesis_members(g: &Genesis) -> Result<([u8; 32], Members), Problem> {
     let mut members = BTreeMap::new();
     for m in &g.sites {
         let (id, key) = member_entry(m).map_err(|e| bad(Kind::Genesis, e))?;
+        if let Some(other) = holder_of(&members, &key) {
+            return Err(bad(Kind::Genesis, format!("`{}` has the key of `{other}`", m.id)));
+        }
         if members.insert(id, key).is_some() {
             return Err(bad(Kind::Genesis, format!("site `{}` listed twice", m.id)));
         }
@@ -338,6 +341,13 @@ fn genesis_members(g: &Genesis) -> Result<([u8; 32], Members), Problem> {
     Ok((coordinator, members))
 }
 
+/// The member already holding `key`. Keys are unique among members: an
+/// endorsement signs only the block hash, so a second member with a site's
+/// key would count that site's endorsement twice.
+fn holder_of<'a>(members: &'a Members, key: &[u8; 32]) -> Option<&'a SiteId> {
+    members.iter().find(|(_, k)| *k == key).map(|(id, _)| id)
+}
+
 fn member_entry(m: &Member) -> Result<(SiteId, [u8; 32]), String> {
     let id = SiteId::new(&m.id).map_err(|e| e.to_string())?;
     let key = key_from_hex(&m.key).ok_or_else(|| format!("key of `{}` is not 32 hex bytes", m.id))?;
@@ -354,6 +364,14 @@ fn apply_change(members: &mut Members, change: &super::payload::MembershipChange
         && (s.len() != 128 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
     {
         return Err(bad(kind, "rotation_signature is not 64 bytes of lowercase hex"));
+    }
+    if change.change != "site_revoked"
+        && let Some(other) = holder_of(members, &key)
+    {
+        return Err(bad(
+            kind,
+            format!("`{}` would take the key of `{other}`", change.site.id),
+        ));
     }
     if change.change == "key_rotated" && present {
         let old = members[&id];
