@@ -33,6 +33,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{error, info, warn};
 
 use crate::config::{Policy, SiteConfig};
+use crate::contributions::Contributions;
 use crate::egress::EgressLog;
 use crate::local::LocalData;
 use crate::policy::{self, Approvals, Decision};
@@ -108,6 +109,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         inputs: HashMap::new(),
         sessions: HashMap::new(),
         metric_inputs: HashMap::new(),
+        contributions: Contributions::open(&config.state_dir)?,
     };
     let mut backoff = Duration::from_millis(250);
     loop {
@@ -192,6 +194,9 @@ struct Site {
     /// Secure jobs: this site's evaluation of a round's model, waiting to be
     /// appended to its update.
     metric_inputs: HashMap<(u64, u32), Vec<u32>>,
+    /// The rounds this site has sent a masked input to, on disk: never two
+    /// summations of one round's input (their difference would reveal it).
+    contributions: Contributions,
 }
 
 /// Where this site stands in one secure summation.
@@ -289,12 +294,17 @@ impl Site {
     async fn sync_to_finality(&mut self, ledger: &mut LedgerClient<Channel>, idle: bool) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + FINALITY_WAIT;
         let mut pause = Duration::from_millis(2);
+        // Waits for the blocks held when the task arrived, not for blocks
+        // appended meanwhile (other sites' decisions keep arriving): the
+        // task's own checks decline what it needs and is not final.
+        let mut target = None;
         loop {
             self.replica
                 .sync(ledger, &self.egress)
                 .await
                 .context("ledger sync failed")?;
-            if idle || self.replica.is_final() || self.replica.halted().is_some() {
+            let target = *target.get_or_insert(self.replica.len());
+            if idle || self.replica.is_final_up_to(target) || self.replica.halted().is_some() {
                 return Ok(());
             }
             if tokio::time::Instant::now() + pause > deadline {
@@ -671,6 +681,15 @@ impl Site {
                 let shares = wire::shares_from_pb(&inbox)?;
                 let input = self.inputs.remove(&key).context("input of this summation is gone")?;
                 match s.handle_shares(&shares, &input) {
+                    Ok(_) if !self.contributions.claim(key.0, key.1)? => (
+                        ClientState::Done,
+                        Err(anyhow::anyhow!(
+                            "this site already sent its masked input for round {} of job {} (before a \
+                             restart); a second summation of it could reveal it, so it sends none",
+                            key.1,
+                            key.0
+                        )),
+                    ),
                     Ok((s, masked)) => {
                         let sent = self.send_masked(client, key, &masked).await;
                         if sent.is_ok() {

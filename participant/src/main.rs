@@ -2,6 +2,7 @@
 
 mod baseline;
 mod config;
+mod contributions;
 mod daemon;
 mod egress;
 mod identity;

@@ -160,6 +160,11 @@ impl Replica {
         self.final_len == self.blocks.len()
     }
 
+    /// Whether the first `len` blocks are final.
+    pub fn is_final_up_to(&self, len: u64) -> bool {
+        self.final_len as u64 >= len
+    }
+
     /// Applies, in chain order, the effects of blocks that became final.
     fn advance_finality(&mut self) {
         while let Some(known) = self.blocks.get(self.final_len)

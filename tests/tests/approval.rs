@@ -58,7 +58,9 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     }
     let job_file = federation.write_job(
         "job.toml",
-        &example_job(&[("rounds", "2"), ("round_timeout_s", "3"), ("dropout_after_s", "2")]),
+        // Margins for a loaded 2-core machine: every site now waits for the
+        // others' endorsements (finality) before a task.
+        &example_job(&[("rounds", "2"), ("round_timeout_s", "8"), ("dropout_after_s", "4")]),
     );
 
     // Two rounds > max_rounds 1: Hungary holds the job, the others train.
@@ -94,7 +96,14 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     // signed, in the ledger.
     let second = federation.submit(&job_file);
     let status = federation.wait_for(second, &["finished", "failed", "cancelled"]);
-    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    assert_eq!(
+        status["job"]["status"],
+        "finished",
+        "{status:#}\n{}",
+        ["coordinator", "cleveland", "hungary", "switzerland", "va"]
+            .map(|who| format!("--- {who}:\n{}", federation.log(who)))
+            .join("\n")
+    );
     // Hungary decides when it sees the job, after the others; its signed
     // acceptance counts (in every site's cohort) once a majority endorsed
     // it, so it may join from round 2.
