@@ -288,8 +288,8 @@ impl Site {
     }
 
     /// Brings the replica up to date and, before work, waits (bounded) for
-    /// the other sites' endorsements to make every block final: this site
-    /// acts only on final blocks. The endorsements arrive as the other
+    /// the other sites' endorsements to make the blocks it held when the
+    /// task arrived final: this site acts only on final blocks. The endorsements arrive as the other
     /// sites sync, usually within milliseconds of this site's own.
     async fn sync_to_finality(&mut self, ledger: &mut LedgerClient<Channel>, idle: bool) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + FINALITY_WAIT;
