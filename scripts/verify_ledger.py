@@ -136,18 +136,26 @@ def ed25519_ok(key, msg, sig):
         return False
 
 
-def decision_message(job_id, job_sha256, accepted):
+def decision_message(job_id, job_sha256, accepted, counts=None):
     """§5 job_accepted: "tessera/ledger/v1/job-decision" || u64(job_id) ||
-    job_sha256 (32 raw bytes) || byte(accepted ? 1 : 0)."""
+    job_sha256 (32 raw bytes) || byte(accepted ? 1 : 0), then, when the
+    payload has `counts`, u64(n_train) || u64(n_test)."""
     if not (0 <= job_id < 2**64) or len(job_sha256) != 32:
         raise ValueError("job_id is not a u64 or job_sha256 is not 32 bytes")
-    return (DECISION_PREFIX + job_id.to_bytes(8, "big") + job_sha256
-            + (b"\x01" if accepted else b"\x00"))
+    msg = (DECISION_PREFIX + job_id.to_bytes(8, "big") + job_sha256
+           + (b"\x01" if accepted else b"\x00"))
+    if counts is not None:
+        msg += counts["n_train"].to_bytes(8, "big") + counts["n_test"].to_bytes(8, "big")
+    return msg
 
 
 def decision_ok(site_key, p):
-    """Does a job_accepted payload's `signature` verify under site_key (§5)?"""
-    msg = decision_message(p["job_id"], bytes.fromhex(p["job_sha256"]), p["accepted"])
+    """Does a job_accepted payload's `signature` verify under site_key (§5)?
+    A rejection never declares counts."""
+    counts = p.get("counts")
+    if counts is not None and not p["accepted"]:
+        return False
+    msg = decision_message(p["job_id"], bytes.fromhex(p["job_sha256"]), p["accepted"], counts)
     return ed25519_ok(site_key, msg, bytes.fromhex(p["signature"]))
 
 
@@ -260,6 +268,10 @@ def check_fields(kind, p):
             return "genesis site keys are not unique"
         if p["quorum"] != majority(len(ids)):
             return f"quorum {p['quorum']} is not the majority of {len(ids)} sites"
+    if kind == "job_accepted" and p.get("counts") is not None:
+        c = p["counts"]
+        if not obj_with({"n_train": is_int, "n_test": is_int})(c):
+            return "job_accepted payload field 'counts' is malformed"
     if kind == "membership_change":
         rs = p.get("rotation_signature")
         if rs is not None and not is_hex(rs, 64):

@@ -17,7 +17,7 @@ use tessera_protocol::ids::{JobId, SiteId, sha256_hex};
 use tessera_protocol::job::{Aggregation, JobSpec, SecureAggSpec};
 use tessera_protocol::ledger::merkle;
 use tessera_protocol::ledger::payload::{
-    Commitment, Dropout, JobEnded, Metrics, Payload, PooledMetrics, RoundCompleted, SiteMetrics,
+    Commitment, DeclaredCounts, Dropout, JobEnded, Metrics, Payload, PooledMetrics, RoundCompleted, SiteMetrics,
 };
 use tessera_protocol::model::{encode_params, initial_params, model_hash};
 use tessera_protocol::pb;
@@ -390,7 +390,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
     install_round(shared, announcement, None, session, &members);
     if let (_, Some(outcome)) = run_phase(shared).await? {
         match outcome {
-            Ok((sum, transcript)) => store_pooled(shared, ctx, transcript.masked.len(), &sum).await?,
+            Ok((sum, transcript)) => store_pooled(shared, ctx, &contributors(&transcript), &sum).await?,
             Err(e) => warn!(job = %job_id, "final evaluation: secure sum aborted: {e}"),
         }
     }
@@ -495,11 +495,12 @@ async fn secure_round(
         job_id: announcement.job_id,
         round,
     };
-    // The quantised update (n_params + weight), then the sites' evaluation of
-    // the round's starting model: both in one secure sum.
+    // The quantised update, then the sites' evaluation of the round's
+    // starting model: both in one secure sum. Weights and test counts are
+    // the ones the sites declared in the ledger, never summed.
     // Sized from the cohort on the ledger, as every site sizes its own.
     let cohort = shared.ledger.cohort(ctx.job_id).len();
-    let params = secure.params(cohort, spec.min_sites as usize, n_params + 1 + evaluation::WORDS);
+    let params = secure.params(cohort, spec.min_sites as usize, n_params + evaluation::WORDS);
     let session = SecureSession::new(ctx, params, members.clone(), shared.roster.clone());
     install_round(shared, announcement, None, Some(session), members);
     let (_, outcome) = run_phase(shared).await?;
@@ -510,10 +511,14 @@ async fn secure_round(
     })?;
     let quantizer = secure.quantizer(cohort);
     let m = transcript.masked.len();
-    let (update_words, metric_words) = sum.split_at(n_params + 1);
-    let (weighted_sum, total_weight) = quantizer.decode_update_sum(update_words, m);
-    store_pooled(shared, ctx, m, metric_words).await?;
-    let contributors: Vec<SiteId> = transcript.masked.iter().map(|(s, _)| s.clone()).collect();
+    let (update_words, metric_words) = sum.split_at(n_params);
+    let weighted_sum = quantizer.decode_update_sum(update_words, m);
+    let contributors = contributors(&transcript);
+    let total_weight = declared(shared, ctx.job_id, &contributors)?
+        .iter()
+        .map(|c| secure.weight(c.n_train))
+        .sum();
+    store_pooled(shared, ctx, &contributors, metric_words).await?;
     let outcomes = member_outcomes(&transcript);
     let commitments = transcript.masked.iter().cloned().collect();
     let dropouts = transcript
@@ -729,8 +734,30 @@ async fn run_phase(shared: &Arc<Shared>) -> Result<(Option<RoundCollector>, Opti
 type SecureOutcome = Result<(Vec<u32>, Transcript), Abort>;
 
 /// Stores the evaluation pooled over `n_sites` by secure sum.
-async fn store_pooled(shared: &Arc<Shared>, ctx: RoundContext, n_sites: usize, words: &[u32]) -> Result<(), Stop> {
-    let pooled = match evaluation::decode_sum(words) {
+/// The sites whose masked input is in a secure sum.
+fn contributors(t: &Transcript) -> Vec<SiteId> {
+    t.masked.iter().map(|(s, _)| s.clone()).collect()
+}
+
+/// The row counts `sites` declared in their signed acceptance of the job.
+fn declared(shared: &Arc<Shared>, job_id: u64, sites: &[SiteId]) -> Result<Vec<DeclaredCounts>, Stop> {
+    let declared = shared.ledger.declared(job_id);
+    sites
+        .iter()
+        .map(|s| {
+            declared.get(s).copied().ok_or_else(|| {
+                Stop::Failed(format!(
+                    "{s} is in a secure sum but declared no row counts in the ledger; no aggregate released"
+                ))
+            })
+        })
+        .collect()
+}
+
+async fn store_pooled(shared: &Arc<Shared>, ctx: RoundContext, sites: &[SiteId], words: &[u32]) -> Result<(), Stop> {
+    let n_sites = sites.len();
+    let n_test = declared(shared, ctx.job_id, sites)?.iter().map(|c| c.n_test).sum();
+    let pooled = match evaluation::decode_sum(words, n_test) {
         Ok(p) => p,
         Err(e) => {
             warn!(round = ctx.round, "pooled evaluation not stored: {e}");

@@ -2,12 +2,12 @@
 //! the coordinator's database, in the same transaction as the state they
 //! describe, and takes the sites' endorsements.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, bail};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use tessera_protocol::ids::SiteId;
-use tessera_protocol::ledger::payload::{Genesis, JobAccepted, Member, MembershipChange, Payload};
+use tessera_protocol::ledger::payload::{DeclaredCounts, Genesis, JobAccepted, Member, MembershipChange, Payload};
 use tessera_protocol::ledger::store::{LedgerStore, StoredBlock};
 use tessera_protocol::ledger::verify::{Members, Verifier, verify_chain};
 use tessera_protocol::ledger::writer::{ChainWriter, Tip};
@@ -18,6 +18,9 @@ use tracing::{info, warn};
 /// The software that wrote a block, as recorded in it.
 pub const SOFTWARE: &str = concat!("tessera-coordinator ", env!("CARGO_PKG_VERSION"));
 
+/// A decision on the chain: accepted or not, and the counts it declared.
+type Decision = (bool, Option<DeclaredCounts>);
+
 /// The chain, its writer and the membership history (to check endorsements
 /// against the membership at the endorsed block).
 pub struct Ledger {
@@ -25,9 +28,9 @@ pub struct Ledger {
     writer: tokio::sync::Mutex<Chain>,
     /// (first height, members from that height on), ascending.
     membership: std::sync::Mutex<Vec<(u64, Members)>>,
-    /// (job, site) pairs whose decision is on the chain: one per pair.
-    /// Every (job, site) decision on the chain, and whether it accepted.
-    decisions: std::sync::Mutex<std::collections::HashMap<(u64, SiteId), bool>>,
+    /// Every (job, site) decision on the chain (one per pair): whether it
+    /// accepted, and the row counts it declared.
+    decisions: std::sync::Mutex<std::collections::HashMap<(u64, SiteId), Decision>>,
 }
 
 /// The writer together with a verifier over the chain it writes: every
@@ -92,7 +95,7 @@ impl Ledger {
                 if let Payload::JobAccepted(a) = &verified.payload
                     && let Ok(site) = SiteId::new(&a.site)
                 {
-                    decisions.insert((a.job_id, site), a.accepted);
+                    decisions.insert((a.job_id, site), (a.accepted, a.counts));
                 }
                 if membership.last().is_none_or(|(_, m)| m != &verified.members) {
                     membership.push((height as u64, verified.members));
@@ -211,14 +214,14 @@ impl Ledger {
     pub async fn record_decision(&self, decision: JobAccepted, now_ms: u64) -> anyhow::Result<bool> {
         let site = SiteId::new(&decision.site)?;
         let pair = (decision.job_id, site);
-        let accepted = decision.accepted;
+        let value = (decision.accepted, decision.counts);
         let mut tx = self.begin().await?;
         if self.decisions.lock().expect("decisions lock").contains_key(&pair) {
             return Ok(false);
         }
         tx.append(&Payload::JobAccepted(decision), now_ms).await?;
         tx.commit().await?;
-        self.decisions.lock().expect("decisions lock").insert(pair, accepted);
+        self.decisions.lock().expect("decisions lock").insert(pair, value);
         Ok(true)
     }
 
@@ -230,8 +233,20 @@ impl Ledger {
             .lock()
             .expect("decisions lock")
             .iter()
-            .filter(|((job, _), accepted)| *job == job_id && **accepted)
+            .filter(|((job, _), (accepted, _))| *job == job_id && *accepted)
             .map(|((_, site), _)| site.clone())
+            .collect()
+    }
+
+    /// The row counts each site of the job's cohort declared in its signed
+    /// acceptance: the public weights and test counts of the job.
+    pub fn declared(&self, job_id: u64) -> BTreeMap<SiteId, DeclaredCounts> {
+        self.decisions
+            .lock()
+            .expect("decisions lock")
+            .iter()
+            .filter(|((job, _), (accepted, _))| *job == job_id && *accepted)
+            .filter_map(|((_, site), (_, counts))| Some((site.clone(), (*counts)?)))
             .collect()
     }
 

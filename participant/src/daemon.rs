@@ -15,6 +15,7 @@ use tessera_protocol::evaluation;
 use tessera_protocol::ids::{SiteId, sha256_hex};
 use tessera_protocol::job::Aggregation;
 use tessera_protocol::job::JobSpec;
+use tessera_protocol::ledger::payload::DeclaredCounts;
 use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::sign_decision;
 use tessera_protocol::model::{Layout, check_initial_model, decode_params, encode_params};
@@ -366,6 +367,10 @@ impl Site {
                 .and_then(|b| b.try_into().ok())
                 .context("job hash is not 32 hex bytes")?;
             let accepted = verdict.is_ok();
+            // An accepting site declares its row counts, public from then on:
+            // weights and pooled test counts are computed from them, so no
+            // job-constant count is ever summed (and differenced).
+            let counts = accepted.then(|| self.counts());
             let decision = pb::JobDecision {
                 site_id: self.id.to_string(),
                 job_id,
@@ -374,7 +379,11 @@ impl Site {
                 reason: match &verdict {
                     Ok(why) | Err(why) => why.clone(),
                 },
-                signature: sign_decision(&self.signing_key, job_id, &hash, accepted),
+                signature: sign_decision(&self.signing_key, job_id, &hash, accepted, counts.as_ref()),
+                counts: counts.map(|c| pb::DeclaredCounts {
+                    n_train: c.n_train,
+                    n_test: c.n_test,
+                }),
             };
             self.egress.record("DecideJob", &decision)?;
             client.decide_job(decision).await?;
@@ -386,6 +395,34 @@ impl Site {
         }
         self.jobs.insert(job_id, spec.clone());
         Ok(spec)
+    }
+
+    /// This site's row counts, as it declares them when it accepts a job.
+    fn counts(&self) -> DeclaredCounts {
+        DeclaredCounts {
+            n_train: self.data.train.len() as u64,
+            n_test: self.data.test.len() as u64,
+        }
+    }
+
+    /// Refuses to contribute to a job whose final acceptance by this site
+    /// declared other counts than its data has now (the data changed, or
+    /// the coordinator announced a job this site never accepted): weights
+    /// and pooled counts would be wrong, and a sum would mix two datasets.
+    fn check_declared(&self, job_id: u64) -> anyhow::Result<()> {
+        let now = self.counts();
+        match self.replica.declared(job_id, &self.id) {
+            Some(declared) if declared == now => Ok(()),
+            Some(d) => bail!(
+                "this site declared {} training and {} test rows when it accepted job {job_id}, \
+                 but its data now has {} and {}; not taking part (restore the data, or submit the job again)",
+                d.n_train,
+                d.n_test,
+                now.n_train,
+                now.n_test
+            ),
+            None => bail!("this site's acceptance of job {job_id} (with its row counts) is not final on its ledger"),
+        }
     }
 
     async fn compute_stats(
@@ -439,6 +476,9 @@ impl Site {
     async fn round(&mut self, client: &mut FederationClient<Channel>, a: pb::RoundAnnouncement) -> anyhow::Result<()> {
         let spec = self.job(client, a.job_id, &a.job_toml, &a.job_hash).await?;
         spec.check_announced_secure(a.secure)?;
+        if spec.is_secure() {
+            self.check_declared(a.job_id)?;
+        }
         self.acts_on(self.replica.check_model(a.job_id, a.round, &a.model_hash))?;
         let layout = spec.model.layout(self.data.train.n_features);
         if a.round == 1 {
@@ -579,7 +619,9 @@ impl Site {
             // coordinator sizes its decoder (both are checked to agree in
             // the signed key advertisement).
             let quantizer = secure.quantizer(self.replica.cohort(a.job_id).len());
-            let weight = secure.weight(update.n_samples as u64);
+            // The weight of the count declared in the ledger (checked to be
+            // this data's in `round`), never summed.
+            let weight = secure.weight(self.counts().n_train);
             let (input, factor) = quantizer.encode_update(&delta, weight, &mut rand::rng())?;
             if factor < 1.0 {
                 info!(
@@ -590,8 +632,11 @@ impl Site {
                 );
             }
             let mut input = input;
-            let metrics = self.metric_inputs.remove(&(a.job_id, a.round));
-            input.extend(metrics.unwrap_or_else(|| evaluation::encode_site(0, 0.0, 0.0)));
+            let metrics = self
+                .metric_inputs
+                .remove(&(a.job_id, a.round))
+                .context("this round's evaluation is missing; not sending an input without it")?;
+            input.extend(metrics);
             return self.start_summation(client, a, input).await;
         }
         let header = pb::UpdateHeader {

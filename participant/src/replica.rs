@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tessera_protocol::ids::SiteId;
 use tessera_protocol::ledger::equivocation::{self, Gossip};
-use tessera_protocol::ledger::payload::Payload;
+use tessera_protocol::ledger::payload::{DeclaredCounts, Payload};
 use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::store::LedgerStore;
 use tessera_protocol::ledger::verify::{Members, Verified, Verifier};
@@ -79,7 +79,8 @@ pub struct Replica {
     job_hashes: HashMap<u64, String>,
     latest_model: HashMap<u64, (u32, String)>,
     /// Per job, the sites whose signed acceptance is on the chain.
-    cohorts: HashMap<u64, std::collections::BTreeSet<SiteId>>,
+    /// Per job, the sites whose acceptance is final and the counts each declared.
+    cohorts: HashMap<u64, std::collections::BTreeMap<SiteId, Option<DeclaredCounts>>>,
     /// What this site uploaded per (job, round): its commitment must be in
     /// that round's block before the site endorses it.
     commitments: HashMap<(u64, u32), [u8; 32]>,
@@ -180,7 +181,7 @@ impl Replica {
                 Payload::JobAccepted(a) if a.accepted => {
                     // The chain's rules verified the site's own signature.
                     if let Ok(site) = SiteId::new(&a.site) {
-                        self.cohorts.entry(a.job_id).or_default().insert(site);
+                        self.cohorts.entry(a.job_id).or_default().insert(site, a.counts);
                     }
                 }
                 _ => {}
@@ -481,7 +482,15 @@ impl Replica {
     /// quantiser are sized from it, and only its members may hold a share
     /// of this site's secrets.
     pub fn cohort(&self, job_id: u64) -> std::collections::BTreeSet<SiteId> {
-        self.cohorts.get(&job_id).cloned().unwrap_or_default()
+        self.cohorts
+            .get(&job_id)
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The row counts `site` declared in its final acceptance of the job.
+    pub fn declared(&self, job_id: u64, site: &SiteId) -> Option<DeclaredCounts> {
+        self.cohorts.get(&job_id)?.get(site).copied().flatten()
     }
 
     /// Halts training because an announcement disagrees with the ledger.

@@ -93,6 +93,39 @@ fn four_hospitals_train_three_rounds() {
         );
     }
 
+    // Differencing: each site declared its row counts in its signed
+    // acceptance; its declared test count is the one it evaluated on, and
+    // every round's total weight is computed from the declarations of its
+    // contributors (weight_cap 1000), not summed.
+    let out = federation.tessera(&["ledger", "show", "--json", "--job", &job_id.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let blocks = blocks.as_array().unwrap();
+    let declared: std::collections::BTreeMap<&str, (u64, u64)> = blocks
+        .iter()
+        .filter(|b| b["kind"] == "job_accepted")
+        .map(|b| {
+            let c = &b["payload"]["counts"];
+            let site = b["payload"]["site"].as_str().unwrap();
+            (site, (c["n_train"].as_u64().unwrap(), c["n_test"].as_u64().unwrap()))
+        })
+        .collect();
+    assert_eq!(declared.keys().copied().collect::<BTreeSet<_>>(), all);
+    for m in metrics {
+        assert_eq!(
+            m["n_test"].as_u64().unwrap(),
+            declared[m["site_id"].as_str().unwrap()].1,
+            "{m}"
+        );
+    }
+    let expected_weight: f64 = declared.values().map(|(n, _)| (*n as f64 / 1000.0).min(1.0)).sum();
+    let round_blocks: Vec<&serde_json::Value> = blocks.iter().filter(|b| b["kind"] == "round_completed").collect();
+    assert_eq!(round_blocks.len(), 3);
+    for b in round_blocks {
+        let w = b["payload"]["total_weight"].as_f64().unwrap();
+        assert!((w - expected_weight).abs() < 1e-12, "{w} vs {expected_weight}");
+    }
+
     // Each site's egress log lists only protocol messages.
     let allowed = [
         "Heartbeat",

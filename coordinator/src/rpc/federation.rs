@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use super::RpcError;
 use crate::state::{Phase, Shared};
-use tessera_protocol::ledger::payload::JobAccepted;
+use tessera_protocol::ledger::payload::{DeclaredCounts, JobAccepted};
 use tessera_protocol::ledger::verify_decision;
 
 use crate::store::MetricsRow;
@@ -347,7 +347,18 @@ impl Federation for FederationService {
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| RpcError::InvalidArgument("job_hash is not 32 hex bytes".into()))?;
-        if !verify_decision(key, d.job_id, &job_hash, d.accepted, &d.signature) {
+        let counts = d.counts.map(|c| DeclaredCounts {
+            n_train: c.n_train,
+            n_test: c.n_test,
+        });
+        if d.accepted && counts.is_none() {
+            return Err(RpcError::InvalidArgument(
+                "an acceptance must declare the site's row counts (weights and pooled test counts are computed from them)"
+                    .into(),
+            )
+            .into());
+        }
+        if !verify_decision(key, d.job_id, &job_hash, d.accepted, counts.as_ref(), &d.signature) {
             warn!(%site, job = d.job_id, "job decision with a bad signature refused");
             return Err(RpcError::InvalidArgument("the decision's signature is not valid for this site".into()).into());
         }
@@ -358,6 +369,7 @@ impl Federation for FederationService {
             accepted: d.accepted,
             reason: d.reason,
             signature: hex::encode(&d.signature),
+            counts,
         };
         let recorded = self
             .shared

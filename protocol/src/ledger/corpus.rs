@@ -87,6 +87,29 @@ fn created(job_id: u64) -> Payload {
     })
 }
 
+/// Site `site`'s decision on job 1, signed over `n_test = signed` (and
+/// `n_train = 100`) but stored with `n_test = stored`.
+fn decision(c: &TestConsortium, site: usize, accepted: bool, signed: Option<u64>, stored: Option<u64>) -> Payload {
+    let toml = "name = \"corpus 1\"";
+    let hash = sha256(toml.as_bytes());
+    let counts = |n_test| DeclaredCounts { n_train: 100, n_test };
+    Payload::JobAccepted(JobAccepted {
+        job_id: 1,
+        site: c.sites[site].0.to_string(),
+        job_sha256: hex::encode(hash),
+        accepted,
+        reason: "corpus".into(),
+        signature: hex::encode(sign_decision(
+            &c.sites[site].1,
+            1,
+            &hash,
+            accepted,
+            signed.map(counts).as_ref(),
+        )),
+        counts: stored.map(counts),
+    })
+}
+
 /// Every case. Keys are fresh on each call; verdicts do not depend on them.
 pub fn cases() -> Vec<Case> {
     let mut out = Vec::new();
@@ -111,6 +134,24 @@ pub fn cases() -> Vec<Case> {
     c.rotate_key(1);
     c.job(1, 1);
     out.push(case("key_rotation_signed_by_old_key", c, Expect::Final));
+
+    // Declared row counts are part of what the site signs (§5).
+    for (name, accepted, signed, stored) in [
+        ("decision_counts_edited_after_signing", true, Some(30), Some(31)),
+        ("decision_counts_dropped_after_signing", true, Some(30), None),
+        ("rejection_declaring_counts", false, Some(30), Some(30)),
+    ] {
+        let mut c = TestConsortium::new(3);
+        c.append(&created(1));
+        c.append(&decision(&c, 1, accepted, signed, stored));
+        let height = last(&c);
+        out.push(case(name, c, Expect::Invalid { height }));
+    }
+    let mut c = TestConsortium::new(3);
+    c.append(&created(1));
+    c.append(&decision(&c, 1, true, None, None));
+    c.append(&decision(&c, 0, false, None, None));
+    out.push(case("decisions_without_counts", c, Expect::Final));
 
     // The coordinator swaps a site's key for one it holds: no consent.
     let mut c = TestConsortium::new(3);

@@ -22,6 +22,7 @@ use ring::digest;
 
 use crate::ids::SiteId;
 use crate::secagg::crypto::{SigningKey, verify as verify_signature};
+use payload::DeclaredCounts;
 
 /// The only block format version so far.
 pub const VERSION: u16 = 1;
@@ -198,30 +199,56 @@ pub fn verify_endorsement(site_key: &[u8; 32], block_hash: &[u8; 32], signature:
 }
 
 /// The bytes a site signs for its decision on a job: the domain, the job id
-/// (u64 BE), the job file's SHA-256 (32 bytes) and 1 (accept) or 0 (reject).
-pub fn decision_message(job_id: u64, job_sha256: &[u8; 32], accepted: bool) -> Vec<u8> {
-    [
+/// (u64 BE), the job file's SHA-256 (32 bytes), 1 (accept) or 0 (reject),
+/// then, when it declares them, its training and test row counts (u64 BE
+/// each). The two layouts differ in length, so neither reads as the other.
+pub fn decision_message(
+    job_id: u64,
+    job_sha256: &[u8; 32],
+    accepted: bool,
+    counts: Option<&DeclaredCounts>,
+) -> Vec<u8> {
+    let mut message = [
         DECISION_DOMAIN,
         &job_id.to_be_bytes(),
         job_sha256.as_slice(),
         &[u8::from(accepted)],
     ]
-    .concat()
+    .concat();
+    if let Some(c) = counts {
+        message.extend(c.n_train.to_be_bytes());
+        message.extend(c.n_test.to_be_bytes());
+    }
+    message
 }
 
 /// A site's signed decision on a job.
-pub fn sign_decision(key: &SigningKey, job_id: u64, job_sha256: &[u8; 32], accepted: bool) -> Vec<u8> {
-    key.sign(&decision_message(job_id, job_sha256, accepted))
+pub fn sign_decision(
+    key: &SigningKey,
+    job_id: u64,
+    job_sha256: &[u8; 32],
+    accepted: bool,
+    counts: Option<&DeclaredCounts>,
+) -> Vec<u8> {
+    key.sign(&decision_message(job_id, job_sha256, accepted, counts))
 }
 
+/// Checks a decision's signature; a rejection never carries counts (a site
+/// that does not take part declares nothing about its data).
 pub fn verify_decision(
     site_key: &[u8; 32],
     job_id: u64,
     job_sha256: &[u8; 32],
     accepted: bool,
+    counts: Option<&DeclaredCounts>,
     signature: &[u8],
 ) -> bool {
-    verify_signature(site_key, &decision_message(job_id, job_sha256, accepted), signature)
+    (accepted || counts.is_none())
+        && verify_signature(
+            site_key,
+            &decision_message(job_id, job_sha256, accepted, counts),
+            signature,
+        )
 }
 
 /// The bytes a site's *old* key signs to hand its membership to a new key:

@@ -55,6 +55,21 @@ pub struct JobAccepted {
     pub reason: String,
     /// Hex Ed25519 signature by the site over `decision_message`.
     pub signature: String,
+    /// The row counts an accepting site declares public for this job (and
+    /// signs). Weights and pooled test counts are computed from these, so
+    /// no job-constant count is ever summed, and two summations over sets
+    /// that differ by one site reveal nothing the ledger does not already
+    /// say. Absent in rejections and in blocks written before counts were
+    /// declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<DeclaredCounts>,
+}
+
+/// A site's training and test row counts, declared in its signed acceptance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclaredCounts {
+    pub n_train: u64,
+    pub n_test: u64,
 }
 
 /// A site that dropped out of a round, and at which phase.

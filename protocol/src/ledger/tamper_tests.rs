@@ -81,7 +81,8 @@ fn a_job_decision_must_be_signed_by_the_site_it_names() {
         job_sha256: hex::encode(hash),
         accepted: true,
         reason: String::new(),
-        signature: hex::encode(sign_decision(&c.sites[1].1, 1, &hash, true)),
+        signature: hex::encode(sign_decision(&c.sites[1].1, 1, &hash, true, None)),
+        counts: None,
     };
     let mut writer_tip = None;
     for (h, b) in c.blocks.iter().enumerate() {
@@ -100,15 +101,44 @@ fn a_job_decision_must_be_signed_by_the_site_it_names() {
     // A decision that flips `accepted` after signing fails the same way.
     let signed_reject = JobAccepted {
         accepted: true,
-        signature: hex::encode(sign_decision(&c.sites[0].1, 1, &hash, false)),
-        ..forged
+        signature: hex::encode(sign_decision(&c.sites[0].1, 1, &hash, false, None)),
+        ..forged.clone()
     };
-    c.blocks.pop();
-    let (block, _) = c
-        .writer
-        .block_after(writer_tip, &Payload::JobAccepted(signed_reject), 9_999);
-    c.blocks.push(block);
-    assert!(verify_chain(&c.blocks, None).is_err());
+    let declared = DeclaredCounts {
+        n_train: 120,
+        n_test: 30,
+    };
+    let signed_accept = JobAccepted {
+        signature: hex::encode(sign_decision(&c.sites[0].1, 1, &hash, true, Some(&declared))),
+        counts: Some(declared),
+        ..forged.clone()
+    };
+    let with_counts = |counts| JobAccepted {
+        counts,
+        ..signed_accept.clone()
+    };
+    let replace_last = |c: &mut TestConsortium, d: JobAccepted| {
+        c.blocks.pop();
+        let (block, _) = c.writer.block_after(writer_tip, &Payload::JobAccepted(d), 9_999);
+        c.blocks.push(block);
+        verify_chain(&c.blocks, None)
+    };
+    assert!(replace_last(&mut c, signed_reject).is_err());
+    replace_last(&mut c, signed_accept.clone()).expect("a signed acceptance with its counts verifies");
+    // Declared counts are signed: one edited, or dropped, fails.
+    let edited = with_counts(Some(DeclaredCounts {
+        n_train: 121,
+        ..declared
+    }));
+    assert!(replace_last(&mut c, edited).is_err());
+    assert!(replace_last(&mut c, with_counts(None)).is_err());
+    // A rejection declares nothing, even when the site signed counts.
+    let reject_with_counts = JobAccepted {
+        accepted: false,
+        signature: hex::encode(sign_decision(&c.sites[0].1, 1, &hash, false, Some(&declared))),
+        ..signed_accept
+    };
+    assert!(replace_last(&mut c, reject_with_counts).is_err());
 }
 
 #[test]

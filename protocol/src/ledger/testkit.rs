@@ -82,14 +82,20 @@ impl TestConsortium {
         let decisions: Vec<Payload> = self
             .sites
             .iter()
-            .map(|(id, k)| {
+            .enumerate()
+            .map(|(i, (id, k))| {
+                let counts = DeclaredCounts {
+                    n_train: 100 + i as u64,
+                    n_test: 20 + i as u64,
+                };
                 Payload::JobAccepted(JobAccepted {
                     job_id,
                     site: id.to_string(),
                     job_sha256: hex::encode(job_hash),
                     accepted: true,
                     reason: "within policy".into(),
-                    signature: hex::encode(sign_decision(k, job_id, &job_hash, true)),
+                    signature: hex::encode(sign_decision(k, job_id, &job_hash, true, Some(&counts))),
+                    counts: Some(counts),
                 })
             })
             .collect();

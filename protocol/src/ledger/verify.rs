@@ -298,7 +298,10 @@ impl Verifier {
                     .and_then(|b| b.try_into().ok())
                     .ok_or_else(|| bad(kind, "job_sha256 is not 32 hex bytes"))?;
                 let signature = hex::decode(&a.signature).map_err(|_| bad(kind, "signature is not hex"))?;
-                if !verify_decision(key, job, &job_hash, a.accepted, &signature) {
+                if !a.accepted && a.counts.is_some() {
+                    return Err(bad(kind, "a rejection declares row counts"));
+                }
+                if !verify_decision(key, job, &job_hash, a.accepted, a.counts.as_ref(), &signature) {
                     return Err(bad(kind, format!("the decision is not signed by `{}`", a.site)));
                 }
             }

@@ -4,7 +4,10 @@
 //! `w = min(n_samples / weight_cap, 1)`, and each coordinate `v ∈ [−C, C]` is
 //! mapped to `{0, …, 2^b − 1}` by `q = sround((v + C) / δ)` with step
 //! `δ = 2C / (2^b − 1)` and *stochastic* rounding (unbiased: E[q·δ − C] = v).
-//! The weight itself travels as one more coordinate with range [−1, 1].
+//! The weight itself is not in the vector: it is computed from the row
+//! count the site declared in its signed acceptance of the job (public in
+//! the ledger). A count summed in every round would be revealed by two
+//! rounds whose survivor sets differ by one site.
 //!
 //! **No wrap-around.** With `n` sites, `b = 32 − ⌈log2 n⌉`, so a sum of `n`
 //! values each below `2^b` stays below `2^32`: the masked sum, taken mod
@@ -12,8 +15,7 @@
 //!
 //! **Error bound.** Stochastic rounding moves each coordinate by less than one
 //! step, so the decoded sum of `m` contributions differs from the true sum by
-//! less than `m·δ` per coordinate (and the weight sum by less than
-//! `m·δ_w`, `δ_w = 2/(2^b − 1)`). For the heart-disease demo (n = 4, b = 30,
+//! less than `m·δ` per coordinate. For the heart-disease demo (n = 4, b = 30,
 //! C = 10) that is below 8·10⁻⁸ per coordinate.
 
 use rand::RngCore;
@@ -35,9 +37,6 @@ pub enum NonFiniteUpdate {
     #[error("the update's weight is NaN or infinite; not sending it")]
     Weight,
 }
-
-/// Range of the weight coordinate.
-pub const WEIGHT_RANGE: f64 = 1.0;
 
 impl Quantizer {
     /// Largest bit width whose sum over `n_sites` cannot wrap in 32 bits.
@@ -81,8 +80,8 @@ impl Quantizer {
         f64::from(sum) * self.step(range) - m as f64 * range
     }
 
-    /// The input vector of one site: clipped, weighted, quantised update,
-    /// then the quantised weight. Returns the vector and the clipping factor
+    /// The input vector of one site: its clipped, weighted, quantised
+    /// update (one word per coordinate). Returns the vector and the clipping factor
     /// applied (1 when the update was within the bound). A non-finite
     /// coordinate or weight is refused: clipping would turn it into ±C and
     /// hide a diverged (or manipulated) training run in the sum.
@@ -100,20 +99,16 @@ impl Quantizer {
         }
         let norm = delta.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
         let factor = if norm > self.clip { self.clip / norm } else { 1.0 };
-        let mut out = Vec::with_capacity(delta.len() + 1);
-        for &v in delta {
-            out.push(self.quantize(f64::from(v) * factor * weight, self.clip, rng));
-        }
-        out.push(self.quantize(weight, WEIGHT_RANGE, rng));
+        let out = delta
+            .iter()
+            .map(|&v| self.quantize(f64::from(v) * factor * weight, self.clip, rng))
+            .collect();
         Ok((out, factor))
     }
 
-    /// Decodes an unmasked sum of `m` site vectors into `(Σ wΔ, Σ w)`.
-    pub fn decode_update_sum(&self, sum: &[u32], m: usize) -> (Vec<f64>, f64) {
-        let (values, weight) = sum.split_at(sum.len().saturating_sub(1));
-        let weighted = values.iter().map(|&s| self.decode_sum(s, m, self.clip)).collect();
-        let total_weight = weight.first().map_or(0.0, |&s| self.decode_sum(s, m, WEIGHT_RANGE));
-        (weighted, total_weight)
+    /// Decodes an unmasked sum of `m` site vectors into `Σ wΔ`.
+    pub fn decode_update_sum(&self, sum: &[u32], m: usize) -> Vec<f64> {
+        sum.iter().map(|&s| self.decode_sum(s, m, self.clip)).collect()
     }
 }
 
@@ -147,10 +142,10 @@ mod tests {
         // ||(3, 4)|| = 5 > C = 2: scaled by 0.4 to (1.2, 1.6).
         let (v, factor) = q.encode_update(&[3.0, 4.0], 1.0, &mut rng).unwrap();
         assert!((factor - 0.4).abs() < 1e-12);
-        let (sum, w) = q.decode_update_sum(&v, 1);
+        assert_eq!(v.len(), 2, "one word per coordinate, no weight word");
+        let sum = q.decode_update_sum(&v, 1);
         assert!((sum[0] - 1.2).abs() <= q.step(2.0));
         assert!((sum[1] - 1.6).abs() <= q.step(2.0));
-        assert!((w - 1.0).abs() <= q.step(1.0));
     }
 
     /// Clipping would map NaN to a valid-looking coordinate and ∞ to ±C:
@@ -169,6 +164,22 @@ mod tests {
             q.encode_update(&[0.5], f64::NAN, &mut rng),
             Err(NonFiniteUpdate::Weight)
         );
+    }
+
+    /// Differencing: the weight is public (from the declared count), so it
+    /// is not a word of the input; only the weighted update is, which
+    /// changes every round. Two inputs with the same `w·Δ` are identical.
+    #[test]
+    fn adversarial_differencing_update_carries_no_weight_word() {
+        let q = Quantizer::for_sites(4, 2.0);
+        let (a, _) = q
+            .encode_update(&[0.5, -0.25], 1.0, &mut ChaCha20Rng::seed_from_u64(7))
+            .unwrap();
+        let (b, _) = q
+            .encode_update(&[1.0, -0.5], 0.5, &mut ChaCha20Rng::seed_from_u64(7))
+            .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 2);
     }
 
     proptest! {
