@@ -21,6 +21,7 @@ use tessera_protocol::ledger::payload::{
 };
 use tessera_protocol::model::{encode_params, initial_params, model_hash};
 use tessera_protocol::pb;
+use tessera_protocol::replay::round_sum;
 use tessera_protocol::round::{MemberState, RoundCollector, RoundParams};
 use tessera_protocol::secagg::server::{Abort, Transcript};
 use tessera_protocol::secagg::{Phase as SecPhase, RoundContext, commitment, exact};
@@ -336,6 +337,10 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
                 finished_at_ms,
                 transcript: result.transcript.clone(),
                 members: result.members.clone(),
+                aggregate: result
+                    .aggregate
+                    .as_deref()
+                    .map(|a| (result.aggregate_sha256.as_str(), a)),
             },
         )
         .await?;
@@ -410,6 +415,9 @@ struct RoundResult {
     commitments: BTreeMap<SiteId, [u8; 32]>,
     dropouts: Vec<(SiteId, String)>,
     aggregate_sha256: String,
+    /// A secure round's released sum, served to the sites so they derive
+    /// the next model themselves (`tessera_protocol::replay`).
+    aggregate: Option<Vec<u8>>,
     quantization_bits: Option<u32>,
 }
 
@@ -478,6 +486,7 @@ async fn plaintext_round(
         members,
         commitments,
         dropouts,
+        aggregate: None,
         quantization_bits: None,
     })
 }
@@ -510,15 +519,17 @@ async fn secure_round(
         ))
     })?;
     let quantizer = secure.quantizer(cohort);
-    let m = transcript.masked.len();
-    let (update_words, metric_words) = sum.split_at(n_params);
-    let weighted_sum = quantizer.decode_update_sum(update_words, m);
     let contributors = contributors(&transcript);
-    let total_weight = declared(shared, ctx.job_id, &contributors)?
+    // The sites replay this with the same function and the same declared
+    // weights, so the model below is the one they derive.
+    let weights: Vec<(SiteId, f64)> = contributors
         .iter()
-        .map(|c| secure.weight(c.n_train))
-        .sum();
-    store_pooled(shared, ctx, &contributors, metric_words).await?;
+        .cloned()
+        .zip(declared(shared, ctx.job_id, &contributors)?)
+        .map(|(site, counts)| (site, secure.weight(counts.n_train)))
+        .collect();
+    let sum_of_round = round_sum(&quantizer, &sum, n_params, &weights);
+    store_pooled(shared, ctx, &contributors, &sum[n_params..]).await?;
     let outcomes = member_outcomes(&transcript);
     let commitments = transcript.masked.iter().cloned().collect();
     let dropouts = transcript
@@ -527,17 +538,14 @@ async fn secure_round(
         .map(|(s, phase)| (s.clone(), phase_name(*phase).to_owned()))
         .collect();
     Ok(RoundResult {
-        sum: SecureSum {
-            weighted_sum,
-            total_weight,
-            contributors,
-        },
+        sum: sum_of_round,
         mean_train_loss: None,
         transcript: Some(transcript_json(&transcript, quantizer.bits, secure.clip_norm)),
         members: outcomes,
         commitments,
         dropouts,
         aggregate_sha256: hex::encode(commitment(&sum)),
+        aggregate: Some(sum.iter().flat_map(|w| w.to_le_bytes()).collect()),
         quantization_bits: Some(quantizer.bits),
     })
 }

@@ -106,6 +106,8 @@ pub struct RoundRecord<'a> {
     pub transcript: Option<String>,
     /// (site, outcome, n_samples)
     pub members: Vec<(SiteId, String, u64)>,
+    /// A secure round's released aggregate: (SHA-256 hex, little-endian u32 words).
+    pub aggregate: Option<(&'a str, &'a [u8])>,
 }
 
 /// The reason recorded for a job an operator cancelled.
@@ -288,6 +290,18 @@ impl Store {
         Ok(())
     }
 
+    /// A secure round's released aggregate: (SHA-256 hex, bytes).
+    pub async fn aggregate(&self, job_id: JobId, round: u32) -> anyhow::Result<Option<(String, Vec<u8>)>> {
+        let row: Option<(String, Vec<u8>)> =
+            sqlx::query_as("SELECT sha256, data FROM aggregates WHERE job_id = ? AND round = ?")
+                .bind(job_id.0 as i64)
+                .bind(i64::from(round))
+                .fetch_optional(&self.pool)
+                .await
+                .with_context(|| format!("cannot read the aggregate of job {job_id} round {round}"))?;
+        Ok(row)
+    }
+
     pub async fn model(&self, hash: &str) -> anyhow::Result<Option<Vec<u8>>> {
         let bytes: Option<Vec<u8>> = sqlx::query_scalar("SELECT data FROM models WHERE hash = ?")
             .bind(hash)
@@ -325,6 +339,15 @@ impl Store {
         .bind(r.transcript.as_deref())
         .execute(&mut *tx)
         .await?;
+        if let Some((sha256, data)) = r.aggregate {
+            sqlx::query("INSERT INTO aggregates (job_id, round, sha256, data) VALUES (?, ?, ?, ?)")
+                .bind(job)
+                .bind(i64::from(r.round))
+                .bind(sha256)
+                .bind(data)
+                .execute(&mut *tx)
+                .await?;
+        }
         for (site, outcome, n_samples) in &r.members {
             sqlx::query(
                 "INSERT INTO round_members (job_id, round, site_id, outcome, n_samples) VALUES (?, ?, ?, ?, ?)",
@@ -496,6 +519,7 @@ mod tests {
         let site = SiteId::new("s1").unwrap();
         store
             .record_round(&RoundRecord {
+                aggregate: None,
                 job_id: a,
                 round: 1,
                 base_model_hash: "m0",
@@ -541,6 +565,7 @@ mod tests {
         let store = Store::open(&dir.path().join("c.db")).await.unwrap();
         let a = store.insert_job(&new_job("a")).await.unwrap();
         let record = |round| RoundRecord {
+            aggregate: None,
             job_id: a,
             round,
             base_model_hash: "m0",

@@ -13,8 +13,7 @@ use tessera_models::train::{LocalTraining, evaluate, train_local};
 use tessera_protocol::CHUNK_BYTES;
 use tessera_protocol::evaluation;
 use tessera_protocol::ids::{SiteId, sha256_hex};
-use tessera_protocol::job::Aggregation;
-use tessera_protocol::job::JobSpec;
+use tessera_protocol::job::{Aggregation, JobSpec, SecureAggSpec};
 use tessera_protocol::ledger::payload::DeclaredCounts;
 use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::sign_decision;
@@ -22,6 +21,7 @@ use tessera_protocol::model::{Layout, check_initial_model, decode_params, encode
 use tessera_protocol::pb::federation_client::FederationClient;
 use tessera_protocol::pb::ledger_client::LedgerClient;
 use tessera_protocol::pb::{self, sec_agg_step, task, update_chunk};
+use tessera_protocol::replay::{ModelReplay, ReplayError};
 use tessera_protocol::roster::Roster;
 use tessera_protocol::round::update_commitment;
 use tessera_protocol::secagg::client::{self, ClientConfig};
@@ -110,6 +110,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         inputs: HashMap::new(),
         sessions: HashMap::new(),
         metric_inputs: HashMap::new(),
+        replays: HashMap::new(),
         contributions: Contributions::open(&config.state_dir)?,
     };
     let mut backoff = Duration::from_millis(250);
@@ -195,6 +196,8 @@ struct Site {
     /// Secure jobs: this site's evaluation of a round's model, waiting to be
     /// appended to its update.
     metric_inputs: HashMap<(u64, u32), Vec<u32>>,
+    /// Per secure job, the model history this site derived itself.
+    replays: HashMap<u64, ModelReplay>,
     /// The rounds this site has sent a masked input to, on disk: never two
     /// summations of one round's input (their difference would reveal it).
     contributions: Contributions,
@@ -481,9 +484,10 @@ impl Site {
         }
         self.acts_on(self.replica.check_model(a.job_id, a.round, &a.model_hash))?;
         let layout = spec.model.layout(self.data.train.n_features);
-        if a.round == 1 {
+        if a.round == 1 && !spec.is_secure() {
             // The first model must be the job's own initial model: a
-            // coordinator cannot choose what this site trains on.
+            // coordinator cannot choose what this site trains on. (A secure
+            // job's models are all derived by the site, below.)
             check_initial_model(&layout, spec.seed, &a.model_hash)?;
         }
         if layout.n_params() as u64 != a.n_params {
@@ -509,7 +513,10 @@ impl Site {
             .retain(|&(job, round), _| job != a.job_id || round >= a.round);
         self.sessions
             .retain(|&(job, round), _| job != a.job_id || round >= a.round);
-        let global = self.fetch_model(client, &a.model_hash, a.n_params).await?;
+        let global = match &spec.aggregation {
+            Aggregation::Secure(secure) => self.replayed_model(client, &spec, secure, &layout, &a).await?,
+            Aggregation::InsecurePlaintext => self.fetch_model(client, &a.model_hash, a.n_params).await?,
+        };
         let (train, test) = self.data.normalized(&normalization);
 
         let secure = spec.is_secure();
@@ -527,6 +534,64 @@ impl Site {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The model an announced round of a secure job starts from, derived by
+    /// this site: the job's initial model, then the strategy's step on each
+    /// final round's committed aggregate (`tessera_protocol::replay`). It
+    /// must be the announced model; a coordinator cannot make this site
+    /// train on (or evaluate) a model of its choosing. A round block that
+    /// contradicts its own aggregate halts the site, as any provable lie.
+    async fn replayed_model(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        spec: &JobSpec,
+        secure: &SecureAggSpec,
+        layout: &Layout,
+        a: &pb::RoundAnnouncement,
+    ) -> anyhow::Result<Vec<f32>> {
+        let job_id = a.job_id;
+        let mut replay = match self.replays.remove(&job_id) {
+            Some(r) if r.next_round() <= a.round => r,
+            _ => ModelReplay::new(spec, secure, layout, self.replica.cohort(job_id).len()),
+        };
+        while replay.next_round() < a.round {
+            let round = replay.next_round();
+            let block = self
+                .replica
+                .round_block(job_id, round)
+                .cloned()
+                .with_context(|| format!("round {round} of job {job_id} is not final on this site's ledger"))?;
+            let words = self
+                .fetch_aggregate(client, job_id, round, &block.aggregate_sha256)
+                .await?;
+            if let Err(e) = replay.apply(&block, &words, |s| self.replica.declared(job_id, s)) {
+                let reason = format!("job {job_id}: {e}");
+                if matches!(
+                    e,
+                    ReplayError::ModelMismatch { .. }
+                        | ReplayError::WeightMismatch { .. }
+                        | ReplayError::Undeclared { .. }
+                ) {
+                    self.replica.refuse(reason.clone());
+                }
+                bail!("{reason}");
+            }
+        }
+        if replay.model_hash() != a.model_hash {
+            bail!(
+                "round {} of job {job_id} was announced with model {}, but this site derives {}",
+                a.round,
+                a.model_hash,
+                replay.model_hash()
+            );
+        }
+        let model = replay.model().to_vec();
+        if a.train {
+            // The final evaluation is the job's last use of it.
+            self.replays.insert(job_id, replay);
+        }
+        Ok(model)
     }
 
     async fn report_metrics(
@@ -914,27 +979,71 @@ impl Site {
             model_hash: model_hash.to_owned(),
         };
         self.egress.record("FetchModel", &request)?;
-        let mut stream = client.fetch_model(request).await?.into_inner();
-        let expected_len = n_params * 4;
-        let mut bytes = Vec::with_capacity(expected_len as usize);
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            if chunk.offset != bytes.len() as u64
-                || chunk.total_len != expected_len
-                || bytes.len() + chunk.data.len() > expected_len as usize
-            {
-                bail!(
-                    "model {model_hash} arrived malformed (chunk at offset {})",
-                    chunk.offset
-                );
-            }
-            bytes.extend_from_slice(&chunk.data);
-        }
-        if sha256_hex(&bytes) != model_hash {
-            bail!("downloaded model does not match its hash {model_hash}");
-        }
+        let stream = client.fetch_model(request).await?.into_inner();
+        let bytes = download(stream, n_params * 4, model_hash, "model").await?;
         Ok(decode_params(&bytes)?)
     }
+
+    /// A secure round's released aggregate, checked against the hash its
+    /// final ledger block commits to.
+    async fn fetch_aggregate(
+        &self,
+        client: &mut FederationClient<Channel>,
+        job_id: u64,
+        round: u32,
+        sha256: &str,
+    ) -> anyhow::Result<Vec<u32>> {
+        let request = pb::FetchAggregateRequest {
+            site_id: self.id.to_string(),
+            job_id,
+            round,
+        };
+        self.egress.record("FetchAggregate", &request)?;
+        let stream = client.fetch_aggregate(request).await?.into_inner();
+        let what = format!("the aggregate of round {round} of job {job_id}");
+        let max_len = MAX_AGGREGATE_WORDS * 4;
+        let bytes = download(stream, max_len, sha256, &what).await?;
+        if bytes.len() % 4 != 0 {
+            bail!("{what} is not a whole number of 32-bit words");
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect())
+    }
+}
+
+/// Largest aggregate a site downloads: the biggest model a policy can
+/// accept plus the evaluation words.
+const MAX_AGGREGATE_WORDS: u64 = (1 << 30) / 4;
+
+/// Collects a chunked download, refusing chunks out of order, a total over
+/// `max_len` bytes (for a model, exactly its length), or content that does
+/// not hash to `sha256`.
+async fn download(
+    mut stream: tonic::Streaming<pb::ModelChunk>,
+    max_len: u64,
+    sha256: &str,
+    what: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut total = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        let expected = *total.get_or_insert(chunk.total_len);
+        if chunk.offset != bytes.len() as u64
+            || chunk.total_len != expected
+            || expected > max_len
+            || bytes.len() + chunk.data.len() > expected as usize
+        {
+            bail!("{what} arrived malformed (chunk at offset {})", chunk.offset);
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
+    if sha256_hex(&bytes) != sha256 {
+        bail!("downloaded {what} does not match its hash {sha256}");
+    }
+    Ok(bytes)
 }
 
 /// The consortium this site's kit pins (`consortium.toml` beside its TLS

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tessera_protocol::ids::SiteId;
 use tessera_protocol::ledger::equivocation::{self, Gossip};
-use tessera_protocol::ledger::payload::{DeclaredCounts, Payload};
+use tessera_protocol::ledger::payload::{DeclaredCounts, Payload, RoundCompleted};
 use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::store::LedgerStore;
 use tessera_protocol::ledger::verify::{Members, Verified, Verifier};
@@ -78,7 +78,6 @@ pub struct Replica {
     /// The last round block's model per job, and the jobs on the chain.
     job_hashes: HashMap<u64, String>,
     latest_model: HashMap<u64, (u32, String)>,
-    /// Per job, the sites whose signed acceptance is on the chain.
     /// Per job, the sites whose acceptance is final and the counts each declared.
     cohorts: HashMap<u64, std::collections::BTreeMap<SiteId, Option<DeclaredCounts>>>,
     /// What this site uploaded per (job, round): its commitment must be in
@@ -491,6 +490,18 @@ impl Replica {
     /// The row counts `site` declared in its final acceptance of the job.
     pub fn declared(&self, job_id: u64, site: &SiteId) -> Option<DeclaredCounts> {
         self.cohorts.get(&job_id)?.get(site).copied().flatten()
+    }
+
+    /// The final `round_completed` block of `round` of `job_id`: what the
+    /// site replays the job's models from.
+    pub fn round_block(&self, job_id: u64, round: u32) -> Option<&RoundCompleted> {
+        self.blocks[..self.final_len]
+            .iter()
+            .rev()
+            .find_map(|k| match &k.verified.payload {
+                Payload::RoundCompleted(r) if r.job_id == job_id && r.round == round => Some(r.as_ref()),
+                _ => None,
+            })
     }
 
     /// Halts training because an announcement disagrees with the ledger.

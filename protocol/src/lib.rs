@@ -28,6 +28,7 @@ pub mod job;
 pub mod keyfile;
 pub mod ledger;
 pub mod model;
+pub mod replay;
 pub mod roster;
 pub mod round;
 pub mod secagg;

@@ -234,6 +234,18 @@ impl Federation {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// Every log of the coordinator and the sites started, each headed by its
+    /// name: what a failing test prints.
+    pub fn logs(&self) -> String {
+        let mut names: Vec<&str> = self.children.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort();
+        names
+            .iter()
+            .map(|n| format!("===== {n}.log =====\n{}", self.log(n)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Runs the `tessera` CLI against this coordinator, as the operator.
     pub fn tessera(&self, args: &[&str]) -> Output {
         self.tessera_as(&self.ca().join("operators/lead"), args)
@@ -290,10 +302,7 @@ impl Federation {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        panic!(
-            "job {job_id} never reached {states:?}; coordinator log:\n{}",
-            self.log("coordinator")
-        );
+        panic!("job {job_id} never reached {states:?}; logs:\n{}", self.logs());
     }
 }
 

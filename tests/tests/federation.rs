@@ -15,12 +15,7 @@ fn four_hospitals_train_three_rounds() {
     let job = federation.write_job("job.toml", &example_job(&[("rounds", "3")]));
     let job_id = federation.submit(&job);
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
-    assert_eq!(
-        status["job"]["status"],
-        "finished",
-        "{status:#}\n{}",
-        federation.log("coordinator")
-    );
+    assert_eq!(status["job"]["status"], "finished", "{status:#}\n{}", federation.logs());
 
     let rounds = status["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 3);
@@ -132,6 +127,7 @@ fn four_hospitals_train_three_rounds() {
         "PollTask",
         "SubmitStats",
         "FetchModel",
+        "FetchAggregate",
         "ReportMetrics",
         "SubmitUpdate",
         "SubmitSecAgg",
@@ -157,9 +153,14 @@ fn four_hospitals_train_three_rounds() {
             "SubmitUpdate",
             "ReportMetrics",
             "Endorse",
+            // Rounds 2, 3 and the final evaluation start from models the
+            // site derived from the committed aggregates.
+            "FetchAggregate",
         ] {
             assert!(kinds.contains(needed), "{site} never logged {needed}");
         }
+        // A secure job's site never takes a model on the coordinator's word.
+        assert!(!kinds.contains("FetchModel"), "{site} downloaded a model");
     }
 
     // Export: the model file matches the last round's hash and the manifest.

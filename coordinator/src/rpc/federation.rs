@@ -144,6 +144,36 @@ impl Federation for FederationService {
         Ok(Response::new(chunk_stream(bytes, request.model_hash, String::new())))
     }
 
+    type FetchAggregateStream = ChunkStream;
+
+    async fn fetch_aggregate(
+        &self,
+        request: Request<pb::FetchAggregateRequest>,
+    ) -> Result<Response<Self::FetchAggregateStream>, Status> {
+        let caller = Caller::of(&request).cloned();
+        let request = request.into_inner();
+        let site = self.identify(caller.as_ref(), &request.site_id).await?;
+        // The released sum is the cohort's output, not the world's.
+        if !self.shared.ledger.cohort(request.job_id).contains(&site) {
+            return Err(
+                RpcError::PermissionDenied(format!("`{site}` is not in the cohort of job {}", request.job_id)).into(),
+            );
+        }
+        let (sha256, bytes) = self
+            .shared
+            .store
+            .aggregate(JobId(request.job_id), request.round)
+            .await
+            .map_err(RpcError::from)?
+            .ok_or_else(|| {
+                RpcError::NotFound(format!(
+                    "no aggregate of job {} round {}",
+                    request.job_id, request.round
+                ))
+            })?;
+        Ok(Response::new(chunk_stream(bytes, sha256, String::new())))
+    }
+
     async fn submit_stats(&self, request: Request<pb::StatsReport>) -> Result<Response<pb::Ack>, Status> {
         let caller = Caller::of(&request).cloned();
         let report = request.into_inner();
