@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
 
 HEADER_LEN = 83  # §2
 KINDS = ["genesis", "job_created", "job_accepted", "round_completed",
-         "metrics", "job_ended", "membership_change"]
+         "metrics", "job_ended", "membership_change", "summation"]
 COORD_PREFIX = b"tessera/ledger/v1/coordinator"  # §4
 ENDORSE_PREFIX = b"tessera/ledger/v1/endorse"
 DECISION_PREFIX = b"tessera/ledger/v1/job-decision"  # §5 job_accepted
@@ -237,6 +237,13 @@ FIELDS = {
         "secure_aggregation": is_bool, "clip_norm": nullable(is_num),
         "quantization_bits": nullable(is_int), "transcript": nullable(is_obj),
         "privacy_epsilon": nullable(is_num)},
+    "summation": {
+        "job_id": is_int, "purpose": one_of("statistics", "final_evaluation"),
+        "contributors": list_of(is_str),
+        "dropouts": list_of(obj_with({"site": is_str, "phase": lambda v: v in PHASES})),
+        "commitments": list_of(obj_with({"site": is_str, "sha256": is_h32})),
+        "commitment_root": is_h32, "aggregate_sha256": is_h32,
+        "normalization_sha256": nullable(is_h32), "transcript": nullable(is_obj)},
     "metrics": {"job_id": is_int, "model_of_round": is_int, "model_sha256": is_h32,
                 # §9 calls auc a number, but Tessera writes null when a site's
                 # AUC is undefined (e.g. a test set of one class), so allow it.
@@ -268,6 +275,8 @@ def check_fields(kind, p):
             return "genesis site keys are not unique"
         if p["quorum"] != majority(len(ids)):
             return f"quorum {p['quorum']} is not the majority of {len(ids)} sites"
+    if kind == "summation" and (p["purpose"] == "statistics") != (p["normalization_sha256"] is not None):
+        return "summation normalization_sha256 must be set exactly for statistics"
     if kind == "job_accepted" and p.get("counts") is not None:
         c = p["counts"]
         if not obj_with({"n_train": is_int, "n_test": is_int})(c):
@@ -277,6 +286,25 @@ def check_fields(kind, p):
         if rs is not None and not is_hex(rs, 64):
             return "membership_change payload field 'rotation_signature' is malformed"
     return None
+
+
+def check_commitments(p, members, bad):
+    """§5 commitments of a round_completed or summation block: strictly
+    ascending sites (UTF-8 bytes), all members, every contributor committed,
+    and commitment_root their Merkle root."""
+    sites = [c["site"] for c in p["commitments"]]
+    keys = [s.encode("utf-8") for s in sites]
+    if any(a >= b for a, b in zip(keys, keys[1:])):
+        bad("commitments are not in strictly ascending order of site")
+    for s in sites:
+        if s not in members:
+            bad(f"commitment by {s!r}, not a member")
+    for s in p["contributors"]:
+        if s not in sites:
+            bad(f"contributor {s!r} has no commitment")
+    leaves = [site_leaf(c["site"], bytes.fromhex(c["sha256"])) for c in p["commitments"]]
+    if merkle_root(leaves).hex() != p["commitment_root"]:
+        bad("commitment_root is not the Merkle root of commitments")
 
 
 def majority(n):
@@ -423,7 +451,7 @@ def verify_ledger(path):
             if sha256(p["job_toml"].encode("utf-8")).hex() != p["job_sha256"]:
                 bad("job_sha256 does not match job_toml")
             jobs[p["job_id"]] = {"ended": False, "round": 0, "model": None,
-                                 "sha256": p["job_sha256"], "models": {}}
+                                 "sha256": p["job_sha256"], "models": {}, "summations": set()}
         elif "job_id" in FIELDS[kind]:
             job = jobs.get(p["job_id"])
             if job is None:
@@ -454,7 +482,17 @@ def verify_ledger(path):
                 if fm is not None and job["round"] and fm != job["model"]:
                     warnings.append(f"block {i}: final_model_sha256 is not the last "
                                     "round's model_sha256")
+            if kind == "summation":
+                purpose = p["purpose"]
+                if purpose in job["summations"]:
+                    bad(f"a second {purpose} summation of job {p['job_id']}")
+                if purpose == "statistics" and job["round"]:
+                    bad("the statistics summation comes after a round")
+                job["summations"].add(purpose)
+                check_commitments(p, members, bad)
             if kind == "round_completed":
+                if "final_evaluation" in job["summations"]:
+                    bad("a round after the job's final evaluation")
                 if p["round"] != job["round"] + 1:
                     bad(f"round {p['round']} follows round {job['round']}")
                 if job["round"] and p["base_model_sha256"] != job["model"]:
@@ -464,20 +502,7 @@ def verify_ledger(path):
                 job["models"][p["round"]] = p["model_sha256"]
                 if p["config_sha256"] != job["sha256"]:
                     warnings.append(f"block {i}: config_sha256 is not the job's job_sha256")
-                sites = [c["site"] for c in p["commitments"]]
-                keys = [s.encode("utf-8") for s in sites]
-                if any(a >= b for a, b in zip(keys, keys[1:])):
-                    bad("commitments are not in strictly ascending order of site")
-                for s in sites:
-                    if s not in members:
-                        bad(f"commitment by {s!r}, not a member")
-                for s in p["contributors"]:
-                    if s not in sites:
-                        bad(f"contributor {s!r} has no commitment")
-                leaves = [site_leaf(c["site"], bytes.fromhex(c["sha256"]))
-                          for c in p["commitments"]]
-                if merkle_root(leaves).hex() != p["commitment_root"]:
-                    bad("commitment_root is not the Merkle root of commitments")
+                check_commitments(p, members, bad)
                 if has_models and p["model_sha256"] not in models:   # §6 Models
                     bad(f"model {p['model_sha256']} is not in the models table")
         # Finality: endorsements by a majority of all the members before this

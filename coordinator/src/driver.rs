@@ -18,6 +18,7 @@ use tessera_protocol::job::{Aggregation, JobSpec, SecureAggSpec};
 use tessera_protocol::ledger::merkle;
 use tessera_protocol::ledger::payload::{
     Commitment, DeclaredCounts, Dropout, JobEnded, Metrics, Payload, PooledMetrics, RoundCompleted, SiteMetrics,
+    Summation,
 };
 use tessera_protocol::model::{encode_params, initial_params, model_hash};
 use tessera_protocol::pb;
@@ -146,15 +147,7 @@ fn round_block(
     n_params: usize,
     config_sha256: &str,
 ) -> Payload {
-    let commitments: Vec<Commitment> = result
-        .commitments
-        .iter()
-        .map(|(site, c)| Commitment {
-            site: site.to_string(),
-            sha256: hex::encode(c),
-        })
-        .collect();
-    let leaves: Vec<Vec<u8>> = result.commitments.iter().map(|(s, c)| merkle::leaf(s, c)).collect();
+    let (commitments, commitment_root) = commitment_list(&result.commitments);
     let clip_norm = match &spec.aggregation {
         Aggregation::Secure(s) => Some(s.clip_norm),
         Aggregation::InsecurePlaintext => None,
@@ -171,7 +164,7 @@ fn round_block(
                 phase: phase.clone(),
             })
             .collect(),
-        commitment_root: hex::encode(merkle::root(&leaves)),
+        commitment_root,
         commitments,
         aggregate_sha256: result.aggregate_sha256.clone(),
         base_model_sha256: base_hash.to_owned(),
@@ -185,6 +178,44 @@ fn round_block(
         quantization_bits: result.quantization_bits,
         transcript: result.transcript.as_deref().and_then(|t| serde_json::from_str(t).ok()),
         privacy_epsilon: None,
+    }))
+}
+
+/// The commitments of a summation sorted by site, and their Merkle root.
+fn commitment_list(commitments: &BTreeMap<SiteId, [u8; 32]>) -> (Vec<Commitment>, String) {
+    let leaves: Vec<Vec<u8>> = commitments.iter().map(|(s, c)| merkle::leaf(s, c)).collect();
+    let list = commitments
+        .iter()
+        .map(|(site, c)| Commitment {
+            site: site.to_string(),
+            sha256: hex::encode(c),
+        })
+        .collect();
+    (list, hex::encode(merkle::root(&leaves)))
+}
+
+/// The ledger's record of a secure summation outside the rounds: who is in
+/// `sum`, their commitments, its hash, and for the statistics the
+/// normalisation every site re-derives from it.
+fn summation_block(purpose: &str, sum: &[u32], t: &Transcript, normalization: Option<&Normalization>) -> Payload {
+    let (commitments, commitment_root) = commitment_list(&t.masked.iter().cloned().collect());
+    Payload::Summation(Box::new(Summation {
+        job_id: t.ctx.job_id,
+        purpose: purpose.to_owned(),
+        contributors: contributors(t).iter().map(|s| s.to_string()).collect(),
+        dropouts: t
+            .dropped
+            .iter()
+            .map(|(site, phase)| Dropout {
+                site: site.to_string(),
+                phase: phase_name(*phase).to_owned(),
+            })
+            .collect(),
+        commitments,
+        commitment_root,
+        aggregate_sha256: hex::encode(commitment(sum)),
+        normalization_sha256: normalization.map(|n| hex::encode(n.sha256())),
+        transcript: serde_json::from_str(&transcript_json(t, 0, 0.0)).ok(),
     }))
 }
 
@@ -253,9 +284,19 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
     info!(job = %job_id, sites = ?names(&members), secure = secure.is_some(), "sites gathered");
 
     set_phase(shared, job_id, "preprocessing").await;
-    let total = preprocess(shared, job_id, spec, &members).await?;
+    let (total, secure_sum) = preprocess(shared, job_id, spec, &members).await?;
     let normalization = Normalization::from_stats(&total).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
     let n_features = total.sum.len();
+    if let Some((sum, transcript)) = secure_sum {
+        // Committed before any round: every site derives the normalisation
+        // from this sum (aggregate "round 0") instead of taking it on trust.
+        let block = summation_block(Summation::STATISTICS, &sum, &transcript, Some(&normalization));
+        let bytes: Vec<u8> = sum.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut tx = shared.ledger.begin().await?;
+        Store::put_aggregate_in(&mut tx.tx, job_id, 0, &hex::encode(commitment(&sum)), &bytes).await?;
+        tx.append(&block, unix_ms() as u64).await?;
+        tx.commit().await?;
+    }
     shared
         .store
         .set_preprocessing(job_id, n_features, &normalization)
@@ -395,7 +436,11 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
     install_round(shared, announcement, None, session, &members);
     if let (_, Some(outcome)) = run_phase(shared).await? {
         match outcome {
-            Ok((sum, transcript)) => store_pooled(shared, ctx, &contributors(&transcript), &sum).await?,
+            Ok((sum, transcript)) => {
+                store_pooled(shared, ctx, &contributors(&transcript), &sum).await?;
+                let block = summation_block(Summation::FINAL_EVALUATION, &sum, &transcript, None);
+                shared.ledger.append(&block, unix_ms() as u64).await?;
+            }
             Err(e) => warn!(job = %job_id, "final evaluation: secure sum aborted: {e}"),
         }
     }
@@ -557,7 +602,7 @@ async fn preprocess(
     job_id: JobId,
     spec: &JobSpec,
     members: &BTreeSet<SiteId>,
-) -> Result<FeatureStats, Stop> {
+) -> Result<(FeatureStats, Option<(Vec<u32>, Transcript)>), Stop> {
     let secure = match &spec.aggregation {
         Aggregation::Secure(s) => Some(*s),
         Aggregation::InsecurePlaintext => None,
@@ -602,7 +647,8 @@ async fn preprocess(
     }
     let Some(secure) = secure else {
         let reports: Vec<FeatureStats> = reports.into_values().collect();
-        return sum_plaintext_stats(&reports).map_err(|e| Stop::Failed(format!("preprocessing: {e}")));
+        let total = sum_plaintext_stats(&reports).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
+        return Ok((total, None));
     };
     // Secure: the reports carried only the encoding; now sum the statistics.
     let n_features = reports.values().next().map_or(0, |r| r.sum.len());
@@ -624,12 +670,9 @@ async fn preprocess(
         .expect("secure preprocessing yields its outcome")
         .map_err(|e| Stop::Failed(format!("preprocessing: secure aggregation aborted: {e}")))?;
     info!(job = %job_id, sites = transcript.masked.len(), "feature statistics securely summed");
-    let values = exact::decode_sum(&sum).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
-    Ok(FeatureStats {
-        count: values[0].round().max(0.0) as u64,
-        sum: values[1..1 + n_features].to_vec(),
-        sum_sq: values[1 + n_features..].to_vec(),
-    })
+    let total =
+        FeatureStats::from_secure_sum(&sum, n_features).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
+    Ok((total, Some((sum, transcript))))
 }
 
 fn install_round(

@@ -290,6 +290,26 @@ impl Store {
         Ok(())
     }
 
+    /// Stores a released aggregate (round 0: the preprocessing statistics)
+    /// inside the transaction that appends the block committing to it.
+    pub async fn put_aggregate_in(
+        tx: &mut SqliteConnection,
+        job_id: JobId,
+        round: u32,
+        sha256: &str,
+        data: &[u8],
+    ) -> anyhow::Result<()> {
+        sqlx::query("INSERT INTO aggregates (job_id, round, sha256, data) VALUES (?, ?, ?, ?)")
+            .bind(job_id.0 as i64)
+            .bind(i64::from(round))
+            .bind(sha256)
+            .bind(data)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("cannot store the aggregate of job {job_id} round {round}"))?;
+        Ok(())
+    }
+
     /// A secure round's released aggregate: (SHA-256 hex, bytes).
     pub async fn aggregate(&self, job_id: JobId, round: u32) -> anyhow::Result<Option<(String, Vec<u8>)>> {
         let row: Option<(String, Vec<u8>)> =
@@ -340,13 +360,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         if let Some((sha256, data)) = r.aggregate {
-            sqlx::query("INSERT INTO aggregates (job_id, round, sha256, data) VALUES (?, ?, ?, ?)")
-                .bind(job)
-                .bind(i64::from(r.round))
-                .bind(sha256)
-                .bind(data)
-                .execute(&mut *tx)
-                .await?;
+            Self::put_aggregate_in(tx, r.job_id, r.round, sha256, data).await?;
         }
         for (site, outcome, n_samples) in &r.members {
             sqlx::query(

@@ -14,7 +14,7 @@ use tessera_protocol::CHUNK_BYTES;
 use tessera_protocol::evaluation;
 use tessera_protocol::ids::{SiteId, sha256_hex};
 use tessera_protocol::job::{Aggregation, JobSpec, SecureAggSpec};
-use tessera_protocol::ledger::payload::DeclaredCounts;
+use tessera_protocol::ledger::payload::{DeclaredCounts, Summation};
 use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::sign_decision;
 use tessera_protocol::model::{Layout, check_initial_model, decode_params, encode_params};
@@ -27,7 +27,7 @@ use tessera_protocol::round::update_commitment;
 use tessera_protocol::secagg::client::{self, ClientConfig};
 use tessera_protocol::secagg::crypto::SigningKey;
 use tessera_protocol::secagg::{RoundContext, commitment, exact};
-use tessera_protocol::stats::Normalization;
+use tessera_protocol::stats::{FeatureStats, Normalization};
 use tessera_protocol::wire;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -111,6 +111,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         sessions: HashMap::new(),
         metric_inputs: HashMap::new(),
         replays: HashMap::new(),
+        normalizations: HashMap::new(),
         contributions: Contributions::open(&config.state_dir)?,
     };
     let mut backoff = Duration::from_millis(250);
@@ -198,6 +199,8 @@ struct Site {
     metric_inputs: HashMap<(u64, u32), Vec<u32>>,
     /// Per secure job, the model history this site derived itself.
     replays: HashMap<u64, ModelReplay>,
+    /// Per secure job, the normalisation this site derived itself.
+    normalizations: HashMap<u64, Normalization>,
     /// The rounds this site has sent a masked input to, on disk: never two
     /// summations of one round's input (their difference would reveal it).
     contributions: Contributions,
@@ -507,6 +510,11 @@ impl Site {
         {
             bail!("announced normalization does not fit this site's features");
         }
+        let normalization = if spec.is_secure() {
+            self.derived_normalization(client, a.job_id, normalization).await?
+        } else {
+            normalization
+        };
         // Inputs and summations of earlier rounds of this job can no longer
         // be used.
         self.inputs
@@ -534,6 +542,50 @@ impl Site {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The normalisation of a secure job, derived by this site from the
+    /// statistics sum its final `summation` block commits to (fetched and
+    /// checked against `aggregate_sha256`); the block's
+    /// `normalization_sha256` and the announced normalisation must both be
+    /// that one. A coordinator cannot scale or shift this site's features.
+    async fn derived_normalization(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        job_id: u64,
+        announced: Normalization,
+    ) -> anyhow::Result<Normalization> {
+        let derived = match self.normalizations.get(&job_id) {
+            Some(n) => n.clone(),
+            None => {
+                let block = self
+                    .replica
+                    .summation(job_id, Summation::STATISTICS)
+                    .cloned()
+                    .with_context(|| {
+                        format!("the statistics summation of job {job_id} is not final on this site's ledger")
+                    })?;
+                let words = self.fetch_aggregate(client, job_id, 0, &block.aggregate_sha256).await?;
+                let stats = FeatureStats::from_secure_sum(&words, self.data.train.n_features)
+                    .with_context(|| format!("the statistics sum of job {job_id}"))?;
+                let derived =
+                    Normalization::from_stats(&stats).with_context(|| format!("the statistics sum of job {job_id}"))?;
+                if block.normalization_sha256.as_deref() != Some(hex::encode(derived.sha256()).as_str()) {
+                    let reason = format!(
+                        "job {job_id}: the ledger's statistics summation records a normalisation \
+                         that its own committed sum does not give"
+                    );
+                    self.replica.refuse(reason.clone());
+                    bail!("{reason}");
+                }
+                self.normalizations.insert(job_id, derived.clone());
+                derived
+            }
+        };
+        if announced != derived {
+            bail!("the announced normalisation of job {job_id} is not the one its committed statistics give");
+        }
+        Ok(derived)
     }
 
     /// The model an announced round of a secure job starts from, derived by

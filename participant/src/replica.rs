@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tessera_protocol::ids::SiteId;
 use tessera_protocol::ledger::equivocation::{self, Gossip};
-use tessera_protocol::ledger::payload::{DeclaredCounts, Payload, RoundCompleted};
+use tessera_protocol::ledger::payload::{DeclaredCounts, Payload, RoundCompleted, Summation};
 use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::store::LedgerStore;
 use tessera_protocol::ledger::verify::{Members, Verified, Verifier};
@@ -500,6 +500,16 @@ impl Replica {
             .rev()
             .find_map(|k| match &k.verified.payload {
                 Payload::RoundCompleted(r) if r.job_id == job_id && r.round == round => Some(r.as_ref()),
+                _ => None,
+            })
+    }
+
+    /// The final `summation` block of `job_id` for `purpose`.
+    pub fn summation(&self, job_id: u64, purpose: &str) -> Option<&Summation> {
+        self.blocks[..self.final_len]
+            .iter()
+            .find_map(|k| match &k.verified.payload {
+                Payload::Summation(s) if s.job_id == job_id && s.purpose == purpose => Some(s.as_ref()),
                 _ => None,
             })
     }

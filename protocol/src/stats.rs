@@ -32,9 +32,30 @@ pub enum StatsError {
     NotFinite,
     #[error("sites have no training rows in total")]
     NoRows,
+    #[error(transparent)]
+    Exact(#[from] crate::secagg::exact::ExactError),
 }
 
 impl FeatureStats {
+    /// The statistics from the unmasked secure sum of the sites' exact
+    /// encodings (count, per-feature sums, sums of squares): the one
+    /// decoding the coordinator and every site (checking the ledger's
+    /// normalisation) share.
+    pub fn from_secure_sum(words: &[u32], n_features: usize) -> Result<Self, StatsError> {
+        let values = crate::secagg::exact::decode_sum(words)?;
+        if values.len() != 1 + 2 * n_features {
+            return Err(StatsError::Width {
+                expected: n_features,
+                got: values.len().saturating_sub(1) / 2,
+            });
+        }
+        Ok(Self {
+            count: values[0].round().max(0.0) as u64,
+            sum: values[1..1 + n_features].to_vec(),
+            sum_sq: values[1 + n_features..].to_vec(),
+        })
+    }
+
     /// Statistics of a set of rows (each of the same width).
     pub fn of_rows<'a>(width: usize, rows: impl IntoIterator<Item = &'a [f32]>) -> Self {
         let mut stats = Self {
@@ -112,6 +133,18 @@ impl Normalization {
             })
             .collect();
         Ok(Self { mean, std })
+    }
+
+    /// SHA-256 of the means then the standard deviations, each as
+    /// little-endian f64: what a ledger `summation` block commits to.
+    pub fn sha256(&self) -> [u8; 32] {
+        let bytes: Vec<u8> = self
+            .mean
+            .iter()
+            .chain(&self.std)
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        crate::ledger::sha256(&bytes)
     }
 
     /// Standardises one row in place.

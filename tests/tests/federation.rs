@@ -114,6 +114,13 @@ fn four_hospitals_train_three_rounds() {
         );
     }
     let expected_weight: f64 = declared.values().map(|(n, _)| (*n as f64 / 1000.0).min(1.0)).sum();
+    // Every secure summation outside the rounds is committed too.
+    let purposes: Vec<&str> = blocks
+        .iter()
+        .filter(|b| b["kind"] == "summation")
+        .map(|b| b["payload"]["purpose"].as_str().unwrap())
+        .collect();
+    assert_eq!(purposes, ["statistics", "final_evaluation"]);
     let round_blocks: Vec<&serde_json::Value> = blocks.iter().filter(|b| b["kind"] == "round_completed").collect();
     assert_eq!(round_blocks.len(), 3);
     for b in round_blocks {

@@ -370,6 +370,14 @@ pub(crate) fn summary(payload: &Payload) -> String {
             }
         ),
         Payload::MembershipChange(c) => format!("{} `{}` ({})", c.change, c.site.id, c.reason),
+        Payload::Summation(s) => format!(
+            "job {} {} summed over {} sites, {} dropped (sum {})",
+            s.job_id,
+            s.purpose.replace('_', " "),
+            s.contributors.len(),
+            s.dropouts.len(),
+            short(&s.aggregate_sha256)
+        ),
     }
 }
 

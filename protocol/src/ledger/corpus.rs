@@ -147,6 +147,60 @@ pub fn cases() -> Vec<Case> {
         let height = last(&c);
         out.push(case(name, c, Expect::Invalid { height }));
     }
+    // Summations outside the rounds (§5 summation, §6 rule 8).
+    let stats = |c: &TestConsortium| Payload::Summation(Box::new(c.summation(1, Summation::STATISTICS)));
+    let final_eval = |c: &TestConsortium| Payload::Summation(Box::new(c.summation(1, Summation::FINAL_EVALUATION)));
+    let round =
+        |c: &TestConsortium| Payload::RoundCompleted(Box::new(c.round(1, 1, &sha256_hex(b"m0"), &sha256_hex(b"m1"))));
+    let mut c = TestConsortium::new(3);
+    c.append(&created(1));
+    c.append(&stats(&c));
+    c.append(&round(&c));
+    c.append(&final_eval(&c));
+    out.push(case("summations_before_and_after_the_rounds", c, Expect::Final));
+    for (name, build) in [
+        ("statistics_summation_after_a_round", 0),
+        ("second_statistics_summation", 1),
+        ("round_after_the_final_evaluation", 2),
+        ("statistics_summation_without_normalization", 3),
+        ("final_evaluation_with_a_normalization", 4),
+        ("summation_with_an_unsorted_commitment", 5),
+    ] {
+        let mut c = TestConsortium::new(3);
+        c.append(&created(1));
+        match build {
+            0 => {
+                c.append(&round(&c));
+                c.append(&stats(&c));
+            }
+            1 => {
+                c.append(&stats(&c));
+                c.append(&stats(&c));
+            }
+            2 => {
+                c.append(&final_eval(&c));
+                c.append(&round(&c));
+            }
+            3 | 4 => {
+                let purpose = if build == 3 {
+                    Summation::STATISTICS
+                } else {
+                    Summation::FINAL_EVALUATION
+                };
+                let mut s = c.summation(1, purpose);
+                s.normalization_sha256 = if build == 3 { None } else { Some(sha256_hex(b"n")) };
+                c.append(&Payload::Summation(Box::new(s)));
+            }
+            _ => {
+                let mut s = c.summation(1, Summation::STATISTICS);
+                s.commitments.swap(0, 1);
+                c.append(&Payload::Summation(Box::new(s)));
+            }
+        }
+        let height = last(&c);
+        out.push(case(name, c, Expect::Invalid { height }));
+    }
+
     let mut c = TestConsortium::new(3);
     c.append(&created(1));
     c.append(&decision(&c, 1, true, None, None));

@@ -50,10 +50,11 @@ pub enum Kind {
     Metrics = 4,
     JobEnded = 5,
     MembershipChange = 6,
+    Summation = 7,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Genesis,
         Kind::JobCreated,
         Kind::JobAccepted,
@@ -61,6 +62,7 @@ impl Kind {
         Kind::Metrics,
         Kind::JobEnded,
         Kind::MembershipChange,
+        Kind::Summation,
     ];
 
     pub fn from_byte(b: u8) -> Option<Kind> {
@@ -77,6 +79,7 @@ impl Kind {
             Kind::Metrics => "metrics",
             Kind::JobEnded => "job_ended",
             Kind::MembershipChange => "membership_change",
+            Kind::Summation => "summation",
         }
     }
 }

@@ -117,6 +117,32 @@ pub struct RoundCompleted {
     pub privacy_epsilon: Option<f64>,
 }
 
+/// A secure summation of a job outside its training rounds (the
+/// preprocessing statistics, the final evaluation), committed like a round:
+/// who contributed, their commitments and the released sum's hash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summation {
+    pub job_id: u64,
+    /// [`Summation::STATISTICS`] or [`Summation::FINAL_EVALUATION`].
+    pub purpose: String,
+    pub contributors: Vec<String>,
+    pub dropouts: Vec<Dropout>,
+    /// Sorted by site id; `commitment_root` is their Merkle root.
+    pub commitments: Vec<Commitment>,
+    pub commitment_root: String,
+    /// SHA-256 of the unmasked sum, little-endian u32 words.
+    pub aggregate_sha256: String,
+    /// Statistics only: SHA-256 of the normalisation derived from the sum
+    /// (`Normalization::sha256`), which every site re-derives.
+    pub normalization_sha256: Option<String>,
+    pub transcript: Option<serde_json::Value>,
+}
+
+impl Summation {
+    pub const STATISTICS: &str = "statistics";
+    pub const FINAL_EVALUATION: &str = "final_evaluation";
+}
+
 /// Evaluation results of one global model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
@@ -180,6 +206,7 @@ pub enum Payload {
     Metrics(Metrics),
     JobEnded(JobEnded),
     MembershipChange(MembershipChange),
+    Summation(Box<Summation>),
 }
 
 impl Payload {
@@ -192,6 +219,7 @@ impl Payload {
             Payload::Metrics(_) => Kind::Metrics,
             Payload::JobEnded(_) => Kind::JobEnded,
             Payload::MembershipChange(_) => Kind::MembershipChange,
+            Payload::Summation(_) => Kind::Summation,
         }
     }
 
@@ -204,6 +232,7 @@ impl Payload {
             Payload::Metrics(p) => serde_json::to_vec(p),
             Payload::JobEnded(p) => serde_json::to_vec(p),
             Payload::MembershipChange(p) => serde_json::to_vec(p),
+            Payload::Summation(p) => serde_json::to_vec(p),
         };
         value.expect("payloads serialise")
     }
@@ -217,6 +246,7 @@ impl Payload {
             Kind::Metrics => Payload::Metrics(serde_json::from_slice(bytes)?),
             Kind::JobEnded => Payload::JobEnded(serde_json::from_slice(bytes)?),
             Kind::MembershipChange => Payload::MembershipChange(serde_json::from_slice(bytes)?),
+            Kind::Summation => Payload::Summation(serde_json::from_slice(bytes)?),
         })
     }
 
@@ -228,6 +258,7 @@ impl Payload {
             Payload::RoundCompleted(p) => Some(p.job_id),
             Payload::Metrics(p) => Some(p.job_id),
             Payload::JobEnded(p) => Some(p.job_id),
+            Payload::Summation(p) => Some(p.job_id),
             Payload::Genesis(_) | Payload::MembershipChange(_) => None,
         }
     }

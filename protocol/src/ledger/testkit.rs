@@ -205,4 +205,20 @@ impl TestConsortium {
             privacy_epsilon: None,
         }
     }
+
+    /// A `summation` of `purpose` over every site, committed like a round.
+    pub fn summation(&self, job_id: u64, purpose: &str) -> Summation {
+        let r = self.round(job_id, 0, "", "");
+        Summation {
+            job_id,
+            purpose: purpose.into(),
+            contributors: r.contributors,
+            dropouts: vec![],
+            commitments: r.commitments,
+            commitment_root: r.commitment_root,
+            aggregate_sha256: sha256_hex(purpose.as_bytes()),
+            normalization_sha256: (purpose == Summation::STATISTICS).then(|| sha256_hex(b"normalization")),
+            transcript: None,
+        }
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::payload::{Genesis, Member, Payload, RoundCompleted};
+use super::payload::{Commitment, Genesis, Member, Payload, RoundCompleted, Summation};
 use super::{Block, Header, Kind, merkle, sha256, verify_block_signature, verify_decision, verify_endorsement};
 use crate::ids::{SiteId, sha256_hex};
 
@@ -116,6 +116,8 @@ struct JobState {
     last_model: Option<String>,
     ended: bool,
     job_sha256: String,
+    /// Purposes of the job's `summation` blocks so far.
+    summations: Vec<String>,
 }
 
 /// Verifies blocks one at a time, in order. A participant keeps one over
@@ -306,9 +308,16 @@ impl Verifier {
                 }
             }
             Payload::RoundCompleted(r) => {
+                if state.summations.iter().any(|p| p == Summation::FINAL_EVALUATION) {
+                    return Err(bad(kind, "a round after the job's final evaluation"));
+                }
                 check_round(r, state, members).map_err(|e| bad(kind, e))?;
                 next.last_round = r.round;
                 next.last_model = Some(r.model_sha256.clone());
+            }
+            Payload::Summation(sum) => {
+                check_summation(sum, state, members).map_err(|e| bad(kind, e))?;
+                next.summations.push(sum.purpose.clone());
             }
             Payload::JobEnded(_) => next.ended = true,
             _ => {}
@@ -411,9 +420,47 @@ fn check_round(r: &RoundCompleted, state: &JobState, members: &Members) -> Resul
             r.round, r.base_model_sha256, state.last_round, previous
         ));
     }
-    let mut leaves = Vec::with_capacity(r.commitments.len());
+    check_commitments(&r.commitments, &r.commitment_root, &r.contributors, members)
+}
+
+/// A `summation` block: one per purpose and job, the statistics before the
+/// first round, the normalisation hash exactly for the statistics, and its
+/// commitments as a round's.
+fn check_summation(s: &Summation, state: &JobState, members: &Members) -> Result<(), String> {
+    let statistics = match s.purpose.as_str() {
+        Summation::STATISTICS => true,
+        Summation::FINAL_EVALUATION => false,
+        other => return Err(format!("unknown purpose `{other}`")),
+    };
+    if state.summations.contains(&s.purpose) {
+        return Err(format!("a second {} summation of job {}", s.purpose, s.job_id));
+    }
+    if statistics && state.last_round > 0 {
+        return Err("the statistics summation comes after a round".into());
+    }
+    match (&s.normalization_sha256, statistics) {
+        (Some(h), true) if is_lower_hex32(h) => {}
+        (None, false) => {}
+        _ => return Err("normalization_sha256 must be 32 lowercase hex bytes for statistics, null otherwise".into()),
+    }
+    check_commitments(&s.commitments, &s.commitment_root, &s.contributors, members)
+}
+
+fn is_lower_hex32(h: &str) -> bool {
+    h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Commitments sorted by site and by members, covering every contributor,
+/// with `root` their Merkle root.
+fn check_commitments(
+    commitments: &[Commitment],
+    root: &str,
+    contributors: &[String],
+    members: &Members,
+) -> Result<(), String> {
+    let mut leaves = Vec::with_capacity(commitments.len());
     let mut last: Option<&str> = None;
-    for c in &r.commitments {
+    for c in commitments {
         if last.is_some_and(|l| l >= c.site.as_str()) {
             return Err("commitments are not in strictly ascending site order".into());
         }
@@ -428,11 +475,11 @@ fn check_round(r: &RoundCompleted, state: &JobState, members: &Members) -> Resul
             .ok_or_else(|| format!("commitment of `{}` is not 32 hex bytes", c.site))?;
         leaves.push(merkle::leaf(&site, &commitment));
     }
-    if hex::encode(merkle::root(&leaves)) != r.commitment_root {
+    if hex::encode(merkle::root(&leaves)) != root {
         return Err("commitment_root is not the Merkle root of the commitments".into());
     }
-    for c in &r.contributors {
-        if !r.commitments.iter().any(|k| &k.site == c) {
+    for c in contributors {
+        if !commitments.iter().any(|k| &k.site == c) {
             return Err(format!("contributor `{c}` has no commitment"));
         }
     }
