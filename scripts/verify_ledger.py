@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
 
 HEADER_LEN = 83  # §2
 KINDS = ["genesis", "job_created", "job_accepted", "round_completed",
-         "metrics", "job_ended", "membership_change", "summation"]
+         "metrics", "job_ended", "membership_change", "summation", "cohort_sealed"]
 COORD_PREFIX = b"tessera/ledger/v1/coordinator"  # §4
 ENDORSE_PREFIX = b"tessera/ledger/v1/endorse"
 DECISION_PREFIX = b"tessera/ledger/v1/job-decision"  # §5 job_accepted
@@ -244,6 +244,7 @@ FIELDS = {
         "commitments": list_of(obj_with({"site": is_str, "sha256": is_h32})),
         "commitment_root": is_h32, "aggregate_sha256": is_h32,
         "normalization_sha256": nullable(is_h32), "transcript": nullable(is_obj)},
+    "cohort_sealed": {"job_id": is_int, "cohort": list_of(is_str)},
     "metrics": {"job_id": is_int, "model_of_round": is_int, "model_sha256": is_h32,
                 # §9 calls auc a number, but Tessera writes null when a site's
                 # AUC is undefined (e.g. a test set of one class), so allow it.
@@ -451,14 +452,38 @@ def verify_ledger(path):
             if sha256(p["job_toml"].encode("utf-8")).hex() != p["job_sha256"]:
                 bad("job_sha256 does not match job_toml")
             jobs[p["job_id"]] = {"ended": False, "round": 0, "model": None,
-                                 "sha256": p["job_sha256"], "models": {}, "summations": set()}
+                                 "sha256": p["job_sha256"], "models": {}, "summations": set(),
+                                 "decided": {}, "cohort": None}
         elif "job_id" in FIELDS[kind]:
             job = jobs.get(p["job_id"])
             if job is None:
                 bad(f"job_id {p['job_id']} was never created")
             if job["ended"]:
                 bad(f"job_id {p['job_id']} has already ended")
+            if kind in ("round_completed", "summation"):
+                if job["cohort"] is None:
+                    bad(f"job {p['job_id']} has no sealed cohort yet")
+                for site in p["contributors"] + [c["site"] for c in p["commitments"]]:
+                    if site not in job["cohort"]:
+                        bad(f"{site!r} is not in the job's sealed cohort")
+            if kind == "cohort_sealed":
+                if job["cohort"] is not None:
+                    bad(f"the cohort of job {p['job_id']} is sealed twice")
+                keys = [x.encode("utf-8") for x in p["cohort"]]
+                if any(a >= b for a, b in zip(keys, keys[1:])):
+                    bad("the cohort is not in strictly ascending order of site")
+                accepted = sorted((x for x, a in job["decided"].items() if a), key=lambda x: x.encode("utf-8"))
+                if p["cohort"] != accepted:
+                    bad("the cohort is not the sites that accepted the job on the chain")
+                if not p["cohort"]:
+                    bad("an empty cohort")
+                job["cohort"] = set(p["cohort"])
             if kind == "job_accepted":
+                if job["cohort"] is not None:
+                    bad(f"a decision by {p['site']!r} after the job's cohort was sealed")
+                if p["site"] in job["decided"]:
+                    bad(f"{p['site']!r} decides on job {p['job_id']} twice")
+                job["decided"][p["site"]] = p["accepted"]
                 if p["site"] not in members:
                     bad(f"job_accepted site {p['site']!r} is not a member")
                 if p["job_sha256"] != job["sha256"]:

@@ -38,6 +38,8 @@ use crate::unix_ms;
 /// Longest wait between two looks at a phase (dropouts are noticed this late
 /// at most); deliveries wake the driver at once through `Shared::progress`.
 const TICK: Duration = Duration::from_millis(100);
+/// How often the driver looks for the endorsements that make a seal final.
+const SEAL_POLL: Duration = Duration::from_millis(5);
 /// Once `min_sites` are online, how long to wait for more before starting.
 const GATHER_GRACE_MS: u64 = 3_000;
 
@@ -645,6 +647,7 @@ async fn preprocess(
             spec.min_sites
         )));
     }
+    seal_cohort(shared, job_id, spec).await?;
     let Some(secure) = secure else {
         let reports: Vec<FeatureStats> = reports.into_values().collect();
         let total = sum_plaintext_stats(&reports).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
@@ -752,7 +755,14 @@ async fn run_phase(shared: &Arc<Shared>) -> Result<(Option<RoundCollector>, Opti
                     warn!(%site, round = round_number, "site dropped from secure aggregation");
                 }
                 let closed = session.advance();
-                info!(round = round_number, stage = closed, "secure aggregation stage closed");
+                // `stage_ms` is what scripts/bench_rounds.sh reads per phase.
+                let stage_ms = now.saturating_sub(stage_opened);
+                info!(
+                    round = round_number,
+                    stage = closed,
+                    stage_ms,
+                    "secure aggregation stage closed"
+                );
                 stage_opened = now;
                 shared.wake.notify_waiters();
             }
@@ -886,6 +896,30 @@ fn transcript_json(t: &Transcript, bits: u32, clip_norm: f64) -> String {
         "mask_keys_recovered": ids(&t.mask_keys_recovered),
     })
     .to_string()
+}
+
+/// Seals the job's cohort (the sites whose acceptance is on the chain) and
+/// waits until a majority of members has endorsed the seal: sites size and
+/// join every summation from the final seal only, so none starts earlier.
+async fn seal_cohort(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<(), Stop> {
+    let (height, cohort) = shared.ledger.seal_cohort(job_id.0, unix_ms() as u64).await?;
+    info!(job = %job_id, height, cohort = ?names(&cohort), "cohort sealed");
+    // Idle sites sync (and endorse the seal) when their long poll ends.
+    shared.wake.notify_waiters();
+    let deadline = shared.now_ms() + spec.timing.round_timeout_s * 1000;
+    while !shared.ledger.is_final(height).await? {
+        if cancel_requested(shared) {
+            return Err(Stop::Cancelled);
+        }
+        if shared.now_ms() >= deadline {
+            return Err(Stop::Failed(format!(
+                "the cohort seal (ledger block {height}) was not endorsed by a majority of members within {} s",
+                spec.timing.round_timeout_s
+            )));
+        }
+        tokio::time::sleep(SEAL_POLL).await;
+    }
+    Ok(())
 }
 
 /// Waits until at least `min_sites` sites are online, then a short grace for

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context, bail};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use tessera_protocol::ids::SiteId;
-use tessera_protocol::ledger::payload::{DeclaredCounts, Genesis, JobAccepted, Member, MembershipChange, Payload};
+use tessera_protocol::ledger::payload::{
+    CohortSealed, DeclaredCounts, Genesis, JobAccepted, Member, MembershipChange, Payload,
+};
 use tessera_protocol::ledger::store::{LedgerStore, StoredBlock};
 use tessera_protocol::ledger::verify::{Members, Verifier, verify_chain};
 use tessera_protocol::ledger::writer::{ChainWriter, Tip};
@@ -31,6 +33,10 @@ pub struct Ledger {
     /// Every (job, site) decision on the chain (one per pair): whether it
     /// accepted, and the row counts it declared.
     decisions: std::sync::Mutex<std::collections::HashMap<(u64, SiteId), Decision>>,
+    /// Blocks on the chain, for long polls to notice new ones cheaply.
+    len: std::sync::atomic::AtomicU64,
+    /// Per job, the height of its `cohort_sealed` block and the cohort.
+    sealed: std::sync::Mutex<std::collections::HashMap<u64, (u64, BTreeSet<SiteId>)>>,
 }
 
 /// The writer together with a verifier over the chain it writes: every
@@ -39,6 +45,12 @@ struct Chain {
     writer: ChainWriter,
     verifier: Verifier,
 }
+
+/// A decision that came after its job's cohort was sealed: the job runs
+/// without that site.
+#[derive(Debug, thiserror::Error)]
+#[error("job {0} has started: its cohort is sealed on the ledger, so no further decision is recorded")]
+pub struct CohortSealedError(pub u64);
 
 /// Why an endorsement was refused.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +99,7 @@ impl Ledger {
         let mut verifier = Verifier::new();
         let mut membership = Vec::new();
         let mut decisions = std::collections::HashMap::new();
+        let mut sealed = std::collections::HashMap::new();
         if !stored.is_empty() {
             let (blocks, hashes): (Vec<_>, Vec<_>) = stored.into_iter().unzip();
             verify_chain(&blocks, Some(&hashes)).context("the stored ledger does not verify; refusing to extend it")?;
@@ -96,6 +109,10 @@ impl Ledger {
                     && let Ok(site) = SiteId::new(&a.site)
                 {
                     decisions.insert((a.job_id, site), (a.accepted, a.counts));
+                }
+                if let Payload::CohortSealed(c) = &verified.payload {
+                    let cohort = c.cohort.iter().filter_map(|s| SiteId::new(s).ok()).collect();
+                    sealed.insert(c.job_id, (height as u64, cohort));
                 }
                 if membership.last().is_none_or(|(_, m)| m != &verified.members) {
                     membership.push((height as u64, verified.members));
@@ -121,6 +138,8 @@ impl Ledger {
             }),
             membership: std::sync::Mutex::new(membership),
             decisions: std::sync::Mutex::new(decisions),
+            sealed: std::sync::Mutex::new(sealed),
+            len: std::sync::atomic::AtomicU64::new(tip.map_or(0, |t| t.height + 1)),
         };
         ledger.reconcile(consortium, roster, now_ms).await?;
         Ok(ledger)
@@ -219,23 +238,85 @@ impl Ledger {
         if self.decisions.lock().expect("decisions lock").contains_key(&pair) {
             return Ok(false);
         }
+        if self.is_sealed(pair.0) {
+            return Err(CohortSealedError(pair.0).into());
+        }
         tx.append(&Payload::JobAccepted(decision), now_ms).await?;
         tx.commit().await?;
         self.decisions.lock().expect("decisions lock").insert(pair, value);
         Ok(true)
     }
 
-    /// The job's cohort: the sites whose signed acceptance is on the chain.
-    /// Every site computes the same set from its replica, and the secure
-    /// summations' threshold and quantiser are sized from it.
+    /// The job's sealed cohort (empty before [`Ledger::seal_cohort`]).
+    /// Every site reads the same set from its replica's final seal, and the
+    /// secure summations' threshold and quantiser are sized from it.
     pub fn cohort(&self, job_id: u64) -> BTreeSet<SiteId> {
-        self.decisions
+        self.sealed
+            .lock()
+            .expect("sealed lock")
+            .get(&job_id)
+            .map(|(_, c)| c.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether the job's cohort is sealed: no decision is recorded after.
+    pub fn is_sealed(&self, job_id: u64) -> bool {
+        self.sealed.lock().expect("sealed lock").contains_key(&job_id)
+    }
+
+    /// Seals the job's cohort, once, as the sites whose acceptance is on the
+    /// chain: a `cohort_sealed` block, which must be final before any site
+    /// takes part in a summation. Returns the block's height and the cohort.
+    pub async fn seal_cohort(&self, job_id: u64, now_ms: u64) -> anyhow::Result<(u64, BTreeSet<SiteId>)> {
+        // Under the chain's lock: no decision can land between reading the
+        // accepting sites and sealing them.
+        let mut tx = self.begin().await?;
+        if let Some(sealed) = self.sealed.lock().expect("sealed lock").get(&job_id) {
+            return Ok(sealed.clone());
+        }
+        let cohort: BTreeSet<SiteId> = self
+            .decisions
             .lock()
             .expect("decisions lock")
             .iter()
             .filter(|((job, _), (accepted, _))| *job == job_id && *accepted)
             .map(|((_, site), _)| site.clone())
-            .collect()
+            .collect();
+        if cohort.is_empty() {
+            bail!("no site accepted job {job_id}: there is no cohort to seal");
+        }
+        let seal = Payload::CohortSealed(CohortSealed {
+            job_id,
+            cohort: cohort.iter().map(|s| s.to_string()).collect(),
+        });
+        let height = tx.append(&seal, now_ms).await?;
+        tx.commit().await?;
+        let sealed = (height, cohort);
+        self.sealed.lock().expect("sealed lock").insert(job_id, sealed.clone());
+        Ok(sealed)
+    }
+
+    /// Whether block `height` (a job block: no membership change) carries
+    /// endorsements from a majority of the members at that height. The
+    /// stored endorsements were checked when they were taken.
+    pub async fn is_final(&self, height: u64) -> anyhow::Result<bool> {
+        let stored = self.store.blocks_from(height, 1).await?;
+        let Some((block, _)) = stored.first() else {
+            bail!("there is no block {height}");
+        };
+        let membership = self.membership.lock().expect("membership lock");
+        let members = membership
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= height)
+            .map(|(_, m)| m)
+            .context("no membership at this height")?;
+        let counted = block
+            .endorsements
+            .iter()
+            .filter(|e| members.contains_key(&e.site))
+            .count();
+        Ok(counted >= tessera_protocol::ledger::verify::majority(members.len()))
     }
 
     /// The row counts each site of the job's cohort declared in its signed
@@ -302,6 +383,11 @@ impl Ledger {
                 _ => None,
             }
         }))
+    }
+
+    /// The number of committed blocks, without waiting for the writer.
+    pub fn committed_len(&self) -> u64 {
+        self.len.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The number of blocks.
@@ -390,6 +476,9 @@ impl LedgerTx<'_> {
         let mut membership = self.ledger.membership.lock().expect("membership lock");
         for (tip, members) in self.appended.drain(..) {
             self.chain.writer.commit(tip);
+            self.ledger
+                .len
+                .store(tip.height + 1, std::sync::atomic::Ordering::Release);
             if membership.last().is_none_or(|(_, m)| m != &members) {
                 membership.push((tip.height, members));
             }

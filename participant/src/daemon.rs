@@ -90,7 +90,15 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         None => warn!("no TLS kit configured: this only works with a coordinator run with --insecure-dev"),
     }
     let pin = consortium_pin(config.tls_dir.as_deref())?;
-    let replica = Replica::open(&config.state_dir, config.site_id.clone(), signing_key.clone(), pin).await?;
+    let roster = Arc::new(roster);
+    let replica = Replica::open(
+        &config.state_dir,
+        config.site_id.clone(),
+        signing_key.clone(),
+        pin,
+        roster.clone(),
+    )
+    .await?;
     let halted = Arc::new(AtomicBool::new(replica.halted().is_some()));
     let mut site = Site {
         replica,
@@ -101,7 +109,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         done: HashSet::new(),
         device: tessera_models::default_device(),
         signing_key,
-        roster: Arc::new(roster),
+        roster,
         policy: config.policy.clone(),
         jobs: HashMap::new(),
         decided: HashSet::new(),
@@ -403,6 +411,15 @@ impl Site {
         Ok(spec)
     }
 
+    /// The size of the job's sealed cohort, which the secure summations and
+    /// the quantiser are sized from; an error until the seal is final here.
+    fn cohort_size(&self, job_id: u64) -> anyhow::Result<usize> {
+        match self.replica.cohort(job_id) {
+            Some(cohort) => Ok(cohort.len()),
+            None => bail!("the cohort of job {job_id} is not sealed in a final block on this site's ledger yet"),
+        }
+    }
+
     /// This site's row counts, as it declares them when it accepts a job.
     fn counts(&self) -> DeclaredCounts {
         DeclaredCounts {
@@ -605,7 +622,7 @@ impl Site {
         let job_id = a.job_id;
         let mut replay = match self.replays.remove(&job_id) {
             Some(r) if r.next_round() <= a.round => r,
-            _ => ModelReplay::new(spec, secure, layout, self.replica.cohort(job_id).len()),
+            _ => ModelReplay::new(spec, secure, layout, self.cohort_size(job_id)?),
         };
         while replay.next_round() < a.round {
             let round = replay.next_round();
@@ -735,7 +752,7 @@ impl Site {
             // Sized from the cohort on this site's ledger, as the
             // coordinator sizes its decoder (both are checked to agree in
             // the signed key advertisement).
-            let quantizer = secure.quantizer(self.replica.cohort(a.job_id).len());
+            let quantizer = secure.quantizer(self.cohort_size(a.job_id)?);
             // The weight of the count declared in the ledger (checked to be
             // this data's in `round`), never summed.
             let weight = secure.weight(self.counts().n_train);
@@ -952,16 +969,28 @@ impl Site {
         // Every privacy-relevant number comes from what this site accepted
         // and verified: the job spec, its own policy, its ledger's cohort;
         // the announced member list only says who is asked to start.
-        let cohort = self.replica.cohort(key.0);
-        if !cohort.contains(&self.id) {
-            return (
-                ClientState::Done,
-                Err(anyhow::anyhow!(
-                    "this site's acceptance of job {} is not on its ledger replica yet; not starting a summation",
-                    key.0
-                )),
-            );
-        }
+        let cohort = match self.replica.cohort(key.0) {
+            Some(c) if c.contains(&self.id) => c.clone(),
+            Some(_) => {
+                return (
+                    ClientState::Done,
+                    Err(anyhow::anyhow!(
+                        "this site is not in the sealed cohort of job {}; not taking part in its summations",
+                        key.0
+                    )),
+                );
+            }
+            None => {
+                return (
+                    ClientState::Done,
+                    Err(anyhow::anyhow!(
+                        "the cohort of job {} is not sealed in a final block on this site's ledger yet; \
+                         not starting a summation",
+                        key.0
+                    )),
+                );
+            }
+        };
         let min_sites = (spec.min_sites as usize).max(self.policy.min_sites as usize);
         let params = secure.params(cohort.len(), min_sites, input.len());
         let cfg = ClientConfig {

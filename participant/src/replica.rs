@@ -20,6 +20,7 @@ use tessera_protocol::ledger::store::LedgerStore;
 use tessera_protocol::ledger::verify::{Members, Verified, Verifier};
 use tessera_protocol::ledger::{Block, Endorsement, Header, endorse, sha256};
 use tessera_protocol::pb::ledger_client::LedgerClient;
+use tessera_protocol::roster::Roster;
 use tessera_protocol::secagg::crypto::SigningKey;
 use tessera_protocol::{pb, wire};
 use tonic::transport::Channel;
@@ -79,7 +80,9 @@ pub struct Replica {
     job_hashes: HashMap<u64, String>,
     latest_model: HashMap<u64, (u32, String)>,
     /// Per job, the sites whose acceptance is final and the counts each declared.
-    cohorts: HashMap<u64, std::collections::BTreeMap<SiteId, Option<DeclaredCounts>>>,
+    declared: HashMap<u64, std::collections::BTreeMap<SiteId, Option<DeclaredCounts>>>,
+    /// Per job, its sealed cohort, once the seal is final.
+    cohorts: HashMap<u64, std::collections::BTreeSet<SiteId>>,
     /// What this site uploaded per (job, round): its commitment must be in
     /// that round's block before the site endorses it.
     commitments: HashMap<(u64, u32), [u8; 32]>,
@@ -87,6 +90,11 @@ pub struct Replica {
     halted: Option<String>,
     /// The consortium the site's kit pins: the genesis must be its.
     pin: Option<Consortium>,
+    /// The CA-issued roster this site was started with: it endorses a new
+    /// member only under the key listed here. Empty: no such check.
+    roster: Arc<Roster>,
+    /// Heights whose objection was logged (once each).
+    objected: std::collections::HashSet<u64>,
 }
 
 impl Replica {
@@ -97,6 +105,7 @@ impl Replica {
         site: SiteId,
         key: Arc<SigningKey>,
         pin: Option<Consortium>,
+        roster: Arc<Roster>,
     ) -> anyhow::Result<Self> {
         let path = state_dir.join("ledger.db");
         let store = LedgerStore::open(&path)
@@ -113,11 +122,14 @@ impl Replica {
             final_len: 0,
             job_hashes: HashMap::new(),
             latest_model: HashMap::new(),
+            declared: HashMap::new(),
             cohorts: HashMap::new(),
             commitments: HashMap::new(),
             halt_path,
             halted,
             pin,
+            roster,
+            objected: Default::default(),
         };
         for (block, stored_hash) in replica.store.blocks().await? {
             if block.hash() != stored_hash {
@@ -180,8 +192,14 @@ impl Replica {
                 Payload::JobAccepted(a) if a.accepted => {
                     // The chain's rules verified the site's own signature.
                     if let Ok(site) = SiteId::new(&a.site) {
-                        self.cohorts.entry(a.job_id).or_default().insert(site, a.counts);
+                        self.declared.entry(a.job_id).or_default().insert(site, a.counts);
                     }
+                }
+                Payload::CohortSealed(seal) => {
+                    // The chain's rules checked that it lists exactly the
+                    // accepting sites.
+                    let cohort = seal.cohort.iter().filter_map(|s| SiteId::new(s).ok()).collect();
+                    self.cohorts.insert(seal.job_id, cohort);
                 }
                 _ => {}
             }
@@ -339,6 +357,17 @@ impl Replica {
         if members.get(&self.site) != Some(&self.key.public_key()) {
             return Ok(());
         }
+        if let Some(reason) = self.objection(height) {
+            if self.objected.insert(height) {
+                warn!(
+                    height,
+                    "not endorsing ledger block {height}: {reason}; this site follows it only once a majority \
+                     of members has made it final (update this site's roster from the CA and restart if the \
+                     change is legitimate)"
+                );
+            }
+            return Ok(());
+        }
         let signature = endorse(&self.key, &hash);
         // The header and the coordinator's signature travel with the
         // endorsement: relayed to the other sites, they prove which block
@@ -360,6 +389,47 @@ impl Replica {
             coordinator_signature: Vec::new(),
         };
         self.merge(height, std::slice::from_ref(&mine)).await
+    }
+
+    /// Why this site must not endorse block `height`: the block itself, or
+    /// an earlier block that is not final yet, adds a member under a key
+    /// this site's roster does not list. Sites endorse in chain order, so
+    /// nothing after an objected block is endorsed before the majority has
+    /// made it final (a final block after a non-final one would make the
+    /// chain invalid).
+    fn objection(&self, height: u64) -> Option<String> {
+        let height = height as usize;
+        let own = self.objects_to(&self.blocks.get(height)?.verified.payload);
+        own.or_else(|| {
+            (self.final_len..height).find_map(|h| {
+                self.objects_to(&self.blocks[h].verified.payload)
+                    .map(|why| format!("it follows block {h}, which is not final and {why}"))
+            })
+        })
+    }
+
+    /// A membership change this site's own roster contradicts: a member
+    /// added (or a key rotated to a key) the CA did not issue to that site.
+    /// Without this, a coordinator could add members whose keys it holds
+    /// until it alone makes blocks final.
+    fn objects_to(&self, payload: &Payload) -> Option<String> {
+        let Payload::MembershipChange(c) = payload else {
+            return None;
+        };
+        if self.roster.is_empty() || !matches!(c.change.as_str(), "site_added" | "key_rotated") {
+            return None;
+        }
+        let listed = SiteId::new(&c.site.id).ok().and_then(|id| self.roster.get(&id));
+        match listed {
+            Some(key) if hex::encode(key) == c.site.key => None,
+            Some(key) => Some(format!(
+                "gives `{}` the key {}, but this site's roster lists {}",
+                c.site.id,
+                c.site.key,
+                hex::encode(key)
+            )),
+            None => Some(format!("adds `{}`, which this site's roster does not list", c.site.id)),
+        }
     }
 
     /// Judges endorsements relayed for the block at `height`: valid ones are
@@ -476,20 +546,20 @@ impl Replica {
         }
     }
 
-    /// The job's cohort on this replica: the sites whose signed acceptance
-    /// is final. A site's secure-aggregation threshold, quorum and
+    /// The job's cohort on this replica: the sites its final
+    /// `cohort_sealed` block lists (exactly those whose signed acceptance
+    /// came before it). A site's secure-aggregation threshold, quorum and
     /// quantiser are sized from it, and only its members may hold a share
-    /// of this site's secrets.
-    pub fn cohort(&self, job_id: u64) -> std::collections::BTreeSet<SiteId> {
-        self.cohorts
-            .get(&job_id)
-            .map(|c| c.keys().cloned().collect())
-            .unwrap_or_default()
+    /// of this site's secrets. `None` until the seal is final here: a
+    /// chain shown without its later acceptances has no seal, so it cannot
+    /// pass for a smaller cohort.
+    pub fn cohort(&self, job_id: u64) -> Option<&std::collections::BTreeSet<SiteId>> {
+        self.cohorts.get(&job_id)
     }
 
     /// The row counts `site` declared in its final acceptance of the job.
     pub fn declared(&self, job_id: u64, site: &SiteId) -> Option<DeclaredCounts> {
-        self.cohorts.get(&job_id)?.get(site).copied().flatten()
+        self.declared.get(&job_id)?.get(site).copied().flatten()
     }
 
     /// The final `round_completed` block of `round` of `job_id`: what the

@@ -50,6 +50,7 @@ pub fn keys_from_pb(k: &pb::AdvertisedKeys) -> Result<AdvertisedKeys, WireError>
         self_mask_hash: key32("keys.self_mask_hash", &k.self_mask_hash)?,
         threshold: k.threshold,
         cohort_size: k.cohort_size,
+        cohort_sha256: key32("keys.cohort_sha256", &k.cohort_sha256)?,
         signature: k.signature.clone(),
     })
 }
@@ -62,6 +63,7 @@ pub fn keys_to_pb(k: &AdvertisedKeys) -> pb::AdvertisedKeys {
         self_mask_hash: k.self_mask_hash.to_vec(),
         threshold: k.threshold,
         cohort_size: k.cohort_size,
+        cohort_sha256: k.cohort_sha256.to_vec(),
         signature: k.signature.clone(),
     }
 }
@@ -272,6 +274,7 @@ mod tests {
             signature: vec![4; 64],
             threshold: 3,
             cohort_size: 5,
+            cohort_sha256: vec![5; 32],
         };
         assert_eq!(keys_to_pb(&keys_from_pb(&good).unwrap()), good);
         let short = pb::AdvertisedKeys {
@@ -328,6 +331,7 @@ mod tests {
             let _ = keys_from_pb(&pb::AdvertisedKeys {
                 site_id: site_id.clone(), enc_pk: bytes.clone(), mask_pk: bytes.clone(),
                 self_mask_hash: bytes.clone(), signature: bytes.clone(), threshold: x, cohort_size: x,
+                cohort_sha256: bytes.clone(),
             });
             let _ = survivors_from_pb(&pb::SurvivorList { sites: vec![site_id.clone()] });
             let _ = survivor_signatures_from_pb(&pb::SurvivorSignatures {

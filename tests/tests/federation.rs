@@ -121,6 +121,20 @@ fn four_hospitals_train_three_rounds() {
         .map(|b| b["payload"]["purpose"].as_str().unwrap())
         .collect();
     assert_eq!(purposes, ["statistics", "final_evaluation"]);
+    // The cohort is sealed, as exactly the accepting sites, before any sum.
+    let kinds: Vec<&str> = blocks.iter().map(|b| b["kind"].as_str().unwrap()).collect();
+    let seal = kinds.iter().position(|k| *k == "cohort_sealed").expect("a cohort seal");
+    assert!(
+        seal < kinds.iter().position(|k| *k == "summation").unwrap(),
+        "{kinds:?}"
+    );
+    let cohort: BTreeSet<&str> = blocks[seal]["payload"]["cohort"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(cohort, all);
     let round_blocks: Vec<&serde_json::Value> = blocks.iter().filter(|b| b["kind"] == "round_completed").collect();
     assert_eq!(round_blocks.len(), 3);
     for b in round_blocks {

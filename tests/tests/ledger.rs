@@ -84,17 +84,17 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
     let report = wait_until_final(&federation);
     let db = federation.db();
 
-    // genesis, job created, 4 signed site decisions, the statistics
-    // summation, 3 × (round, metrics), the final-evaluation summation, final
-    // metrics, job ended.
-    assert_eq!(report["blocks"], 16, "{report:#}");
+    // genesis, job created, 4 signed site decisions, the cohort seal, the
+    // statistics summation, 3 × (round, metrics), the final-evaluation
+    // summation, final metrics, job ended.
+    assert_eq!(report["blocks"], 17, "{report:#}");
     assert_eq!(report["models_checked"], 4);
 
     // Read-only through the coordinator's API, and by the independent
     // verifier.
     let out = federation.tessera(&["ledger", "verify"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("ledger intact: 16 blocks"), "{}", text(&out));
+    assert!(text(&out).contains("ledger intact: 17 blocks"), "{}", text(&out));
     let out = python_verify(&db);
     assert!(out.status.success(), "python verifier: {}", text(&out));
 

@@ -118,3 +118,71 @@ fn adversarial_real_daemons_refuse_a_genesis_their_kit_does_not_pin() {
         "the site endorsed a genesis it does not pin"
     );
 }
+
+/// The coordinator adds a member whose key it holds (its operator edits the
+/// roster it reads and restarts it): every honest site's own CA-issued
+/// roster does not list that member, so none endorses the `site_added`
+/// block, which never becomes final; nothing after it can be final either,
+/// so the new member never counts towards any quorum.
+#[test]
+fn adversarial_real_daemons_never_endorse_a_member_their_roster_does_not_list() {
+    let mut federation = Federation::running(&SITES);
+    // The daemons read the roster file at start: edit it only once each
+    // has read it and synced (else they would start with mallory listed).
+    for _ in 0..600 {
+        if SITES
+            .iter()
+            .all(|s| federation.log(s).contains("ledger block verified"))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let roster_path = federation.ca().join("roster.toml");
+    let mut roster = tessera_protocol::roster::parse(&std::fs::read_to_string(&roster_path).unwrap()).unwrap();
+    let held = tessera_protocol::secagg::crypto::SigningKey::from_pkcs8(
+        &tessera_protocol::secagg::crypto::SigningKey::generate_pkcs8(),
+    )
+    .unwrap();
+    let mallory = tessera_protocol::ids::SiteId::new("mallory").unwrap();
+    roster.insert(mallory, held.public_key());
+    std::fs::write(&roster_path, tessera_protocol::roster::to_toml(&roster)).unwrap();
+    federation.restart_coordinator();
+
+    let objected = |site: &str| {
+        federation
+            .log(site)
+            .contains("adds `mallory`, which this site's roster does not list")
+    };
+    for _ in 0..600 {
+        if SITES.iter().all(|s| objected(s)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for site in SITES {
+        assert!(objected(site), "{site} never objected:\n{}", federation.log(site));
+    }
+    // Every site has now passed the block by without endorsing it: it is
+    // the first pending block, whatever comes later.
+    let out = std::process::Command::new(tessera_tests::bin("tessera"))
+        .args(["ledger", "verify", "--json", "--allow-pending"])
+        .arg(federation.db())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = std::process::Command::new(tessera_tests::bin("tessera"))
+        .args(["ledger", "show", "--json"])
+        .arg(federation.db())
+        .output()
+        .unwrap();
+    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let added = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|b| b["kind"] == "membership_change" && b["payload"]["site"]["id"] == "mallory")
+        .expect("the coordinator recorded the addition");
+    assert_eq!(report["first_pending"]["height"], added as u64, "{report:#}");
+}

@@ -378,6 +378,12 @@ pub(crate) fn summary(payload: &Payload) -> String {
             s.dropouts.len(),
             short(&s.aggregate_sha256)
         ),
+        Payload::CohortSealed(c) => format!(
+            "job {} cohort sealed: {} ({} sites)",
+            c.job_id,
+            c.cohort.join(", "),
+            c.cohort.len()
+        ),
     }
 }
 

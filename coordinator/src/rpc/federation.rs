@@ -110,6 +110,10 @@ impl Federation for FederationService {
     async fn poll_task(&self, request: Request<pb::PollTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let site = self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
         let deadline = tokio::time::Instant::now() + LONG_POLL;
+        // New blocks end the wait too: the site syncs (and endorses) on an
+        // idle answer, and a job's next step may wait for that endorsement
+        // (the cohort seal).
+        let chain = self.shared.ledger.committed_len();
         loop {
             let notified = self.shared.wake.notified();
             tokio::pin!(notified);
@@ -117,7 +121,8 @@ impl Federation for FederationService {
             if let Some(kind) = self.shared.lock().task_for(&site) {
                 return Ok(Response::new(pb::Task { kind: Some(kind) }));
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let woken = tokio::time::timeout_at(deadline, notified).await.is_ok();
+            if !woken || self.shared.ledger.committed_len() != chain {
                 return Ok(Response::new(pb::Task {
                     kind: Some(pb::task::Kind::Idle(pb::Idle { retry_after_ms: 0 })),
                 }));
@@ -406,7 +411,10 @@ impl Federation for FederationService {
             .ledger
             .record_decision(decision, unix_ms() as u64)
             .await
-            .map_err(RpcError::from)?;
+            .map_err(|e| match e.downcast::<crate::ledger::CohortSealedError>() {
+                Ok(sealed) => RpcError::FailedPrecondition(sealed.to_string()),
+                Err(e) => RpcError::from(e),
+            })?;
         if recorded {
             info!(%site, job = d.job_id, accepted = d.accepted, "site decision recorded in the ledger");
         }

@@ -110,6 +110,88 @@ fn decision(c: &TestConsortium, site: usize, accepted: bool, signed: Option<u64>
     })
 }
 
+/// Every site accepts job 1, then its cohort is sealed.
+fn accepted_and_sealed(c: &mut TestConsortium) {
+    for site in 0..c.sites.len() {
+        c.append(&decision(c, site, true, Some(30), Some(30)));
+    }
+    c.append(&c.seal(1));
+}
+
+fn seal(c: &TestConsortium, sites: &[usize]) -> Payload {
+    Payload::CohortSealed(CohortSealed {
+        job_id: 1,
+        cohort: sites.iter().map(|&i| c.sites[i].0.to_string()).collect(),
+    })
+}
+
+/// The sealed cohort (§5 cohort_sealed, §6 rule 8): exactly the accepting
+/// sites, once, before any sum, and nothing decided or contributed outside it.
+fn cohort_cases(out: &mut Vec<Case>) {
+    let accept = |c: &mut TestConsortium, verdicts: &[bool]| {
+        for (site, &accepted) in verdicts.iter().enumerate() {
+            let counts = accepted.then_some(30);
+            c.append(&decision(c, site, accepted, counts, counts));
+        }
+    };
+    let mut c = TestConsortium::new(3);
+    c.append(&created(1));
+    accept(&mut c, &[true, false, true]);
+    c.append(&seal(&c, &[0, 2]));
+    out.push(case("cohort_of_the_accepting_sites", c, Expect::Final));
+
+    type Build = fn(&mut TestConsortium);
+    let invalid: [(&'static str, Build); 8] = [
+        ("decision_after_the_seal", |c| {
+            c.append(&decision(c, 2, true, Some(30), Some(30)));
+        }),
+        ("seal_missing_an_accepting_site", |c| {
+            c.append(&decision(c, 2, true, Some(30), Some(30)));
+            c.append(&seal(c, &[0, 1]));
+        }),
+        ("seal_with_a_site_that_did_not_accept", |c| {
+            c.append(&decision(c, 2, false, None, None));
+            c.append(&seal(c, &[0, 1, 2]));
+        }),
+        ("second_seal", |c| c.append(&seal(c, &[0, 1]))),
+        ("seal_out_of_order", |c| c.append(&seal(c, &[1, 0]))),
+        ("site_decides_twice", |c| {
+            c.append(&decision(c, 0, true, Some(30), Some(30)));
+        }),
+        ("summation_by_a_site_outside_the_cohort", |c| {
+            c.append(&Payload::Summation(Box::new(c.summation(1, Summation::STATISTICS))));
+        }),
+        ("round_without_a_seal", |c| {
+            c.append(&Payload::RoundCompleted(Box::new(c.round(
+                1,
+                1,
+                &sha256_hex(b"m0"),
+                &sha256_hex(b"m1"),
+            ))));
+        }),
+    ];
+    for (name, build) in invalid {
+        let mut c = TestConsortium::new(3);
+        c.append(&created(1));
+        accept(&mut c, &[true, true]);
+        // Sealed first, except where the case is about what comes before
+        // (or instead of) the seal.
+        if !matches!(
+            name,
+            "seal_missing_an_accepting_site"
+                | "seal_with_a_site_that_did_not_accept"
+                | "seal_out_of_order"
+                | "site_decides_twice"
+                | "round_without_a_seal"
+        ) {
+            c.append(&seal(&c, &[0, 1]));
+        }
+        build(&mut c);
+        let height = last(&c);
+        out.push(case(name, c, Expect::Invalid { height }));
+    }
+}
+
 /// Every case. Keys are fresh on each call; verdicts do not depend on them.
 pub fn cases() -> Vec<Case> {
     let mut out = Vec::new();
@@ -154,6 +236,7 @@ pub fn cases() -> Vec<Case> {
         |c: &TestConsortium| Payload::RoundCompleted(Box::new(c.round(1, 1, &sha256_hex(b"m0"), &sha256_hex(b"m1"))));
     let mut c = TestConsortium::new(3);
     c.append(&created(1));
+    accepted_and_sealed(&mut c);
     c.append(&stats(&c));
     c.append(&round(&c));
     c.append(&final_eval(&c));
@@ -168,6 +251,7 @@ pub fn cases() -> Vec<Case> {
     ] {
         let mut c = TestConsortium::new(3);
         c.append(&created(1));
+        accepted_and_sealed(&mut c);
         match build {
             0 => {
                 c.append(&round(&c));
@@ -206,6 +290,8 @@ pub fn cases() -> Vec<Case> {
     c.append(&decision(&c, 1, true, None, None));
     c.append(&decision(&c, 0, false, None, None));
     out.push(case("decisions_without_counts", c, Expect::Final));
+
+    cohort_cases(&mut out);
 
     // The coordinator swaps a site's key for one it holds: no consent.
     let mut c = TestConsortium::new(3);

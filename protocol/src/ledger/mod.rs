@@ -51,10 +51,11 @@ pub enum Kind {
     JobEnded = 5,
     MembershipChange = 6,
     Summation = 7,
+    CohortSealed = 8,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Genesis,
         Kind::JobCreated,
         Kind::JobAccepted,
@@ -63,6 +64,7 @@ impl Kind {
         Kind::JobEnded,
         Kind::MembershipChange,
         Kind::Summation,
+        Kind::CohortSealed,
     ];
 
     pub fn from_byte(b: u8) -> Option<Kind> {
@@ -80,6 +82,7 @@ impl Kind {
             Kind::JobEnded => "job_ended",
             Kind::MembershipChange => "membership_change",
             Kind::Summation => "summation",
+            Kind::CohortSealed => "cohort_sealed",
         }
     }
 }

@@ -143,6 +143,19 @@ impl Summation {
     pub const FINAL_EVALUATION: &str = "final_evaluation";
 }
 
+/// The job's cohort, fixed once before its first summation: the sites whose
+/// signed acceptance is on the chain, and no others, ever. Every site sizes
+/// its threshold and quorum from this list and shares only with its members,
+/// so a coordinator that shows some sites a shorter history (without later
+/// acceptances) cannot give them a smaller cohort: that history has no seal,
+/// and two different seals at one height cannot both be final.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CohortSealed {
+    pub job_id: u64,
+    /// Site ids in strictly ascending order (UTF-8 bytes).
+    pub cohort: Vec<String>,
+}
+
 /// Evaluation results of one global model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
@@ -207,6 +220,7 @@ pub enum Payload {
     JobEnded(JobEnded),
     MembershipChange(MembershipChange),
     Summation(Box<Summation>),
+    CohortSealed(CohortSealed),
 }
 
 impl Payload {
@@ -220,6 +234,7 @@ impl Payload {
             Payload::JobEnded(_) => Kind::JobEnded,
             Payload::MembershipChange(_) => Kind::MembershipChange,
             Payload::Summation(_) => Kind::Summation,
+            Payload::CohortSealed(_) => Kind::CohortSealed,
         }
     }
 
@@ -233,6 +248,7 @@ impl Payload {
             Payload::JobEnded(p) => serde_json::to_vec(p),
             Payload::MembershipChange(p) => serde_json::to_vec(p),
             Payload::Summation(p) => serde_json::to_vec(p),
+            Payload::CohortSealed(p) => serde_json::to_vec(p),
         };
         value.expect("payloads serialise")
     }
@@ -247,6 +263,7 @@ impl Payload {
             Kind::JobEnded => Payload::JobEnded(serde_json::from_slice(bytes)?),
             Kind::MembershipChange => Payload::MembershipChange(serde_json::from_slice(bytes)?),
             Kind::Summation => Payload::Summation(serde_json::from_slice(bytes)?),
+            Kind::CohortSealed => Payload::CohortSealed(serde_json::from_slice(bytes)?),
         })
     }
 
@@ -259,6 +276,7 @@ impl Payload {
             Payload::Metrics(p) => Some(p.job_id),
             Payload::JobEnded(p) => Some(p.job_id),
             Payload::Summation(p) => Some(p.job_id),
+            Payload::CohortSealed(p) => Some(p.job_id),
             Payload::Genesis(_) | Payload::MembershipChange(_) => None,
         }
     }

@@ -49,15 +49,8 @@ fn a_removed_endorsement_in_the_middle_is_detected_but_a_pending_tail_is_not_an_
 #[test]
 fn a_round_that_does_not_start_from_the_previous_model_is_refused() {
     let mut c = TestConsortium::new(3);
-    let toml = "name = \"j\"".to_owned();
-    c.append(&Payload::JobCreated(JobCreated {
-        job_id: 1,
-        name: "j".into(),
-        job_sha256: sha256_hex(toml.as_bytes()),
-        job_toml: toml,
-        software: "test".into(),
-        insecure_transport: false,
-    }));
+    c.create_job(1);
+    c.accept_and_seal(1);
     let first = c.round(1, 1, &sha256_hex(b"initial"), &sha256_hex(b"after round 1"));
     c.append(&Payload::RoundCompleted(Box::new(first)));
     let bad = c.round(1, 2, &sha256_hex(b"some other model"), &sha256_hex(b"next"));
@@ -70,8 +63,7 @@ fn a_round_that_does_not_start_from_the_previous_model_is_refused() {
 #[test]
 fn a_job_decision_must_be_signed_by_the_site_it_names() {
     let mut c = TestConsortium::new(3);
-    c.job(1, 0);
-    c.blocks.pop(); // job_ended: decisions may still come
+    c.create_job(1);
     let toml = "name = \"job 1\"";
     let hash = sha256(toml.as_bytes());
     // site-0's name on site-1's signature.
@@ -341,4 +333,61 @@ fn adversarial_key_swap_needs_the_old_key_and_a_majority_without_the_site() {
     c.blocks[1].endorsements.truncate(1);
     let report = verify_chain(&c.blocks, None).unwrap();
     assert_eq!(report.first_pending, Some((1, 0, 2)));
+}
+
+/// Partition by a truncated ledger: the coordinator shows some sites the
+/// chain as it stood after three of five acceptances and seals *that* as
+/// the cohort, while the others see the two later acceptances and the full
+/// seal. Both seals are valid blocks on their own chain; what stops the
+/// attack is that they sit at one height, and every honest site endorses
+/// one block per height: whichever way the five sites split, at most one
+/// seal is final, so at most one group ever starts a summation.
+#[test]
+fn adversarial_truncated_ledger_cannot_seal_a_second_cohort() {
+    let mut c = TestConsortium::new(5);
+    c.create_job(1);
+    for i in 0..3 {
+        c.append(&c.decision(1, i, true));
+    }
+    let fork_at = c.blocks.len();
+    let short_seal = Payload::CohortSealed(CohortSealed {
+        job_id: 1,
+        cohort: c.sites[..3].iter().map(|(id, _)| id.to_string()).collect(),
+    });
+    let (short, _) = c.writer.block_after(Some(c.tip_at(fork_at - 1)), &short_seal, 5_000);
+    for i in 3..5 {
+        c.append(&c.decision(1, i, true));
+    }
+    c.append(&c.seal(1));
+    let endorsed = |block: &Block, sites: &[usize]| {
+        let mut b = block.clone();
+        b.endorsements = sites
+            .iter()
+            .map(|&i| Endorsement {
+                site: c.sites[i].0.clone(),
+                signature: endorse(&c.sites[i].1, &b.hash()),
+            })
+            .collect();
+        b
+    };
+    let is_final = |chain: &[Block]| verify_chain(chain, None).is_ok_and(|r| r.pending == 0);
+    let mut finals = [0; 2];
+    for split in 0u32..32 {
+        let (short_side, full_side): (Vec<usize>, Vec<usize>) = (0..5).partition(|i| split & (1 << i) != 0);
+        let mut truncated = c.blocks[..fork_at].to_vec();
+        truncated.push(endorsed(&short, &short_side));
+        let mut full = c.blocks[..fork_at].to_vec();
+        full.extend(c.blocks[fork_at..].iter().map(|b| endorsed(b, &full_side)));
+        // The short seal is a valid block: finality alone decides.
+        verify_chain(&truncated, None).expect("the truncated chain verifies");
+        let (a, b) = (is_final(&truncated), is_final(&full));
+        assert!(
+            !(a && b),
+            "both seals final with the split {short_side:?} / {full_side:?}"
+        );
+        finals[0] += usize::from(a);
+        finals[1] += usize::from(b);
+    }
+    // Each side wins exactly when it holds a majority (16 splits each).
+    assert_eq!(finals, [16, 16]);
 }

@@ -66,9 +66,8 @@ impl TestConsortium {
         self.blocks.push(block);
     }
 
-    /// A job: created, accepted by every site, `rounds` rounds with their
-    /// metrics, ended.
-    pub fn job(&mut self, job_id: u64, rounds: u32) {
+    /// `job_created` for a job whose file is `name = "job {job_id}"`.
+    pub fn create_job(&mut self, job_id: u64) {
         let toml = format!("name = \"job {job_id}\"");
         self.append(&Payload::JobCreated(JobCreated {
             job_id,
@@ -78,30 +77,21 @@ impl TestConsortium {
             software: "test".into(),
             insecure_transport: false,
         }));
-        let job_hash: [u8; 32] = sha256(toml.as_bytes());
-        let decisions: Vec<Payload> = self
-            .sites
-            .iter()
-            .enumerate()
-            .map(|(i, (id, k))| {
-                let counts = DeclaredCounts {
-                    n_train: 100 + i as u64,
-                    n_test: 20 + i as u64,
-                };
-                Payload::JobAccepted(JobAccepted {
-                    job_id,
-                    site: id.to_string(),
-                    job_sha256: hex::encode(job_hash),
-                    accepted: true,
-                    reason: "within policy".into(),
-                    signature: hex::encode(sign_decision(k, job_id, &job_hash, true, Some(&counts))),
-                    counts: Some(counts),
-                })
-            })
-            .collect();
-        for d in &decisions {
-            self.append(d);
+    }
+
+    /// Every site accepts the job, declaring counts; then its cohort is sealed.
+    pub fn accept_and_seal(&mut self, job_id: u64) {
+        for i in 0..self.sites.len() {
+            self.append(&self.decision(job_id, i, true));
         }
+        self.append(&self.seal(job_id));
+    }
+
+    /// A job: created, accepted by every site, `rounds` rounds with their
+    /// metrics, ended.
+    pub fn job(&mut self, job_id: u64, rounds: u32) {
+        self.create_job(job_id);
+        self.accept_and_seal(job_id);
         let mut model = sha256_hex(&job_id.to_be_bytes());
         for round in 1..=rounds {
             let next = sha256_hex(format!("{job_id}/{round}").as_bytes());
@@ -124,6 +114,36 @@ impl TestConsortium {
             rounds_done: rounds,
             final_model_sha256: Some(model),
         }));
+    }
+
+    /// Site `index`'s signed decision on a job made by [`Self::create_job`];
+    /// an acceptance declares counts.
+    pub fn decision(&self, job_id: u64, index: usize, accepted: bool) -> Payload {
+        let toml = format!("name = \"job {job_id}\"");
+        let job_hash: [u8; 32] = sha256(toml.as_bytes());
+        let (id, k) = &self.sites[index];
+        let counts = accepted.then_some(DeclaredCounts {
+            n_train: 100 + index as u64,
+            n_test: 20 + index as u64,
+        });
+        Payload::JobAccepted(JobAccepted {
+            job_id,
+            site: id.to_string(),
+            job_sha256: hex::encode(job_hash),
+            accepted,
+            reason: "within policy".into(),
+            signature: hex::encode(sign_decision(k, job_id, &job_hash, accepted, counts.as_ref())),
+            counts,
+        })
+    }
+
+    /// The seal of a job every site accepted.
+    pub fn seal(&self, job_id: u64) -> Payload {
+        let cohort: std::collections::BTreeSet<String> = self.sites.iter().map(|(id, _)| id.to_string()).collect();
+        Payload::CohortSealed(CohortSealed {
+            job_id,
+            cohort: cohort.into_iter().collect(),
+        })
     }
 
     /// A site rotates its key: the change block is endorsed under the old

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::payload::{Commitment, Genesis, Member, Payload, RoundCompleted, Summation};
+use super::payload::{CohortSealed, Commitment, Genesis, Member, Payload, RoundCompleted, Summation};
 use super::{Block, Header, Kind, merkle, sha256, verify_block_signature, verify_decision, verify_endorsement};
 use crate::ids::{SiteId, sha256_hex};
 
@@ -118,6 +118,20 @@ struct JobState {
     job_sha256: String,
     /// Purposes of the job's `summation` blocks so far.
     summations: Vec<String>,
+    /// Each site's decision on the job (accepted or not), at most one.
+    decided: BTreeMap<String, bool>,
+    /// The sealed cohort: no decision after it, no sum before it, and no
+    /// contributor outside it.
+    cohort: Option<BTreeSet<String>>,
+}
+
+impl JobState {
+    /// The sealed cohort, which every round and summation needs.
+    fn sealed(&self, job: u64) -> Result<&BTreeSet<String>, String> {
+        self.cohort
+            .as_ref()
+            .ok_or_else(|| format!("job {job} has no sealed cohort yet"))
+    }
 }
 
 /// Verifies blocks one at a time, in order. A participant keeps one over
@@ -287,6 +301,15 @@ impl Verifier {
         }
         let mut next = state.clone();
         match payload {
+            Payload::JobAccepted(a) if state.cohort.is_some() => {
+                return Err(semantics(format!(
+                    "a decision by `{}` after the cohort of job {job} was sealed",
+                    a.site
+                )));
+            }
+            Payload::JobAccepted(a) if state.decided.contains_key(&a.site) => {
+                return Err(semantics(format!("`{}` decides on job {job} twice", a.site)));
+            }
             Payload::JobAccepted(a) => {
                 let site = SiteId::new(&a.site).map_err(|e| bad(kind, e.to_string()))?;
                 let key = members
@@ -306,17 +329,29 @@ impl Verifier {
                 if !verify_decision(key, job, &job_hash, a.accepted, a.counts.as_ref(), &signature) {
                     return Err(bad(kind, format!("the decision is not signed by `{}`", a.site)));
                 }
+                next.decided.insert(a.site.clone(), a.accepted);
+            }
+            Payload::CohortSealed(seal) => {
+                next.cohort = Some(check_seal(seal, state).map_err(|e| bad(kind, e))?);
             }
             Payload::RoundCompleted(r) => {
                 if state.summations.iter().any(|p| p == Summation::FINAL_EVALUATION) {
                     return Err(bad(kind, "a round after the job's final evaluation"));
                 }
                 check_round(r, state, members).map_err(|e| bad(kind, e))?;
+                check_in_cohort(&r.contributors, &r.commitments, state.sealed(job).map_err(&semantics)?)
+                    .map_err(|e| bad(kind, e))?;
                 next.last_round = r.round;
                 next.last_model = Some(r.model_sha256.clone());
             }
             Payload::Summation(sum) => {
                 check_summation(sum, state, members).map_err(|e| bad(kind, e))?;
+                check_in_cohort(
+                    &sum.contributors,
+                    &sum.commitments,
+                    state.sealed(job).map_err(&semantics)?,
+                )
+                .map_err(|e| bad(kind, e))?;
                 next.summations.push(sum.purpose.clone());
             }
             Payload::JobEnded(_) => next.ended = true,
@@ -444,6 +479,44 @@ fn check_summation(s: &Summation, state: &JobState, members: &Members) -> Result
         _ => return Err("normalization_sha256 must be 32 lowercase hex bytes for statistics, null otherwise".into()),
     }
     check_commitments(&s.commitments, &s.commitment_root, &s.contributors, members)
+}
+
+/// A seal: the first of its job, listing exactly the sites whose acceptance
+/// is on the chain, in strictly ascending order, at least one.
+fn check_seal(seal: &CohortSealed, state: &JobState) -> Result<BTreeSet<String>, String> {
+    if state.cohort.is_some() {
+        return Err(format!("the cohort of job {} is sealed twice", seal.job_id));
+    }
+    if seal.cohort.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("the cohort is not in strictly ascending site order".into());
+    }
+    let accepted: Vec<&String> = state.decided.iter().filter(|(_, a)| **a).map(|(s, _)| s).collect();
+    if !seal.cohort.iter().eq(accepted.iter().copied()) {
+        return Err(format!(
+            "the cohort {:?} is not the sites that accepted the job on the chain, {accepted:?}",
+            seal.cohort
+        ));
+    }
+    if seal.cohort.is_empty() {
+        return Err("an empty cohort".into());
+    }
+    Ok(seal.cohort.iter().cloned().collect())
+}
+
+/// Every contributor and committed site of a sum is in the sealed cohort.
+fn check_in_cohort(
+    contributors: &[String],
+    commitments: &[Commitment],
+    cohort: &BTreeSet<String>,
+) -> Result<(), String> {
+    let outside = contributors
+        .iter()
+        .chain(commitments.iter().map(|c| &c.site))
+        .find(|s| !cohort.contains(*s));
+    match outside {
+        Some(site) => Err(format!("`{site}` is not in the job's sealed cohort")),
+        None => Ok(()),
+    }
 }
 
 fn is_lower_hex32(h: &str) -> bool {

@@ -543,6 +543,61 @@ fn adversarial_key_list_outside_cohort_or_with_other_threshold_is_refused() {
 
 /// Attack 4: `min_sites` is enforced by each site at every phase, from its
 /// own policy (here 4, above the job's 3), whatever the coordinator sends.
+/// Partition by cohort: the coordinator shows two sites two cohorts of the
+/// same size but different members (as a forked or truncated ledger would),
+/// hoping each accepts the other's keys because sizes and thresholds agree.
+/// Each site signs the digest of the cohort it read from its own ledger
+/// into its advertisement, so the two refuse each other by name. (The
+/// ledger already prevents two final seals for one job: this is the
+/// cross-check between sites that needs no ledger at all.)
+#[test]
+fn adversarial_cohorts_of_one_size_but_other_members_do_not_share() {
+    let c = consortium(6);
+    let p = params(Graph::Complete, 4, 3);
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let members =
+        |idx: &[usize]| -> Arc<BTreeSet<SiteId>> { Arc::new(idx.iter().map(|&i| c.sites[i].clone()).collect()) };
+    // Site 0 is shown {0, 1, 2, 3}; site 1 is shown {0, 1, 2, 4}; site 2 the first.
+    let views = [members(&[0, 1, 2, 3]), members(&[0, 1, 2, 4]), members(&[0, 1, 2, 3])];
+    let mut states = Vec::new();
+    let mut list = Vec::new();
+    for (i, cohort) in views.iter().enumerate() {
+        let cfg = ClientConfig {
+            cohort: cohort.clone(),
+            ..c.cfg(&c.sites[i], CTX, p)
+        };
+        let (state, keys) = client::ExpectKeys::new(cfg, &mut rng);
+        assert_eq!(keys.cohort_size, 4);
+        states.push(state);
+        list.push(keys);
+    }
+    assert_ne!(list[0].cohort_sha256, list[1].cohort_sha256);
+    assert_eq!(list[0].cohort_sha256, list[2].cohort_sha256);
+    // Every site refuses before it sends a single share.
+    for (i, state) in states.into_iter().enumerate() {
+        let refused = match state.handle_keys(&list, &mut rng) {
+            Ok(_) => panic!("site {i} shared its secrets with a site of another cohort"),
+            Err(e) => e,
+        };
+        let other = if i == 1 { &c.sites[0] } else { &c.sites[1] };
+        assert_eq!(refused, ClientError::CohortMismatch(other.clone()), "site {i}");
+    }
+    // The digest is the signed cohort: altering it breaks the signature.
+    let mut forged = list[1].clone();
+    forged.cohort_sha256 = list[0].cohort_sha256;
+    let (state, own) = client::ExpectKeys::new(
+        ClientConfig {
+            cohort: views[0].clone(),
+            ..c.cfg(&c.sites[2], CTX, p)
+        },
+        &mut rng,
+    );
+    assert_eq!(
+        state.handle_keys(&[list[0].clone(), forged, own], &mut rng).err(),
+        Some(ClientError::BadSignature(c.sites[1].clone()))
+    );
+}
+
 #[test]
 fn adversarial_aggregates_below_min_sites_are_refused_at_every_phase() {
     let c = consortium(6);

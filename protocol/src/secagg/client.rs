@@ -61,6 +61,8 @@ pub enum ClientError {
     ThresholdMismatch { site: SiteId, theirs: u32, ours: u32 },
     #[error("site `{site}` counts {theirs} sites in the job's cohort, this site's ledger has {ours}")]
     CohortSizeMismatch { site: SiteId, theirs: u32, ours: u32 },
+    #[error("site `{0}` read another cohort of this job from its ledger than this site did")]
+    CohortMismatch(SiteId),
     #[error("only {got} sites in {phase}, at least {needed} are needed")]
     TooFewSites {
         phase: &'static str,
@@ -153,6 +155,7 @@ impl ExpectKeys {
             self_mask_hash: sha256(&self_mask_seed),
             threshold: cfg.params.threshold as u32,
             cohort_size: cfg.params.cohort_size as u32,
+            cohort_sha256: super::cohort_digest(&cfg.cohort),
             signature: Vec::new(),
         };
         advertised.signature = cfg.signing_key.sign(&advertised.signed_bytes(&cfg.ctx));
@@ -199,6 +202,9 @@ impl ExpectKeys {
                     theirs: k.cohort_size,
                     ours: self.advertised.cohort_size,
                 });
+            }
+            if k.cohort_sha256 != self.advertised.cohort_sha256 {
+                return Err(ClientError::CohortMismatch(k.site.clone()));
             }
             if keys.insert(k.site.clone(), k.clone()).is_some() {
                 return Err(ClientError::DuplicateKeys(k.site.clone()));

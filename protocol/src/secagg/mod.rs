@@ -86,6 +86,10 @@ pub struct AdvertisedKeys {
     /// The cohort size the site derived its parameters (threshold,
     /// quantiser) from; checked like the threshold.
     pub cohort_size: u32,
+    /// [`cohort_digest`] of the cohort the site read from its ledger:
+    /// checked like the threshold, so two sites whose ledgers disagree on
+    /// the cohort (not only on its size) never share with each other.
+    pub cohort_sha256: [u8; 32],
     /// Ed25519 over [`AdvertisedKeys::signed_bytes`].
     pub signature: Vec<u8>,
 }
@@ -103,8 +107,22 @@ impl AdvertisedKeys {
         out.extend_from_slice(&self.self_mask_hash);
         out.extend_from_slice(&self.threshold.to_le_bytes());
         out.extend_from_slice(&self.cohort_size.to_le_bytes());
+        out.extend_from_slice(&self.cohort_sha256);
         out
     }
+}
+
+/// SHA-256 of a job's cohort: `"tessera/secagg/v2/cohort"`, the number of
+/// sites, then each site id (length-prefixed), in ascending order.
+pub fn cohort_digest(cohort: &std::collections::BTreeSet<SiteId>) -> [u8; 32] {
+    let mut out = Vec::with_capacity(32 + 24 * cohort.len());
+    out.extend_from_slice(b"tessera/secagg/v2/cohort");
+    out.extend_from_slice(&(cohort.len() as u32).to_le_bytes());
+    for site in cohort {
+        out.extend_from_slice(&(site.as_str().len() as u32).to_le_bytes());
+        out.extend_from_slice(site.as_str().as_bytes());
+    }
+    client::sha256(&out)
 }
 
 /// The exact bytes a site signs in the consistency check: the round and the
