@@ -479,8 +479,8 @@ def verify_ledger(path):
                     bad("an empty cohort")
                 job["cohort"] = set(p["cohort"])
             if kind == "job_accepted":
-                if job["cohort"] is not None:
-                    bad(f"a decision by {p['site']!r} after the job's cohort was sealed")
+                if p["accepted"] and job["cohort"] is not None:
+                    bad(f"an acceptance by {p['site']!r} after the job's cohort was sealed")
                 if p["site"] in job["decided"]:
                     bad(f"{p['site']!r} decides on job {p['job_id']} twice")
                 job["decided"][p["site"]] = p["accepted"]

@@ -46,10 +46,10 @@ struct Chain {
     verifier: Verifier,
 }
 
-/// A decision that came after its job's cohort was sealed: the job runs
-/// without that site.
+/// An acceptance that came after its job's cohort was sealed: the job runs
+/// without that site (a late rejection is recorded).
 #[derive(Debug, thiserror::Error)]
-#[error("job {0} has started: its cohort is sealed on the ledger, so no further decision is recorded")]
+#[error("job {0} has started: its cohort is sealed on the ledger, so no further acceptance is recorded")]
 pub struct CohortSealedError(pub u64);
 
 /// Why an endorsement was refused.
@@ -238,7 +238,7 @@ impl Ledger {
         if self.decisions.lock().expect("decisions lock").contains_key(&pair) {
             return Ok(false);
         }
-        if self.is_sealed(pair.0) {
+        if decision.accepted && self.is_sealed(pair.0) {
             return Err(CohortSealedError(pair.0).into());
         }
         tx.append(&Payload::JobAccepted(decision), now_ms).await?;

@@ -104,9 +104,8 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
             .map(|who| format!("--- {who}:\n{}", federation.log(who)))
             .join("\n")
     );
-    // Hungary decides when it sees the job, after the others; its signed
-    // acceptance counts (in every site's cohort) once a majority endorsed
-    // it, so it may join from round 2.
+    // Approved beforehand, Hungary accepts as soon as it sees the job, like
+    // the others, so its signed acceptance is in the sealed cohort.
     let rounds = status["rounds"].as_array().unwrap();
     assert!(
         rounds
@@ -124,12 +123,15 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     assert_eq!(d.len(), 1);
     assert!(d[0].0 && d[0].1.contains("approved by the site's data team"), "{d:?}");
 
-    // Another job outside the policy, rejected: a signed rejection, and
-    // still no data used for it.
+    // Another job outside the policy, rejected after the others started it
+    // (its cohort is sealed by then): a signed rejection is still recorded,
+    // and still no data used for it.
     let stats_before = egress_count(&federation, "SubmitStats");
     let other = federation.write_job(
         "other.toml",
-        &example_job(&[("rounds", "3"), ("round_timeout_s", "3"), ("dropout_after_s", "2")]),
+        // The same margins as above: the cohort's seal, too, waits for a
+        // majority of endorsements.
+        &example_job(&[("rounds", "3"), ("round_timeout_s", "8"), ("dropout_after_s", "4")]),
     );
     let third = federation.submit(&other);
     let pending = federation.state_dir("hungary").join("pending");
@@ -143,7 +145,7 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     let out = participant(&federation, &["reject", &third_hash]);
     assert!(out.status.success(), "{}", text(&out));
     let status = federation.wait_for(third, &["finished", "failed", "cancelled"]);
-    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    assert_eq!(status["job"]["status"], "finished", "{status:#}\n{}", federation.logs());
     let d = decisions(&federation, third);
     assert_eq!(d.len(), 1, "{d:?}");
     assert!(!d[0].0 && d[0].1.contains("rejected by the site's data team"), "{d:?}");

@@ -126,7 +126,8 @@ fn seal(c: &TestConsortium, sites: &[usize]) -> Payload {
 }
 
 /// The sealed cohort (§5 cohort_sealed, §6 rule 8): exactly the accepting
-/// sites, once, before any sum, and nothing decided or contributed outside it.
+/// sites, once, before any sum, no acceptance after it and nothing contributed
+/// outside it.
 fn cohort_cases(out: &mut Vec<Case>) {
     let accept = |c: &mut TestConsortium, verdicts: &[bool]| {
         for (site, &accepted) in verdicts.iter().enumerate() {
@@ -139,10 +140,17 @@ fn cohort_cases(out: &mut Vec<Case>) {
     accept(&mut c, &[true, false, true]);
     c.append(&seal(&c, &[0, 2]));
     out.push(case("cohort_of_the_accepting_sites", c, Expect::Final));
+    // A data team's late "no" is recorded and changes nothing.
+    let mut c = TestConsortium::new(3);
+    c.append(&created(1));
+    accept(&mut c, &[true, true]);
+    c.append(&seal(&c, &[0, 1]));
+    c.append(&decision(&c, 2, false, None, None));
+    out.push(case("rejection_after_the_seal", c, Expect::Final));
 
     type Build = fn(&mut TestConsortium);
     let invalid: [(&'static str, Build); 8] = [
-        ("decision_after_the_seal", |c| {
+        ("acceptance_after_the_seal", |c| {
             c.append(&decision(c, 2, true, Some(30), Some(30)));
         }),
         ("seal_missing_an_accepting_site", |c| {

@@ -120,7 +120,7 @@ struct JobState {
     summations: Vec<String>,
     /// Each site's decision on the job (accepted or not), at most one.
     decided: BTreeMap<String, bool>,
-    /// The sealed cohort: no decision after it, no sum before it, and no
+    /// The sealed cohort: no acceptance after it, no sum before it, and no
     /// contributor outside it.
     cohort: Option<BTreeSet<String>>,
 }
@@ -301,9 +301,11 @@ impl Verifier {
         }
         let mut next = state.clone();
         match payload {
-            Payload::JobAccepted(a) if state.cohort.is_some() => {
+            // A rejection after the seal is recorded (the data team's
+            // decision belongs on the record) and changes nothing.
+            Payload::JobAccepted(a) if a.accepted && state.cohort.is_some() => {
                 return Err(semantics(format!(
-                    "a decision by `{}` after the cohort of job {job} was sealed",
+                    "an acceptance by `{}` after the cohort of job {job} was sealed",
                     a.site
                 )));
             }
