@@ -287,6 +287,10 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
 
     set_phase(shared, job_id, "preprocessing").await;
     let (total, secure_sum) = preprocess(shared, job_id, spec, &members).await?;
+    // From here on the job is its sealed cohort's: a site that never
+    // accepted it on the ledger is in no round.
+    let cohort = shared.ledger.cohort(job_id.0);
+    let members: BTreeSet<SiteId> = members.intersection(&cohort).cloned().collect();
     let normalization = Normalization::from_stats(&total).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
     let n_features = total.sum.len();
     if let Some((sum, transcript)) = secure_sum {

@@ -247,6 +247,17 @@ impl Ledger {
         Ok(true)
     }
 
+    /// Whether `site`'s signed acceptance of the job is on the chain: a site
+    /// takes part in nothing of a job (not even its statistics) before it
+    /// has accepted it there, so every contributor ends up in the seal.
+    pub fn has_accepted(&self, job_id: u64, site: &SiteId) -> bool {
+        self.decisions
+            .lock()
+            .expect("decisions lock")
+            .get(&(job_id, site.clone()))
+            .is_some_and(|(accepted, _)| *accepted)
+    }
+
     /// The job's sealed cohort (empty before [`Ledger::seal_cohort`]).
     /// Every site reads the same set from its replica's final seal, and the
     /// secure summations' threshold and quantiser are sized from it.

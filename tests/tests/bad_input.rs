@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tessera_models::data::read_csv;
 use tessera_models::schema::Schema;
+use tessera_protocol::ledger::payload::DeclaredCounts;
+use tessera_protocol::ledger::sign_decision;
 use tessera_protocol::model::encode_params;
 use tessera_protocol::pb::federation_client::FederationClient;
 use tessera_protocol::pb::{self, task, update_chunk};
@@ -86,6 +88,14 @@ fn check(result: Result<(), tonic::Status>, code: Code, message_part: &str) {
     );
 }
 
+fn hex_bytes(hex: &str) -> [u8; 32] {
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect();
+    bytes.try_into().expect("32 bytes")
+}
+
 async fn report_metrics(client: &mut Client, a: &pb::RoundAnnouncement) {
     client
         .report_metrics(pb::MetricsReport {
@@ -134,20 +144,47 @@ async fn bad_updates_are_refused_precisely_and_the_round_goes_on() {
             .unwrap();
     let data_path = repo().join("../shared/data/heart-disease/processed.va.data");
     let (data, _) = read_csv(&data_path, &schema).unwrap();
-    let (train, _) = data.split(&schema.split);
+    let (train, test) = data.split(&schema.split);
     let stats = FeatureStats::of_rows(train.n_features, train.rows());
+    let report = pb::StatsReport {
+        site_id: ME.into(),
+        job_id: stats_task.job_id,
+        count: stats.count,
+        sum: stats.sum,
+        sum_sq: stats.sum_sq,
+        features_hash: schema.features_hash(),
+        n_features: 0,
+    };
+    // A site that has not accepted the job on the ledger takes no part in
+    // it, not even with its statistics.
+    check(
+        client.submit_stats(report.clone()).await.map(|_| ()),
+        Code::FailedPrecondition,
+        "has not accepted job",
+    );
+    // va's signed acceptance, as its daemon would send it.
+    let key = tessera_protocol::keyfile::load_or_create(&federation.state_dir(ME).join("site.key")).unwrap();
+    let job_sha256: [u8; 32] = hex_bytes(&stats_task.job_hash);
+    let counts = DeclaredCounts {
+        n_train: train.len() as u64,
+        n_test: test.len() as u64,
+    };
     client
-        .submit_stats(pb::StatsReport {
+        .decide_job(pb::JobDecision {
             site_id: ME.into(),
             job_id: stats_task.job_id,
-            count: stats.count,
-            sum: stats.sum,
-            sum_sq: stats.sum_sq,
-            features_hash: schema.features_hash(),
-            n_features: 0,
+            job_hash: stats_task.job_hash.clone(),
+            accepted: true,
+            reason: "test site".into(),
+            signature: sign_decision(&key, stats_task.job_id, &job_sha256, true, Some(&counts)),
+            counts: Some(pb::DeclaredCounts {
+                n_train: counts.n_train,
+                n_test: counts.n_test,
+            }),
         })
         .await
-        .unwrap();
+        .expect("decision");
+    client.submit_stats(report).await.unwrap();
 
     // Round 1: every kind of bad update, then a good one.
     let a = poll_round(&mut client, 1).await;

@@ -227,6 +227,13 @@ impl Federation for FederationService {
         if !phase.pending.contains(&site) {
             return Err(RpcError::FailedPrecondition(format!("no statistics expected from `{site}`")).into());
         }
+        if !self.shared.ledger.has_accepted(report.job_id, &site) {
+            return Err(RpcError::FailedPrecondition(format!(
+                "`{site}` has not accepted job {} in the ledger: send its signed decision first",
+                report.job_id
+            ))
+            .into());
+        }
         if phase.secure != secure_report {
             return Err(RpcError::InvalidArgument(if phase.secure {
                 "this job sums statistics securely: send only features_hash and n_features".into()
