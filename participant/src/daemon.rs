@@ -113,7 +113,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         policy: config.policy.clone(),
         jobs: HashMap::new(),
         decided: HashSet::new(),
-        held: HashSet::new(),
+        held: HashMap::new(),
         state_dir: config.state_dir.clone(),
         inputs: HashMap::new(),
         sessions: HashMap::new(),
@@ -194,8 +194,10 @@ struct Site {
     jobs: HashMap<u64, JobSpec>,
     /// Jobs whose decision this site has sent.
     decided: HashSet<u64>,
-    /// Jobs held for the data team's approval (logged once).
-    held: HashSet<u64>,
+    /// Jobs held for the data team's approval, with their hashes: a
+    /// rejection is signed as soon as the data team makes it, even when the
+    /// job no longer sends this site tasks (its cohort sealed without it).
+    held: HashMap<u64, String>,
     state_dir: std::path::PathBuf,
     /// Secure jobs: this site's quantised input per (job, round), ready for
     /// the summation (round 0 = preprocessing statistics).
@@ -270,7 +272,7 @@ impl Site {
                 }
             }
             let result = match task.kind {
-                None | Some(task::Kind::Idle(_)) => Ok(()),
+                None | Some(task::Kind::Idle(_)) => self.send_held_rejections(&mut client).await,
                 Some(task::Kind::ComputeStats(t)) => self.compute_stats(&mut client, t).await,
                 Some(task::Kind::Round(a)) => self.round(&mut client, a).await,
                 Some(task::Kind::Secagg(step)) => self.secagg_step(&mut client, step).await,
@@ -363,7 +365,7 @@ impl Site {
                     // Nothing is decided, nothing is sent, no data is read:
                     // the job waits for the data team.
                     approvals.hold(job_hash, job_toml, &review)?;
-                    if self.held.insert(job_id) {
+                    if self.held.insert(job_id, job_hash.to_owned()).is_none() {
                         warn!(
                             job = job_id,
                             "job is outside this site's policy ({}); waiting for the data team: \
@@ -376,39 +378,74 @@ impl Site {
             }
         };
         if !self.decided.contains(&job_id) {
-            let hash: [u8; 32] = hex::decode(job_hash)
-                .ok()
-                .and_then(|b| b.try_into().ok())
-                .context("job hash is not 32 hex bytes")?;
-            let accepted = verdict.is_ok();
-            // An accepting site declares its row counts, public from then on:
-            // weights and pooled test counts are computed from them, so no
-            // job-constant count is ever summed (and differenced).
-            let counts = accepted.then(|| self.counts());
-            let decision = pb::JobDecision {
-                site_id: self.id.to_string(),
-                job_id,
-                job_hash: job_hash.to_owned(),
-                accepted,
-                reason: match &verdict {
-                    Ok(why) | Err(why) => why.clone(),
-                },
-                signature: sign_decision(&self.signing_key, job_id, &hash, accepted, counts.as_ref()),
-                counts: counts.map(|c| pb::DeclaredCounts {
-                    n_train: c.n_train,
-                    n_test: c.n_test,
-                }),
-            };
-            self.egress.record("DecideJob", &decision)?;
-            client.decide_job(decision).await?;
-            self.decided.insert(job_id);
-            info!(job = job_id, accepted, "decision on the job signed and sent");
+            self.send_decision(client, job_id, job_hash, &verdict).await?;
         }
         if let Err(reason) = verdict {
             bail!("{reason}");
         }
         self.jobs.insert(job_id, spec.clone());
         Ok(spec)
+    }
+
+    /// Signs and sends this site's decision on a job (the coordinator records
+    /// it in the ledger), once per job.
+    async fn send_decision(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        job_id: u64,
+        job_hash: &str,
+        verdict: &Result<String, String>,
+    ) -> anyhow::Result<()> {
+        let hash: [u8; 32] = hex::decode(job_hash)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .context("job hash is not 32 hex bytes")?;
+        let accepted = verdict.is_ok();
+        // An accepting site declares its row counts, public from then on:
+        // weights and pooled test counts are computed from them, so no
+        // job-constant count is ever summed (and differenced).
+        let counts = accepted.then(|| self.counts());
+        let decision = pb::JobDecision {
+            site_id: self.id.to_string(),
+            job_id,
+            job_hash: job_hash.to_owned(),
+            accepted,
+            reason: match verdict {
+                Ok(why) | Err(why) => why.clone(),
+            },
+            signature: sign_decision(&self.signing_key, job_id, &hash, accepted, counts.as_ref()),
+            counts: counts.map(|c| pb::DeclaredCounts {
+                n_train: c.n_train,
+                n_test: c.n_test,
+            }),
+        };
+        self.egress.record("DecideJob", &decision)?;
+        client.decide_job(decision).await?;
+        self.decided.insert(job_id);
+        self.held.remove(&job_id);
+        info!(job = job_id, accepted, "decision on the job signed and sent");
+        Ok(())
+    }
+
+    /// Signs the data team's rejections of held jobs without waiting for a
+    /// task: a job whose cohort was sealed without this site sends it none,
+    /// and the refusal still belongs in the ledger. (An approval is acted on
+    /// at the job's next task; once a cohort is sealed it joins nothing.)
+    async fn send_held_rejections(&mut self, client: &mut FederationClient<Channel>) -> anyhow::Result<()> {
+        let approvals = Approvals::new(&self.state_dir);
+        let rejected: Vec<(u64, String)> = self
+            .held
+            .iter()
+            .filter(|(job_id, hash)| {
+                !self.decided.contains(job_id) && approvals.decision(hash) == Some(Decision::Rejected)
+            })
+            .map(|(job_id, hash)| (*job_id, hash.clone()))
+            .collect();
+        for (job_id, hash) in rejected {
+            let reason = format!("job {job_id} was rejected by the site's data team");
+            self.send_decision(client, job_id, &hash, &Err(reason)).await?;
+        }
+        Ok(())
     }
 
     /// The size of the job's sealed cohort, which the secure summations and

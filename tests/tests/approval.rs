@@ -125,13 +125,15 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
 
     // Another job outside the policy, rejected after the others started it
     // (its cohort is sealed by then): a signed rejection is still recorded,
-    // and still no data used for it.
+    // and still no data used for it. The daemon signs the rejection at its
+    // next task for the job, so the job runs long enough (many rounds) for
+    // it to see one; it is cancelled once the rejection is on the ledger.
     let stats_before = egress_count(&federation, "SubmitStats");
     let other = federation.write_job(
         "other.toml",
         // The same margins as above: the cohort's seal, too, waits for a
         // majority of endorsements.
-        &example_job(&[("rounds", "3"), ("round_timeout_s", "8"), ("dropout_after_s", "4")]),
+        &example_job(&[("rounds", "200"), ("round_timeout_s", "8"), ("dropout_after_s", "4")]),
     );
     let third = federation.submit(&other);
     let pending = federation.state_dir("hungary").join("pending");
@@ -144,11 +146,27 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     }
     let out = participant(&federation, &["reject", &third_hash]);
     assert!(out.status.success(), "{}", text(&out));
-    let status = federation.wait_for(third, &["finished", "failed", "cancelled"]);
-    assert_eq!(status["job"]["status"], "finished", "{status:#}\n{}", federation.logs());
-    let d = decisions(&federation, third);
-    assert_eq!(d.len(), 1, "{d:?}");
+    let mut d = Vec::new();
+    for _ in 0..240 {
+        d = decisions(&federation, third);
+        if !d.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert_eq!(d.len(), 1, "{d:?}\n{}", federation.logs());
     assert!(!d[0].0 && d[0].1.contains("rejected by the site's data team"), "{d:?}");
+    // The others went on with the job meanwhile.
+    assert_eq!(federation.status(third)["job"]["status"], "running");
+    let out = federation.tessera(&["job", "cancel", &third.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = federation.wait_for(third, &["finished", "failed", "cancelled"]);
+    assert_eq!(
+        status["job"]["status"],
+        "cancelled",
+        "{status:#}\n{}",
+        federation.logs()
+    );
     assert_eq!(egress_count(&federation, "SubmitStats"), stats_before);
     let out = federation.tessera(&["ledger", "verify", "--allow-pending"]);
     assert!(out.status.success(), "{}", text(&out));
