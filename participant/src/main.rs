@@ -470,10 +470,12 @@ fn decide(path: &Path, state_dir: Option<PathBuf>, prefix: &str, decision: Decis
     let hash = approvals.find(prefix)?;
     approvals.decide(&hash, decision)?;
     println!(
-        "job {hash} {}; the daemon signs the decision into the ledger at its next task for the job",
+        "job {hash} {}",
         match decision {
-            Decision::Approved => "approved",
-            Decision::Rejected => "rejected",
+            Decision::Approved =>
+                "approved; the daemon takes part and signs its acceptance into the ledger at its next task for the job \
+                 (a job that has already started without this site runs on without it)",
+            Decision::Rejected => "rejected; the daemon signs the rejection into the ledger at its next poll",
         }
     );
     Ok(())

@@ -37,6 +37,14 @@ fn decisions(federation: &Federation, job: u64) -> Vec<(bool, String)> {
         .collect()
 }
 
+/// Whether `job`'s cohort is sealed on the ledger.
+fn sealed(federation: &Federation, job: u64) -> bool {
+    let out = federation.tessera(&["ledger", "show", "--json", "--job", &job.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    blocks.as_array().unwrap().iter().any(|b| b["kind"] == "cohort_sealed")
+}
+
 fn egress_count(federation: &Federation, kind: &str) -> usize {
     std::fs::read_to_string(federation.state_dir("hungary").join("egress.jsonl"))
         .unwrap_or_default()
@@ -124,10 +132,11 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     assert!(d[0].0 && d[0].1.contains("approved by the site's data team"), "{d:?}");
 
     // Another job outside the policy, rejected after the others started it
-    // (its cohort is sealed by then): a signed rejection is still recorded,
-    // and still no data used for it. The daemon signs the rejection at its
-    // next task for the job, so the job runs long enough (many rounds) for
-    // it to see one; it is cancelled once the rejection is on the ledger.
+    // (its cohort sealed without Hungary, which gets no more tasks for it):
+    // a signed rejection is still recorded, at the daemon's next poll, and
+    // still no data used for it. The job runs long enough (many rounds) to
+    // show that the others went on meanwhile, and is cancelled once the
+    // rejection is on the ledger.
     let stats_before = egress_count(&federation, "SubmitStats");
     let other = federation.write_job(
         "other.toml",
@@ -144,6 +153,14 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
         }
         std::thread::sleep(std::time::Duration::from_millis(25));
     }
+    // Rejected only once the others' cohort is sealed on the ledger.
+    for _ in 0..240 {
+        if sealed(&federation, third) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert!(sealed(&federation, third), "{}", federation.logs());
     let out = participant(&federation, &["reject", &third_hash]);
     assert!(out.status.success(), "{}", text(&out));
     let mut d = Vec::new();
