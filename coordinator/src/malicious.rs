@@ -14,6 +14,9 @@ pub enum Attack {
     /// Show each site a different survivor set in the consistency check,
     /// forward every signature unchecked, and collect whatever is revealed.
     SplitViews,
+    /// Serve every released aggregate (the statistics sum, each round's
+    /// sum) with one word changed from the one its ledger block commits to.
+    TamperedAggregate,
 }
 
 #[cfg(all(feature = "malicious", debug_assertions))]

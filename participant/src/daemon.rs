@@ -12,18 +12,17 @@ use tessera_models::data::Dataset;
 use tessera_models::train::{LocalTraining, evaluate, train_local};
 use tessera_protocol::CHUNK_BYTES;
 use tessera_protocol::evaluation;
-use tessera_protocol::ids::{SiteId, sha256_hex};
+use tessera_protocol::ids::{SiteId, sha256_hex, sha256_le_words};
 use tessera_protocol::job::{Aggregation, JobSpec, SecureAggSpec};
 use tessera_protocol::ledger::payload::{DeclaredCounts, Summation};
 use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::sign_decision;
-use tessera_protocol::model::{Layout, check_initial_model, decode_params, encode_params};
+use tessera_protocol::model::{Layout, check_initial_model, decode_params};
 use tessera_protocol::pb::federation_client::FederationClient;
 use tessera_protocol::pb::ledger_client::LedgerClient;
 use tessera_protocol::pb::{self, sec_agg_step, task, update_chunk};
 use tessera_protocol::replay::{ModelReplay, ReplayError};
 use tessera_protocol::roster::Roster;
-use tessera_protocol::round::update_commitment;
 use tessera_protocol::secagg::client::{self, ClientConfig};
 use tessera_protocol::secagg::crypto::SigningKey;
 use tessera_protocol::secagg::{RoundContext, commitment, exact};
@@ -619,7 +618,13 @@ impl Site {
                     .with_context(|| {
                         format!("the statistics summation of job {job_id} is not final on this site's ledger")
                     })?;
-                let words = self.fetch_aggregate(client, job_id, 0, &block.aggregate_sha256).await?;
+                let words = self.fetch_aggregate(client, job_id, 0).await?;
+                if hex::encode(commitment(&words)) != block.aggregate_sha256 {
+                    bail!(
+                        "the statistics sum of job {job_id} served by the coordinator is not the one its \
+                         ledger block commits to"
+                    );
+                }
                 let stats = FeatureStats::from_secure_sum(&words, self.data.train.n_features)
                     .with_context(|| format!("the statistics sum of job {job_id}"))?;
                 let derived =
@@ -668,9 +673,7 @@ impl Site {
                 .round_block(job_id, round)
                 .cloned()
                 .with_context(|| format!("round {round} of job {job_id} is not final on this site's ledger"))?;
-            let words = self
-                .fetch_aggregate(client, job_id, round, &block.aggregate_sha256)
-                .await?;
+            let words = self.fetch_aggregate(client, job_id, round).await?;
             if let Err(e) = replay.apply(&block, &words, |s| self.replica.declared(job_id, s)) {
                 let reason = format!("job {job_id}: {e}");
                 if matches!(
@@ -820,32 +823,40 @@ impl Site {
             train_loss: update.train_loss,
             masked: false,
         };
-        self.send_update_stream(client, header, &encode_params(&delta)).await?;
-        self.replica.committed(a.job_id, a.round, update_commitment(&delta));
+        // The commitment to a plaintext update is the hash of its f32 words'
+        // bit patterns (`round::update_commitment`).
+        let commitment = self
+            .send_update_stream(client, header, bytemuck::cast_slice(&delta))
+            .await?;
+        self.replica.committed(a.job_id, a.round, commitment);
         Ok(())
     }
 
-    /// Streams an update (or masked input): the header, then 1 MiB chunks,
-    /// each recorded in the egress log before it is sent.
+    /// Streams an update (or masked input): the header, then 1 MiB chunks
+    /// of its little-endian words. The header and the body are recorded in
+    /// the egress log before anything is sent; the body's hash is returned,
+    /// for it is the commitment this site expects the round block to record.
     async fn send_update_stream(
         &self,
         client: &mut FederationClient<Channel>,
         header: pb::UpdateHeader,
-        body: &[u8],
-    ) -> anyhow::Result<()> {
+        words: &[u32],
+    ) -> anyhow::Result<[u8; 32]> {
+        let commitment = sha256_le_words(words);
         let mut messages = vec![pb::UpdateChunk {
             kind: Some(update_chunk::Kind::Header(header)),
         }];
-        for chunk in body.chunks(CHUNK_BYTES) {
+        // One copy, straight from the words into each chunk's buffer.
+        for chunk in words.chunks(CHUNK_BYTES / 4) {
             messages.push(pb::UpdateChunk {
-                kind: Some(update_chunk::Kind::Data(chunk.to_vec())),
+                kind: Some(update_chunk::Kind::Data(wire::encode_words(chunk))),
             });
         }
-        for m in &messages {
-            self.egress.record("SubmitUpdate", m)?;
-        }
+        self.egress.record("SubmitUpdate", &messages[0])?;
+        self.egress
+            .record_body("SubmitUpdate", words.len() * 4, messages.len() - 1, &commitment)?;
         client.submit_update(tokio_stream::iter(messages)).await?;
-        Ok(())
+        Ok(commitment)
     }
 
     /// Keeps `input` for this round's secure summation and advertises keys
@@ -908,9 +919,7 @@ impl Site {
                     ),
                     Ok((s, masked)) => {
                         let sent = self.send_masked(client, key, &masked).await;
-                        if sent.is_ok() {
-                            self.replica.committed(key.0, key.1, commitment(&masked));
-                        }
+                        let sent = sent.map(|commitment| self.replica.committed(key.0, key.1, commitment));
                         (ClientState::Survivors(s), sent)
                     }
                     Err(e) => (ClientState::Done, Err(anyhow::anyhow!("refusing the shares: {e}"))),
@@ -1069,7 +1078,7 @@ impl Site {
         client: &mut FederationClient<Channel>,
         key: (u64, u32),
         masked: &[u32],
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<[u8; 32]> {
         let header = pb::UpdateHeader {
             site_id: self.id.to_string(),
             job_id: key.0,
@@ -1080,10 +1089,9 @@ impl Site {
             train_loss: 0.0,
             masked: true,
         };
-        self.send_update_stream(client, header, &wire::encode_words(masked))
-            .await?;
+        let commitment = self.send_update_stream(client, header, masked).await?;
         info!(job = key.0, round = key.1, "masked input sent");
-        Ok(())
+        Ok(commitment)
     }
 
     async fn fetch_model(
@@ -1098,18 +1106,23 @@ impl Site {
         };
         self.egress.record("FetchModel", &request)?;
         let stream = client.fetch_model(request).await?.into_inner();
-        let bytes = download(stream, n_params * 4, model_hash, "model").await?;
+        let bytes = download(stream, n_params * 4, "model").await?;
+        if sha256_hex(&bytes) != model_hash {
+            bail!("downloaded model does not match its hash {model_hash}");
+        }
         Ok(decode_params(&bytes)?)
     }
 
-    /// A secure round's released aggregate, checked against the hash its
-    /// final ledger block commits to.
+    /// A secure round's released aggregate, as the coordinator serves it.
+    /// Not checked here: each use checks it against the hash its final
+    /// ledger block commits to (`ModelReplay::apply` for a round, and
+    /// `derived_normalization` for the statistics), so that 4 MB of a large
+    /// model's aggregate are hashed once, where the words are used.
     async fn fetch_aggregate(
         &self,
         client: &mut FederationClient<Channel>,
         job_id: u64,
         round: u32,
-        sha256: &str,
     ) -> anyhow::Result<Vec<u32>> {
         let request = pb::FetchAggregateRequest {
             site_id: self.id.to_string(),
@@ -1120,14 +1133,8 @@ impl Site {
         let stream = client.fetch_aggregate(request).await?.into_inner();
         let what = format!("the aggregate of round {round} of job {job_id}");
         let max_len = MAX_AGGREGATE_WORDS * 4;
-        let bytes = download(stream, max_len, sha256, &what).await?;
-        if bytes.len() % 4 != 0 {
-            bail!("{what} is not a whole number of 32-bit words");
-        }
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-            .collect())
+        let bytes = download(stream, max_len, &what).await?;
+        wire::decode_words(&bytes).with_context(|| what.clone())
     }
 }
 
@@ -1135,15 +1142,9 @@ impl Site {
 /// accept plus the evaluation words.
 const MAX_AGGREGATE_WORDS: u64 = (1 << 30) / 4;
 
-/// Collects a chunked download, refusing chunks out of order, a total over
-/// `max_len` bytes (for a model, exactly its length), or content that does
-/// not hash to `sha256`.
-async fn download(
-    mut stream: tonic::Streaming<pb::ModelChunk>,
-    max_len: u64,
-    sha256: &str,
-    what: &str,
-) -> anyhow::Result<Vec<u8>> {
+/// Collects a chunked download, refusing chunks out of order or a total
+/// over `max_len` bytes (for a model, exactly its length).
+async fn download(mut stream: tonic::Streaming<pb::ModelChunk>, max_len: u64, what: &str) -> anyhow::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     let mut total = None;
     while let Some(chunk) = stream.next().await {
@@ -1157,9 +1158,6 @@ async fn download(
             bail!("{what} arrived malformed (chunk at offset {})", chunk.offset);
         }
         bytes.extend_from_slice(&chunk.data);
-    }
-    if sha256_hex(&bytes) != sha256 {
-        bail!("downloaded {what} does not match its hash {sha256}");
     }
     Ok(bytes)
 }

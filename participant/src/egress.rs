@@ -39,15 +39,40 @@ impl EgressLog {
     pub fn record<M: Message>(&self, kind: &str, message: &M) -> anyhow::Result<()> {
         let bytes = message.encode_to_vec();
         let line = serde_json::json!({
-            "time_ms": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            "time_ms": now_ms(),
             "kind": kind,
             "bytes": bytes.len(),
             "sha256": sha256_hex(&bytes),
         });
+        self.write(&line)
+    }
+
+    /// Records the body of a chunked upload as one line: its total size,
+    /// the number of chunks and the SHA-256 of the concatenated data. For
+    /// an update or a masked input that hash is the commitment the round's
+    /// ledger block records for this site, so an auditor can match the two;
+    /// and the body is hashed once, not once for the log and again for the
+    /// commitment.
+    pub fn record_body(&self, kind: &str, bytes: usize, chunks: usize, sha256: &[u8; 32]) -> anyhow::Result<()> {
+        let line = serde_json::json!({
+            "time_ms": now_ms(),
+            "kind": kind,
+            "bytes": bytes,
+            "chunks": chunks,
+            "sha256": hex::encode(sha256),
+        });
+        self.write(&line)
+    }
+
+    fn write(&self, line: &serde_json::Value) -> anyhow::Result<()> {
         let mut file = self.file.lock().expect("egress log lock poisoned");
         writeln!(file, "{line}").with_context(|| format!("cannot write egress log {}", self.path.display()))?;
         Ok(())
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -8,8 +8,6 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use crate::ids::sha256_hex;
-
 /// Which network a job trains. Both end in one logit (binary classification).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelSpec {
@@ -153,7 +151,8 @@ pub fn decode_params(bytes: &[u8]) -> Result<Vec<f32>, DecodeError> {
 
 /// Hash that names a model everywhere: SHA-256 of [`encode_params`].
 pub fn model_hash(params: &[f32]) -> String {
-    sha256_hex(&encode_params(params))
+    // An f32's little-endian bytes are those of its bit pattern.
+    hex::encode(crate::ids::sha256_le_words(bytemuck::cast_slice(params)))
 }
 
 #[cfg(test)]
@@ -208,6 +207,12 @@ mod tests {
     }
 
     proptest! {
+        /// A model's name is the hash of its wire encoding, bit for bit.
+        #[test]
+        fn model_hash_is_the_hash_of_the_encoding(params in prop::collection::vec(any::<f32>(), 0..3000)) {
+            prop_assert_eq!(model_hash(&params), crate::ids::sha256_hex(&encode_params(&params)));
+        }
+
         #[test]
         fn encode_decode_round_trip(params in prop::collection::vec(-1e30f32..1e30, 0..200)) {
             let bytes = encode_params(&params);

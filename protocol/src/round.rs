@@ -46,8 +46,7 @@ pub struct UpdateHeader {
 /// SHA-256 of a plaintext update as little-endian f32: what the ledger
 /// records as the site's commitment (the site computes the same).
 pub fn update_commitment(delta: &[f32]) -> [u8; 32] {
-    let bytes = crate::model::encode_params(delta);
-    crate::ledger::sha256(&bytes)
+    crate::ids::sha256_le_words(bytemuck::cast_slice(delta))
 }
 
 /// Where each selected site stands in the round.

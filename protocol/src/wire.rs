@@ -220,7 +220,11 @@ pub fn block_from_pb(b: pb::LedgerBlock) -> Block {
 }
 
 pub fn encode_words(words: &[u32]) -> Vec<u8> {
-    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(words).to_vec()
+    } else {
+        words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
 }
 
 /// Inverse of [`encode_words`].

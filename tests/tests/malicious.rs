@@ -87,6 +87,57 @@ fn adversarial_real_daemons_reveal_nothing_to_a_coordinator_that_splits_views() 
     assert!(!log.contains("a site revealed shares"), "{log}");
 }
 
+/// The coordinator serves the released statistics sum with one word
+/// changed (so sites would normalise their features as it chose): every
+/// site checks what it downloads against the sum's ledger block, refuses to
+/// train on it, and sends nothing for the round.
+#[test]
+fn adversarial_real_daemons_refuse_an_aggregate_their_ledger_does_not_commit_to() {
+    let federation = attacked("tampered-aggregate");
+    // Long enough a timeout for the cohort seal and the statistics
+    // summation to complete: the attack is on the first round.
+    let file = federation.write_job(
+        "job.toml",
+        &example_job(&[("rounds", "1"), ("round_timeout_s", "20"), ("wait_for_sites_s", "60")]),
+    );
+    let id = federation.submit(&file);
+    let status = federation.wait_for(id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "failed", "{status:#}");
+    // The sites that made the sealed cohort in time are the ones that fetch
+    // the sum; every site must send nothing.
+    let out = federation.tessera(&["ledger", "show", "--json", "--job", &id.to_string()]);
+    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cohort = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["kind"] == "cohort_sealed")
+        .expect("a cohort seal")["payload"]["cohort"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect::<Vec<_>>();
+    assert!(cohort.len() >= 3, "{cohort:?}");
+    for site in &cohort {
+        let log = federation.log(site);
+        assert!(
+            log.contains("is not the one its ledger block commits to"),
+            "{site}:\n{log}\n{status:#}\n{}",
+            federation.log("coordinator")
+        );
+    }
+    // The statistics summation's masked input went out (round 0); nothing
+    // was trained or sent for round 1.
+    for site in SITES {
+        let log = federation.log(site);
+        assert!(
+            !log.contains("local training done") && !log.contains("round=1"),
+            "{site} trained or sent for round 1:\n{log}"
+        );
+    }
+}
+
 /// Attack 7 end to end: a coordinator that signs the ledger with another key
 /// than the one the consortium's kits pin (a fresh chain of its own making)
 /// is refused by every site at the genesis block: the site halts, says why,

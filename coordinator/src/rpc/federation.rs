@@ -176,6 +176,15 @@ impl Federation for FederationService {
                     request.job_id, request.round
                 ))
             })?;
+        let bytes = if crate::malicious::attack() == Some(crate::malicious::Attack::TamperedAggregate) {
+            let mut bytes = bytes;
+            if let Some(b) = bytes.first_mut() {
+                *b ^= 1;
+            }
+            bytes
+        } else {
+            bytes
+        };
         Ok(Response::new(chunk_stream(bytes, sha256, String::new())))
     }
 

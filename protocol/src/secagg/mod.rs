@@ -310,14 +310,7 @@ fn graph_seed(ctx: &RoundContext, keys: &[AdvertisedKeys]) -> [u8; 32] {
 /// SHA-256 of a masked input (little-endian u32 words): the commitment that
 /// goes into the round transcript.
 pub fn commitment(masked: &[u32]) -> [u8; 32] {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for chunk in masked.chunks(4096) {
-        let bytes: Vec<u8> = chunk.iter().flat_map(|w| w.to_le_bytes()).collect();
-        ctx.update(&bytes);
-    }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    out
+    crate::ids::sha256_le_words(masked)
 }
 
 #[cfg(test)]

@@ -49,11 +49,14 @@ fn apply_mean(global: &[f32], sum: &SecureSum) -> Option<Vec<f32>> {
     if sum.total_weight <= 0.0 || sum.weighted_sum.len() != global.len() {
         return None;
     }
+    // The mean is taken coordinate by coordinate, exactly as
+    // `SecureSum::mean` does, but without an intermediate vector.
+    let total = sum.total_weight;
     Some(
         global
             .iter()
-            .zip(sum.mean())
-            .map(|(&w, d)| (f64::from(w) + d) as f32)
+            .zip(&sum.weighted_sum)
+            .map(|(&w, &s)| (f64::from(w) + s / total) as f32)
             .collect(),
     )
 }
