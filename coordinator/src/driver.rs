@@ -596,7 +596,7 @@ async fn secure_round(
         commitments,
         dropouts,
         aggregate_sha256: hex::encode(commitment(&sum)),
-        aggregate: Some(sum.iter().flat_map(|w| w.to_le_bytes()).collect()),
+        aggregate: Some(tessera_protocol::wire::encode_words(&sum)),
         quantization_bits: Some(quantizer.bits),
     })
 }

@@ -116,11 +116,7 @@ pub struct TrapModel {
 
 /// Little-endian f32 bytes: the wire and storage encoding of a model.
 pub fn encode_params(params: &[f32]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(params.len() * 4);
-    for p in params {
-        bytes.extend_from_slice(&p.to_le_bytes());
-    }
-    bytes
+    crate::wire::encode_words(bytemuck::cast_slice(params))
 }
 
 /// Why bytes are not an encoded model.

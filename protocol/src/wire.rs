@@ -235,10 +235,15 @@ pub fn decode_words(bytes: &[u8]) -> Result<Vec<u32>, WireError> {
             format!("{} bytes is not a whole number of words", bytes.len()),
         ));
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    if cfg!(target_endian = "little") {
+        // One copy (the bytes need not be aligned for u32).
+        Ok(bytemuck::pod_collect_to_vec(bytes))
+    } else {
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -326,6 +331,17 @@ mod tests {
         #[test]
         fn words_round_trip(words in prop::collection::vec(any::<u32>(), 0..100)) {
             prop_assert_eq!(decode_words(&encode_words(&words)).unwrap(), words);
+        }
+
+        /// Little-endian, whatever the buffer's alignment.
+        #[test]
+        fn words_are_little_endian_at_any_offset(words in prop::collection::vec(any::<u32>(), 0..100), pad in 0usize..4) {
+            let bytes = encode_words(&words);
+            let expected: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            prop_assert_eq!(&bytes, &expected);
+            let mut shifted = vec![0u8; pad];
+            shifted.extend_from_slice(&bytes);
+            prop_assert_eq!(decode_words(&shifted[pad..]).unwrap(), words);
         }
 
         #[test]
