@@ -75,6 +75,22 @@ fn wait_until_final(federation: &Federation) -> serde_json::Value {
     panic!("the chain never became final: {}", verify_json(&federation.db()));
 }
 
+/// Waits until every site's replica holds the coordinator's whole chain
+/// (`wait_until_final` needs only a majority of endorsers to have it).
+fn wait_until_replicated(federation: &Federation, blocks: u64) {
+    for site in SITES {
+        let replica = federation.state_dir(site).join("ledger.db");
+        let held = || verify_json(&replica)["blocks"].as_u64().unwrap_or(0);
+        for _ in 0..200 {
+            if held() >= blocks {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(held() >= blocks, "{site} holds {} of {blocks} blocks", held());
+    }
+}
+
 #[test]
 fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
     let federation = Federation::running(&SITES);
@@ -375,7 +391,10 @@ fn a_restart_keeps_the_chain_and_a_forked_chain_stops_every_site() {
     let next = federation.submit(&federation.write_job("next.toml", &example_job(&[("rounds", "2")])));
     let status = federation.wait_for(next, &["finished", "failed", "cancelled"]);
     assert_eq!(status["job"]["status"], "finished", "{status:#}");
-    wait_until_final(&federation);
+    let report = wait_until_final(&federation);
+    // Every site must hold the block the operator's restore loses, or it
+    // sees no fork (its chain continues as the coordinator's does).
+    wait_until_replicated(&federation, report["blocks"].as_u64().unwrap());
 
     // Now the operator restores an older database (the last block is gone)
     // and carries on: the coordinator's chain forks from the sites' replicas.
