@@ -58,6 +58,18 @@ pub enum DataError {
         expected: String,
         found: String,
     },
+    /// A site with nothing to train on must say so at `check`, not join a
+    /// job and fail (or divide by zero) in its first round.
+    #[error("{}: no usable rows: {}", file.display(), no_rows_reason(*.rows_read))]
+    NoRows { file: PathBuf, rows_read: usize },
+}
+
+fn no_rows_reason(rows_read: usize) -> String {
+    if rows_read == 0 {
+        "the file holds no data rows (it is empty or only a header)".to_owned()
+    } else {
+        format!("all {rows_read} data rows were dropped for missing values")
+    }
 }
 
 impl Dataset {
@@ -253,6 +265,12 @@ pub fn read_csv_from(
         dataset.labels.push(label.expect("label column present"));
         dataset.features.extend_from_slice(&encoded);
     }
+    if dataset.is_empty() {
+        return Err(DataError::NoRows {
+            file: path.to_owned(),
+            rows_read,
+        });
+    }
     let report = ReadReport {
         rows_read,
         rows_kept: dataset.len(),
@@ -371,6 +389,25 @@ kind = "label"
         assert_eq!(err, "site.csv:2: column 4 (`y`): `inf` is not a finite number");
         let err = read("1,2,x\n").unwrap_err().to_string();
         assert_eq!(err, "site.csv:1: expected 4 fields, found 3");
+    }
+
+    /// Nothing to train on is an error that says why, never an empty dataset.
+    #[test]
+    fn a_file_without_usable_rows_is_an_error() {
+        for empty in ["", "\n", "\n\n"] {
+            assert_eq!(
+                read(empty).unwrap_err().to_string(),
+                "site.csv: no usable rows: the file holds no data rows (it is empty or only a header)"
+            );
+        }
+        assert_eq!(
+            read("?,1,x,3\n0,3,x,1\n").unwrap_err().to_string(),
+            "site.csv: no usable rows: all 2 data rows were dropped for missing values"
+        );
+        let mut schema = Schema::from_toml(SCHEMA).unwrap();
+        schema.header = true;
+        let err = read_csv_from("a,c,skip,y\n".as_bytes(), Path::new("site.csv"), &schema).unwrap_err();
+        assert!(matches!(err, DataError::NoRows { rows_read: 0, .. }), "{err}");
     }
 
     #[test]
