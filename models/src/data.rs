@@ -58,6 +58,9 @@ pub enum DataError {
         expected: String,
         found: String,
     },
+    /// The file cannot be read as CSV text at all (e.g. it is binary).
+    #[error("{}:{line}: {reason}", file.display())]
+    Unreadable { file: PathBuf, line: u64, reason: String },
     /// A site with nothing to train on must say so at `check`, not join a
     /// job and fail (or divide by zero) in its first round.
     #[error("{}: no usable rows: {}", file.display(), no_rows_reason(*.rows_read))]
@@ -167,6 +170,10 @@ pub fn read_csv_from(
     let mut csv_reader = csv::ReaderBuilder::new()
         .delimiter(schema.delimiter)
         .has_headers(false)
+        // Lines end at `\n` only: with the default (CR, LF or CRLF) the
+        // parser counts a CRLF file's lines one short. The `\r` of a CRLF
+        // line stays in its last cell, and every cell is trimmed.
+        .terminator(csv::Terminator::Any(b'\n'))
         .flexible(true)
         .from_reader(reader);
     let n_features = schema.feature_names().len();
@@ -186,7 +193,9 @@ pub fn read_csv_from(
     let mut encoded = Vec::with_capacity(n_features);
     let mut first = true;
     loop {
-        let more = csv_reader.read_record(&mut record).map_err(|e| csv_error(path, e))?;
+        let more = csv_reader
+            .read_record(&mut record)
+            .map_err(|e| csv_error(path, schema, e))?;
         if !more {
             break;
         }
@@ -308,19 +317,30 @@ fn check_header(path: &Path, schema: &Schema, record: &csv::StringRecord) -> Res
     Ok(())
 }
 
-fn csv_error(path: &Path, error: csv::Error) -> DataError {
+fn csv_error(path: &Path, schema: &Schema, error: csv::Error) -> DataError {
     let line = error.position().map_or(0, |p| p.line());
+    let reason = match error.kind() {
+        csv::ErrorKind::Utf8 { err, .. } => {
+            let column = schema.columns.get(err.field()).map_or_else(
+                || format!("column {}", err.field() + 1),
+                |c| format!("column {} (`{}`)", err.field() + 1, c.name),
+            );
+            format!(
+                "{column} is not UTF-8 text (a binary file, or a text encoding such as Latin-1? \
+                 convert the file to UTF-8)"
+            )
+        }
+        _ => error.to_string(),
+    };
     match error.into_kind() {
         csv::ErrorKind::Io(source) => DataError::Io {
             file: path.to_owned(),
             source,
         },
-        other => DataError::Malformed {
+        _ => DataError::Unreadable {
             file: path.to_owned(),
             line,
-            column: 0,
-            name: String::new(),
-            reason: format!("{other:?}"),
+            reason,
         },
     }
 }
@@ -389,6 +409,43 @@ kind = "label"
         assert_eq!(err, "site.csv:2: column 4 (`y`): `inf` is not a finite number");
         let err = read("1,2,x\n").unwrap_err().to_string();
         assert_eq!(err, "site.csv:1: expected 4 fields, found 3");
+    }
+
+    /// A binary (or non-UTF-8) file gets a sentence naming the line and the
+    /// column, not a dump of the parser's internals.
+    #[test]
+    fn binary_input_is_named_not_dumped() {
+        let err = read("1,2,x,0\n1,\u{0}\u{1}2,x,0\n").err();
+        // NUL bytes are valid UTF-8: that row is a malformed category.
+        assert!(err.is_some());
+        let schema = Schema::from_toml(SCHEMA).unwrap();
+        let bytes: &[u8] = b"1,2,x,0\n1,\xff\xfe,x,0\n";
+        let err = read_csv_from(bytes, Path::new("site.csv"), &schema)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("site.csv:2: column 2 (`c`) is not UTF-8 text"), "{err}");
+        assert!(!err.contains("Utf8Error") && !err.contains("Position"), "{err}");
+    }
+
+    /// Windows line endings count lines as Unix ones do.
+    #[test]
+    fn crlf_line_numbers() {
+        let err = read("1,2,x,0\r\n1,2,x,0\r\n1,abc,x,0\r\n").unwrap_err().to_string();
+        assert!(err.starts_with("site.csv:3: column 2 (`c`)"), "{err}");
+        let err = read("1,2,x,0\r\n\r\n1,2,x\r\n").unwrap_err().to_string();
+        assert_eq!(err, "site.csv:3: expected 4 fields, found 3");
+        // The `\r` never reaches a value: a CRLF file reads as its LF twin.
+        let mut schema = Schema::from_toml(SCHEMA).unwrap();
+        schema.header = true;
+        let crlf = read_csv_from(
+            "a,c,skip,y\r\n1,2,x,0\r\n2,3,x,1\r\n".as_bytes(),
+            Path::new("f"),
+            &schema,
+        )
+        .unwrap();
+        let lf = read_csv_from("a,c,skip,y\n1,2,x,0\n2,3,x,1\n".as_bytes(), Path::new("f"), &schema).unwrap();
+        assert_eq!(crlf.0, lf.0);
+        assert_eq!(crlf.0.len(), 2);
     }
 
     /// Nothing to train on is an error that says why, never an empty dataset.
