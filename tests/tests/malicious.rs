@@ -18,11 +18,13 @@ fn attacked(attack: &str) -> Federation {
     federation
 }
 
-/// A short job: the attacks end it in its preprocessing summation.
+/// A short job: the attacks end it in its preprocessing summation. The
+/// timeout leaves the cohort seal time to be endorsed on a loaded machine
+/// (with 5 s it sometimes was not, and the job failed before the attack).
 fn job(federation: &Federation) -> u64 {
     let file = federation.write_job(
         "job.toml",
-        &example_job(&[("rounds", "1"), ("round_timeout_s", "5"), ("wait_for_sites_s", "60")]),
+        &example_job(&[("rounds", "1"), ("round_timeout_s", "20"), ("wait_for_sites_s", "60")]),
     );
     federation.submit(&file)
 }
@@ -94,13 +96,7 @@ fn adversarial_real_daemons_reveal_nothing_to_a_coordinator_that_splits_views() 
 #[test]
 fn adversarial_real_daemons_refuse_an_aggregate_their_ledger_does_not_commit_to() {
     let federation = attacked("tampered-aggregate");
-    // Long enough a timeout for the cohort seal and the statistics
-    // summation to complete: the attack is on the first round.
-    let file = federation.write_job(
-        "job.toml",
-        &example_job(&[("rounds", "1"), ("round_timeout_s", "20"), ("wait_for_sites_s", "60")]),
-    );
-    let id = federation.submit(&file);
+    let id = job(&federation);
     let status = federation.wait_for(id, &["finished", "failed", "cancelled"]);
     assert_eq!(status["job"]["status"], "failed", "{status:#}");
     // The sites that made the sealed cohort in time are the ones that fetch
