@@ -37,6 +37,8 @@ pub struct Ledger {
     len: std::sync::atomic::AtomicU64,
     /// Per job, the height of its `cohort_sealed` block and the cohort.
     sealed: std::sync::Mutex<std::collections::HashMap<u64, (u64, BTreeSet<SiteId>)>>,
+    /// Woken by every stored endorsement: long polls for finality wait on it.
+    endorsed: tokio::sync::Notify,
 }
 
 /// The writer together with a verifier over the chain it writes: every
@@ -139,6 +141,7 @@ impl Ledger {
             membership: std::sync::Mutex::new(membership),
             decisions: std::sync::Mutex::new(decisions),
             sealed: std::sync::Mutex::new(sealed),
+            endorsed: tokio::sync::Notify::new(),
             len: std::sync::atomic::AtomicU64::new(tip.map_or(0, |t| t.height + 1)),
         };
         ledger.reconcile(consortium, roster, now_ms).await?;
@@ -311,23 +314,50 @@ impl Ledger {
     /// endorsements from a majority of the members at that height. The
     /// stored endorsements were checked when they were taken.
     pub async fn is_final(&self, height: u64) -> anyhow::Result<bool> {
-        let stored = self.store.blocks_from(height, 1).await?;
-        let Some((block, _)) = stored.first() else {
+        if self.store.blocks_from(height, 1).await?.is_empty() {
             bail!("there is no block {height}");
-        };
+        }
+        self.all_final(height, height + 1).await
+    }
+
+    /// Whether every block from `from` up to `below` (or the tip) carries
+    /// endorsements from a majority of the members at its height.
+    async fn all_final(&self, from: u64, below: u64) -> anyhow::Result<bool> {
+        let stored = self.store.blocks_from(from, below.saturating_sub(from)).await?;
         let membership = self.membership.lock().expect("membership lock");
-        let members = membership
-            .iter()
-            .rev()
-            .find(|(from, _)| *from <= height)
-            .map(|(_, m)| m)
-            .context("no membership at this height")?;
-        let counted = block
-            .endorsements
-            .iter()
-            .filter(|e| members.contains_key(&e.site))
-            .count();
-        Ok(counted >= tessera_protocol::ledger::verify::majority(members.len()))
+        for (i, (block, _)) in stored.iter().enumerate() {
+            let height = from + i as u64;
+            let members = membership
+                .iter()
+                .rev()
+                .find(|(first, _)| *first <= height)
+                .map(|(_, m)| m)
+                .context("no membership at this height")?;
+            let counted = block
+                .endorsements
+                .iter()
+                .filter(|e| members.contains_key(&e.site))
+                .count();
+            if counted < tessera_protocol::ledger::verify::majority(members.len()) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Waits, at most `max`, until blocks `from..below` are final: a site
+    /// that needs them final hears of the endorsement that makes them so
+    /// when it arrives (the site checks the endorsements itself).
+    pub async fn wait_final(&self, from: u64, below: u64, max: std::time::Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let endorsed = self.endorsed.notified();
+            tokio::pin!(endorsed);
+            endorsed.as_mut().enable();
+            if self.all_final(from, below).await? || tokio::time::timeout_at(deadline, endorsed).await.is_err() {
+                return Ok(());
+            }
+        }
     }
 
     /// The row counts each site of the job's cohort declared in its signed
@@ -451,6 +481,7 @@ impl Ledger {
                 },
             )
             .await?;
+        self.endorsed.notify_waiters();
         Ok(())
     }
 }
@@ -689,5 +720,56 @@ mod tests {
         ));
         let stored = ledger.blocks_from(0, 1).await.unwrap().remove(0).0;
         assert_eq!(stored.endorsements.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_finality_long_poll_answers_when_the_majority_has_endorsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (key(), key(), key());
+        let ledger = std::sync::Arc::new(
+            Ledger::open(
+                pool(&dir.path().join("c.db")).await,
+                key(),
+                "t",
+                &roster(&[("a", &a), ("b", &b), ("c", &c)]),
+                1,
+            )
+            .await
+            .unwrap(),
+        );
+        let hash = ledger.blocks_from(0, 1).await.unwrap().remove(0).0.hash();
+        let endorse = |id: &str, k: &SigningKey| {
+            let (ledger, site, sig) = (
+                ledger.clone(),
+                SiteId::new(id).unwrap(),
+                tessera_protocol::ledger::endorse(k, &hash),
+            );
+            async move { ledger.endorse(&site, 0, &hash, &sig).await.unwrap() }
+        };
+        endorse("a", &a).await;
+        // One of three: not final; the poll gives up at its bound.
+        ledger
+            .wait_final(0, 1, std::time::Duration::from_millis(20))
+            .await
+            .unwrap();
+        assert!(!ledger.is_final(0).await.unwrap());
+        // A long poll far longer than the test waits: only the second
+        // endorsement can end it.
+        let waiting = {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { ledger.wait_final(0, 1, std::time::Duration::from_secs(600)).await })
+        };
+        endorse("b", &b).await;
+        tokio::time::timeout(std::time::Duration::from_secs(60), waiting)
+            .await
+            .expect("the endorsement that makes the block final ends the long poll")
+            .unwrap()
+            .unwrap();
+        assert!(ledger.is_final(0).await.unwrap());
+        // A range past the tip is what exists of it.
+        ledger
+            .wait_final(0, 5, std::time::Duration::from_secs(600))
+            .await
+            .unwrap();
     }
 }

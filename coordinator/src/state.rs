@@ -46,8 +46,16 @@ pub struct Shared {
 pub struct Inner {
     /// Monotonic milliseconds at which each site was last heard from.
     pub last_seen: HashMap<SiteId, u64>,
+    /// When each site's `last_seen` was last written to the database.
+    persisted_seen: HashMap<SiteId, u64>,
     pub active: Option<ActiveJob>,
 }
+
+/// How stale the database's record of when a site was last heard from may
+/// get: liveness decisions use the in-memory `last_seen`; the stored one is
+/// for operators, and writing it on every request put a database write on
+/// every step of every round.
+const PERSIST_SEEN_MS: u64 = 1_000;
 
 /// The job currently being run (one at a time; others wait in the queue).
 pub struct ActiveJob {
@@ -121,9 +129,19 @@ impl Shared {
     }
 
     /// Records that `site` is alive.
-    pub fn saw(&self, site: &SiteId) {
+    /// Records that `site` was heard from; true when the database's record
+    /// of it is due to be refreshed.
+    pub fn saw(&self, site: &SiteId) -> bool {
         let now = self.now_ms();
-        self.lock().last_seen.insert(site.clone(), now);
+        let mut inner = self.lock();
+        inner.last_seen.insert(site.clone(), now);
+        match inner.persisted_seen.get(site) {
+            Some(&at) if now.saturating_sub(at) < PERSIST_SEEN_MS => false,
+            _ => {
+                inner.persisted_seen.insert(site.clone(), now);
+                true
+            }
+        }
     }
 
     /// Sites heard from within the last `window_ms`.

@@ -115,6 +115,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         held: HashMap::new(),
         state_dir: config.state_dir.clone(),
         inputs: HashMap::new(),
+        training: HashMap::new(),
         sessions: HashMap::new(),
         metric_inputs: HashMap::new(),
         replays: HashMap::new(),
@@ -201,6 +202,10 @@ struct Site {
     /// Secure jobs: this site's quantised input per (job, round), ready for
     /// the summation (round 0 = preprocessing statistics).
     inputs: HashMap<(u64, u32), Vec<u32>>,
+    /// Secure rounds: the input being trained in the background, with its
+    /// length; the summation's key and share exchanges run meanwhile and
+    /// the masked-input step waits for it.
+    training: HashMap<(u64, u32), (usize, Training)>,
     /// Secure summations in progress.
     sessions: HashMap<(u64, u32), ClientState>,
     /// Secure jobs: this site's evaluation of a round's model, waiting to be
@@ -214,6 +219,9 @@ struct Site {
     /// summations of one round's input (their difference would reveal it).
     contributions: Contributions,
 }
+
+/// A secure input being trained, clipped and quantised off the async threads.
+type Training = tokio::task::JoinHandle<anyhow::Result<Vec<u32>>>;
 
 /// Where this site stands in one secure summation.
 enum ClientState {
@@ -263,17 +271,20 @@ impl Site {
                     ..
                 })) if !matches!(k, sec_agg_step::Kind::Advertise(_))
             );
-            if !mid_summation {
+            // A round syncs and waits for finality itself, after it has
+            // advertised its keys (`round`).
+            let round = matches!(&task.kind, Some(task::Kind::Round(_)));
+            if !mid_summation && !round {
                 let idle = matches!(&task.kind, None | Some(task::Kind::Idle(_)));
                 self.sync_to_finality(&mut ledger, idle).await?;
-                if self.replica.halted().is_some() {
-                    continue;
-                }
+            }
+            if self.replica.halted().is_some() {
+                continue;
             }
             let result = match task.kind {
                 None | Some(task::Kind::Idle(_)) => self.send_held_rejections(&mut client).await,
                 Some(task::Kind::ComputeStats(t)) => self.compute_stats(&mut client, t).await,
-                Some(task::Kind::Round(a)) => self.round(&mut client, a).await,
+                Some(task::Kind::Round(a)) => self.round(&mut client, &mut ledger, a).await,
                 Some(task::Kind::Secagg(step)) => self.secagg_step(&mut client, step).await,
             };
             if let Err(e) = result {
@@ -305,31 +316,42 @@ impl Site {
 
     /// Brings the replica up to date and, before work, waits (bounded) for
     /// the other sites' endorsements to make the blocks it held when the
-    /// task arrived final: this site acts only on final blocks. The endorsements arrive as the other
-    /// sites sync, usually within milliseconds of this site's own.
+    /// task arrived final: this site acts only on final blocks. The wait is
+    /// a long poll (the coordinator answers when its copy of those blocks
+    /// is final), so the endorsements are read as they arrive, usually
+    /// within milliseconds of this site's own.
     async fn sync_to_finality(&mut self, ledger: &mut LedgerClient<Channel>, idle: bool) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + FINALITY_WAIT;
-        let mut pause = Duration::from_millis(2);
+        self.replica
+            .sync(ledger, &self.egress, None)
+            .await
+            .context("ledger sync failed")?;
         // Waits for the blocks held when the task arrived, not for blocks
         // appended meanwhile (other sites' decisions keep arriving): the
         // task's own checks decline what it needs and is not final.
-        let mut target = None;
+        let target = self.replica.len();
+        // A pause between long polls that come back without finality here
+        // (an older coordinator answers at once; an endorsement this site
+        // does not count): no tight loop.
+        let mut pause = Duration::from_millis(1);
         loop {
-            self.replica
-                .sync(ledger, &self.egress)
-                .await
-                .context("ledger sync failed")?;
-            let target = *target.get_or_insert(self.replica.len());
             if idle || self.replica.is_final_up_to(target) || self.replica.halted().is_some() {
                 return Ok(());
             }
-            if tokio::time::Instant::now() + pause > deadline {
+            let now = tokio::time::Instant::now();
+            if now + pause > deadline {
                 // The task's own checks decline what is not final.
                 warn!("ledger blocks still lack a majority of endorsements; declining work that relies on them");
                 return Ok(());
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(250));
+            self.replica
+                .sync(ledger, &self.egress, Some((target, deadline - now)))
+                .await
+                .context("ledger sync failed")?;
+            if !self.replica.is_final_up_to(target) {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
         }
     }
 
@@ -532,14 +554,39 @@ impl Site {
         Ok(())
     }
 
-    async fn round(&mut self, client: &mut FederationClient<Channel>, a: pb::RoundAnnouncement) -> anyhow::Result<()> {
+    async fn round(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        ledger: &mut LedgerClient<Channel>,
+        a: pb::RoundAnnouncement,
+    ) -> anyhow::Result<()> {
+        // Keys first, before the ledger sync, when this is a secure job the
+        // site has already accepted (the final ledger holds it under the
+        // announced hash) and its declared counts still hold.
+        let accepted = self
+            .jobs
+            .get(&a.job_id)
+            .filter(|spec| spec.is_secure() && a.secure)
+            .filter(|_| self.replica.check_job(a.job_id, &a.job_hash).is_ok())
+            .filter(|_| self.check_declared(a.job_id).is_ok())
+            .map(|spec| spec.model.layout(self.data.train.n_features));
+        if let Some(layout) = accepted {
+            self.advertise_early(client, &a, &layout).await;
+        }
+        // The round's model comes from the previous round's block: only once
+        // it is final.
+        self.sync_to_finality(ledger, false).await?;
+        if self.replica.halted().is_some() {
+            return Ok(());
+        }
         let spec = self.job(client, a.job_id, &a.job_toml, &a.job_hash).await?;
         spec.check_announced_secure(a.secure)?;
+        let layout = spec.model.layout(self.data.train.n_features);
         if spec.is_secure() {
             self.check_declared(a.job_id)?;
+            self.advertise_early(client, &a, &layout).await;
         }
         self.acts_on(self.replica.check_model(a.job_id, a.round, &a.model_hash))?;
-        let layout = spec.model.layout(self.data.train.n_features);
         if a.round == 1 && !spec.is_secure() {
             // The first model must be the job's own initial model: a
             // coordinator cannot choose what this site trains on. (A secure
@@ -572,6 +619,8 @@ impl Site {
         // be used.
         self.inputs
             .retain(|&(job, round), _| job != a.job_id || round >= a.round);
+        self.training
+            .retain(|&(job, round), _| job != a.job_id || round >= a.round);
         self.sessions
             .retain(|&(job, round), _| job != a.job_id || round >= a.round);
         let global = match &spec.aggregation {
@@ -586,8 +635,8 @@ impl Site {
         }
         if secure && !a.train && self.done.insert((a.job_id, a.round, Work::Update)) {
             // Final evaluation: the secure sum carries only the metrics.
-            if let Some(input) = self.inputs.remove(&(a.job_id, a.round)) {
-                self.start_summation(client, &a, input).await?;
+            if let Some(input) = self.inputs.get(&(a.job_id, a.round)) {
+                self.start_summation(client, &a, input.len()).await?;
             }
         }
         if a.train && self.done.insert((a.job_id, a.round, Work::Update)) {
@@ -758,7 +807,7 @@ impl Site {
         train: &Dataset,
     ) -> anyhow::Result<()> {
         let seed = spec.seed ^ (u64::from(a.round) << 32) ^ seed_of(&self.id);
-        let proximal_mu = a.proximal_mu;
+        let (job_id, round, proximal_mu) = (a.job_id, a.round, a.proximal_mu);
         let (device, layout_owned, training, global_owned, train_owned) = (
             self.device.clone(),
             layout.clone(),
@@ -766,61 +815,65 @@ impl Site {
             global.to_vec(),
             train.clone(),
         );
-        // Training is CPU-bound: keep it off the async threads so heartbeats go on.
-        let update = tokio::task::spawn_blocking(move || {
+        let local_delta = move || -> anyhow::Result<(Vec<f32>, usize, f64)> {
             let cfg = LocalTraining {
                 layout: &layout_owned,
                 spec: &training,
                 proximal_mu,
                 seed,
             };
-            train_local(&cfg, &global_owned, &train_owned, &device)
-        })
-        .await
-        .context("training task panicked")??;
-        let delta: Vec<f32> = update.params.iter().zip(global).map(|(w, g)| w - g).collect();
-        info!(
-            job = a.job_id,
-            round = a.round,
-            n = update.n_samples,
-            train_loss = update.train_loss,
-            "local training done"
-        );
+            let update = train_local(&cfg, &global_owned, &train_owned, &device)?;
+            let delta: Vec<f32> = update.params.iter().zip(&global_owned).map(|(w, g)| w - g).collect();
+            info!(
+                job = job_id,
+                round,
+                n = update.n_samples,
+                train_loss = update.train_loss,
+                "local training done"
+            );
+            Ok((delta, update.n_samples, update.train_loss))
+        };
         if let Aggregation::Secure(secure) = &spec.aggregation {
-            // Clip, weight and quantise; the masked form is sent later, in the
-            // secure summation's masked-input step.
+            // Clip, weight and quantise, in the background: the key and
+            // share exchanges of the summation go on meanwhile, and its
+            // masked-input step waits for the input (`take_input`).
             // Sized from the cohort on this site's ledger, as the
             // coordinator sizes its decoder (both are checked to agree in
             // the signed key advertisement).
-            let quantizer = secure.quantizer(self.cohort_size(a.job_id)?);
+            let quantizer = secure.quantizer(self.cohort_size(job_id)?);
             // The weight of the count declared in the ledger (checked to be
             // this data's in `round`), never summed.
             let weight = secure.weight(self.counts().n_train);
-            let (input, factor) = quantizer.encode_update(&delta, weight, &mut rand::rng())?;
-            if factor < 1.0 {
-                info!(
-                    job = a.job_id,
-                    round = a.round,
-                    factor,
-                    "update clipped to the job's clip_norm"
-                );
-            }
-            let mut input = input;
             let metrics = self
                 .metric_inputs
-                .remove(&(a.job_id, a.round))
+                .remove(&(job_id, round))
                 .context("this round's evaluation is missing; not sending an input without it")?;
-            input.extend(metrics);
-            return self.start_summation(client, a, input).await;
+            let vector_len = layout.n_params() + metrics.len();
+            // Training is CPU-bound: off the async threads, so heartbeats
+            // and the summation's steps go on.
+            let input = tokio::task::spawn_blocking(move || {
+                let (delta, _, _) = local_delta()?;
+                let (mut input, factor) = quantizer.encode_update(&delta, weight, &mut rand::rng())?;
+                if factor < 1.0 {
+                    info!(job = job_id, round, factor, "update clipped to the job's clip_norm");
+                }
+                input.extend(metrics);
+                Ok(input)
+            });
+            self.training.insert((job_id, round), (vector_len, input));
+            return self.start_summation(client, a, vector_len).await;
         }
+        let (delta, n_samples, train_loss) = tokio::task::spawn_blocking(local_delta)
+            .await
+            .context("training task panicked")??;
         let header = pb::UpdateHeader {
             site_id: self.id.to_string(),
-            job_id: a.job_id,
-            round: a.round,
-            n_samples: update.n_samples as u64,
+            job_id,
+            round,
+            n_samples: n_samples as u64,
             n_params: delta.len() as u64,
             base_model_hash: a.model_hash.clone(),
-            train_loss: update.train_loss,
+            train_loss,
             masked: false,
         };
         // The commitment to a plaintext update is the hash of its f32 words'
@@ -828,8 +881,18 @@ impl Site {
         let commitment = self
             .send_update_stream(client, header, bytemuck::cast_slice(&delta))
             .await?;
-        self.replica.committed(a.job_id, a.round, commitment);
+        self.replica.committed(job_id, round, commitment);
         Ok(())
+    }
+
+    /// This site's input to summation `key`: ready, or awaited from its
+    /// background training.
+    async fn take_input(&mut self, key: (u64, u32)) -> anyhow::Result<Vec<u32>> {
+        if let Some(input) = self.inputs.remove(&key) {
+            return Ok(input);
+        }
+        let (_, training) = self.training.remove(&key).context("input of this summation is gone")?;
+        training.await.context("training task panicked")?
     }
 
     /// Streams an update (or masked input): the header, then 1 MiB chunks
@@ -859,22 +922,59 @@ impl Site {
         Ok(commitment)
     }
 
-    /// Keeps `input` for this round's secure summation and advertises keys
-    /// at once (the announcement names the members), saving the coordinator a
-    /// round trip to ask for them.
+    /// Advertises this site's keys for a secure round as soon as the round
+    /// is announced: keys depend on nothing but fresh randomness, the
+    /// job and the final cohort, so the key and share exchanges overlap
+    /// the finality wait and local training instead of following them. The
+    /// input is masked only later, from the model this site derives once
+    /// the previous round is final. Failing here costs nothing:
+    /// `start_summation` advertises when the input is ready.
+    async fn advertise_early(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        a: &pb::RoundAnnouncement,
+        layout: &Layout,
+    ) {
+        let key = (a.job_id, a.round);
+        if self.sessions.contains_key(&key) || self.done.contains(&(a.job_id, a.round, Work::Update)) {
+            return;
+        }
+        let vector_len = if a.train {
+            layout.n_params() + evaluation::WORDS
+        } else {
+            evaluation::WORDS
+        };
+        let advertise = pb::Advertise {
+            members: a.members.clone(),
+            vector_len: vector_len as u64,
+        };
+        let (state, result) = self.advertise(client, key, &advertise, vector_len).await;
+        match result {
+            Ok(()) => {
+                self.sessions.insert(key, state);
+            }
+            Err(e) => warn!(job = a.job_id, round = a.round, "keys not advertised early: {e:#}"),
+        }
+    }
+
+    /// Advertises keys for this round's secure summation over an input of
+    /// `vector_len` words (kept in `inputs` or `training`), unless
+    /// `advertise_early` did (the announcement names the members).
     async fn start_summation(
         &mut self,
         client: &mut FederationClient<Channel>,
         a: &pb::RoundAnnouncement,
-        input: Vec<u32>,
+        vector_len: usize,
     ) -> anyhow::Result<()> {
         let key = (a.job_id, a.round);
+        if self.sessions.contains_key(&key) {
+            return Ok(());
+        }
         let advertise = pb::Advertise {
             members: a.members.clone(),
-            vector_len: input.len() as u64,
+            vector_len: vector_len as u64,
         };
-        self.inputs.insert(key, input);
-        let (state, result) = self.advertise(client, key, &advertise).await;
+        let (state, result) = self.advertise(client, key, &advertise, vector_len).await;
         self.sessions.insert(key, state);
         result
     }
@@ -889,7 +989,22 @@ impl Site {
         let Some(kind) = step.kind else { return Ok(()) };
         let state = self.sessions.remove(&key);
         let (next, result) = match (state, kind) {
-            (None, sec_agg_step::Kind::Advertise(advertise)) => self.advertise(client, key, &advertise).await,
+            (None, sec_agg_step::Kind::Advertise(advertise)) => match self
+                .inputs
+                .get(&key)
+                .map(Vec::len)
+                .or(self.training.get(&key).map(|(len, _)| *len))
+            {
+                Some(len) => self.advertise(client, key, &advertise, len).await,
+                None => (
+                    ClientState::Done,
+                    Err(anyhow::anyhow!(
+                        "no input prepared for round {} of job {}",
+                        key.1,
+                        key.0
+                    )),
+                ),
+            },
             (Some(ClientState::Keys(s)), sec_agg_step::Kind::Keys(list)) => {
                 let keys = list
                     .keys
@@ -906,7 +1021,7 @@ impl Site {
             }
             (Some(ClientState::Shares(s)), sec_agg_step::Kind::Shares(inbox)) => {
                 let shares = wire::shares_from_pb(&inbox)?;
-                let input = self.inputs.remove(&key).context("input of this summation is gone")?;
+                let input = self.take_input(key).await?;
                 match s.handle_shares(&shares, &input) {
                     Ok(_) if !self.contributions.claim(key.0, key.1)? => (
                         ClientState::Done,
@@ -977,12 +1092,14 @@ impl Site {
         result
     }
 
-    /// Starts a secure summation over the input prepared for `key`.
+    /// Starts a secure summation over an input of `vector_len` words (the
+    /// length this site computes for it, whatever the coordinator asks).
     async fn advertise(
         &mut self,
         client: &mut FederationClient<Channel>,
         key: (u64, u32),
         advertise: &pb::Advertise,
+        vector_len: usize,
     ) -> (ClientState, anyhow::Result<()>) {
         let Some(spec) = self.jobs.get(&key.0) else {
             return (
@@ -996,17 +1113,7 @@ impl Site {
                 Err(anyhow::anyhow!("job {} is not a secure job", key.0)),
             );
         };
-        let Some(input) = self.inputs.get(&key) else {
-            return (
-                ClientState::Done,
-                Err(anyhow::anyhow!(
-                    "no input prepared for round {} of job {}",
-                    key.1,
-                    key.0
-                )),
-            );
-        };
-        if input.len() as u64 != advertise.vector_len || !advertise.members.contains(&self.id.to_string()) {
+        if vector_len as u64 != advertise.vector_len || !advertise.members.contains(&self.id.to_string()) {
             return (
                 ClientState::Done,
                 Err(anyhow::anyhow!("secure summation does not match this site's input")),
@@ -1038,7 +1145,7 @@ impl Site {
             }
         };
         let min_sites = (spec.min_sites as usize).max(self.policy.min_sites as usize);
-        let params = secure.params(cohort.len(), min_sites, input.len());
+        let params = secure.params(cohort.len(), min_sites, vector_len);
         let cfg = ClientConfig {
             site: self.id.clone(),
             ctx: RoundContext {

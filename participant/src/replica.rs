@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tessera_protocol::ids::SiteId;
@@ -259,7 +260,16 @@ impl Replica {
     /// verified, stored and endorsed; blocks already held must be
     /// byte-identical (else the coordinator forked the chain); endorsements
     /// by other sites are merged after checking them.
-    pub async fn sync(&mut self, client: &mut LedgerClient<Channel>, egress: &EgressLog) -> anyhow::Result<()> {
+    ///
+    /// With `await_final = Some((below, wait))` the first request is a long
+    /// poll: the coordinator answers once blocks up to `below` are final at
+    /// its end (or after `wait`), so endorsements are read when they arrive.
+    pub async fn sync(
+        &mut self,
+        client: &mut LedgerClient<Channel>,
+        egress: &EgressLog,
+        await_final: Option<(u64, Duration)>,
+    ) -> anyhow::Result<()> {
         if self.halted.is_some() {
             return Ok(());
         }
@@ -270,10 +280,17 @@ impl Replica {
         let len = self.len();
         let first_open = self.final_len as u64;
         let mut from = first_open.min(len.saturating_sub(1));
+        let mut await_final = await_final.filter(|&(below, _)| below > first_open);
         loop {
+            let (wait_final_below, wait_ms) = match await_final.take() {
+                Some((below, wait)) => (below, wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32),
+                None => (0, 0),
+            };
             let request = pb::GetBlocksRequest {
                 from_height: from,
                 max_blocks: BATCH,
+                wait_final_below,
+                wait_ms,
             };
             egress.record("GetBlocks", &request)?;
             let response = client.get_blocks(request).await?.into_inner();

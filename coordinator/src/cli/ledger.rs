@@ -114,7 +114,7 @@ async fn load(addr: &str, path: Option<&PathBuf>) -> Result<Loaded, CliError> {
                 let response = client
                     .get_blocks(pb::GetBlocksRequest {
                         from_height: blocks.len() as u64,
-                        max_blocks: 0,
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();

@@ -57,8 +57,9 @@ impl FederationService {
             warn!(%site, "request from unknown site refused");
             return Err(RpcError::PermissionDenied(format!("unknown site `{site}`")));
         }
-        self.shared.saw(&site);
-        self.shared.store.touch_site(&site, unix_ms()).await?;
+        if self.shared.saw(&site) {
+            self.shared.store.touch_site(&site, unix_ms()).await?;
+        }
         Ok(site)
     }
 }
@@ -113,7 +114,15 @@ impl Federation for FederationService {
         // New blocks end the wait too: the site syncs (and endorses) on an
         // idle answer, and a job's next step may wait for that endorsement
         // (the cohort seal).
+        // A task comes first: a site syncs before it works anyway, and a
+        // round announced just after its predecessor's blocks is answered
+        // with the round, not with an idle turn to sync those blocks first.
         let chain = self.shared.ledger.committed_len();
+        let idle = || {
+            Ok(Response::new(pb::Task {
+                kind: Some(pb::task::Kind::Idle(pb::Idle { retry_after_ms: 0 })),
+            }))
+        };
         loop {
             let notified = self.shared.wake.notified();
             tokio::pin!(notified);
@@ -121,11 +130,11 @@ impl Federation for FederationService {
             if let Some(kind) = self.shared.lock().task_for(&site) {
                 return Ok(Response::new(pb::Task { kind: Some(kind) }));
             }
-            let woken = tokio::time::timeout_at(deadline, notified).await.is_ok();
-            if !woken || self.shared.ledger.committed_len() != chain {
-                return Ok(Response::new(pb::Task {
-                    kind: Some(pb::task::Kind::Idle(pb::Idle { retry_after_ms: 0 })),
-                }));
+            if self.shared.ledger.committed_len() != chain {
+                return idle();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return idle();
             }
         }
     }

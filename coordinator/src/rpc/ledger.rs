@@ -20,6 +20,9 @@ use crate::tls::Caller;
 /// answer far below gRPC's 4 MiB default message limit.
 const MAX_BLOCKS: u32 = 256;
 
+/// The longest a `GetBlocks` long poll for finality is held.
+const MAX_FINALITY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct LedgerService {
     shared: Arc<Shared>,
 }
@@ -42,6 +45,13 @@ impl Ledger for LedgerService {
             n => n.min(MAX_BLOCKS),
         };
         let ledger = &self.shared.ledger;
+        if request.wait_ms > 0 && request.wait_final_below > request.from_height {
+            let wait = std::time::Duration::from_millis(u64::from(request.wait_ms)).min(MAX_FINALITY_WAIT);
+            ledger
+                .wait_final(request.from_height, request.wait_final_below, wait)
+                .await
+                .map_err(RpcError::Internal)?;
+        }
         let chain_length = ledger.chain_length().await;
         let blocks = ledger
             .blocks_from(request.from_height, u64::from(limit))
