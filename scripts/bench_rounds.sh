@@ -8,7 +8,10 @@
 # hospitals reuse their data files under new names (`cleveland-2`, ...): the
 # figures are about time, not accuracy.
 #
-#   scripts/bench_rounds.sh [--sites N=4] [--model logistic|mlp1m] [--rounds R] [--repeats K=3]
+#   scripts/bench_rounds.sh [--sites N=4] [--model logistic|mlp1m] [--rounds R] [--repeats K=3] [--bin DIR]
+#
+# `--bin DIR` runs the binaries in DIR instead of building this checkout's
+# (to compare with another commit's release build on the same machine).
 #
 # `mlp1m` is an MLP with hidden layers [1000, 1000]: 1,018,001 parameters on
 # the heart data's 15 features. Reported: the median round time over every
@@ -25,12 +28,14 @@ n_sites=4
 model=logistic
 rounds=""
 repeats=3
+bin_dir=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --sites) n_sites="$2"; shift 2 ;;
     --model) model="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     --repeats) repeats="$2"; shift 2 ;;
+    --bin) bin_dir="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -43,8 +48,15 @@ esac
 
 data_dir="$repo/../shared/data/heart-disease"
 [ -f "$data_dir/processed.cleveland.data" ] || { echo "error: no heart-disease data in $data_dir" >&2; exit 1; }
-cargo build --release --quiet --bins
-bin="${CARGO_TARGET_DIR:-$repo/target}/release"
+if [ -n "$bin_dir" ]; then
+  bin=$(cd "$bin_dir" && pwd)
+else
+  cargo build --release --quiet --bins
+  bin="${CARGO_TARGET_DIR:-$repo/target}/release"
+fi
+# Older builds generate a site's key without being asked.
+generate_key=""
+"$bin/tessera" ca issue --help | grep -q -- --generate-key && generate_key="--generate-key"
 run_dir="$repo/runs/bench-rounds-$(date +%Y%m%d-%H%M%S)-$$"
 mkdir -p "$run_dir/sites"
 
@@ -68,9 +80,9 @@ site_id = "$name"
 path = "$data_dir/processed.${hospitals[$h]}.data"
 schema = "$repo/examples/heart-disease/schema.toml"
 EOF
-  "$bin/tessera" ca issue --ca "$ca" --site "$name" --generate-key > /dev/null
+  "$bin/tessera" ca issue --ca "$ca" --site "$name" $generate_key > /dev/null
 done
-"$bin/tessera" ca issue --ca "$ca" --operator lead --generate-key > /dev/null
+"$bin/tessera" ca issue --ca "$ca" --operator lead $generate_key > /dev/null
 export TESSERA_TLS_DIR="$ca/operators/lead"
 
 "$bin/tessera-coordinator" --listen 127.0.0.1:0 --port-file "$run_dir/port" \
