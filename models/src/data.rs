@@ -1,4 +1,5 @@
-//! Reading a site's CSV file through its [`Schema`] into encoded rows.
+//! Reading a site's CSV file through its [`Schema`] into encoded rows (and,
+//! through [`read_table`], a Parquet file: `crate::columnar`).
 //!
 //! The file is streamed record by record (never read whole), each cell is
 //! checked, and the first malformed cell stops the read with an error naming
@@ -61,6 +62,28 @@ pub enum DataError {
     /// The file cannot be read as CSV text at all (e.g. it is binary).
     #[error("{}:{line}: {reason}", file.display())]
     Unreadable { file: PathBuf, line: u64, reason: String },
+    /// A Parquet file that cannot be opened or decoded.
+    #[error("{}: cannot be read as Parquet: {reason}", file.display())]
+    Parquet { file: PathBuf, reason: String },
+    /// A column the schema uses is not in a (columnar) file.
+    #[error("{}: the schema's column `{name}` is not in the file (its columns: {found})", file.display())]
+    MissingColumn { file: PathBuf, name: String, found: String },
+    /// A columnar file's column holds values of a type the schema cannot use.
+    #[error("{}: column `{name}` holds {found} values, which cannot be read as {wanted}", file.display())]
+    ColumnType {
+        file: PathBuf,
+        name: String,
+        found: String,
+        wanted: &'static str,
+    },
+    /// A bad value in a columnar file, named by its 1-based data row.
+    #[error("{}: row {row}, column `{name}`: {reason}", file.display())]
+    MalformedRow {
+        file: PathBuf,
+        row: u64,
+        name: String,
+        reason: String,
+    },
     /// A site with nothing to train on must say so at `check`, not join a
     /// job and fail (or divide by zero) in its first round.
     #[error("{}: no usable rows: {}", file.display(), no_rows_reason(*.rows_read))]
@@ -152,6 +175,17 @@ impl Dataset {
     }
 }
 
+/// Reads and encodes a site's data file with `schema`: Parquet when its
+/// name ends in `.parquet` or `.pq`, CSV otherwise.
+pub fn read_table(path: &Path, schema: &Schema) -> Result<(Dataset, ReadReport), DataError> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("parquet") || e.eq_ignore_ascii_case("pq") => {
+            crate::columnar::read_parquet(path, schema)
+        }
+        _ => read_csv(path, schema),
+    }
+}
+
 /// Reads and encodes a CSV file with `schema`.
 pub fn read_csv(path: &Path, schema: &Schema) -> Result<(Dataset, ReadReport), DataError> {
     let file = std::fs::File::open(path).map_err(|source| DataError::Io {
@@ -176,21 +210,8 @@ pub fn read_csv_from(
         .terminator(csv::Terminator::Any(b'\n'))
         .flexible(true)
         .from_reader(reader);
-    let n_features = schema.feature_names().len();
-    let mut dataset = Dataset {
-        n_features,
-        features: Vec::new(),
-        labels: Vec::new(),
-    };
-    let mut missing_per_column: Vec<(String, usize)> = schema
-        .columns
-        .iter()
-        .filter(|c| c.kind != ColumnKind::Drop)
-        .map(|c| (c.name.clone(), 0))
-        .collect();
-    let mut rows_read = 0;
+    let mut rows = RowEncoder::new(schema);
     let mut record = csv::StringRecord::new();
-    let mut encoded = Vec::with_capacity(n_features);
     let mut first = true;
     loop {
         let more = csv_reader
@@ -217,75 +238,156 @@ pub fn read_csv_from(
                 found: record.len(),
             });
         }
-        rows_read += 1;
-        encoded.clear();
-        let mut label = None;
-        let mut row_missing = false;
-        let mut used_index = 0;
-        for (index, (column, cell)) in schema.columns.iter().zip(record.iter()).enumerate() {
-            if column.kind == ColumnKind::Drop {
-                continue;
-            }
-            let cell = cell.trim();
-            let malformed = |reason: String| DataError::Malformed {
+        rows.push(record.iter().map(|cell| Cell::Text(cell.trim())))
+            .map_err(|(index, reason)| DataError::Malformed {
                 file: path.to_owned(),
                 line,
                 column: index + 1,
-                name: column.name.clone(),
+                name: schema.columns[index].name.clone(),
                 reason,
+            })?;
+    }
+    rows.finish(path)
+}
+
+/// One cell as a source hands it over: CSV gives text, a columnar file
+/// typed values or nulls.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Cell<'a> {
+    Missing,
+    Text(&'a str),
+    Number(f64),
+}
+
+/// Encodes rows through the schema, whatever the source: the one place that
+/// decides what is missing, what a category or a label is, and what is
+/// malformed, so CSV and Parquet files give the same rows.
+pub(crate) struct RowEncoder<'s> {
+    schema: &'s Schema,
+    dataset: Dataset,
+    /// Missing cells per used column, in schema order.
+    missing_per_column: Vec<(String, usize)>,
+    rows_read: usize,
+    encoded: Vec<f32>,
+}
+
+impl<'s> RowEncoder<'s> {
+    pub(crate) fn new(schema: &'s Schema) -> Self {
+        let n_features = schema.feature_names().len();
+        Self {
+            schema,
+            dataset: Dataset {
+                n_features,
+                features: Vec::new(),
+                labels: Vec::new(),
+            },
+            missing_per_column: schema
+                .columns
+                .iter()
+                .filter(|c| c.kind != ColumnKind::Drop)
+                .map(|c| (c.name.clone(), 0))
+                .collect(),
+            rows_read: 0,
+            encoded: Vec::with_capacity(n_features),
+        }
+    }
+
+    /// Encodes one row, given one cell per schema column (those of dropped
+    /// columns are ignored). A row with a missing cell in a used column is
+    /// counted and left out; a malformed cell is an error: the index of its
+    /// column and why.
+    pub(crate) fn push<'c>(&mut self, cells: impl Iterator<Item = Cell<'c>>) -> Result<(), (usize, String)> {
+        self.rows_read += 1;
+        self.encoded.clear();
+        let mut label = None;
+        let mut row_missing = false;
+        let mut used_index = 0;
+        for (index, (column, cell)) in self.schema.columns.iter().zip(cells).enumerate() {
+            if column.kind == ColumnKind::Drop {
+                continue;
+            }
+            let is_missing = match cell {
+                Cell::Missing => true,
+                Cell::Text(text) => {
+                    text.is_empty()
+                        || self.schema.missing_markers.iter().any(|m| m == text)
+                        || (column.zero_means_missing && text.parse::<f64>() == Ok(0.0))
+                }
+                Cell::Number(value) => column.zero_means_missing && value == 0.0,
             };
-            let is_missing = cell.is_empty()
-                || schema.missing_markers.iter().any(|m| m == cell)
-                || (column.zero_means_missing && cell.parse::<f64>() == Ok(0.0));
             if is_missing {
-                missing_per_column[used_index].1 += 1;
+                self.missing_per_column[used_index].1 += 1;
                 row_missing = true;
                 used_index += 1;
                 continue;
             }
             used_index += 1;
+            let malformed = |reason: String| (index, reason);
             match &column.kind {
                 ColumnKind::Numeric => {
-                    let value = parse_number(cell).map_err(malformed)?;
-                    encoded.push(value as f32);
+                    let value = number(cell).map_err(malformed)?;
+                    self.encoded.push(value as f32);
                 }
                 ColumnKind::Categorical { categories } => {
                     let hit = categories.iter().position(|c| same_category(c, cell)).ok_or_else(|| {
-                        malformed(format!("`{cell}` is not one of the declared categories {categories:?}"))
+                        malformed(format!(
+                            "`{}` is not one of the declared categories {categories:?}",
+                            shown(cell)
+                        ))
                     })?;
-                    encoded.extend((0..categories.len()).map(|k| if k == hit { 1.0 } else { 0.0 }));
+                    self.encoded
+                        .extend((0..categories.len()).map(|k| if k == hit { 1.0 } else { 0.0 }));
                 }
                 ColumnKind::Label => {
-                    let value = parse_number(cell).map_err(malformed)?;
-                    label = Some(if schema.label.op.holds(value, schema.label.threshold) {
-                        1.0
-                    } else {
-                        0.0
-                    });
+                    let value = number(cell).map_err(malformed)?;
+                    let rule = &self.schema.label;
+                    label = Some(if rule.op.holds(value, rule.threshold) { 1.0 } else { 0.0 });
                 }
                 ColumnKind::Drop => unreachable!("skipped above"),
             }
         }
-        if row_missing {
-            continue;
+        if !row_missing {
+            // The schema has exactly one label column and no missing cell was
+            // seen, so the label is set.
+            self.dataset.labels.push(label.expect("label column present"));
+            self.dataset.features.extend_from_slice(&self.encoded);
         }
-        // The schema has exactly one label column and no missing cell was
-        // seen, so the label is set.
-        dataset.labels.push(label.expect("label column present"));
-        dataset.features.extend_from_slice(&encoded);
+        Ok(())
     }
-    if dataset.is_empty() {
-        return Err(DataError::NoRows {
-            file: path.to_owned(),
-            rows_read,
-        });
+
+    /// The rows and the report; no usable row at all is an error.
+    pub(crate) fn finish(self, path: &Path) -> Result<(Dataset, ReadReport), DataError> {
+        if self.dataset.is_empty() {
+            return Err(DataError::NoRows {
+                file: path.to_owned(),
+                rows_read: self.rows_read,
+            });
+        }
+        let report = ReadReport {
+            rows_read: self.rows_read,
+            rows_kept: self.dataset.len(),
+            missing_per_column: self.missing_per_column,
+        };
+        Ok((self.dataset, report))
     }
-    let report = ReadReport {
-        rows_read,
-        rows_kept: dataset.len(),
-        missing_per_column,
-    };
-    Ok((dataset, report))
+}
+
+fn number(cell: Cell) -> Result<f64, String> {
+    match cell {
+        Cell::Text(text) => parse_number(text),
+        Cell::Number(v) if v.is_finite() => Ok(v),
+        Cell::Number(v) => Err(format!("`{v}` is not a finite number")),
+        Cell::Missing => unreachable!("missing cells are counted, not encoded"),
+    }
+}
+
+/// A cell as an error message quotes it.
+fn shown(cell: Cell) -> String {
+    match cell {
+        Cell::Text(text) => text.to_owned(),
+        Cell::Number(v) => v.to_string(),
+        Cell::Missing => String::new(),
+    }
 }
 
 fn parse_number(cell: &str) -> Result<f64, String> {
@@ -296,11 +398,14 @@ fn parse_number(cell: &str) -> Result<f64, String> {
     }
 }
 
-/// Categories match as numbers when both parse (`1.0` is `1`), else as text.
-fn same_category(declared: &str, cell: &str) -> bool {
-    match (declared.parse::<f64>(), cell.parse::<f64>()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => declared == cell,
+/// Categories match as numbers when both are numbers (`1.0` is `1`), else
+/// as text.
+fn same_category(declared: &str, cell: Cell) -> bool {
+    match (declared.parse::<f64>(), cell) {
+        (Ok(a), Cell::Number(b)) => a == b,
+        (Err(_), Cell::Number(_)) | (_, Cell::Missing) => false,
+        (Ok(a), Cell::Text(text)) => text.parse::<f64>().map_or(declared == text, |b| a == b),
+        (Err(_), Cell::Text(text)) => declared == text,
     }
 }
 
@@ -346,12 +451,14 @@ fn csv_error(path: &Path, schema: &Schema, error: csv::Error) -> DataError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::schema::Schema;
     use proptest::prelude::*;
 
-    const SCHEMA: &str = r#"
+    /// A numeric column where 0 means missing, a categorical one, a dropped
+    /// one and the label (shared with the Parquet reader's tests).
+    pub(crate) const SCHEMA: &str = r#"
 [format]
 missing_markers = ["?"]
 [label]

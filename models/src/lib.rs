@@ -3,6 +3,7 @@
 //! local training and evaluation loops. Linked by the participant only; the
 //! coordinator never trains (DESIGN.md invariant 4).
 
+pub mod columnar;
 pub mod data;
 pub mod metrics;
 pub mod net;

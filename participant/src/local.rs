@@ -2,7 +2,7 @@
 //! into train and test, never sent anywhere.
 
 use anyhow::Context;
-use tessera_models::data::{Dataset, ReadReport, read_csv};
+use tessera_models::data::{Dataset, ReadReport, read_table};
 use tessera_models::schema::Schema;
 use tessera_protocol::stats::{FeatureStats, Normalization};
 
@@ -22,7 +22,7 @@ impl LocalData {
             .with_context(|| format!("cannot read schema {}", config.schema_path.display()))?;
         let schema = Schema::from_toml(&schema_text)
             .with_context(|| format!("invalid schema {}", config.schema_path.display()))?;
-        let (data, report) = read_csv(&config.data_path, &schema)?;
+        let (data, report) = read_table(&config.data_path, &schema)?;
         let (train, test) = data.split(&schema.split);
         Ok(Self {
             schema,

@@ -1,6 +1,6 @@
 //! `tessera-participant check`, the data team's offline validation: it must
 //! fail (non-zero exit, a message naming the file) on data a site cannot
-//! train on, and pass on the real heart data.
+//! train on, and pass on the real heart data, as CSV or as Parquet.
 
 use std::path::Path;
 use std::process::Command;
@@ -61,4 +61,73 @@ fn check_refuses_files_without_usable_rows_and_passes_real_data() {
             "{name}: {stderr}"
         );
     }
+}
+
+/// The real Cleveland file as Parquet: a column whose cells are all numbers
+/// (or `?`) becomes float64 with nulls, any other column stays text.
+fn parquet_twin(csv: &Path, out: &Path) {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+
+    let schema_text = std::fs::read_to_string(repo().join("examples/heart-disease/schema.toml")).unwrap();
+    let schema = tessera_models::schema::Schema::from_toml(&schema_text).unwrap();
+    let text = std::fs::read_to_string(csv).unwrap();
+    let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split(',').map(str::trim).collect()).collect();
+    let columns = schema.columns.iter().enumerate().map(|(i, column)| {
+        let cells: Vec<&str> = rows.iter().map(|r| r[i]).collect();
+        let numbers: Option<Vec<Option<f64>>> = cells
+            .iter()
+            .map(|c| {
+                if *c == "?" {
+                    Some(None)
+                } else {
+                    c.parse().ok().map(Some)
+                }
+            })
+            .collect();
+        let array: ArrayRef = match numbers {
+            Some(numbers) => Arc::new(Float64Array::from(numbers)),
+            None => Arc::new(StringArray::from(cells)),
+        };
+        (column.name.clone(), array)
+    });
+    let batch = RecordBatch::try_from_iter(columns).unwrap();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(out).unwrap(), batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+#[test]
+fn check_reads_a_parquet_file_as_it_reads_its_csv_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = repo().join("../shared/data/heart-disease/processed.cleveland.data");
+    let twin = dir.path().join("cleveland.parquet");
+    parquet_twin(&real, &twin);
+    let (from_csv, from_parquet) = (check(dir.path(), &real), check(dir.path(), &twin));
+    assert!(
+        from_parquet.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_parquet.stderr)
+    );
+    let summary = |out: &std::process::Output, path: &Path| {
+        String::from_utf8_lossy(&out.stdout).replace(&path.display().to_string(), "DATA")
+    };
+    assert!(summary(&from_csv, &real).contains("303 read"));
+    assert_eq!(summary(&from_parquet, &twin), summary(&from_csv, &real));
+
+    // A damaged file: exit 1, the file named, no panic.
+    let mut bytes = std::fs::read(&twin).unwrap();
+    let middle = bytes.len() / 2;
+    bytes.truncate(middle);
+    let damaged = dir.path().join("damaged.parquet");
+    std::fs::write(&damaged, bytes).unwrap();
+    let out = check(dir.path(), &damaged);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("damaged.parquet: cannot be read as Parquet"),
+        "{stderr}"
+    );
 }

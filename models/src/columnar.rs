@@ -1,0 +1,436 @@
+//! Reading a site's Parquet file through its [`Schema`]: the same rows, the
+//! same missing-value rules and the same errors as a CSV file of the same
+//! table (both go through [`RowEncoder`]).
+//!
+//! Only the schema's columns are read (a column projection), in record
+//! batches of [`BATCH_ROWS`] rows, so the file itself is never held whole.
+//! Columns are found by name: the file may hold more columns, in any order.
+//! A null is a missing value; numbers and booleans are numbers; strings
+//! (plain or dictionary-encoded) are text, parsed as a CSV cell would be.
+
+use std::path::Path;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Float64Type;
+use arrow_array::{Array, ArrayRef, Float64Array, StringArray};
+use arrow_schema::DataType;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+
+use crate::data::{Cell, DataError, Dataset, ReadReport, RowEncoder};
+use crate::schema::{ColumnKind, Schema};
+
+/// Rows per record batch: a few MiB for a wide clinical table.
+pub const BATCH_ROWS: usize = 8192;
+
+/// Reads and encodes a Parquet file with `schema`.
+pub fn read_parquet(path: &Path, schema: &Schema) -> Result<(Dataset, ReadReport), DataError> {
+    read_parquet_batched(path, schema, BATCH_ROWS)
+}
+
+/// The `parquet` crate's decoders can panic on damaged data (an RLE run
+/// past its buffer, found by `damaged_files_never_panic`): a damaged file
+/// is an error like any other, not a crashed daemon. Nothing outlives the
+/// read, so a panic leaves no broken state behind.
+fn read_parquet_batched(path: &Path, schema: &Schema, batch_rows: usize) -> Result<(Dataset, ReadReport), DataError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(path, schema, batch_rows))).unwrap_or_else(
+        |panic| {
+            let detail = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(DataError::Parquet {
+                file: path.to_owned(),
+                reason: format!("the file is damaged (the decoder failed: {detail})"),
+            })
+        },
+    )
+}
+
+fn decode(path: &Path, schema: &Schema, batch_rows: usize) -> Result<(Dataset, ReadReport), DataError> {
+    let unreadable = |reason: String| DataError::Parquet {
+        file: path.to_owned(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+        file: path.to_owned(),
+        source,
+    })?;
+    // The types come from the Parquet schema itself: the Arrow schema some
+    // writers embed is IPC-encoded metadata whose decoder panics on a
+    // damaged file (found by `damaged_files_never_panic`), and nothing here
+    // needs its hints.
+    let options = ArrowReaderOptions::new().with_skip_arrow_metadata(true);
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new_with_options(file, options).map_err(|e| unreadable(e.to_string()))?;
+    let fields = builder.schema().fields().clone();
+    let mut projected = Vec::new();
+    for column in schema.columns.iter().filter(|c| c.kind != ColumnKind::Drop) {
+        let index = fields
+            .iter()
+            .position(|f| f.name() == &column.name)
+            .ok_or_else(|| DataError::MissingColumn {
+                file: path.to_owned(),
+                name: column.name.clone(),
+                found: fields.iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "),
+            })?;
+        projected.push(index);
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), projected);
+    let batches = builder
+        .with_projection(mask)
+        .with_batch_size(batch_rows)
+        .build()
+        .map_err(|e| unreadable(e.to_string()))?;
+    let mut rows = RowEncoder::new(schema);
+    let mut rows_before = 0;
+    for batch in batches {
+        let batch = batch.map_err(|e| unreadable(e.to_string()))?;
+        let views = schema
+            .columns
+            .iter()
+            .map(|column| match (&column.kind, batch.column_by_name(&column.name)) {
+                (ColumnKind::Drop, _) | (_, None) => Ok(View::Absent),
+                (kind, Some(array)) => View::of(path, &column.name, kind, array),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for row in 0..batch.num_rows() {
+            rows.push(views.iter().map(|v| v.cell(row)))
+                .map_err(|(index, reason)| DataError::MalformedRow {
+                    file: path.to_owned(),
+                    row: (rows_before + row + 1) as u64,
+                    name: schema.columns[index].name.clone(),
+                    reason,
+                })?;
+        }
+        rows_before += batch.num_rows();
+    }
+    rows.finish(path)
+}
+
+/// One column of a batch, cast once to what the encoder reads.
+enum View {
+    Numbers(Float64Array),
+    Texts(StringArray),
+    /// A dropped column: never read.
+    Absent,
+}
+
+impl View {
+    fn of(path: &Path, name: &str, kind: &ColumnKind, array: &ArrayRef) -> Result<Self, DataError> {
+        let data_type = array.data_type();
+        let text = |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+        let is_text = text(data_type) || matches!(data_type, DataType::Dictionary(_, v) if text(v));
+        let is_number = data_type.is_numeric() || *data_type == DataType::Boolean;
+        let wrong_type = || DataError::ColumnType {
+            file: path.to_owned(),
+            name: name.to_owned(),
+            found: data_type.to_string(),
+            wanted: match kind {
+                ColumnKind::Categorical { .. } => "categories",
+                _ => "numbers",
+            },
+        };
+        let target = if is_number {
+            DataType::Float64
+        } else if is_text {
+            DataType::Utf8
+        } else {
+            return Err(wrong_type());
+        };
+        let cast = arrow_cast::cast(array, &target).map_err(|_| wrong_type())?;
+        Ok(if is_number {
+            View::Numbers(cast.as_primitive::<Float64Type>().clone())
+        } else {
+            View::Texts(cast.as_string::<i32>().clone())
+        })
+    }
+
+    fn cell(&self, row: usize) -> Cell<'_> {
+        match self {
+            View::Numbers(a) if a.is_valid(row) => Cell::Number(a.value(row)),
+            View::Texts(a) if a.is_valid(row) => Cell::Text(a.value(row).trim()),
+            _ => Cell::Missing,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{
+        BinaryArray, DictionaryArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, types::Int32Type,
+    };
+    use parquet::arrow::ArrowWriter;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::data::read_csv_from;
+    use crate::data::tests::SCHEMA;
+
+    fn schema() -> Schema {
+        Schema::from_toml(SCHEMA).unwrap()
+    }
+
+    fn write(dir: &Path, columns: Vec<(&str, ArrayRef)>) -> std::path::PathBuf {
+        let path = dir.join("site.parquet");
+        let batch = RecordBatch::try_from_iter(columns).unwrap();
+        let mut writer = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        path
+    }
+
+    fn csv(text: &str) -> (Dataset, ReadReport) {
+        read_csv_from(text.as_bytes(), Path::new("site.csv"), &schema()).unwrap()
+    }
+
+    #[test]
+    fn a_parquet_file_gives_the_rows_of_its_csv_twin() {
+        let dir = tempfile::tempdir().unwrap();
+        // Typed columns in another order, an extra column, no dropped
+        // column, nulls for missing values.
+        let path = write(
+            dir.path(),
+            vec![
+                ("y", Arc::new(Int32Array::from(vec![0, 2, 3, 1, 2])) as ArrayRef),
+                ("extra", Arc::new(StringArray::from(vec!["p", "q", "r", "s", "t"]))),
+                (
+                    "a",
+                    Arc::new(Float64Array::from(vec![
+                        Some(1.5),
+                        None,
+                        Some(0.0),
+                        Some(-2.0),
+                        Some(4.0),
+                    ])),
+                ),
+                (
+                    "c",
+                    Arc::new(Int64Array::from(vec![Some(2), Some(1), Some(3), Some(3), None])),
+                ),
+            ],
+        );
+        let (data, report) = read_parquet(&path, &schema()).unwrap();
+        let (twin, twin_report) = csv("1.5,2,x,0\n?,1,x,2\n0,3,x,3\n-2,3,x,1\n4,,x,2\n");
+        assert_eq!(data, twin);
+        assert_eq!(report, twin_report);
+        assert_eq!(data.labels, vec![0.0, 1.0]);
+        assert_eq!(
+            report.missing_per_column,
+            vec![("a".into(), 2), ("c".into(), 1), ("y".into(), 0)]
+        );
+    }
+
+    #[test]
+    fn strings_and_dictionaries_are_read_as_text_cells() {
+        let dir = tempfile::tempdir().unwrap();
+        let c: DictionaryArray<Int32Type> = vec!["3", "1", "2.0"].into_iter().collect();
+        let path = write(
+            dir.path(),
+            vec![
+                ("a", Arc::new(StringArray::from(vec![" 7 ", "?", "8"])) as ArrayRef),
+                ("c", Arc::new(c)),
+                ("y", Arc::new(StringArray::from(vec!["2", "0", "5"]))),
+            ],
+        );
+        let (data, report) = read_parquet(&path, &schema()).unwrap();
+        assert_eq!((data, report), csv("7,3,x,2\n?,1,x,0\n8,2.0,x,5\n"));
+    }
+
+    #[test]
+    fn bad_files_are_named_with_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = schema();
+        let ints = |v: Vec<i64>| Arc::new(Int64Array::from(v)) as ArrayRef;
+
+        let path = write(dir.path(), vec![("a", ints(vec![1])), ("y", ints(vec![1]))]);
+        let err = read_parquet(&path, &schema).unwrap_err().to_string();
+        assert!(
+            err.ends_with("site.parquet: the schema's column `c` is not in the file (its columns: a, y)"),
+            "{err}"
+        );
+
+        let path = write(
+            dir.path(),
+            vec![
+                ("a", ints(vec![1, 2])),
+                ("c", ints(vec![1, 7])),
+                ("y", ints(vec![0, 1])),
+            ],
+        );
+        let err = read_parquet(&path, &schema).unwrap_err().to_string();
+        assert!(
+            err.ends_with(
+                "site.parquet: row 2, column `c`: `7` is not one of the declared categories [\"1\", \"2\", \"3\"]"
+            ),
+            "{err}"
+        );
+
+        let path = write(
+            dir.path(),
+            vec![
+                ("a", Arc::new(BinaryArray::from(vec![&b"\x00"[..]])) as ArrayRef),
+                ("c", ints(vec![1])),
+                ("y", ints(vec![1])),
+            ],
+        );
+        let err = read_parquet(&path, &schema).unwrap_err().to_string();
+        assert!(
+            err.ends_with("site.parquet: column `a` holds Binary values, which cannot be read as numbers"),
+            "{err}"
+        );
+
+        let path = write(
+            dir.path(),
+            vec![
+                ("a", ints(vec![1])),
+                ("c", ints(vec![1])),
+                ("y", Arc::new(Float64Array::from(vec![f64::NAN]))),
+            ],
+        );
+        let err = read_parquet(&path, &schema).unwrap_err().to_string();
+        assert!(
+            err.ends_with("site.parquet: row 1, column `y`: `NaN` is not a finite number"),
+            "{err}"
+        );
+
+        let path = write(
+            dir.path(),
+            vec![("a", ints(vec![])), ("c", ints(vec![])), ("y", ints(vec![]))],
+        );
+        assert!(matches!(
+            read_parquet(&path, &schema),
+            Err(DataError::NoRows { rows_read: 0, .. })
+        ));
+
+        let path = dir.path().join("text.parquet");
+        std::fs::write(&path, "a,c,skip,y\n1,2,x,0\n").unwrap();
+        let err = read_parquet(&path, &schema).unwrap_err().to_string();
+        assert!(err.contains("text.parquet: cannot be read as Parquet: "), "{err}");
+    }
+
+    #[test]
+    fn read_table_reads_by_extension() {
+        let dir = tempfile::tempdir().unwrap();
+        let ints = |v: Vec<i64>| Arc::new(Int64Array::from(v)) as ArrayRef;
+        let parquet = write(
+            dir.path(),
+            vec![("a", ints(vec![5])), ("c", ints(vec![2])), ("y", ints(vec![2]))],
+        );
+        let pq = dir.path().join("site.PQ");
+        std::fs::copy(&parquet, &pq).unwrap();
+        let text = dir.path().join("site.data");
+        std::fs::write(&text, "5,2,x,2\n").unwrap();
+        let from_csv = crate::data::read_table(&text, &schema()).unwrap();
+        assert_eq!(crate::data::read_table(&parquet, &schema()).unwrap(), from_csv);
+        assert_eq!(crate::data::read_table(&pq, &schema()).unwrap(), from_csv);
+    }
+
+    /// A generated row: `a`, the category of `c`, `y`.
+    type Row = (Option<f64>, u8, Option<f64>);
+
+    /// A cell of a generated table: a number, or missing in one of the ways
+    /// a file can say so.
+    fn cell() -> impl Strategy<Value = Option<f64>> {
+        prop_oneof![
+            4 => (-1000i32..1000).prop_map(|v| Some(f64::from(v) / 8.0)),
+            1 => Just(None),
+        ]
+    }
+
+    proptest! {
+        /// Any table, written as CSV and as Parquet (typed numbers with
+        /// nulls, and again as strings with the `?` marker), reads to the
+        /// same rows and the same report, batch boundaries included.
+        #[test]
+        fn parquet_and_csv_agree(
+            rows in prop::collection::vec((cell(), 1u8..4, cell()), 1..40),
+            batch in 1usize..9,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let text: String = rows
+                .iter()
+                .map(|(a, c, y)| {
+                    let show = |v: &Option<f64>| v.map_or("?".to_owned(), |v| v.to_string());
+                    format!("{},{c},x,{}\n", show(a), show(y))
+                })
+                .collect();
+            let expected = read_csv_from(text.as_bytes(), Path::new("site.csv"), &schema());
+            let a: Float64Array = rows.iter().map(|r| r.0).collect();
+            let c: Int64Array = rows.iter().map(|r| Some(i64::from(r.1))).collect();
+            let y: Float64Array = rows.iter().map(|r| r.2).collect();
+            let path = write(dir.path(), vec![("a", Arc::new(a) as ArrayRef), ("c", Arc::new(c)), ("y", Arc::new(y))]);
+            let typed = read_parquet_in_batches(&path, batch);
+            let texts = |f: fn(&Row) -> Option<f64>| -> ArrayRef {
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| f(r).map_or("?".to_owned(), |v| v.to_string())),
+                ))
+            };
+            let path = write(
+                dir.path(),
+                vec![("a", texts(|r| r.0)), ("c", texts(|r| Some(f64::from(r.1)))), ("y", texts(|r| r.2))],
+            );
+            let as_text = read_parquet_in_batches(&path, batch);
+            match expected {
+                Ok(expected) => {
+                    prop_assert_eq!(&typed.unwrap(), &expected);
+                    prop_assert_eq!(&as_text.unwrap(), &expected);
+                }
+                Err(e) => {
+                    fn no_rows<T>(r: &Result<T, DataError>) -> bool {
+                        matches!(r, Err(DataError::NoRows { .. }))
+                    }
+                    prop_assert!(no_rows(&Err::<(), _>(e)));
+                    prop_assert!(no_rows(&typed));
+                    prop_assert!(no_rows(&as_text));
+                }
+            }
+        }
+    }
+
+    /// Reads in batches of `rows` rows: rows straddle batch boundaries.
+    fn read_parquet_in_batches(path: &Path, rows: usize) -> Result<(Dataset, ReadReport), DataError> {
+        read_parquet_batched(path, &schema(), rows)
+    }
+
+    #[test]
+    fn a_bad_row_is_named_by_its_place_in_the_file_not_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let ints = |v: Vec<i64>| Arc::new(Int64Array::from(v)) as ArrayRef;
+        let path = write(
+            dir.path(),
+            vec![
+                ("a", ints(vec![1, 2, 3, 4, 5])),
+                ("c", ints(vec![1, 2, 3, 1, 9])),
+                ("y", ints(vec![0, 1, 2, 3, 4])),
+            ],
+        );
+        let err = read_parquet_in_batches(&path, 2).unwrap_err();
+        assert!(matches!(err, DataError::MalformedRow { row: 5, .. }), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// A damaged file is an error, never a panic: a valid file with
+        /// bytes flipped anywhere (footer and page headers included).
+        #[test]
+        fn damaged_files_never_panic(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)) {
+            let dir = tempfile::tempdir().unwrap();
+            let ints = |v: Vec<i64>| Arc::new(Int64Array::from(v)) as ArrayRef;
+            let path = write(
+                dir.path(),
+                vec![("a", ints((1..50).collect())), ("c", ints(vec![2; 49])), ("y", ints((0..49).collect()))],
+            );
+            let mut bytes = std::fs::read(&path).unwrap();
+            for (at, value) in &flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= value | 1;
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            let _ = read_parquet(&path, &schema());
+        }
+    }
+}
