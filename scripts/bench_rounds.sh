@@ -8,8 +8,16 @@
 # hospitals reuse their data files under new names (`cleveland-2`, ...): the
 # figures are about time, not accuracy.
 #
-#   scripts/bench_rounds.sh [--sites N=4] [--model logistic|mlp1m] [--rounds R] [--repeats K=3] [--bin DIR]
+#   scripts/bench_rounds.sh [--repeats K=3] [--bin DIR]
+#   scripts/bench_rounds.sh --sites N --model logistic|mlp1m [--rounds R] [--repeats K=3] [--bin DIR]
 #
+# Without --sites or --model, the whole suite (issue 14): the heart job
+# (logistic regression, 4 sites), the 1M-parameter MLP with 4 and with 10
+# sites, then `apply_mask` on one core (examples/mask_throughput.rs) and the
+# machine's fastest ChaCha20 keystream (`openssl speed -evp chacha20`, 16 KiB
+# blocks), all in this run. Its last line is exactly:
+#   heart_secure_ms=A heart_plain_ms=B mlp4_secure_s=C mlp4_plain_s=D mlp10_secure_s=E mlp10_plain_s=F mask_gbps=G keystream_limit_gbps=H
+# (medians per round). With --sites or --model, one configuration:
 # `--bin DIR` runs the binaries in DIR instead of building this checkout's
 # (to compare with another commit's release build on the same machine).
 #
@@ -21,7 +29,9 @@
 # the set of sites whose masked input was received). The last line is the
 # figure in a fixed format:
 #   bench_rounds sites=N model=M secure_median_ms=X plain_median_ms=Y ratio=Z consistency_median_ms=W
+# (--sites alone keeps the logistic model; --model alone keeps 4 sites.)
 set -euo pipefail
+shopt -s inherit_errexit  # a failed configuration fails the suite
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 n_sites=4
@@ -29,16 +39,51 @@ model=logistic
 rounds=""
 repeats=3
 bin_dir=""
+suite=1
 while [ $# -gt 0 ]; do
   case "$1" in
-    --sites) n_sites="$2"; shift 2 ;;
-    --model) model="$2"; shift 2 ;;
+    --sites) n_sites="$2"; suite=0; shift 2 ;;
+    --model) model="$2"; suite=0; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     --repeats) repeats="$2"; shift 2 ;;
     --bin) bin_dir="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
+if [ "$suite" = 1 ]; then
+  [ -z "$rounds" ] || { echo "--rounds needs --sites or --model (one configuration)" >&2; exit 2; }
+  pass=(--repeats "$repeats")
+  [ -z "$bin_dir" ] || pass+=(--bin "$bin_dir")
+  # Each configuration's report goes to stderr; its figure line is kept.
+  figures() {
+    local report
+    report=$("$0" "$@" "${pass[@]}")
+    printf '%s\n' "$report" >&2
+    tail -n 1 <<< "$report"
+  }
+  heart=$(figures --sites 4 --model logistic)
+  mlp4=$(figures --sites 4 --model mlp1m)
+  mlp10=$(figures --sites 10 --model mlp1m)
+  field() { sed -n "s/.* $2=\([0-9.]*\).*/\1/p" <<< "$1"; }
+  seconds() { awk -v ms="$(field "$1" "$2")" 'BEGIN { printf "%.3f", ms / 1000 }'; }
+  cargo build --release --quiet -p tessera-protocol --example mask_throughput
+  mask=$("${CARGO_TARGET_DIR:-$repo/target}/release/examples/mask_throughput" | sed -n 's/^mask_gbps=//p')
+  if ! command -v openssl > /dev/null; then
+    echo "installing openssl (for the keystream limit)" >&2
+    if [ "$(id -u)" = 0 ]; then apt-get install -y -qq openssl > /dev/null; else sudo apt-get install -y -qq openssl > /dev/null; fi
+  fi
+  # `openssl speed` reports thousands of bytes per second; its last column
+  # is 16 KiB blocks, its fastest.
+  limit=$(openssl speed -evp chacha20 -seconds 1 2> /dev/null \
+    | awk 'tolower($1) == "chacha20" { v = $NF; sub(/k$/, "", v); printf "%.2f", v * 1000 / 1e9 }')
+  [ -n "$mask" ] && [ -n "$limit" ] || { echo "error: no mask or keystream figure" >&2; exit 1; }
+  echo "heart_secure_ms=$(field "$heart" secure_median_ms) heart_plain_ms=$(field "$heart" plain_median_ms)" \
+    "mlp4_secure_s=$(seconds "$mlp4" secure_median_ms) mlp4_plain_s=$(seconds "$mlp4" plain_median_ms)" \
+    "mlp10_secure_s=$(seconds "$mlp10" secure_median_ms) mlp10_plain_s=$(seconds "$mlp10" plain_median_ms)" \
+    "mask_gbps=$mask keystream_limit_gbps=$limit"
+  exit 0
+fi
+
 case "$model" in
   logistic) model_toml='kind = "logistic_regression"'; rounds=${rounds:-10} ;;
   mlp1m) model_toml=$'kind = "mlp"\nhidden = [1000, 1000]'; rounds=${rounds:-4} ;;
