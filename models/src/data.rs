@@ -504,6 +504,28 @@ kind = "label"
     }
 
     #[test]
+    fn a_header_must_name_the_schema_columns_and_a_missing_file_is_named() {
+        let mut schema = Schema::from_toml(SCHEMA).unwrap();
+        schema.header = true;
+        let read = |text: &str| read_csv_from(text.as_bytes(), Path::new("site.csv"), &schema);
+        let (data, report) = read("a,c,skip,y\n1,2,x,0\n").unwrap();
+        assert_eq!((data.len(), report.rows_read), (1, 1), "the header is not a row");
+        let err = read("a,c,y,skip\n1,2,x,0\n").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "site.csv: header does not match the schema: expected `a,c,skip,y`, found `a,c,y,skip`"
+        );
+        for missing in ["/nonexistent/site.csv", "/nonexistent/site.parquet"] {
+            let err = read_table(Path::new(missing), &schema).unwrap_err();
+            assert!(matches!(err, DataError::Io { .. }), "{err}");
+            assert!(
+                err.to_string().starts_with(&format!("cannot read {missing}: ")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn malformed_cells_name_file_line_and_column() {
         let err = read("1,2,x,0\n1,abc,x,0\n").unwrap_err().to_string();
         assert_eq!(
