@@ -246,6 +246,9 @@ impl Site {
         mut client: FederationClient<Channel>,
         mut ledger: LedgerClient<Channel>,
     ) -> anyhow::Result<()> {
+        // A submission that waited for the site's next task hands it over
+        // here, in place of a poll.
+        let mut next: Option<pb::Task> = None;
         loop {
             if let Some(reason) = self.replica.halted() {
                 self.halted.store(true, Ordering::Relaxed);
@@ -256,11 +259,16 @@ impl Site {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 continue;
             }
-            let request = pb::PollTaskRequest {
-                site_id: self.id.to_string(),
+            let task = match next.take() {
+                Some(task) => task,
+                None => {
+                    let request = pb::PollTaskRequest {
+                        site_id: self.id.to_string(),
+                    };
+                    self.egress.record("PollTask", &request)?;
+                    client.poll_task(request).await.context("poll failed")?.into_inner()
+                }
             };
-            self.egress.record("PollTask", &request)?;
-            let task = client.poll_task(request).await.context("poll failed")?.into_inner();
             // Before any work on a job, when idle, and before a secure
             // summation starts (its cohort is read from the replica): bring
             // the replica up to date (verifying and endorsing new blocks).
@@ -282,21 +290,24 @@ impl Site {
                 continue;
             }
             let result = match task.kind {
-                None | Some(task::Kind::Idle(_)) => self.send_held_rejections(&mut client).await,
-                Some(task::Kind::ComputeStats(t)) => self.compute_stats(&mut client, t).await,
+                None | Some(task::Kind::Idle(_)) => self.send_held_rejections(&mut client).await.map(|()| None),
+                Some(task::Kind::ComputeStats(t)) => self.compute_stats(&mut client, t).await.map(|()| None),
                 Some(task::Kind::Round(a)) => self.round(&mut client, &mut ledger, a).await,
                 Some(task::Kind::Secagg(step)) => self.secagg_step(&mut client, step).await,
             };
-            if let Err(e) = result {
-                // A refused task is logged and the site carries on; transport
-                // errors end this connection and trigger a reconnect.
-                if e.downcast_ref::<tonic::Status>()
-                    .is_some_and(|s| s.code() == tonic::Code::Unavailable)
-                {
-                    return Err(e);
+            match result {
+                Ok(task) => next = task,
+                Err(e) => {
+                    // A refused task is logged and the site carries on; transport
+                    // errors end this connection and trigger a reconnect.
+                    if e.downcast_ref::<tonic::Status>()
+                        .is_some_and(|s| s.code() == tonic::Code::Unavailable)
+                    {
+                        return Err(e);
+                    }
+                    error!("task failed: {e:#}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                error!("task failed: {e:#}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
@@ -559,7 +570,7 @@ impl Site {
         client: &mut FederationClient<Channel>,
         ledger: &mut LedgerClient<Channel>,
         a: pb::RoundAnnouncement,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<pb::Task>> {
         // Keys first, before the ledger sync, when this is a secure job the
         // site has already accepted (the final ledger holds it under the
         // announced hash) and its declared counts still hold.
@@ -577,7 +588,7 @@ impl Site {
         // it is final.
         self.sync_to_finality(ledger, false).await?;
         if self.replica.halted().is_some() {
-            return Ok(());
+            return Ok(None);
         }
         let spec = self.job(client, a.job_id, &a.job_toml, &a.job_hash).await?;
         spec.check_announced_secure(a.secure)?;
@@ -640,10 +651,9 @@ impl Site {
             }
         }
         if a.train && self.done.insert((a.job_id, a.round, Work::Update)) {
-            self.train_and_submit(client, &a, &spec, &layout, &global, &train)
-                .await?;
+            return self.train_and_submit(client, &a, &spec, &layout, &global, &train).await;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The normalisation of a secure job, derived by this site from the
@@ -805,7 +815,7 @@ impl Site {
         layout: &Layout,
         global: &[f32],
         train: &Dataset,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<pb::Task>> {
         let seed = spec.seed ^ (u64::from(a.round) << 32) ^ seed_of(&self.id);
         let (job_id, round, proximal_mu) = (a.job_id, a.round, a.proximal_mu);
         let (device, layout_owned, training, global_owned, train_owned) = (
@@ -861,7 +871,8 @@ impl Site {
                 Ok(input)
             });
             self.training.insert((job_id, round), (vector_len, input));
-            return self.start_summation(client, a, vector_len).await;
+            self.start_summation(client, a, vector_len).await?;
+            return Ok(None);
         }
         let (delta, n_samples, train_loss) = tokio::task::spawn_blocking(local_delta)
             .await
@@ -875,14 +886,15 @@ impl Site {
             base_model_hash: a.model_hash.clone(),
             train_loss,
             masked: false,
+            wait_for_task: true,
         };
         // The commitment to a plaintext update is the hash of its f32 words'
         // bit patterns (`round::update_commitment`).
-        let commitment = self
+        let (commitment, next) = self
             .send_update_stream(client, header, bytemuck::cast_slice(&delta))
             .await?;
         self.replica.committed(job_id, round, commitment);
-        Ok(())
+        Ok(next)
     }
 
     /// This site's input to summation `key`: ready, or awaited from its
@@ -898,13 +910,15 @@ impl Site {
     /// Streams an update (or masked input): the header, then 1 MiB chunks
     /// of its little-endian words. The header and the body are recorded in
     /// the egress log before anything is sent; the body's hash is returned,
-    /// for it is the commitment this site expects the round block to record.
+    /// for it is the commitment this site expects the round block to record,
+    /// with the next task when the header asked to wait for it.
     async fn send_update_stream(
         &self,
         client: &mut FederationClient<Channel>,
         header: pb::UpdateHeader,
         words: &[u32],
-    ) -> anyhow::Result<[u8; 32]> {
+    ) -> anyhow::Result<([u8; 32], Option<pb::Task>)> {
+        let wait = header.wait_for_task;
         let commitment = sha256_le_words(words);
         let mut messages = vec![pb::UpdateChunk {
             kind: Some(update_chunk::Kind::Header(header)),
@@ -918,8 +932,8 @@ impl Site {
         self.egress.record("SubmitUpdate", &messages[0])?;
         self.egress
             .record_body("SubmitUpdate", words.len() * 4, messages.len() - 1, &commitment)?;
-        client.submit_update(tokio_stream::iter(messages)).await?;
-        Ok(commitment)
+        let next = client.submit_update(tokio_stream::iter(messages)).await?.into_inner();
+        Ok((commitment, wait.then_some(next)))
     }
 
     /// Advertises this site's keys for a secure round as soon as the round
@@ -948,9 +962,9 @@ impl Site {
             members: a.members.clone(),
             vector_len: vector_len as u64,
         };
-        let (state, result) = self.advertise(client, key, &advertise, vector_len).await;
+        let (state, result) = self.advertise(client, key, &advertise, vector_len, false).await;
         match result {
-            Ok(()) => {
+            Ok(_) => {
                 self.sessions.insert(key, state);
             }
             Err(e) => warn!(job = a.job_id, round = a.round, "keys not advertised early: {e:#}"),
@@ -974,19 +988,20 @@ impl Site {
             members: a.members.clone(),
             vector_len: vector_len as u64,
         };
-        let (state, result) = self.advertise(client, key, &advertise, vector_len).await;
+        let (state, result) = self.advertise(client, key, &advertise, vector_len, false).await;
         self.sessions.insert(key, state);
-        result
+        result.map(|_| ())
     }
 
-    /// One step of a secure summation.
+    /// One step of a secure summation. Its message waits for the site's
+    /// next task, which is returned.
     async fn secagg_step(
         &mut self,
         client: &mut FederationClient<Channel>,
         step: pb::SecAggStep,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<pb::Task>> {
         let key = (step.job_id, step.round);
-        let Some(kind) = step.kind else { return Ok(()) };
+        let Some(kind) = step.kind else { return Ok(None) };
         let state = self.sessions.remove(&key);
         let (next, result) = match (state, kind) {
             (None, sec_agg_step::Kind::Advertise(advertise)) => match self
@@ -995,7 +1010,7 @@ impl Site {
                 .map(Vec::len)
                 .or(self.training.get(&key).map(|(len, _)| *len))
             {
-                Some(len) => self.advertise(client, key, &advertise, len).await,
+                Some(len) => self.advertise(client, key, &advertise, len, true).await,
                 None => (
                     ClientState::Done,
                     Err(anyhow::anyhow!(
@@ -1014,7 +1029,7 @@ impl Site {
                 match s.handle_keys(&keys, &mut rand::rng()) {
                     Ok((s, shares)) => {
                         let kind = pb::sec_agg_message::Kind::Shares(wire::shares_to_pb(&shares));
-                        (ClientState::Shares(s), self.send_secagg(client, key, kind).await)
+                        (ClientState::Shares(s), self.send_secagg(client, key, kind, true).await)
                     }
                     Err(e) => (ClientState::Done, Err(anyhow::anyhow!("refusing the key list: {e}"))),
                 }
@@ -1034,7 +1049,10 @@ impl Site {
                     ),
                     Ok((s, masked)) => {
                         let sent = self.send_masked(client, key, &masked).await;
-                        let sent = sent.map(|commitment| self.replica.committed(key.0, key.1, commitment));
+                        let sent = sent.map(|(commitment, next)| {
+                            self.replica.committed(key.0, key.1, commitment);
+                            next
+                        });
                         (ClientState::Survivors(s), sent)
                     }
                     Err(e) => (ClientState::Done, Err(anyhow::anyhow!("refusing the shares: {e}"))),
@@ -1046,7 +1064,10 @@ impl Site {
                     Ok((s, signature)) => {
                         let kind =
                             pb::sec_agg_message::Kind::SurvivorsSignature(wire::survivor_signature_to_pb(&signature));
-                        (ClientState::Signatures(s), self.send_secagg(client, key, kind).await)
+                        (
+                            ClientState::Signatures(s),
+                            self.send_secagg(client, key, kind, true).await,
+                        )
                     }
                     Err(e) => (
                         ClientState::Done,
@@ -1063,7 +1084,7 @@ impl Site {
                 match s.handle_signatures(&signatures) {
                     Ok(response) => {
                         let kind = pb::sec_agg_message::Kind::Unmask(wire::unmask_response_to_pb(&response));
-                        (ClientState::Done, self.send_secagg(client, key, kind).await)
+                        (ClientState::Done, self.send_secagg(client, key, kind, true).await)
                     }
                     Err(e) => (
                         ClientState::Done,
@@ -1085,7 +1106,7 @@ impl Site {
                 // The coordinator repeats the step until the stage closes:
                 // do not spin on it.
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                return Ok(());
+                return Ok(None);
             }
         };
         self.sessions.insert(key, next);
@@ -1093,14 +1114,16 @@ impl Site {
     }
 
     /// Starts a secure summation over an input of `vector_len` words (the
-    /// length this site computes for it, whatever the coordinator asks).
+    /// length this site computes for it, whatever the coordinator asks);
+    /// with `wait_for_task`, returns the site's next task too.
     async fn advertise(
         &mut self,
         client: &mut FederationClient<Channel>,
         key: (u64, u32),
         advertise: &pb::Advertise,
         vector_len: usize,
-    ) -> (ClientState, anyhow::Result<()>) {
+        wait_for_task: bool,
+    ) -> (ClientState, anyhow::Result<Option<pb::Task>>) {
         let Some(spec) = self.jobs.get(&key.0) else {
             return (
                 ClientState::Done,
@@ -1159,7 +1182,7 @@ impl Site {
         };
         let (state, keys) = client::ExpectKeys::new(cfg, &mut rand::rng());
         let kind = pb::sec_agg_message::Kind::Keys(wire::keys_to_pb(&keys));
-        let result = self.send_secagg(client, key, kind).await;
+        let result = self.send_secagg(client, key, kind, wait_for_task).await;
         (ClientState::Keys(state), result)
     }
 
@@ -1168,16 +1191,18 @@ impl Site {
         client: &mut FederationClient<Channel>,
         key: (u64, u32),
         kind: pb::sec_agg_message::Kind,
-    ) -> anyhow::Result<()> {
+        wait_for_task: bool,
+    ) -> anyhow::Result<Option<pb::Task>> {
         let message = pb::SecAggMessage {
             site_id: self.id.to_string(),
             job_id: key.0,
             round: key.1,
             kind: Some(kind),
+            wait_for_task,
         };
         self.egress.record("SubmitSecAgg", &message)?;
-        client.submit_sec_agg(message).await?;
-        Ok(())
+        let next = client.submit_sec_agg(message).await?.into_inner();
+        Ok(wait_for_task.then_some(next))
     }
 
     async fn send_masked(
@@ -1185,7 +1210,7 @@ impl Site {
         client: &mut FederationClient<Channel>,
         key: (u64, u32),
         masked: &[u32],
-    ) -> anyhow::Result<[u8; 32]> {
+    ) -> anyhow::Result<([u8; 32], Option<pb::Task>)> {
         let header = pb::UpdateHeader {
             site_id: self.id.to_string(),
             job_id: key.0,
@@ -1195,10 +1220,11 @@ impl Site {
             base_model_hash: String::new(),
             train_loss: 0.0,
             masked: true,
+            wait_for_task: true,
         };
-        let commitment = self.send_update_stream(client, header, masked).await?;
+        let sent = self.send_update_stream(client, header, masked).await?;
         info!(job = key.0, round = key.1, "masked input sent");
-        Ok(commitment)
+        Ok(sent)
     }
 
     async fn fetch_model(

@@ -70,6 +70,7 @@ async fn send(client: &mut Client, u: &Update) -> Result<(), tonic::Status> {
             base_model_hash: u.base.clone(),
             train_loss: 0.5,
             masked: false,
+            wait_for_task: false,
         })),
     }];
     messages.push(pb::UpdateChunk {

@@ -182,6 +182,17 @@ fn four_hospitals_train_three_rounds() {
         }
         // A secure job's site never takes a model on the coordinator's word.
         assert!(!kinds.contains("FetchModel"), "{site} downloaded a model");
+        // A summation step's answer carries the next step: a site sends
+        // its next message without polling for it in between.
+        let sequence: Vec<String> = log
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].to_string())
+            .collect();
+        let chained = sequence
+            .windows(2)
+            .filter(|w| w[0] == "\"SubmitSecAgg\"" && (w[1] == "\"SubmitSecAgg\"" || w[1] == "\"SubmitUpdate\""))
+            .count();
+        assert!(chained > 0, "{site} polled after every secure-aggregation message");
     }
 
     // Export: the model file matches the last round's hash and the manifest.

@@ -62,6 +62,45 @@ impl FederationService {
         }
         Ok(site)
     }
+
+    /// The site's next task, long-polled: a task as soon as there is one
+    /// for `site`, `Idle` once the ledger grew (the site syncs and endorses
+    /// on an idle answer, and a job's next step may wait for that
+    /// endorsement: the cohort seal) or after `LONG_POLL`. A task comes
+    /// before an idle turn: a site syncs before it works anyway, and a
+    /// round announced just after its predecessor's blocks is answered with
+    /// the round, not with an idle turn to sync those blocks first.
+    async fn next_task(&self, site: &SiteId) -> pb::Task {
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        let chain = self.shared.ledger.committed_len();
+        let idle = pb::Task {
+            kind: Some(pb::task::Kind::Idle(pb::Idle { retry_after_ms: 0 })),
+        };
+        loop {
+            let notified = self.shared.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(kind) = self.shared.lock().task_for(site) {
+                return pb::Task { kind: Some(kind) };
+            }
+            if self.shared.ledger.committed_len() != chain {
+                return idle;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return idle;
+            }
+        }
+    }
+
+    /// The answer to a submission: the next task when the site asked to
+    /// wait for it, nothing otherwise.
+    async fn answer(&self, site: &SiteId, wait_for_task: bool) -> Response<pb::Task> {
+        Response::new(if wait_for_task {
+            self.next_task(site).await
+        } else {
+            pb::Task::default()
+        })
+    }
 }
 
 pub(crate) type ChunkStreamAlias = ChunkStream;
@@ -110,33 +149,7 @@ impl Federation for FederationService {
 
     async fn poll_task(&self, request: Request<pb::PollTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let site = self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
-        let deadline = tokio::time::Instant::now() + LONG_POLL;
-        // New blocks end the wait too: the site syncs (and endorses) on an
-        // idle answer, and a job's next step may wait for that endorsement
-        // (the cohort seal).
-        // A task comes first: a site syncs before it works anyway, and a
-        // round announced just after its predecessor's blocks is answered
-        // with the round, not with an idle turn to sync those blocks first.
-        let chain = self.shared.ledger.committed_len();
-        let idle = || {
-            Ok(Response::new(pb::Task {
-                kind: Some(pb::task::Kind::Idle(pb::Idle { retry_after_ms: 0 })),
-            }))
-        };
-        loop {
-            let notified = self.shared.wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(kind) = self.shared.lock().task_for(&site) {
-                return Ok(Response::new(pb::Task { kind: Some(kind) }));
-            }
-            if self.shared.ledger.committed_len() != chain {
-                return idle();
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return idle();
-            }
-        }
+        Ok(Response::new(self.next_task(&site).await))
     }
 
     type FetchModelStream = ChunkStream;
@@ -286,7 +299,7 @@ impl Federation for FederationService {
         Ok(Response::new(pb::Ack {}))
     }
 
-    async fn submit_update(&self, request: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::Ack>, Status> {
+    async fn submit_update(&self, request: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::Task>, Status> {
         let caller = Caller::of(&request).cloned();
         let mut stream = request.into_inner();
         let header = match stream.next().await {
@@ -343,23 +356,27 @@ impl Federation for FederationService {
             RpcError::InvalidArgument(format!("update rejected: {e}"))
         })?;
         let now = self.shared.now_ms();
-        let mut inner = self.shared.lock();
-        let Some(collector) = inner.active.as_mut().and_then(|a| match &mut a.phase {
-            Phase::Round(r) => r.collector.as_mut(),
-            _ => None,
-        }) else {
-            return Err(RpcError::FailedPrecondition("the round closed while the update was uploading".into()).into());
-        };
-        collector.handle_update(now, &update, &delta).map_err(|e| {
-            warn!(%site, round = update.round, "update refused: {e}");
-            RpcError::from(e)
-        })?;
+        {
+            let mut inner = self.shared.lock();
+            let Some(collector) = inner.active.as_mut().and_then(|a| match &mut a.phase {
+                Phase::Round(r) => r.collector.as_mut(),
+                _ => None,
+            }) else {
+                return Err(
+                    RpcError::FailedPrecondition("the round closed while the update was uploading".into()).into(),
+                );
+            };
+            collector.handle_update(now, &update, &delta).map_err(|e| {
+                warn!(%site, round = update.round, "update refused: {e}");
+                RpcError::from(e)
+            })?;
+        }
         self.shared.progress.notify_one();
         info!(%site, round = update.round, n_samples = update.n_samples, "update accepted");
-        Ok(Response::new(pb::Ack {}))
+        Ok(self.answer(&site, header.wait_for_task).await)
     }
 
-    async fn submit_sec_agg(&self, request: Request<pb::SecAggMessage>) -> Result<Response<pb::Ack>, Status> {
+    async fn submit_sec_agg(&self, request: Request<pb::SecAggMessage>) -> Result<Response<pb::Task>, Status> {
         let caller = Caller::of(&request).cloned();
         let message = request.into_inner();
         let site = self.identify(caller.as_ref(), &message.site_id).await?;
@@ -374,7 +391,7 @@ impl Federation for FederationService {
             })?;
         }
         self.shared.progress.notify_one();
-        Ok(Response::new(pb::Ack {}))
+        Ok(self.answer(&site, message.wait_for_task).await)
     }
 
     async fn decide_job(&self, request: Request<pb::JobDecision>) -> Result<Response<pb::Ack>, Status> {
@@ -526,7 +543,7 @@ impl FederationService {
         site: SiteId,
         header: pb::UpdateHeader,
         mut stream: Streaming<pb::UpdateChunk>,
-    ) -> Result<Response<pb::Ack>, Status> {
+    ) -> Result<Response<pb::Task>, Status> {
         let vector_len = {
             let mut inner = self.shared.lock();
             let session = Self::session(&mut inner, header.job_id, header.round)?;
@@ -568,7 +585,7 @@ impl FederationService {
         }
         self.shared.progress.notify_one();
         info!(%site, round = header.round, "masked input accepted");
-        Ok(Response::new(pb::Ack {}))
+        Ok(self.answer(&site, header.wait_for_task).await)
     }
 
     /// Checks that metrics answer the open round's announcement and that this
