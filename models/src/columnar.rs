@@ -8,6 +8,7 @@
 //! A null is a missing value; numbers and booleans are numbers; strings
 //! (plain or dictionary-encoded) are text, parsed as a CSV cell would be.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use arrow_array::cast::AsArray;
@@ -17,7 +18,7 @@ use arrow_schema::DataType;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 
-use crate::data::{Cell, DataError, Dataset, ReadReport, RowEncoder};
+use crate::data::{Cell, DataError, Dataset, ReadReport, RowEncoder, Visit};
 use crate::schema::{ColumnKind, Schema};
 
 /// Rows per record batch: a few MiB for a wide clinical table.
@@ -28,12 +29,33 @@ pub fn read_parquet(path: &Path, schema: &Schema) -> Result<(Dataset, ReadReport
     read_parquet_batched(path, schema, BATCH_ROWS)
 }
 
+fn read_parquet_batched(path: &Path, schema: &Schema, batch_rows: usize) -> Result<(Dataset, ReadReport), DataError> {
+    let mut rows = Dataset {
+        n_features: schema.feature_names().len(),
+        features: Vec::new(),
+        labels: Vec::new(),
+    };
+    let report = scan_parquet(path, schema, batch_rows, &mut |batch| {
+        rows.append(batch);
+        ControlFlow::Continue(())
+    })?;
+    Ok((rows, report))
+}
+
 /// The `parquet` crate's decoders can panic on damaged data (an RLE run
 /// past its buffer, found by `damaged_files_never_panic`): a damaged file
 /// is an error like any other, not a crashed daemon. Nothing outlives the
 /// read, so a panic leaves no broken state behind.
-fn read_parquet_batched(path: &Path, schema: &Schema, batch_rows: usize) -> Result<(Dataset, ReadReport), DataError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(path, schema, batch_rows))).unwrap_or_else(
+/// One pass over a Parquet file in record batches of `batch_rows` rows
+/// (`data::scan_table`).
+pub(crate) fn scan_parquet(
+    path: &Path,
+    schema: &Schema,
+    batch_rows: usize,
+    visit: Visit,
+) -> Result<ReadReport, DataError> {
+    let batch_rows = batch_rows.clamp(1, BATCH_ROWS);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(path, schema, batch_rows, visit))).unwrap_or_else(
         |panic| {
             let detail = panic
                 .downcast_ref::<&str>()
@@ -48,7 +70,7 @@ fn read_parquet_batched(path: &Path, schema: &Schema, batch_rows: usize) -> Resu
     )
 }
 
-fn decode(path: &Path, schema: &Schema, batch_rows: usize) -> Result<(Dataset, ReadReport), DataError> {
+fn decode(path: &Path, schema: &Schema, batch_rows: usize, visit: Visit) -> Result<ReadReport, DataError> {
     let unreadable = |reason: String| DataError::Parquet {
         file: path.to_owned(),
         reason,
@@ -105,6 +127,9 @@ fn decode(path: &Path, schema: &Schema, batch_rows: usize) -> Result<(Dataset, R
                 })?;
         }
         rows_before += batch.num_rows();
+        if rows.pending() > 0 && visit(rows.take()).is_break() {
+            return Ok(rows.report());
+        }
     }
     rows.finish(path)
 }

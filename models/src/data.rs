@@ -7,13 +7,10 @@
 //! column are dropped and counted per column, so `tessera-participant check`
 //! can show the data team exactly what was left out.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha20Rng;
-
-use crate::schema::{ColumnKind, Schema, SplitSpec};
+use crate::schema::{ColumnKind, Schema};
 
 /// Encoded rows of one site: features row-major, labels 0/1.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +85,18 @@ pub enum DataError {
     /// job and fail (or divide by zero) in its first round.
     #[error("{}: no usable rows: {}", file.display(), no_rows_reason(*.rows_read))]
     NoRows { file: PathBuf, rows_read: usize },
+    /// A streamed pass found another number of usable rows than the pass
+    /// that opened the file: the file was changed under the running site.
+    #[error(
+        "{}: the file changed while the site was running ({expected} usable rows when it was opened, {found} now); \
+         restart the site to use the new data",
+        file.display()
+    )]
+    Changed {
+        file: PathBuf,
+        expected: usize,
+        found: usize,
+    },
 }
 
 fn no_rows_reason(rows_read: usize) -> String {
@@ -120,20 +129,6 @@ impl Dataset {
         self.labels.iter().filter(|&&y| y > 0.5).count()
     }
 
-    /// Deterministic split: a ChaCha20 permutation seeded by `split.seed`;
-    /// the first `ceil(test_fraction * n)` permuted rows form the test split.
-    /// Returns `(train, test)`.
-    pub fn split(&self, split: &SplitSpec) -> (Dataset, Dataset) {
-        let n = self.len();
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut ChaCha20Rng::seed_from_u64(split.seed));
-        // Guard against 0.34 * 100 = 34.000000000000004 rounding up to 35.
-        let n_test = ((split.test_fraction * n as f64) - 1e-9).ceil().max(0.0) as usize;
-        let n_test = n_test.min(n);
-        let (test_idx, train_idx) = order.split_at(n_test);
-        (self.select(train_idx), self.select(test_idx))
-    }
-
     /// Rows at `indices`, in that order.
     pub fn select(&self, indices: &[usize]) -> Dataset {
         let mut features = Vec::with_capacity(indices.len() * self.n_features);
@@ -158,6 +153,17 @@ impl Dataset {
         out
     }
 
+    /// Appends `other`'s rows (of the same width).
+    pub fn append(&mut self, mut other: Dataset) {
+        assert_eq!(other.n_features, self.n_features, "datasets of different widths");
+        if self.is_empty() {
+            *self = other;
+            return;
+        }
+        self.features.append(&mut other.features);
+        self.labels.append(&mut other.labels);
+    }
+
     /// Concatenation of several datasets of the same width.
     pub fn concat(parts: &[Dataset]) -> Dataset {
         let n_features = parts.first().map_or(0, |d| d.n_features);
@@ -178,12 +184,46 @@ impl Dataset {
 /// Reads and encodes a site's data file with `schema`: Parquet when its
 /// name ends in `.parquet` or `.pq`, CSV otherwise.
 pub fn read_table(path: &Path, schema: &Schema) -> Result<(Dataset, ReadReport), DataError> {
+    collect(|visit| scan_table(path, schema, usize::MAX, visit), schema)
+}
+
+/// The batches a visitor is handed: encoded rows, in file order.
+pub type Visit<'v> = &'v mut dyn FnMut(Dataset) -> ControlFlow<()>;
+
+/// One pass over a site's data file (as [`read_table`] reads it), handing
+/// the encoded rows to `visit` in batches of at most `batch_rows` rows, so
+/// that no more than one batch is held: how a table larger than memory is
+/// read. The report covers the whole file unless `visit` stopped the pass.
+pub fn scan_table(path: &Path, schema: &Schema, batch_rows: usize, visit: Visit) -> Result<ReadReport, DataError> {
     match path.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("parquet") || e.eq_ignore_ascii_case("pq") => {
-            crate::columnar::read_parquet(path, schema)
+            crate::columnar::scan_parquet(path, schema, batch_rows, visit)
         }
-        _ => read_csv(path, schema),
+        _ => {
+            let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+                file: path.to_owned(),
+                source,
+            })?;
+            scan_csv(std::io::BufReader::new(file), path, schema, batch_rows, visit)
+        }
     }
+}
+
+/// The rows of a whole pass, in one dataset.
+fn collect(
+    pass: impl FnOnce(Visit) -> Result<ReadReport, DataError>,
+    schema: &Schema,
+) -> Result<(Dataset, ReadReport), DataError> {
+    let mut rows = Dataset {
+        n_features: schema.feature_names().len(),
+        features: Vec::new(),
+        labels: Vec::new(),
+    };
+    let report = pass(&mut |batch| {
+        rows.append(batch);
+        ControlFlow::Continue(())
+    })?;
+    Ok((rows, report))
 }
 
 /// Reads and encodes a CSV file with `schema`.
@@ -201,6 +241,16 @@ pub fn read_csv_from(
     path: &Path,
     schema: &Schema,
 ) -> Result<(Dataset, ReadReport), DataError> {
+    collect(|visit| scan_csv(reader, path, schema, usize::MAX, visit), schema)
+}
+
+fn scan_csv(
+    reader: impl std::io::Read,
+    path: &Path,
+    schema: &Schema,
+    batch_rows: usize,
+    visit: Visit,
+) -> Result<ReadReport, DataError> {
     let mut csv_reader = csv::ReaderBuilder::new()
         .delimiter(schema.delimiter)
         .has_headers(false)
@@ -246,6 +296,12 @@ pub fn read_csv_from(
                 name: schema.columns[index].name.clone(),
                 reason,
             })?;
+        if rows.pending() >= batch_rows && visit(rows.take()).is_break() {
+            return Ok(rows.report());
+        }
+    }
+    if rows.pending() > 0 && visit(rows.take()).is_break() {
+        return Ok(rows.report());
     }
     rows.finish(path)
 }
@@ -264,7 +320,9 @@ pub(crate) enum Cell<'a> {
 /// malformed, so CSV and Parquet files give the same rows.
 pub(crate) struct RowEncoder<'s> {
     schema: &'s Schema,
+    /// Rows encoded since the last `take`.
     dataset: Dataset,
+    rows_kept: usize,
     /// Missing cells per used column, in schema order.
     missing_per_column: Vec<(String, usize)>,
     rows_read: usize,
@@ -288,6 +346,7 @@ impl<'s> RowEncoder<'s> {
                 .map(|c| (c.name.clone(), 0))
                 .collect(),
             rows_read: 0,
+            rows_kept: 0,
             encoded: Vec::with_capacity(n_features),
         }
     }
@@ -351,24 +410,44 @@ impl<'s> RowEncoder<'s> {
             // seen, so the label is set.
             self.dataset.labels.push(label.expect("label column present"));
             self.dataset.features.extend_from_slice(&self.encoded);
+            self.rows_kept += 1;
         }
         Ok(())
     }
 
-    /// The rows and the report; no usable row at all is an error.
-    pub(crate) fn finish(self, path: &Path) -> Result<(Dataset, ReadReport), DataError> {
-        if self.dataset.is_empty() {
+    /// Rows encoded and not yet taken.
+    pub(crate) fn pending(&self) -> usize {
+        self.dataset.len()
+    }
+
+    /// The rows encoded since the last call.
+    pub(crate) fn take(&mut self) -> Dataset {
+        let empty = Dataset {
+            n_features: self.dataset.n_features,
+            features: Vec::new(),
+            labels: Vec::new(),
+        };
+        std::mem::replace(&mut self.dataset, empty)
+    }
+
+    /// What the pass found so far.
+    pub(crate) fn report(&self) -> ReadReport {
+        ReadReport {
+            rows_read: self.rows_read,
+            rows_kept: self.rows_kept,
+            missing_per_column: self.missing_per_column.clone(),
+        }
+    }
+
+    /// The report of a whole pass; no usable row at all is an error.
+    pub(crate) fn finish(self, path: &Path) -> Result<ReadReport, DataError> {
+        if self.rows_kept == 0 {
             return Err(DataError::NoRows {
                 file: path.to_owned(),
                 rows_read: self.rows_read,
             });
         }
-        let report = ReadReport {
-            rows_read: self.rows_read,
-            rows_kept: self.dataset.len(),
-            missing_per_column: self.missing_per_column,
-        };
-        Ok((self.dataset, report))
+        Ok(self.report())
     }
 }
 
@@ -453,7 +532,7 @@ fn csv_error(path: &Path, schema: &Schema, error: csv::Error) -> DataError {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::schema::Schema;
+    use crate::schema::{Schema, SplitSpec};
     use proptest::prelude::*;
 
     /// A numeric column where 0 means missing, a categorical one, a dropped

@@ -8,6 +8,7 @@ pub mod data;
 pub mod metrics;
 pub mod net;
 pub mod schema;
+pub mod stream;
 pub mod train;
 
 pub use burn::prelude::Device;

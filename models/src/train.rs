@@ -10,9 +10,12 @@ use rand_chacha::ChaCha20Rng;
 use tessera_protocol::job::{LocalWork, OptimizerKind, TrainingSpec};
 use tessera_protocol::model::Layout;
 
+use std::ops::ControlFlow;
+
 use crate::data::Dataset;
 use crate::metrics::{Evaluation, accuracy, bce_with_logits, roc_auc};
 use crate::net::{Net, ShapeError};
+use crate::stream::Rows;
 
 /// How one site trains in one round.
 #[derive(Clone, Debug)]
@@ -44,22 +47,32 @@ pub enum TrainError {
     NoData,
     #[error("data has {got} features, the model expects {expected}")]
     Width { expected: usize, got: usize },
+    /// A pass over the site's data failed (its file became unreadable).
+    #[error("{0}")]
+    Data(String),
 }
 
+/// Rows shuffled together in local training: the rows of one pass are read
+/// in file order into a buffer of this many rows, which is shuffled and
+/// trained on (its last incomplete minibatch carries over). A split of up
+/// to this size is shuffled whole each epoch; a larger one is shuffled
+/// within windows of this size (about 34 MiB for a 131-feature table).
+pub const SHUFFLE_ROWS: usize = 65_536;
+
 /// Trains from `global` on `data` (already standardised) and returns the new
-/// weights. Deterministic for a given seed.
+/// weights. Deterministic for a given seed, and the same for the same rows
+/// whether they are in memory or streamed from a file (`crate::stream`).
 pub fn train_local(
     cfg: &LocalTraining<'_>,
     global: &[f32],
-    data: &Dataset,
+    data: &dyn Rows,
     device: &Device,
 ) -> Result<LocalUpdate, TrainError> {
     let n = data.len();
     if n == 0 {
         return Err(TrainError::NoData);
     }
-    check_width(cfg.layout, data)?;
-    let mut model = Net::from_flat(cfg.layout, global, device)?;
+    check_width(cfg.layout, data.n_features())?;
     let anchor = if cfg.proximal_mu > 0.0 {
         Some(anchor_tensors(cfg.layout, global, device))
     } else {
@@ -70,34 +83,82 @@ pub fn train_local(
         OptimizerKind::Adam => AdamConfig::new().init(),
     };
     let batch_size = cfg.spec.batch_size.min(n);
-    let batches_per_epoch = n.div_ceil(batch_size);
     let total_steps = match cfg.spec.local_work {
-        LocalWork::Epochs(e) => e as usize * batches_per_epoch,
+        LocalWork::Epochs(e) => e as usize * n.div_ceil(batch_size),
         LocalWork::Steps(s) => s as usize,
     };
     let mut rng = ChaCha20Rng::seed_from_u64(cfg.seed);
-    let mut order: Vec<usize> = (0..n).collect();
+    let mut model = Some(Net::from_flat(cfg.layout, global, device)?);
     let (mut loss_sum, mut loss_count) = (0.0, 0usize);
-    for step in 0..total_steps {
-        let within = step % batches_per_epoch;
-        if within == 0 {
-            order.shuffle(&mut rng);
-        }
-        let batch = &order[within * batch_size..((within + 1) * batch_size).min(n)];
-        let (x, y) = batch_tensors(data, batch, device);
-        let logits = model.forward(x);
+    let mut step = 0;
+    // One minibatch of training.
+    let mut train_on = |x: Tensor<2>, y: Tensor<2>| {
+        let net = model.take().expect("model present between steps");
+        let logits = net.forward(x);
         let data_loss = bce_loss(logits, y);
         loss_sum += f64::from(data_loss.clone().into_scalar::<f32>());
         loss_count += 1;
         let loss = match &anchor {
-            Some(anchor) => data_loss + proximal_term(&model, anchor) * (cfg.proximal_mu / 2.0),
+            Some(anchor) => data_loss + proximal_term(&net, anchor) * (cfg.proximal_mu / 2.0),
             None => data_loss,
         };
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optimizer.step(cfg.spec.learning_rate, model, grads);
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        model = Some(optimizer.step(cfg.spec.learning_rate, net, grads));
+    };
+    let empty = || Dataset {
+        n_features: data.n_features(),
+        features: Vec::new(),
+        labels: Vec::new(),
+    };
+    // Shuffles the buffer and trains on its minibatches; unless the pass
+    // is over, an incomplete last minibatch stays in the buffer.
+    let mut drain = |buffer: &mut Dataset, end_of_pass: bool, step: &mut usize| {
+        let mut order: Vec<usize> = (0..buffer.len()).collect();
+        order.shuffle(&mut rng);
+        let mut rest = empty();
+        for batch in order.chunks(batch_size) {
+            if *step >= total_steps {
+                break;
+            }
+            if batch.len() < batch_size && !end_of_pass {
+                rest = buffer.select(batch);
+                break;
+            }
+            let (x, y) = batch_tensors(buffer, batch, device);
+            train_on(x, y);
+            *step += 1;
+        }
+        *buffer = rest;
+    };
+    let mut buffer = empty();
+    while step < total_steps {
+        data.scan(&mut |batch| {
+            // The buffer is drained at exactly SHUFFLE_ROWS rows, wherever
+            // the source's batches end.
+            let width = batch.n_features.max(1);
+            let mut from = 0;
+            while from < batch.len() && step < total_steps {
+                let take = (SHUFFLE_ROWS - buffer.len()).min(batch.len() - from);
+                buffer
+                    .features
+                    .extend_from_slice(&batch.features[from * width..(from + take) * width]);
+                buffer.labels.extend_from_slice(&batch.labels[from..from + take]);
+                from += take;
+                if buffer.len() == SHUFFLE_ROWS {
+                    drain(&mut buffer, false, &mut step);
+                }
+            }
+            if step >= total_steps {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .map_err(|e| TrainError::Data(e.to_string()))?;
+        drain(&mut buffer, true, &mut step);
     }
     Ok(LocalUpdate {
-        params: model.to_flat(),
+        params: model.expect("model present after training").to_flat(),
         n_samples: n,
         train_loss: if loss_count > 0 {
             loss_sum / loss_count as f64
@@ -107,15 +168,23 @@ pub fn train_local(
     })
 }
 
-/// Loss, accuracy and ROC AUC of `params` on `data`.
-pub fn evaluate(layout: &Layout, params: &[f32], data: &Dataset, device: &Device) -> Result<Evaluation, TrainError> {
-    check_width(layout, data)?;
-    let logits = predict_logits(layout, params, data, device)?;
+/// Loss, accuracy and ROC AUC of `params` on `data`, in one pass (the
+/// scores are kept for the AUC: 8 bytes per row).
+pub fn evaluate(layout: &Layout, params: &[f32], data: &dyn Rows, device: &Device) -> Result<Evaluation, TrainError> {
+    check_width(layout, data.n_features())?;
+    let model = Net::from_flat(layout, params, device)?;
+    let (mut logits, mut labels) = (Vec::with_capacity(data.len()), Vec::with_capacity(data.len()));
+    data.scan(&mut |batch| {
+        logits.extend(logits_of(&model, batch, device));
+        labels.extend_from_slice(&batch.labels);
+        ControlFlow::Continue(())
+    })
+    .map_err(|e| TrainError::Data(e.to_string()))?;
     Ok(Evaluation {
-        n: data.len(),
-        loss: bce_with_logits(&logits, &data.labels),
-        accuracy: accuracy(&logits, &data.labels),
-        auc: roc_auc(&logits, &data.labels),
+        n: labels.len(),
+        loss: bce_with_logits(&logits, &labels),
+        accuracy: accuracy(&logits, &labels),
+        auc: roc_auc(&logits, &labels),
     })
 }
 
@@ -130,20 +199,27 @@ pub fn predict_logits(
         return Ok(Vec::new());
     }
     let model = Net::from_flat(layout, params, device)?;
+    Ok(logits_of(&model, data, device))
+}
+
+fn logits_of(model: &Net, data: &Dataset, device: &Device) -> Vec<f32> {
+    if data.is_empty() {
+        return Vec::new();
+    }
     let x = Tensor::<2>::from_data(
         TensorData::new(data.features.clone(), [data.len(), data.n_features]),
         device,
     );
     let out = model.forward(x).into_data();
-    Ok(out.convert::<f32>().try_to_vec::<f32>().expect("float logits"))
+    out.convert::<f32>().try_to_vec::<f32>().expect("float logits")
 }
 
-fn check_width(layout: &Layout, data: &Dataset) -> Result<(), TrainError> {
+fn check_width(layout: &Layout, n_features: usize) -> Result<(), TrainError> {
     let expected = layout.layers.first().map_or(0, |l| l.d_in);
-    if data.n_features != expected {
+    if n_features != expected {
         return Err(TrainError::Width {
             expected,
-            got: data.n_features,
+            got: n_features,
         });
     }
     Ok(())

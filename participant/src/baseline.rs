@@ -4,6 +4,7 @@
 //! runs where all the data files are readable, e.g. the local demo.
 
 use tessera_models::data::Dataset;
+use tessera_models::stream::{Standardized, to_dataset};
 use tessera_models::train::{LocalTraining, evaluate, train_local};
 use tessera_protocol::ids::SiteId;
 use tessera_protocol::job::{JobSpec, LocalWork};
@@ -21,7 +22,12 @@ pub struct Baseline {
 /// Trains centrally for as many passes over the data as the federated job
 /// makes (rounds × local epochs, or rounds × local steps).
 pub fn pooled_baseline(job: &JobSpec, sites: &[(SiteId, LocalData)]) -> anyhow::Result<Baseline> {
-    let train = Dataset::concat(&sites.iter().map(|(_, d)| d.train.clone()).collect::<Vec<_>>());
+    let train = Dataset::concat(
+        &sites
+            .iter()
+            .map(|(_, d)| to_dataset(d.train.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?,
+    );
     let stats = FeatureStats::of_rows(train.n_features, train.rows());
     let normalization = Normalization::from_stats(&stats)?;
     let layout = job.model.layout(train.n_features);
@@ -41,12 +47,11 @@ pub fn pooled_baseline(job: &JobSpec, sites: &[(SiteId, LocalData)]) -> anyhow::
     let trained = train_local(&cfg, &init, &train.standardized(&normalization), &device)?;
     let mut per_site = Vec::new();
     for (site, data) in sites {
-        let eval = evaluate(
-            &layout,
-            &trained.params,
-            &data.test.standardized(&normalization),
-            &device,
-        )?;
+        let test = Standardized {
+            rows: data.test.as_ref(),
+            normalization: &normalization,
+        };
+        let eval = evaluate(&layout, &trained.params, &test, &device)?;
         per_site.push((site.clone(), eval.n, eval.accuracy));
     }
     let mean_accuracy = per_site.iter().map(|s| s.2).sum::<f64>() / per_site.len().max(1) as f64;

@@ -14,6 +14,9 @@ pub struct SiteConfig {
     pub coordinator: String,
     pub data_path: PathBuf,
     pub schema_path: PathBuf,
+    /// Encoded rows up to this size are held in memory; a larger table is
+    /// read from its file on every pass (`tessera_models::stream`).
+    pub in_memory_mib: u64,
     /// Where the egress log, the site key and other local state go.
     pub state_dir: PathBuf,
     /// The consortium roster (site Ed25519 public keys), needed to check
@@ -111,6 +114,12 @@ struct RawConfig {
 struct RawData {
     path: PathBuf,
     schema: PathBuf,
+    #[serde(default = "default_in_memory_mib")]
+    in_memory_mib: u64,
+}
+
+fn default_in_memory_mib() -> u64 {
+    256
 }
 
 fn default_coordinator() -> String {
@@ -134,6 +143,7 @@ impl SiteConfig {
             coordinator: raw.coordinator,
             data_path: base.join(raw.data.path),
             schema_path: base.join(raw.data.schema),
+            in_memory_mib: raw.data.in_memory_mib,
             state_dir: base.join(raw.state_dir),
             roster_path: raw.roster.map(|r| base.join(r)),
             tls_dir: raw.tls.map(|t| base.join(t)),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tessera_models::data::Dataset;
+use tessera_models::stream::{Standardized, feature_stats};
 use tessera_models::train::{LocalTraining, evaluate, train_local};
 use tessera_protocol::CHUNK_BYTES;
 use tessera_protocol::evaluation;
@@ -382,7 +382,7 @@ impl Site {
         }
         self.acts_on(self.replica.check_job(job_id, job_hash))?;
         let spec = JobSpec::from_toml(job_toml).context("announced job is invalid")?;
-        let n_params = spec.model.layout(self.data.train.n_features).n_params();
+        let n_params = spec.model.layout(self.data.n_features()).n_params();
         let review = policy::review(&self.policy, &spec, n_params);
         let approvals = Approvals::new(&self.state_dir);
         let verdict = if !review.refusals.is_empty() {
@@ -528,7 +528,12 @@ impl Site {
         let spec = self.job(client, task.job_id, &task.job_toml, &task.job_hash).await?;
         // Secure or not is the accepted job's choice, never the message's.
         spec.check_announced_secure(task.secure)?;
-        let stats = self.data.train_stats();
+        // A pass over the training split: off the async threads (a
+        // streamed table is read from its file).
+        let train = self.data.train.clone();
+        let stats = tokio::task::spawn_blocking(move || feature_stats(train.as_ref()))
+            .await
+            .context("statistics task panicked")??;
         let n_features = stats.sum.len() as u64;
         let report = if spec.is_secure() {
             // Only the encoding goes in the clear; the statistics go into the
@@ -580,7 +585,7 @@ impl Site {
             .filter(|spec| spec.is_secure() && a.secure)
             .filter(|_| self.replica.check_job(a.job_id, &a.job_hash).is_ok())
             .filter(|_| self.check_declared(a.job_id).is_ok())
-            .map(|spec| spec.model.layout(self.data.train.n_features));
+            .map(|spec| spec.model.layout(self.data.n_features()));
         if let Some(layout) = accepted {
             self.advertise_early(client, &a, &layout).await;
         }
@@ -592,7 +597,7 @@ impl Site {
         }
         let spec = self.job(client, a.job_id, &a.job_toml, &a.job_hash).await?;
         spec.check_announced_secure(a.secure)?;
-        let layout = spec.model.layout(self.data.train.n_features);
+        let layout = spec.model.layout(self.data.n_features());
         if spec.is_secure() {
             self.check_declared(a.job_id)?;
             self.advertise_early(client, &a, &layout).await;
@@ -616,7 +621,7 @@ impl Site {
             mean: normalization.mean,
             std: normalization.std,
         };
-        if normalization.mean.len() != self.data.train.n_features
+        if normalization.mean.len() != self.data.n_features()
             || normalization.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
         {
             bail!("announced normalization does not fit this site's features");
@@ -638,11 +643,10 @@ impl Site {
             Aggregation::Secure(secure) => self.replayed_model(client, &spec, secure, &layout, &a).await?,
             Aggregation::InsecurePlaintext => self.fetch_model(client, &a.model_hash, a.n_params).await?,
         };
-        let (train, test) = self.data.normalized(&normalization);
-
         let secure = spec.is_secure();
         if self.done.insert((a.job_id, a.round, Work::Metrics)) {
-            self.report_metrics(client, &a, secure, &layout, &global, &test).await?;
+            self.report_metrics(client, &a, secure, &layout, &global, &normalization)
+                .await?;
         }
         if secure && !a.train && self.done.insert((a.job_id, a.round, Work::Update)) {
             // Final evaluation: the secure sum carries only the metrics.
@@ -651,7 +655,9 @@ impl Site {
             }
         }
         if a.train && self.done.insert((a.job_id, a.round, Work::Update)) {
-            return self.train_and_submit(client, &a, &spec, &layout, &global, &train).await;
+            return self
+                .train_and_submit(client, &a, &spec, &layout, &global, &normalization)
+                .await;
         }
         Ok(None)
     }
@@ -684,7 +690,7 @@ impl Site {
                          ledger block commits to"
                     );
                 }
-                let stats = FeatureStats::from_secure_sum(&words, self.data.train.n_features)
+                let stats = FeatureStats::from_secure_sum(&words, self.data.n_features())
                     .with_context(|| format!("the statistics sum of job {job_id}"))?;
                 let derived =
                     Normalization::from_stats(&stats).with_context(|| format!("the statistics sum of job {job_id}"))?;
@@ -769,9 +775,20 @@ impl Site {
         secure: bool,
         layout: &Layout,
         global: &[f32],
-        test: &Dataset,
+        normalization: &Normalization,
     ) -> anyhow::Result<()> {
-        let eval = evaluate(layout, global, test, &self.device)?;
+        // A pass over the test split, off the async threads.
+        let (test, device) = (self.data.test.clone(), self.device.clone());
+        let (layout_owned, global_owned, normalization) = (layout.clone(), global.to_vec(), normalization.clone());
+        let eval = tokio::task::spawn_blocking(move || {
+            let test = Standardized {
+                rows: test.as_ref(),
+                normalization: &normalization,
+            };
+            evaluate(&layout_owned, &global_owned, &test, &device)
+        })
+        .await
+        .context("evaluation task panicked")??;
         info!(
             job = a.job_id,
             round = a.round,
@@ -814,16 +831,17 @@ impl Site {
         spec: &JobSpec,
         layout: &Layout,
         global: &[f32],
-        train: &Dataset,
+        normalization: &Normalization,
     ) -> anyhow::Result<Option<pb::Task>> {
         let seed = spec.seed ^ (u64::from(a.round) << 32) ^ seed_of(&self.id);
         let (job_id, round, proximal_mu) = (a.job_id, a.round, a.proximal_mu);
-        let (device, layout_owned, training, global_owned, train_owned) = (
+        let (device, layout_owned, training, global_owned, train, normalization) = (
             self.device.clone(),
             layout.clone(),
             spec.training.clone(),
             global.to_vec(),
-            train.clone(),
+            self.data.train.clone(),
+            normalization.clone(),
         );
         let local_delta = move || -> anyhow::Result<(Vec<f32>, usize, f64)> {
             let cfg = LocalTraining {
@@ -832,7 +850,11 @@ impl Site {
                 proximal_mu,
                 seed,
             };
-            let update = train_local(&cfg, &global_owned, &train_owned, &device)?;
+            let train = Standardized {
+                rows: train.as_ref(),
+                normalization: &normalization,
+            };
+            let update = train_local(&cfg, &global_owned, &train, &device)?;
             let delta: Vec<f32> = update.params.iter().zip(&global_owned).map(|(w, g)| w - g).collect();
             info!(
                 job = job_id,

@@ -1,19 +1,29 @@
 //! The site's data as the participant sees it: read through the schema, split
 //! into train and test, never sent anywhere.
+//!
+//! A table whose encoded rows fit in `[data] in_memory_mib` is held in
+//! memory; a larger one is read from its file, batch by batch, on every
+//! pass (statistics, each round's training and evaluation), so the site's
+//! memory does not grow with its table. Both give the same rows, split and
+//! model (`tessera_models::stream`).
+
+use std::sync::Arc;
 
 use anyhow::Context;
-use tessera_models::data::{Dataset, ReadReport, read_table};
+use tessera_models::data::ReadReport;
 use tessera_models::schema::Schema;
-use tessera_protocol::stats::{FeatureStats, Normalization};
+use tessera_models::stream::{Rows, TableSplit, census};
 
 use crate::config::SiteConfig;
 
-/// A site's loaded data.
+/// A site's data, ready for passes.
 pub struct LocalData {
     pub schema: Schema,
     pub report: ReadReport,
-    pub train: Dataset,
-    pub test: Dataset,
+    pub train: Arc<dyn Rows>,
+    pub test: Arc<dyn Rows>,
+    /// Whether the rows are read from the file on every pass.
+    pub streamed: bool,
 }
 
 impl LocalData {
@@ -22,27 +32,33 @@ impl LocalData {
             .with_context(|| format!("cannot read schema {}", config.schema_path.display()))?;
         let schema = Schema::from_toml(&schema_text)
             .with_context(|| format!("invalid schema {}", config.schema_path.display()))?;
-        let (data, report) = read_table(&config.data_path, &schema)?;
-        let (train, test) = data.split(&schema.split);
+        // One pass checks the whole file and counts its rows.
+        let (train, test, report) = TableSplit::open(config.data_path.clone(), schema.clone())?;
+        let width = schema.feature_names().len() + 1;
+        let bytes = report.rows_kept as u64 * width as u64 * 4;
+        let streamed = bytes > config.in_memory_mib * 1024 * 1024;
+        let (train, test): (Arc<dyn Rows>, Arc<dyn Rows>) = if streamed {
+            (Arc::new(train), Arc::new(test))
+        } else {
+            let (all, _) = tessera_models::data::read_table(&config.data_path, &schema)?;
+            let (train, test) = all.split(&schema.split);
+            (Arc::new(train), Arc::new(test))
+        };
         Ok(Self {
             schema,
             report,
             train,
             test,
+            streamed,
         })
     }
 
-    /// The only thing preprocessing sends: count, sums and sums of squares of
-    /// the training split.
-    pub fn train_stats(&self) -> FeatureStats {
-        FeatureStats::of_rows(self.train.n_features, self.train.rows())
+    pub fn n_features(&self) -> usize {
+        self.train.n_features()
     }
 
-    /// Train and test splits standardised with the global statistics.
-    pub fn normalized(&self, normalization: &Normalization) -> (Dataset, Dataset) {
-        (
-            self.train.standardized(normalization),
-            self.test.standardized(normalization),
-        )
+    /// Rows and positive labels of (train, test), one pass each.
+    pub fn census(&self) -> anyhow::Result<((usize, usize), (usize, usize))> {
+        Ok((census(self.train.as_ref())?, census(self.test.as_ref())?))
     }
 }

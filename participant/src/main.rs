@@ -284,8 +284,9 @@ fn check(path: &Path) -> anyhow::Result<()> {
     let config = SiteConfig::load(path)?;
     let data = LocalData::load(&config)?;
     let r = &data.report;
-    let all = data.train.len() + data.test.len();
-    let positives = data.train.n_positive() + data.test.n_positive();
+    let ((n_train, train_positive), (n_test, test_positive)) = data.census()?;
+    let all = n_train + n_test;
+    let positives = train_positive + test_positive;
     println!("site {}: {}", config.site_id, config.data_path.display());
     println!(
         "  rows: {} read, {} kept, {} dropped for missing values",
@@ -304,16 +305,17 @@ fn check(path: &Path) -> anyhow::Result<()> {
     );
     println!(
         "  split (test_fraction {}, seed {}): train {} ({} positive), test {} ({} positive)",
-        data.schema.split.test_fraction,
-        data.schema.split.seed,
-        data.train.len(),
-        data.train.n_positive(),
-        data.test.len(),
-        data.test.n_positive()
+        data.schema.split.test_fraction, data.schema.split.seed, n_train, train_positive, n_test, test_positive
     );
+    if data.streamed {
+        println!(
+            "  the encoded rows exceed [data] in_memory_mib = {}: read from the file on every pass",
+            config.in_memory_mib
+        );
+    }
     println!(
         "  {} encoded features, features hash {}",
-        data.train.n_features,
+        data.n_features(),
         &data.schema.features_hash()[..16]
     );
     println!("  nothing was sent: check runs offline");
@@ -409,13 +411,13 @@ fn inspect(path: &Path, state_dir: Option<PathBuf>, prefix: &str) -> anyhow::Res
     let (toml_text, why) = approvals.pending_job(&hash)?;
     let spec = tessera_protocol::job::JobSpec::from_toml(&toml_text)?;
     let data = LocalData::load(&config)?;
-    let layout = spec.model.layout(data.train.n_features);
+    let layout = spec.model.layout(data.n_features());
     println!("job `{}` ({hash})", spec.name);
     println!(
         "  model: {} with {} parameters, on this site's {} encoded features",
         spec.model.label(),
         layout.n_params(),
-        data.train.n_features
+        data.n_features()
     );
     println!(
         "  training: {} rounds; each round {} with {:?}, learning rate {}, batch {} on the {} local training rows",

@@ -63,15 +63,21 @@ impl FeatureStats {
             sum: vec![0.0; width],
             sum_sq: vec![0.0; width],
         };
+        stats.add_rows(rows);
+        stats
+    }
+
+    /// Adds rows to the statistics: a table read in batches is summed in
+    /// the order (and so to the bit) of one read whole.
+    pub fn add_rows<'a>(&mut self, rows: impl IntoIterator<Item = &'a [f32]>) {
         for row in rows {
-            stats.count += 1;
+            self.count += 1;
             for (j, &x) in row.iter().enumerate() {
                 let x = f64::from(x);
-                stats.sum[j] += x;
-                stats.sum_sq[j] += x * x;
+                self.sum[j] += x;
+                self.sum_sq[j] += x * x;
             }
         }
-        stats
     }
 
     fn check(&self) -> Result<(), StatsError> {

@@ -9,12 +9,17 @@ use tessera_tests::{bin, repo};
 
 /// Runs `check` on `data` with the heart-disease schema.
 fn check(dir: &Path, data: &Path) -> std::process::Output {
+    check_with(dir, data, "")
+}
+
+/// `check` with more lines in the config's `[data]` table.
+fn check_with(dir: &Path, data: &Path, more: &str) -> std::process::Output {
     let config = dir.join("site.toml");
     let schema = repo().join("examples/heart-disease/schema.toml");
     std::fs::write(
         &config,
         format!(
-            "site_id = \"cleveland\"\ncoordinator = \"http://127.0.0.1:1\"\n[data]\npath = {:?}\nschema = {:?}\n",
+            "site_id = \"cleveland\"\ncoordinator = \"http://127.0.0.1:1\"\n[data]\npath = {:?}\nschema = {:?}\n{more}\n",
             data, schema
         ),
     )
@@ -116,6 +121,17 @@ fn check_reads_a_parquet_file_as_it_reads_its_csv_twin() {
     };
     assert!(summary(&from_csv, &real).contains("303 read"));
     assert_eq!(summary(&from_parquet, &twin), summary(&from_csv, &real));
+
+    // Streamed from the file (a table over `in_memory_mib`), CSV or
+    // Parquet: the same rows, counts and split, and said so.
+    let streamed_note = "  the encoded rows exceed [data] in_memory_mib = 0: read from the file on every pass\n";
+    for (path, in_memory) in [(&real, &from_csv), (&twin, &from_parquet)] {
+        let out = check_with(dir.path(), path, "in_memory_mib = 0");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let streamed = summary(&out, path);
+        assert!(streamed.contains(streamed_note), "{streamed}");
+        assert_eq!(streamed.replace(streamed_note, ""), summary(in_memory, path));
+    }
 
     // A damaged file: exit 1, the file named, no panic.
     let mut bytes = std::fs::read(&twin).unwrap();
