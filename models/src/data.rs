@@ -10,7 +10,7 @@
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use crate::schema::{ColumnKind, Schema};
+use crate::schema::{CategoryMap, Column, ColumnKind, LabelRule, Schema};
 
 /// Encoded rows of one site: features row-major, labels 0/1.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,6 +18,11 @@ pub struct Dataset {
     pub n_features: usize,
     pub features: Vec<f32>,
     pub labels: Vec<f32>,
+    /// Per row, the keyed hash of its `[split] group_by` id, which decides
+    /// its side of the split (`crate::stream::Splitter`). Empty when the
+    /// split is not grouped, and in the parts a split returns: the ids
+    /// themselves are never kept.
+    pub groups: Vec<u64>,
 }
 
 /// What reading a file found, besides the rows.
@@ -85,6 +90,21 @@ pub enum DataError {
     /// job and fail (or divide by zero) in its first round.
     #[error("{}: no usable rows: {}", file.display(), no_rows_reason(*.rows_read))]
     NoRows { file: PathBuf, rows_read: usize },
+    /// A split with an empty side: nothing to train on, or nothing to
+    /// evaluate on (a grouped split of few patients can put them all on
+    /// one side).
+    #[error(
+        "{}: the train/test split leaves the {empty} part empty ({rows} usable rows{}); \
+         a site needs rows on both sides: adjust `[split] test_fraction` or bring more rows",
+        file.display(),
+        group_by.as_ref().map(|g| format!(", grouped by `{g}`")).unwrap_or_default()
+    )]
+    EmptySplit {
+        file: PathBuf,
+        empty: &'static str,
+        rows: usize,
+        group_by: Option<String>,
+    },
     /// A streamed pass found another number of usable rows than the pass
     /// that opened the file: the file was changed under the running site.
     #[error(
@@ -108,6 +128,16 @@ fn no_rows_reason(rows_read: usize) -> String {
 }
 
 impl Dataset {
+    /// No rows, `n_features` wide.
+    pub fn empty(n_features: usize) -> Self {
+        Self {
+            n_features,
+            features: Vec::new(),
+            labels: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }
@@ -131,17 +161,16 @@ impl Dataset {
 
     /// Rows at `indices`, in that order.
     pub fn select(&self, indices: &[usize]) -> Dataset {
-        let mut features = Vec::with_capacity(indices.len() * self.n_features);
-        let mut labels = Vec::with_capacity(indices.len());
+        let mut out = Dataset::empty(self.n_features);
+        out.features.reserve(indices.len() * self.n_features);
         for &i in indices {
-            features.extend_from_slice(self.row(i));
-            labels.push(self.labels[i]);
+            out.features.extend_from_slice(self.row(i));
+            out.labels.push(self.labels[i]);
+            if let Some(&group) = self.groups.get(i) {
+                out.groups.push(group);
+            }
         }
-        Dataset {
-            n_features: self.n_features,
-            features,
-            labels,
-        }
+        out
     }
 
     /// A copy with every row standardised by the global statistics.
@@ -162,20 +191,14 @@ impl Dataset {
         }
         self.features.append(&mut other.features);
         self.labels.append(&mut other.labels);
+        self.groups.append(&mut other.groups);
     }
 
     /// Concatenation of several datasets of the same width.
     pub fn concat(parts: &[Dataset]) -> Dataset {
-        let n_features = parts.first().map_or(0, |d| d.n_features);
-        let mut out = Dataset {
-            n_features,
-            features: Vec::new(),
-            labels: Vec::new(),
-        };
+        let mut out = Dataset::empty(parts.first().map_or(0, |d| d.n_features));
         for part in parts {
-            assert_eq!(part.n_features, n_features, "datasets of different widths");
-            out.features.extend_from_slice(&part.features);
-            out.labels.extend_from_slice(&part.labels);
+            out.append(part.clone());
         }
         out
     }
@@ -210,15 +233,11 @@ pub fn scan_table(path: &Path, schema: &Schema, batch_rows: usize, visit: Visit)
 }
 
 /// The rows of a whole pass, in one dataset.
-fn collect(
+pub(crate) fn collect(
     pass: impl FnOnce(Visit) -> Result<ReadReport, DataError>,
     schema: &Schema,
 ) -> Result<(Dataset, ReadReport), DataError> {
-    let mut rows = Dataset {
-        n_features: schema.feature_names().len(),
-        features: Vec::new(),
-        labels: Vec::new(),
-    };
+    let mut rows = Dataset::empty(schema.feature_names().len());
     let report = pass(&mut |batch| {
         rows.append(batch);
         ControlFlow::Continue(())
@@ -320,6 +339,8 @@ pub(crate) enum Cell<'a> {
 /// malformed, so CSV and Parquet files give the same rows.
 pub(crate) struct RowEncoder<'s> {
     schema: &'s Schema,
+    /// How each schema column is read, worked out once.
+    slots: Vec<Slot>,
     /// Rows encoded since the last `take`.
     dataset: Dataset,
     rows_kept: usize,
@@ -327,6 +348,8 @@ pub(crate) struct RowEncoder<'s> {
     missing_per_column: Vec<(String, usize)>,
     rows_read: usize,
     encoded: Vec<f32>,
+    /// Hashes the `[split] group_by` id of a grouped split.
+    groups: Option<crate::stream::GroupHasher>,
 }
 
 impl<'s> RowEncoder<'s> {
@@ -334,11 +357,8 @@ impl<'s> RowEncoder<'s> {
         let n_features = schema.feature_names().len();
         Self {
             schema,
-            dataset: Dataset {
-                n_features,
-                features: Vec::new(),
-                labels: Vec::new(),
-            },
+            dataset: Dataset::empty(n_features),
+            slots: Slot::plan(schema),
             missing_per_column: schema
                 .columns
                 .iter()
@@ -348,6 +368,11 @@ impl<'s> RowEncoder<'s> {
             rows_read: 0,
             rows_kept: 0,
             encoded: Vec::with_capacity(n_features),
+            groups: schema
+                .split
+                .group_by
+                .as_ref()
+                .map(|_| crate::stream::GroupHasher::new(&schema.split)),
         }
     }
 
@@ -359,60 +384,108 @@ impl<'s> RowEncoder<'s> {
         self.rows_read += 1;
         self.encoded.clear();
         let mut label = None;
+        let mut group = None;
         let mut row_missing = false;
-        let mut used_index = 0;
-        for (index, (column, cell)) in self.schema.columns.iter().zip(cells).enumerate() {
-            if column.kind == ColumnKind::Drop {
-                continue;
-            }
-            let is_missing = match cell {
-                Cell::Missing => true,
-                Cell::Text(text) => {
-                    text.is_empty()
-                        || self.schema.missing_markers.iter().any(|m| m == text)
-                        || (column.zero_means_missing && text.parse::<f64>() == Ok(0.0))
-                }
-                Cell::Number(value) => column.zero_means_missing && value == 0.0,
-            };
-            if is_missing {
-                self.missing_per_column[used_index].1 += 1;
+        for (index, ((column, slot), cell)) in self.schema.columns.iter().zip(&self.slots).zip(cells).enumerate() {
+            let Some(used) = slot.used else { continue };
+            if self.is_missing(column, cell) {
+                self.missing_per_column[used].1 += 1;
                 row_missing = true;
-                used_index += 1;
                 continue;
             }
-            used_index += 1;
             let malformed = |reason: String| (index, reason);
             match &column.kind {
                 ColumnKind::Numeric => {
                     let value = number(cell).map_err(malformed)?;
                     self.encoded.push(value as f32);
                 }
-                ColumnKind::Categorical { categories } => {
-                    let hit = categories.iter().position(|c| same_category(c, cell)).ok_or_else(|| {
-                        malformed(format!(
-                            "`{}` is not one of the declared categories {categories:?}",
-                            shown(cell)
-                        ))
-                    })?;
+                ColumnKind::Categorical { .. } => {
+                    let hit = slot.category(cell).map_err(malformed)?;
                     self.encoded
-                        .extend((0..categories.len()).map(|k| if k == hit { 1.0 } else { 0.0 }));
+                        .extend((0..slot.width).map(|k| if k == hit { 1.0 } else { 0.0 }));
                 }
-                ColumnKind::Label => {
-                    let value = number(cell).map_err(malformed)?;
-                    let rule = &self.schema.label;
-                    label = Some(if rule.op.holds(value, rule.threshold) { 1.0 } else { 0.0 });
-                }
+                ColumnKind::Label => label = Some(label_of(&self.schema.label, cell).map_err(malformed)?),
+                ColumnKind::Id => group = Some(self.group_of(cell)),
                 ColumnKind::Drop => unreachable!("skipped above"),
             }
         }
         if !row_missing {
             // The schema has exactly one label column and no missing cell was
-            // seen, so the label is set.
+            // seen, so the label is set (and the group, where the split is
+            // grouped: its id column is the one id column).
             self.dataset.labels.push(label.expect("label column present"));
+            self.dataset.groups.extend(group);
             self.dataset.features.extend_from_slice(&self.encoded);
             self.rows_kept += 1;
         }
         Ok(())
+    }
+
+    /// Whether `cell` is a missing value of `column`: no value, an empty
+    /// cell, a missing marker, or a `0` where zero means "not measured".
+    pub(crate) fn is_missing(&self, column: &Column, cell: Cell) -> bool {
+        match cell {
+            Cell::Missing => true,
+            Cell::Text(text) => {
+                text.is_empty()
+                    || self.schema.missing_markers_of(column).iter().any(|m| m == text)
+                    || (column.zero_means_missing && text.parse::<f64>() == Ok(0.0))
+            }
+            Cell::Number(value) => column.zero_means_missing && value == 0.0,
+        }
+    }
+
+    /// The keyed hash of a (present) id cell. Ids are compared as text:
+    /// `123` in a CSV file and the integer 123 in a Parquet file are the
+    /// same patient.
+    pub(crate) fn group_of(&self, cell: Cell) -> u64 {
+        let hasher = self.groups.as_ref().expect("an id column is the split's group_by");
+        hasher.hash(&as_text(cell))
+    }
+
+    pub(crate) fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// An empty batch of `n` rows for [`Self::commit`]: every row kept
+    /// until a column says otherwise.
+    pub(crate) fn start_batch(&self, n: usize) -> ColumnBatch {
+        ColumnBatch {
+            width: self.dataset.n_features,
+            features: vec![0.0; n * self.dataset.n_features],
+            labels: vec![0.0; n],
+            keep: vec![true; n],
+            missing: vec![0; self.missing_per_column.len()],
+            groups: if self.groups.is_some() { vec![0; n] } else { Vec::new() },
+        }
+    }
+
+    /// Adds a batch encoded column by column: what pushing its rows one by
+    /// one would have added.
+    pub(crate) fn commit(&mut self, batch: ColumnBatch) {
+        self.rows_read += batch.keep.len();
+        for ((_, count), missing) in self.missing_per_column.iter_mut().zip(&batch.missing) {
+            *count += missing;
+        }
+        let width = batch.width;
+        if self.dataset.is_empty() && batch.keep.iter().all(|&keep| keep) {
+            // The common case: every row kept, nothing pending; no copy.
+            self.rows_kept += batch.keep.len();
+            self.dataset.features = batch.features;
+            self.dataset.labels = batch.labels;
+            self.dataset.groups = batch.groups;
+            return;
+        }
+        for (r, _) in batch.keep.iter().enumerate().filter(|(_, keep)| **keep) {
+            self.dataset
+                .features
+                .extend_from_slice(&batch.features[r * width..(r + 1) * width]);
+            self.dataset.labels.push(batch.labels[r]);
+            if let Some(&group) = batch.groups.get(r) {
+                self.dataset.groups.push(group);
+            }
+            self.rows_kept += 1;
+        }
     }
 
     /// Rows encoded and not yet taken.
@@ -422,11 +495,7 @@ impl<'s> RowEncoder<'s> {
 
     /// The rows encoded since the last call.
     pub(crate) fn take(&mut self) -> Dataset {
-        let empty = Dataset {
-            n_features: self.dataset.n_features,
-            features: Vec::new(),
-            labels: Vec::new(),
-        };
+        let empty = Dataset::empty(self.dataset.n_features);
         std::mem::replace(&mut self.dataset, empty)
     }
 
@@ -451,13 +520,43 @@ impl<'s> RowEncoder<'s> {
     }
 }
 
-fn number(cell: Cell) -> Result<f64, String> {
+pub(crate) fn number(cell: Cell) -> Result<f64, String> {
     match cell {
         Cell::Text(text) => parse_number(text),
         Cell::Number(v) if v.is_finite() => Ok(v),
         Cell::Number(v) => Err(format!("`{v}` is not a finite number")),
         Cell::Missing => unreachable!("missing cells are counted, not encoded"),
     }
+}
+
+/// A present cell as text: an integer stored as a number reads as its
+/// digits (`123`, not `123.0`), so a Parquet file's typed codes and ids
+/// match a CSV file's text.
+fn as_text(cell: Cell<'_>) -> std::borrow::Cow<'_, str> {
+    match cell {
+        Cell::Text(text) => text.into(),
+        Cell::Number(v) if v.fract() == 0.0 && v.abs() < 2f64.powi(53) => (v as i64).to_string().into(),
+        Cell::Number(v) => v.to_string().into(),
+        Cell::Missing => unreachable!("missing cells are counted, not encoded"),
+    }
+}
+
+/// The label of a present label cell.
+pub(crate) fn label_of(rule: &LabelRule, cell: Cell) -> Result<f32, String> {
+    let positive = match rule {
+        LabelRule::Compare { op, threshold } => op.holds(number(cell)?, *threshold),
+        LabelRule::OneOf { positive, negative } => {
+            let text = as_text(cell);
+            let is_positive = positive.iter().any(|p| *p == text);
+            if !is_positive && !negative.is_empty() && !negative.iter().any(|n| *n == text) {
+                return Err(format!(
+                    "`{text}` is in neither positive_in {positive:?} nor negative_in {negative:?}"
+                ));
+            }
+            is_positive
+        }
+    };
+    Ok(if positive { 1.0 } else { 0.0 })
 }
 
 /// A cell as an error message quotes it.
@@ -477,14 +576,108 @@ fn parse_number(cell: &str) -> Result<f64, String> {
     }
 }
 
-/// Categories match as numbers when both are numbers (`1.0` is `1`), else
-/// as text.
-fn same_category(declared: &str, cell: Cell) -> bool {
-    match (declared.parse::<f64>(), cell) {
-        (Ok(a), Cell::Number(b)) => a == b,
-        (Err(_), Cell::Number(_)) | (_, Cell::Missing) => false,
-        (Ok(a), Cell::Text(text)) => text.parse::<f64>().map_or(declared == text, |b| a == b),
-        (Err(_), Cell::Text(text)) => declared == text,
+/// How the encoder reads one schema column, worked out once per pass.
+pub(crate) struct Slot {
+    /// Index among the used (not dropped) columns, as in the report.
+    pub(crate) used: Option<usize>,
+    /// The column's first encoded feature.
+    pub(crate) offset: usize,
+    /// A categorical column's declared categories, with their value as a
+    /// number where they are one.
+    categories: Vec<(String, Option<f64>)>,
+    /// A categorical column's code map.
+    map: Vec<CategoryMap>,
+    /// A categorical column's features: its categories, and its other
+    /// bucket where it has one (the last feature).
+    pub(crate) width: usize,
+}
+
+impl Slot {
+    fn plan(schema: &Schema) -> Vec<Slot> {
+        let (mut used, mut offset) = (0, 0);
+        let mut slots = Vec::with_capacity(schema.columns.len());
+        for column in &schema.columns {
+            let mut slot = Slot {
+                used: (column.kind != ColumnKind::Drop).then_some(used),
+                offset,
+                categories: Vec::new(),
+                map: Vec::new(),
+                width: 0,
+            };
+            match &column.kind {
+                ColumnKind::Numeric => slot.width = 1,
+                ColumnKind::Categorical { categories, other, map } => {
+                    slot.categories = categories.iter().map(|c| (c.clone(), c.parse::<f64>().ok())).collect();
+                    slot.map = map.clone();
+                    slot.width = categories.len() + usize::from(*other);
+                }
+                ColumnKind::Label | ColumnKind::Id | ColumnKind::Drop => {}
+            }
+            offset += slot.width;
+            used += usize::from(slot.used.is_some());
+            slots.push(slot);
+        }
+        slots
+    }
+
+    /// The index of a (present) cell's category (or of the other bucket,
+    /// the last). The first `map` rule that takes the cell decides; else
+    /// categories match as numbers when both are numbers (`1.0` is `1`),
+    /// else as text.
+    pub(crate) fn category(&self, cell: Cell) -> Result<usize, String> {
+        let number = match cell {
+            Cell::Number(v) => Some(v),
+            Cell::Text(text) => text.parse::<f64>().ok(),
+            Cell::Missing => None,
+        };
+        if !self.map.is_empty() {
+            let text = as_text(cell);
+            if let Some(rule) = self.map.iter().find(|rule| rule.matches.takes(&text, number)) {
+                return Ok(rule.to);
+            }
+        }
+        let other = (self.width > self.categories.len()).then_some(self.categories.len());
+        self.categories
+            .iter()
+            .position(|(declared, declared_number)| match (declared_number, cell) {
+                (Some(a), Cell::Number(_)) => Some(*a) == number,
+                (Some(a), Cell::Text(text)) => number.map_or(declared == text, |b| *a == b),
+                (None, Cell::Text(text)) => declared == text,
+                (None, Cell::Number(_)) | (_, Cell::Missing) => false,
+            })
+            .or(other)
+            .ok_or_else(|| {
+                let declared: Vec<&str> = self.categories.iter().map(|(c, _)| c.as_str()).collect();
+                format!(
+                    "`{}` is not one of the declared categories {declared:?} (map it, or set `other = true`)",
+                    shown(cell)
+                )
+            })
+    }
+}
+
+/// A batch encoded column by column (Parquet's layout), committed to the
+/// encoder at once: every row in place, and which rows are kept.
+pub(crate) struct ColumnBatch {
+    width: usize,
+    pub(crate) features: Vec<f32>,
+    pub(crate) labels: Vec<f32>,
+    pub(crate) keep: Vec<bool>,
+    /// Missing cells per used column.
+    pub(crate) missing: Vec<usize>,
+    pub(crate) groups: Vec<u64>,
+}
+
+impl ColumnBatch {
+    /// Row `r` has a missing value in the used column `used`.
+    pub(crate) fn missing(&mut self, used: usize, r: usize) {
+        self.missing[used] += 1;
+        self.keep[r] = false;
+    }
+
+    /// Feature `offset` of row `r`.
+    pub(crate) fn feature(&mut self, r: usize, offset: usize) -> &mut f32 {
+        &mut self.features[r * self.width + offset]
     }
 }
 
@@ -609,7 +802,8 @@ kind = "label"
         let err = read("1,2,x,0\n1,abc,x,0\n").unwrap_err().to_string();
         assert_eq!(
             err,
-            "site.csv:2: column 2 (`c`): `abc` is not one of the declared categories [\"1\", \"2\", \"3\"]"
+            "site.csv:2: column 2 (`c`): `abc` is not one of the declared categories [\"1\", \"2\", \"3\"] \
+             (map it, or set `other = true`)"
         );
         let err = read("1,2,x,0\n1,2,x,0\nzz,2,x,0\n").unwrap_err().to_string();
         assert_eq!(err, "site.csv:3: column 1 (`a`): `zz` is not a number");
@@ -685,7 +879,7 @@ kind = "label"
         assert_eq!(data.split(&schema.split), (train.clone(), test.clone()));
         let other = data.split(&SplitSpec {
             seed: 7,
-            ..schema.split
+            ..schema.split.clone()
         });
         assert_ne!(other.1, test);
         // Train and test partition the rows (first feature is the 1-based row number).
@@ -704,8 +898,8 @@ kind = "label"
 
         #[test]
         fn split_sizes(n in 1usize..400, frac in 0.01f64..0.99) {
-            let data = Dataset { n_features: 1, features: (0..n).map(|i| i as f32).collect(), labels: vec![0.0; n] };
-            let (train, test) = data.split(&SplitSpec { test_fraction: frac, seed: 1 });
+            let data = Dataset { features: (0..n).map(|i| i as f32).collect(), labels: vec![0.0; n], ..Dataset::empty(1) };
+            let (train, test) = data.split(&SplitSpec { test_fraction: frac, seed: 1, group_by: None });
             prop_assert_eq!(train.len() + test.len(), n);
             prop_assert!((test.len() as f64) >= frac * n as f64 - 1e-6);
             prop_assert!((test.len() as f64) < frac * n as f64 + 1.0);

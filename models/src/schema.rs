@@ -26,6 +26,10 @@ pub struct Column {
     pub kind: ColumnKind,
     /// A literal `0` in this column means "not measured".
     pub zero_means_missing: bool,
+    /// This column's missing markers, in place of `[format]
+    /// missing_markers`: `?` can mean "missing" in one column and be a
+    /// legitimate code in another.
+    pub missing_markers: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -35,17 +39,54 @@ pub enum ColumnKind {
     /// not discovered, so that every site produces the same features.
     Categorical {
         categories: Vec<String>,
+        /// A value that is no category (after `map`) goes to one more
+        /// feature, `name=(other)`, instead of stopping the read.
+        other: bool,
+        /// Groups raw codes into the declared categories (ICD-9 codes into
+        /// chapters): the first rule that matches a value decides its
+        /// category; an unmatched value is compared with the categories.
+        map: Vec<CategoryMap>,
     },
     Label,
+    /// Identifies the patient (or other unit) a row belongs to: never a
+    /// feature, never sent; `[split] group_by` keeps all rows of one id on
+    /// the same side of the train/test split.
+    Id,
     Drop,
 }
 
-/// A binary label derived from a numeric column: positive when
-/// `value <op> threshold`.
+/// One rule of a categorical column's `map`: values it matches go to
+/// category `to` (an index into the declared categories).
 #[derive(Clone, Debug, PartialEq)]
-pub struct LabelRule {
-    pub op: CompareOp,
-    pub threshold: f64,
+pub struct CategoryMap {
+    pub matches: CodeMatch,
+    pub to: usize,
+}
+
+/// Which raw values a `map` rule takes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CodeMatch {
+    /// Values starting with this text (`250` takes `250.01`).
+    Prefix(String),
+    /// Values that read as a number in `[from, to + 1)`: `[390, 459]` takes
+    /// 390 to 459.99, as an ICD-9 chapter does.
+    Range { from: f64, to: f64 },
+    /// Exactly these values.
+    Values(Vec<String>),
+}
+
+/// How a row's label is derived from the label column.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LabelRule {
+    /// A number, positive when `value <op> threshold` (`positive_if`).
+    Compare { op: CompareOp, threshold: f64 },
+    /// A coded value, positive when it is one of `positive`
+    /// (`positive_in`); with `negative` (`negative_in`) non-empty, a value
+    /// in neither list is an error rather than a silent negative.
+    OneOf {
+        positive: Vec<String>,
+        negative: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,11 +100,16 @@ pub enum CompareOp {
 }
 
 /// Deterministic per-site train/test split.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SplitSpec {
-    /// The test split holds `ceil(test_fraction * rows)` rows.
+    /// Without `group_by`, the test split holds exactly
+    /// `ceil(test_fraction * rows)` rows; with it, each id is a test id with
+    /// this probability, so the test rows are about this fraction.
     pub test_fraction: f64,
     pub seed: u64,
+    /// The `id` column whose rows stay together: one patient's encounters
+    /// are all in train or all in test, whatever their order in the file.
+    pub group_by: Option<String>,
 }
 
 /// Why a schema file was refused; `field` is the TOML path.
@@ -94,20 +140,60 @@ impl Schema {
         for column in &self.columns {
             match &column.kind {
                 ColumnKind::Numeric => names.push(column.name.clone()),
-                ColumnKind::Categorical { categories } => {
+                ColumnKind::Categorical { categories, other, .. } => {
                     names.extend(categories.iter().map(|c| format!("{}={c}", column.name)));
+                    if *other {
+                        names.push(format!("{}={OTHER}", column.name));
+                    }
                 }
-                ColumnKind::Label | ColumnKind::Drop => {}
+                ColumnKind::Label | ColumnKind::Id | ColumnKind::Drop => {}
             }
         }
         names
     }
 
-    /// Fingerprint of the feature encoding, compared across sites.
+    /// Fingerprint of everything that decides the encoded rows, compared
+    /// across sites: the features, how each used column's values become
+    /// them (missing markers, zero handling, category maps, the other
+    /// bucket) and the label rule. Two sites whose schemas differ in any
+    /// of these would train one model on different meanings.
     pub fn features_hash(&self) -> String {
-        sha256_hex(self.feature_names().join("\n").as_bytes())
+        sha256_hex(self.encoding().as_bytes())
+    }
+
+    /// The canonical text [`Self::features_hash`] hashes.
+    fn encoding(&self) -> String {
+        let mut text = String::from("tessera features v2\n");
+        for name in self.feature_names() {
+            text.push_str(&format!("feature {name:?}\n"));
+        }
+        for column in &self.columns {
+            let kind = match &column.kind {
+                ColumnKind::Drop | ColumnKind::Id => continue,
+                ColumnKind::Numeric => "numeric".to_owned(),
+                ColumnKind::Label => format!("label {:?}", self.label),
+                ColumnKind::Categorical { categories, other, map } => {
+                    format!("categorical {categories:?} other={other} map={map:?}")
+                }
+            };
+            text.push_str(&format!(
+                "column {:?} {kind} zero_means_missing={} missing={:?}\n",
+                column.name,
+                column.zero_means_missing,
+                self.missing_markers_of(column)
+            ));
+        }
+        text
+    }
+
+    /// The values that mean "missing" in `column`.
+    pub fn missing_markers_of<'a>(&'a self, column: &'a Column) -> &'a [String] {
+        column.missing_markers.as_deref().unwrap_or(&self.missing_markers)
     }
 }
+
+/// The name of a categorical column's other bucket (`name=(other)`).
+pub const OTHER: &str = "(other)";
 
 impl CompareOp {
     pub fn holds(self, value: f64, threshold: f64) -> bool {
@@ -161,7 +247,10 @@ impl Default for RawFormat {
 #[serde(deny_unknown_fields)]
 struct RawLabel {
     column: String,
-    positive_if: String,
+    positive_if: Option<String>,
+    positive_in: Option<Vec<String>>,
+    #[serde(default)]
+    negative_in: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +259,7 @@ struct RawSplit {
     test_fraction: f64,
     #[serde(default)]
     seed: u64,
+    group_by: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -181,6 +271,20 @@ struct RawColumn {
     categories: Vec<String>,
     #[serde(default)]
     zero_means_missing: bool,
+    missing_markers: Option<Vec<String>>,
+    #[serde(default)]
+    other: bool,
+    #[serde(default)]
+    map: Vec<RawMap>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMap {
+    prefix: Option<String>,
+    range: Option<[f64; 2]>,
+    values: Option<Vec<String>>,
+    to: String,
 }
 
 impl RawSchema {
@@ -204,26 +308,61 @@ impl RawSchema {
                     if raw.categories.is_empty() {
                         return Err(invalid(field, "a categorical column needs `categories`"));
                     }
+                    if raw.categories.iter().any(|c| c == OTHER) {
+                        return Err(invalid(
+                            field,
+                            format!("`{OTHER}` is the other bucket's name; set `other = true` instead"),
+                        ));
+                    }
+                    let map = raw
+                        .map
+                        .iter()
+                        .enumerate()
+                        .map(|(k, rule)| rule.validate(&format!("{field}.map[{k}]"), &raw.categories))
+                        .collect::<Result<_, _>>()?;
                     ColumnKind::Categorical {
                         categories: raw.categories.clone(),
+                        other: raw.other,
+                        map,
                     }
                 }
                 "label" => ColumnKind::Label,
+                "id" => {
+                    if self.split.group_by.as_deref() != Some(raw.name.as_str()) {
+                        return Err(invalid(
+                            format!("{field}.kind"),
+                            "an id column is used only by `[split] group_by`: name it there, or declare it kind = \"drop\"",
+                        ));
+                    }
+                    ColumnKind::Id
+                }
                 "drop" => ColumnKind::Drop,
                 other => {
                     return Err(invalid(
                         format!("{field}.kind"),
-                        format!("unknown kind `{other}`; expected numeric, categorical, label or drop"),
+                        format!("unknown kind `{other}`; expected numeric, categorical, label, id or drop"),
                     ));
                 }
             };
-            if !raw.categories.is_empty() && !matches!(kind, ColumnKind::Categorical { .. }) {
-                return Err(invalid(field, "`categories` only applies to kind = \"categorical\""));
+            if !matches!(kind, ColumnKind::Categorical { .. }) {
+                for (set, key) in [
+                    (!raw.categories.is_empty(), "categories"),
+                    (raw.other, "other"),
+                    (!raw.map.is_empty(), "map"),
+                ] {
+                    if set {
+                        return Err(invalid(
+                            field,
+                            format!("`{key}` only applies to kind = \"categorical\""),
+                        ));
+                    }
+                }
             }
             columns.push(Column {
                 name: raw.name,
                 kind,
                 zero_means_missing: raw.zero_means_missing,
+                missing_markers: raw.missing_markers,
             });
         }
         let labels: Vec<&Column> = columns.iter().filter(|c| c.kind == ColumnKind::Label).collect();
@@ -244,7 +383,42 @@ impl RawSchema {
         {
             return Err(invalid("column", "no feature columns (numeric or categorical)"));
         }
-        let label = parse_rule(&self.label.positive_if)?;
+        if let Some(group_by) = &self.split.group_by
+            && !columns.iter().any(|c| &c.name == group_by && c.kind == ColumnKind::Id)
+        {
+            return Err(invalid(
+                "split.group_by",
+                format!("names `{group_by}`, which is not a column of kind = \"id\""),
+            ));
+        }
+        let label = match (self.label.positive_if, self.label.positive_in) {
+            (Some(rule), None) if self.label.negative_in.is_empty() => parse_rule(&rule)?,
+            (None, Some(positive)) if !positive.is_empty() => {
+                if let Some(both) = positive.iter().find(|p| self.label.negative_in.contains(p)) {
+                    return Err(invalid(
+                        "label.negative_in",
+                        format!("`{both}` is in both positive_in and negative_in"),
+                    ));
+                }
+                LabelRule::OneOf {
+                    positive,
+                    negative: self.label.negative_in,
+                }
+            }
+            (Some(_), None) => {
+                return Err(invalid("label.negative_in", "only applies with `positive_in`"));
+            }
+            (None, Some(_)) => return Err(invalid("label.positive_in", "must name at least one value")),
+            (Some(_), Some(_)) => {
+                return Err(invalid("label", "set either `positive_if` or `positive_in`, not both"));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "label",
+                    "needs `positive_if` (a numeric rule such as \"> 0\") or `positive_in` (a list of values)",
+                ));
+            }
+        };
         let test_fraction = self.split.test_fraction;
         if !(test_fraction.is_finite() && test_fraction > 0.0 && test_fraction < 1.0) {
             return Err(invalid(
@@ -261,8 +435,44 @@ impl RawSchema {
             split: SplitSpec {
                 test_fraction,
                 seed: self.split.seed,
+                group_by: self.split.group_by,
             },
         })
+    }
+}
+
+impl RawMap {
+    fn validate(&self, field: &str, categories: &[String]) -> Result<CategoryMap, SchemaError> {
+        let to = categories
+            .iter()
+            .position(|c| *c == self.to)
+            .ok_or_else(|| invalid(field, format!("`to = \"{}\"` is not a declared category", self.to)))?;
+        let matches = match (&self.prefix, &self.range, &self.values) {
+            (Some(prefix), None, None) if !prefix.is_empty() => CodeMatch::Prefix(prefix.clone()),
+            (None, Some([from, to]), None) if from.is_finite() && to.is_finite() && from <= to => {
+                CodeMatch::Range { from: *from, to: *to }
+            }
+            (None, None, Some(values)) if !values.is_empty() => CodeMatch::Values(values.clone()),
+            _ => {
+                return Err(invalid(
+                    field,
+                    "needs exactly one of `prefix = \"250\"`, `range = [390, 459]` (from <= to) or `values = [...]`, and `to`",
+                ));
+            }
+        };
+        Ok(CategoryMap { matches, to })
+    }
+}
+
+impl CodeMatch {
+    /// Whether a raw value (its text, and its number where it reads as one)
+    /// is taken by this rule.
+    pub fn takes(&self, text: &str, number: Option<f64>) -> bool {
+        match self {
+            CodeMatch::Prefix(prefix) => text.starts_with(prefix.as_str()),
+            CodeMatch::Range { from, to } => number.is_some_and(|v| *from <= v && v < to + 1.0),
+            CodeMatch::Values(values) => values.iter().any(|v| v == text),
+        }
     }
 }
 
@@ -282,7 +492,7 @@ fn parse_rule(rule: &str) -> Result<LabelRule, SchemaError> {
                 .trim()
                 .parse()
                 .map_err(|_| invalid("label.positive_if", format!("`{}` is not a number", rest.trim())))?;
-            return Ok(LabelRule { op, threshold });
+            return Ok(LabelRule::Compare { op, threshold });
         }
     }
     Err(invalid(
@@ -338,7 +548,7 @@ kind = "label"
         assert_eq!(schema.feature_names(), vec!["a", "c=1", "c=2"]);
         assert_eq!(
             schema.label,
-            LabelRule {
+            LabelRule::Compare {
                 op: CompareOp::Gt,
                 threshold: 0.0
             }
@@ -376,11 +586,36 @@ kind = "label"
             "(0, 1)",
         );
         check_err("name = \"skip\"", "name = \"a\"", "column[2] (a)", "duplicate");
+        check_err(
+            "kind = \"drop\"",
+            "kind = \"id\"",
+            "column[2] (skip).kind",
+            "only by `[split] group_by`",
+        );
+        check_err(
+            "seed = 1",
+            "seed = 1\ngroup_by = \"skip\"",
+            "split.group_by",
+            "names `skip`, which is not a column of kind = \"id\"",
+        );
         assert!(matches!(Schema::from_toml("[label"), Err(SchemaError::Syntax(_))));
         assert!(matches!(
             Schema::from_toml(&SMALL.replace("seed = 1", "seed = 1\nsede = 2")),
             Err(SchemaError::Syntax(m)) if m.contains("sede")
         ));
+    }
+
+    #[test]
+    fn group_by_names_an_id_column_that_is_not_a_feature() {
+        let text = SMALL
+            .replace("seed = 1", "seed = 1\ngroup_by = \"skip\"")
+            .replace("kind = \"drop\"", "kind = \"id\"");
+        let schema = Schema::from_toml(&text).unwrap();
+        assert_eq!(schema.split.group_by.as_deref(), Some("skip"));
+        assert_eq!(schema.columns[2].kind, ColumnKind::Id);
+        let plain = Schema::from_toml(SMALL).unwrap();
+        assert_eq!(schema.feature_names(), plain.feature_names());
+        assert_eq!(schema.features_hash(), plain.features_hash());
     }
 
     #[test]
@@ -394,8 +629,10 @@ kind = "label"
             ("== 3", 3.0, true),
             ("!= 3", 3.0, false),
         ] {
-            let r = parse_rule(rule).unwrap();
-            assert_eq!(r.op.holds(v, r.threshold), expect, "{rule} on {v}");
+            let LabelRule::Compare { op, threshold } = parse_rule(rule).unwrap() else {
+                panic!("{rule} is a comparison")
+            };
+            assert_eq!(op.holds(v, threshold), expect, "{rule} on {v}");
         }
     }
 }

@@ -49,15 +49,18 @@ impl Rows for Dataset {
     /// Hands over slices of [`PASS_ROWS`] rows, as a streamed pass would.
     fn scan(&self, visit: &mut dyn FnMut(&Dataset) -> ControlFlow<()>) -> Result<(), DataError> {
         let width = self.n_features.max(1);
-        for (features, labels) in self
+        for (index, (features, labels)) in self
             .features
             .chunks(PASS_ROWS * width)
             .zip(self.labels.chunks(PASS_ROWS))
+            .enumerate()
         {
+            let groups = self.groups.chunks(PASS_ROWS).nth(index).unwrap_or_default();
             let batch = Dataset {
                 n_features: self.n_features,
                 features: features.to_vec(),
                 labels: labels.to_vec(),
+                groups: groups.to_vec(),
             };
             if visit(&batch).is_break() {
                 break;
@@ -101,17 +104,25 @@ pub enum Part {
     Test,
 }
 
-/// Decides, row by row in file order, which rows are test rows: exactly
-/// `ceil(test_fraction · n)` of the `n` usable rows, every such set equally
-/// likely (selection sampling, Knuth's Algorithm S), drawn from a ChaCha20
-/// stream seeded by the split's seed. It needs `n` and nothing else, so a
-/// pass over a file larger than memory splits it as a table in memory is
-/// split.
+/// Decides, row by row in file order, which rows are test rows.
+///
+/// Without `group_by`: exactly `ceil(test_fraction · n)` of the `n` usable
+/// rows, every such set equally likely (selection sampling, Knuth's
+/// Algorithm S), drawn from a ChaCha20 stream seeded by the split's seed.
+/// It needs `n` and nothing else, so a pass over a file larger than memory
+/// splits it as a table in memory is split.
+///
+/// With `group_by`: a row is a test row when the keyed hash of its id
+/// ([`GroupHasher`]) falls below `test_fraction` of the hash range, so
+/// every row of one patient lands on the same side, wherever it is in the
+/// file, and the sides are the same in every pass and every file format.
 #[derive(Clone)]
 pub struct Splitter {
     rng: ChaCha20Rng,
     rows_left: usize,
     test_left: usize,
+    /// Hashes below this are test ids (grouped splits only).
+    grouped_below: Option<u64>,
 }
 
 impl Splitter {
@@ -120,11 +131,20 @@ impl Splitter {
             rng: ChaCha20Rng::seed_from_u64(split.seed),
             rows_left: n,
             test_left: test_rows(split, n),
+            // test_fraction < 1, so this is below 2^64.
+            grouped_below: split
+                .group_by
+                .as_ref()
+                .map(|_| (split.test_fraction * 2f64.powi(64)) as u64),
         }
     }
 
-    /// Whether the next row is a test row.
-    pub fn next_is_test(&mut self) -> bool {
+    /// Whether the next row is a test row; `group` is its id's hash (the
+    /// row's entry in `Dataset::groups`), which a grouped split needs.
+    pub fn next_is_test(&mut self, group: Option<&u64>) -> bool {
+        if let Some(below) = self.grouped_below {
+            return *group.expect("rows of a grouped split carry their group") < below;
+        }
         if self.rows_left == 0 {
             return false;
         }
@@ -135,6 +155,39 @@ impl Splitter {
             self.test_left -= 1;
         }
         take
+    }
+
+    /// Appends each row of `batch` to `test` or `train` (without groups:
+    /// once split, a row's id is not needed).
+    fn deal(&mut self, batch: &Dataset, train: &mut Dataset, test: &mut Dataset) {
+        for (i, (row, &label)) in batch.rows().zip(&batch.labels).enumerate() {
+            let part = if self.next_is_test(batch.groups.get(i)) {
+                &mut *test
+            } else {
+                &mut *train
+            };
+            part.features.extend_from_slice(row);
+            part.labels.push(label);
+        }
+    }
+}
+
+/// The keyed hash of a patient id that places it in a grouped split:
+/// SipHash-2-4 keyed by the split's seed, over the id's text.
+pub(crate) struct GroupHasher(siphasher::sip::SipHasher24);
+
+impl GroupHasher {
+    pub(crate) fn new(split: &SplitSpec) -> Self {
+        // The second key word only separates these hashes from other uses
+        // of the seed ("tessera-split" in ASCII, truncated).
+        Self(siphasher::sip::SipHasher24::new_with_keys(
+            split.seed,
+            0x7465_7373_6572_612d,
+        ))
+    }
+
+    pub(crate) fn hash(&self, id: &str) -> u64 {
+        self.0.hash(id.as_bytes())
     }
 }
 
@@ -158,11 +211,29 @@ pub struct TableSplit {
 
 impl TableSplit {
     /// Both parts of `path`, after one pass that checks the whole file and
-    /// counts its usable rows (the report `check` shows).
+    /// counts its usable rows (the report `check` shows) and its test rows.
     pub fn open(path: PathBuf, schema: Schema) -> Result<(TableSplit, TableSplit, ReadReport), DataError> {
-        let report = scan_table(&path, &schema, PASS_ROWS, &mut |_| ControlFlow::Continue(()))?;
+        let mut grouped_test = 0;
+        let mut splitter = Splitter::new(&schema.split, 0);
+        let report = scan_table(&path, &schema, PASS_ROWS, &mut |batch| {
+            if schema.split.group_by.is_some() {
+                grouped_test += batch.groups.iter().filter(|&g| splitter.next_is_test(Some(g))).count();
+            }
+            ControlFlow::Continue(())
+        })?;
         let n_rows = report.rows_kept;
-        let n_test = test_rows(&schema.split, n_rows);
+        let n_test = match schema.split.group_by {
+            Some(_) => grouped_test,
+            None => test_rows(&schema.split, n_rows),
+        };
+        if n_test == 0 || n_test == n_rows {
+            return Err(DataError::EmptySplit {
+                file: path,
+                empty: if n_test == 0 { "test" } else { "training" },
+                rows: n_rows,
+                group_by: schema.split.group_by.clone(),
+            });
+        }
         let part = |part, len| TableSplit {
             path: path.clone(),
             schema: schema.clone(),
@@ -185,29 +256,26 @@ impl Rows for TableSplit {
 
     fn scan(&self, visit: &mut dyn FnMut(&Dataset) -> ControlFlow<()>) -> Result<(), DataError> {
         let mut splitter = Splitter::new(&self.schema.split, self.n_rows);
-        let mut out = Dataset {
-            n_features: self.n_features(),
-            features: Vec::new(),
-            labels: Vec::new(),
-        };
+        let mut out = Dataset::empty(self.n_features());
+        let mut other_part = Dataset::empty(self.n_features());
         let mut stopped = false;
         let mut seen = 0;
         scan_table(&self.path, &self.schema, PASS_ROWS, &mut |batch| {
             seen += batch.len();
-            for (row, &label) in batch.rows().zip(&batch.labels) {
-                if splitter.next_is_test() == (self.part == Part::Test) {
-                    out.features.extend_from_slice(row);
-                    out.labels.push(label);
-                }
+            match self.part {
+                Part::Train => splitter.deal(&batch, &mut out, &mut other_part),
+                Part::Test => splitter.deal(&batch, &mut other_part, &mut out),
             }
+            other_part.features.clear();
+            other_part.labels.clear();
             // Batches of exactly PASS_ROWS rows, as an in-memory `Dataset`
             // hands them over: a model's logits for a row may differ in the
             // last bit with the shape of the batch it is computed in.
             while out.len() >= PASS_ROWS && !stopped {
                 let rest = Dataset {
-                    n_features: out.n_features,
                     features: out.features.split_off(PASS_ROWS * out.n_features),
                     labels: out.labels.split_off(PASS_ROWS),
+                    ..Dataset::empty(out.n_features)
                 };
                 stopped = visit(&out).is_break();
                 out = rest;
@@ -238,18 +306,8 @@ impl Dataset {
     /// The train and test parts of these rows, as [`Splitter`] splits
     /// them: the parts a streamed pass over the same rows gives.
     pub fn split(&self, split: &SplitSpec) -> (Dataset, Dataset) {
-        let mut splitter = Splitter::new(split, self.len());
-        let empty = || Dataset {
-            n_features: self.n_features,
-            features: Vec::new(),
-            labels: Vec::new(),
-        };
-        let (mut train, mut test) = (empty(), empty());
-        for (row, &label) in self.rows().zip(&self.labels) {
-            let part = if splitter.next_is_test() { &mut test } else { &mut train };
-            part.features.extend_from_slice(row);
-            part.labels.push(label);
-        }
+        let (mut train, mut test) = (Dataset::empty(self.n_features), Dataset::empty(self.n_features));
+        Splitter::new(split, self.len()).deal(self, &mut train, &mut test);
         (train, test)
     }
 }
@@ -267,11 +325,7 @@ pub fn feature_stats(rows: &dyn Rows) -> Result<FeatureStats, DataError> {
 /// All of `rows` in memory (for tools that need the whole split, such as
 /// the pooled baseline of the local demo).
 pub fn to_dataset(rows: &dyn Rows) -> Result<Dataset, DataError> {
-    let mut all = Dataset {
-        n_features: rows.n_features(),
-        features: Vec::new(),
-        labels: Vec::new(),
-    };
+    let mut all = Dataset::empty(rows.n_features());
     rows.scan(&mut |batch| {
         all.append(batch.clone());
         ControlFlow::Continue(())
@@ -431,15 +485,159 @@ kind = "label"
         );
     }
 
+    const GROUPED: &str = r#"
+[format]
+header = true
+missing_markers = ["NA"]
+[label]
+column = "y"
+positive_if = "> 0"
+[split]
+test_fraction = 0.2
+seed = 3
+group_by = "patient"
+[[column]]
+name = "patient"
+kind = "id"
+[[column]]
+name = "row"
+kind = "numeric"
+[[column]]
+name = "who"
+kind = "numeric"
+[[column]]
+name = "y"
+kind = "label"
+"#;
+
+    /// The patient (feature `who`) of each row of a part.
+    fn patients(rows: &dyn Rows) -> std::collections::BTreeSet<u32> {
+        let all = to_dataset(rows).unwrap();
+        all.rows().map(|r| r[1] as u32).collect()
+    }
+
+    /// One patient's encounters are scattered through the file; every one
+    /// of them lands on the same side, in memory and streamed, from CSV and
+    /// from Parquet (integer ids there, text in the CSV file), and a row
+    /// without an id is left out and counted.
+    #[test]
+    fn a_grouped_split_keeps_each_patient_on_one_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 3000u32;
+        let patient = |i: u32| 1_000_000_007u64 + u64::from((i * 37) % 400);
+        let mut text = String::from("patient,row,who,y\n");
+        for i in 0..n {
+            let id = if i == 5 {
+                "NA".to_string()
+            } else {
+                patient(i).to_string()
+            };
+            text.push_str(&format!("{id},{i},{},{}\n", (i * 37) % 400, i % 2));
+        }
+        let csv = dir.path().join("encounters.csv");
+        std::fs::write(&csv, &text).unwrap();
+        let parquet = dir.path().join("encounters.parquet");
+        let ids: arrow_array::Int64Array = (0..n).map(|i| (i != 5).then(|| patient(i) as i64)).collect();
+        let int_column = |f: &dyn Fn(u32) -> i64| {
+            std::sync::Arc::new((0..n).map(f).collect::<arrow_array::Int64Array>()) as arrow_array::ArrayRef
+        };
+        let batch = arrow_array::RecordBatch::try_from_iter([
+            ("patient", std::sync::Arc::new(ids) as arrow_array::ArrayRef),
+            ("row", int_column(&|i| i64::from(i))),
+            ("who", int_column(&|i| i64::from((i * 37) % 400))),
+            ("y", int_column(&|i| i64::from(i % 2))),
+        ])
+        .unwrap();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&parquet).unwrap(), batch.schema(), None)
+                .unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+
+        let schema = Schema::from_toml(GROUPED).unwrap();
+        let (all, report) = crate::data::read_table(&csv, &schema).unwrap();
+        assert_eq!(report.rows_kept, n as usize - 1);
+        assert!(report.missing_per_column.contains(&("patient".to_string(), 1)));
+        let (train, test) = all.split(&schema.split);
+        assert!(
+            train.groups.is_empty() && test.groups.is_empty(),
+            "ids do not outlive the split"
+        );
+        let (train_ids, test_ids) = (patients(&train), patients(&test));
+        assert!(train_ids.is_disjoint(&test_ids), "a patient in both splits");
+        assert_eq!(train_ids.len() + test_ids.len(), 400);
+        // About a fifth of the patients are test patients.
+        assert!((50..=110).contains(&test_ids.len()), "{} test patients", test_ids.len());
+        for file in [&csv, &parquet] {
+            let (s_train, s_test, s_report) = TableSplit::open(file.clone(), schema.clone()).unwrap();
+            assert_eq!(s_report, report, "{}", file.display());
+            assert_eq!((s_train.len(), s_test.len()), (train.len(), test.len()));
+            assert_eq!(to_dataset(&s_train).unwrap(), train, "{}", file.display());
+            assert_eq!(to_dataset(&s_test).unwrap(), test, "{}", file.display());
+        }
+        // Another seed deals the patients differently (still grouped).
+        let other = SplitSpec {
+            seed: 4,
+            ..schema.split.clone()
+        };
+        let mut reseeded = schema.clone();
+        reseeded.split = other;
+        let (all, _) = crate::data::read_table(&csv, &reseeded).unwrap();
+        let (o_train, o_test) = all.split(&reseeded.split);
+        assert!(patients(&o_train).is_disjoint(&patients(&o_test)));
+        assert_ne!(patients(&o_test), test_ids);
+    }
+
     proptest! {
         /// Exactly `ceil(f·n)` test rows, whatever n, f and seed.
         #[test]
         fn the_splitter_picks_exactly_the_test_rows_it_must(n in 0usize..2000, f in 0.01f64..0.99, seed in any::<u64>()) {
-            let split = SplitSpec { test_fraction: f, seed };
+            let split = SplitSpec { test_fraction: f, seed, group_by: None };
             let mut splitter = Splitter::new(&split, n);
-            let picked = (0..n).filter(|_| splitter.next_is_test()).count();
+            let picked = (0..n).filter(|_| splitter.next_is_test(None)).count();
             prop_assert_eq!(picked, test_rows(&split, n));
-            prop_assert!(!splitter.next_is_test(), "past the end");
+            prop_assert!(!splitter.next_is_test(None), "past the end");
         }
+
+        /// A grouped split partitions the rows, never splits a group, and
+        /// its test share of groups follows `test_fraction`.
+        #[test]
+        fn a_grouped_split_never_splits_a_group(
+            groups in prop::collection::vec(0u32..50, 1..400),
+            f in 0.05f64..0.95,
+            seed in any::<u64>(),
+        ) {
+            let split = SplitSpec { test_fraction: f, seed, group_by: Some("patient".into()) };
+            let hasher = GroupHasher::new(&split);
+            let data = Dataset {
+                features: groups.iter().enumerate().flat_map(|(i, &g)| [i as f32, g as f32]).collect(),
+                labels: vec![0.0; groups.len()],
+                groups: groups.iter().map(|g| hasher.hash(&g.to_string())).collect(),
+                ..Dataset::empty(2)
+            };
+            let (train, test) = data.split(&split);
+            let (train_ids, test_ids) = (patients(&train), patients(&test));
+            prop_assert!(train_ids.is_disjoint(&test_ids));
+            let mut rows: Vec<u32> = train.rows().chain(test.rows()).map(|r| r[0] as u32).collect();
+            rows.sort_unstable();
+            prop_assert_eq!(rows, (0..groups.len() as u32).collect::<Vec<_>>());
+        }
+    }
+
+    /// Over many ids, the share of test ids is `test_fraction`.
+    #[test]
+    fn grouped_test_share_follows_the_fraction() {
+        let split = SplitSpec {
+            test_fraction: 0.3,
+            seed: 9,
+            group_by: Some("patient".into()),
+        };
+        let hasher = GroupHasher::new(&split);
+        let mut splitter = Splitter::new(&split, 0);
+        let test = (0..100_000)
+            .filter(|i| splitter.next_is_test(Some(&hasher.hash(&format!("P{i}")))))
+            .count();
+        // Binomial(100000, 0.3): sd 145; 6 sd either side.
+        assert!((29_130..=30_870).contains(&test), "{test}");
     }
 }

@@ -105,11 +105,7 @@ pub fn train_local(
         let grads = GradientsParams::from_grads(loss.backward(), &net);
         model = Some(optimizer.step(cfg.spec.learning_rate, net, grads));
     };
-    let empty = || Dataset {
-        n_features: data.n_features(),
-        features: Vec::new(),
-        labels: Vec::new(),
-    };
+    let empty = || Dataset::empty(data.n_features());
     // Shuffles the buffer and trains on its minibatches; unless the pass
     // is over, an incomplete last minibatch stays in the buffer.
     let mut drain = |buffer: &mut Dataset, end_of_pass: bool, step: &mut usize| {
@@ -292,9 +288,9 @@ mod tests {
             labels.push(if x0 > 0.0 { 1.0 } else { 0.0 });
         }
         Dataset {
-            n_features: 2,
             features,
             labels,
+            ..Dataset::empty(2)
         }
     }
 
@@ -394,11 +390,7 @@ mod tests {
             train_local(&cfg, &init, &data, &device).unwrap_err(),
             TrainError::Width { expected: 3, got: 2 }
         );
-        let empty = Dataset {
-            n_features: 3,
-            features: vec![],
-            labels: vec![],
-        };
+        let empty = Dataset::empty(3);
         assert_eq!(
             train_local(&cfg, &init, &empty, &device).unwrap_err(),
             TrainError::NoData

@@ -303,9 +303,15 @@ fn check(path: &Path) -> anyhow::Result<()> {
         all - positives,
         100.0 * positives as f64 / all.max(1) as f64
     );
+    let split = &data.schema.split;
+    let grouped = split
+        .group_by
+        .as_ref()
+        .map(|g| format!(", grouped by `{g}`"))
+        .unwrap_or_default();
     println!(
-        "  split (test_fraction {}, seed {}): train {} ({} positive), test {} ({} positive)",
-        data.schema.split.test_fraction, data.schema.split.seed, n_train, train_positive, n_test, test_positive
+        "  split (test_fraction {}, seed {}{grouped}): train {} ({} positive), test {} ({} positive)",
+        split.test_fraction, split.seed, n_train, train_positive, n_test, test_positive
     );
     if data.streamed {
         println!(

@@ -66,6 +66,16 @@ fn check_refuses_files_without_usable_rows_and_passes_real_data() {
             "{name}: {stderr}"
         );
     }
+    // One usable row: the split leaves nothing to train on.
+    let data = dir.path().join("one.csv");
+    std::fs::write(&data, format!("{first_row}\n")).unwrap();
+    let out = check(dir.path(), &data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("one.csv") && stderr.contains("leaves the training part empty (1 usable rows)"),
+        "{stderr}"
+    );
 }
 
 /// The real Cleveland file as Parquet: a column whose cells are all numbers
