@@ -173,7 +173,11 @@ fn encode_columns(rows: &RowEncoder, schema: &Schema, views: &[View], n: usize) 
                         match column.kind {
                             ColumnKind::Numeric => *batch.feature(r, slot.offset) = number(cell).ok()? as f32,
                             ColumnKind::Categorical { .. } => {
-                                *batch.feature(r, slot.offset + slot.category(cell).ok()?) = 1.0;
+                                let hit = slot.category(cell).ok()?;
+                                if Some(hit) == slot.other() {
+                                    batch.other[used] += 1;
+                                }
+                                *batch.feature(r, slot.offset + hit) = 1.0;
                             }
                             ColumnKind::Label => batch.labels[r] = label_of(&schema.label, cell).ok()?,
                             ColumnKind::Id => batch.groups[r] = rows.group_of(cell),
@@ -555,6 +559,8 @@ kind = "label"
         assert_eq!(data.labels, [1.0, 0.0, 0.0, 1.0, 0.0]);
         assert_eq!(report.missing_per_column[0], ("age".to_owned(), 1));
         assert_eq!(report.missing_per_column[2], ("race".to_owned(), 1));
+        // V45 and 460, kept rows or not.
+        assert_eq!(report.other_per_column, [("diag".to_owned(), 2)]);
 
         // The same extract as Parquet, typed: `age` as numbers (nulls for
         // `?`), the codes and outcome as text; batches of 3 rows.

@@ -32,6 +32,9 @@ pub struct ReadReport {
     pub rows_kept: usize,
     /// Missing cells per used column, in file order.
     pub missing_per_column: Vec<(String, usize)>,
+    /// Values sent to the other bucket, per column that has one (a map
+    /// that misses most codes shows here).
+    pub other_per_column: Vec<(String, usize)>,
 }
 
 /// Why a data file could not be read.
@@ -346,6 +349,8 @@ pub(crate) struct RowEncoder<'s> {
     rows_kept: usize,
     /// Missing cells per used column, in schema order.
     missing_per_column: Vec<(String, usize)>,
+    /// Values in the other bucket, per used column (0 where it has none).
+    other_per_column: Vec<usize>,
     rows_read: usize,
     encoded: Vec<f32>,
     /// Hashes the `[split] group_by` id of a grouped split.
@@ -365,6 +370,7 @@ impl<'s> RowEncoder<'s> {
                 .filter(|c| c.kind != ColumnKind::Drop)
                 .map(|c| (c.name.clone(), 0))
                 .collect(),
+            other_per_column: vec![0; schema.columns.iter().filter(|c| c.kind != ColumnKind::Drop).count()],
             rows_read: 0,
             rows_kept: 0,
             encoded: Vec::with_capacity(n_features),
@@ -401,6 +407,9 @@ impl<'s> RowEncoder<'s> {
                 }
                 ColumnKind::Categorical { .. } => {
                     let hit = slot.category(cell).map_err(malformed)?;
+                    if Some(hit) == slot.other() {
+                        self.other_per_column[used] += 1;
+                    }
                     self.encoded
                         .extend((0..slot.width).map(|k| if k == hit { 1.0 } else { 0.0 }));
                 }
@@ -456,6 +465,7 @@ impl<'s> RowEncoder<'s> {
             labels: vec![0.0; n],
             keep: vec![true; n],
             missing: vec![0; self.missing_per_column.len()],
+            other: vec![0; self.missing_per_column.len()],
             groups: if self.groups.is_some() { vec![0; n] } else { Vec::new() },
         }
     }
@@ -466,6 +476,9 @@ impl<'s> RowEncoder<'s> {
         self.rows_read += batch.keep.len();
         for ((_, count), missing) in self.missing_per_column.iter_mut().zip(&batch.missing) {
             *count += missing;
+        }
+        for (count, other) in self.other_per_column.iter_mut().zip(&batch.other) {
+            *count += other;
         }
         let width = batch.width;
         if self.dataset.is_empty() && batch.keep.iter().all(|&keep| keep) {
@@ -505,6 +518,16 @@ impl<'s> RowEncoder<'s> {
             rows_read: self.rows_read,
             rows_kept: self.rows_kept,
             missing_per_column: self.missing_per_column.clone(),
+            other_per_column: self
+                .schema
+                .columns
+                .iter()
+                .zip(&self.slots)
+                .filter_map(|(column, slot)| {
+                    let used = slot.used.filter(|_| slot.other().is_some())?;
+                    Some((column.name.clone(), self.other_per_column[used]))
+                })
+                .collect(),
         }
     }
 
@@ -620,6 +643,11 @@ impl Slot {
         slots
     }
 
+    /// The other bucket's index, where the column has one.
+    pub(crate) fn other(&self) -> Option<usize> {
+        (!self.categories.is_empty() && self.width > self.categories.len()).then_some(self.categories.len())
+    }
+
     /// The index of a (present) cell's category (or of the other bucket,
     /// the last). The first `map` rule that takes the cell decides; else
     /// categories match as numbers when both are numbers (`1.0` is `1`),
@@ -636,7 +664,7 @@ impl Slot {
                 return Ok(rule.to);
             }
         }
-        let other = (self.width > self.categories.len()).then_some(self.categories.len());
+        let other = self.other();
         self.categories
             .iter()
             .position(|(declared, declared_number)| match (declared_number, cell) {
@@ -665,6 +693,8 @@ pub(crate) struct ColumnBatch {
     pub(crate) keep: Vec<bool>,
     /// Missing cells per used column.
     pub(crate) missing: Vec<usize>,
+    /// Values in the other bucket per used column.
+    pub(crate) other: Vec<usize>,
     pub(crate) groups: Vec<u64>,
 }
 

@@ -295,8 +295,20 @@ fn check(path: &Path) -> anyhow::Result<()> {
         r.rows_read - r.rows_kept
     );
     println!("  missing values per column:");
+    let width = r
+        .missing_per_column
+        .iter()
+        .map(|(name, _)| name.len())
+        .max()
+        .unwrap_or(0);
     for (name, n) in &r.missing_per_column {
-        println!("    {name:<12} {n}");
+        println!("    {name:<width$} {n}");
+    }
+    if !r.other_per_column.is_empty() {
+        println!("  values in an other bucket (no category or map rule took them):");
+        for (name, n) in &r.other_per_column {
+            println!("    {name:<width$} {n}");
+        }
     }
     println!(
         "  label: {positives} positive / {} negative ({:.1}% positive)",
