@@ -288,9 +288,21 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
     set_phase(shared, job_id, "preprocessing").await;
     let (total, secure_sum) = preprocess(shared, job_id, spec, &members).await?;
     // From here on the job is its sealed cohort's: a site that never
-    // accepted it on the ledger is in no round.
+    // accepted it on the ledger is in no round, nor is a site left out of
+    // it (its encoding differs from the others').
     let cohort = shared.ledger.cohort(job_id.0);
-    let members: BTreeSet<SiteId> = members.intersection(&cohort).cloned().collect();
+    let left_out: BTreeSet<SiteId> = shared
+        .store
+        .problems(job_id)
+        .await?
+        .into_iter()
+        .filter_map(|(site, _)| SiteId::new(&site).ok())
+        .collect();
+    let members: BTreeSet<SiteId> = members
+        .intersection(&cohort)
+        .filter(|s| !left_out.contains(*s))
+        .cloned()
+        .collect();
     let normalization = Normalization::from_stats(&total).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
     let n_features = total.sum.len();
     if let Some((sum, transcript)) = secure_sum {
@@ -618,16 +630,24 @@ async fn preprocess(
         Phase::Stats(Box::new(StatsPhase {
             pending: members.clone(),
             reports: BTreeMap::new(),
-            features_hash: None,
+            encodings: BTreeMap::new(),
             secure: secure.is_some(),
             session: None,
         })),
     );
     let deadline = shared.now_ms() + spec.timing.round_timeout_s * 1000;
     let dropout_ms = spec.timing.dropout_after_s * 1000;
-    let reports: BTreeMap<SiteId, FeatureStats> = loop {
+    let (mut reports, encodings) = loop {
         let _ = tokio::time::timeout(TICK, shared.progress.notified()).await;
         let now = shared.now_ms();
+        // A site that declined the job sends nothing: no wait for it.
+        let declined: BTreeSet<SiteId> = shared
+            .ledger
+            .decisions(job_id.0)
+            .into_iter()
+            .filter(|(_, (accepted, _))| !accepted)
+            .map(|(site, _)| site)
+            .collect();
         let mut inner = shared.lock();
         let last_seen = inner.last_seen.clone();
         let active = inner.active.as_mut().expect("active job installed by run_job");
@@ -637,18 +657,36 @@ async fn preprocess(
         let Phase::Stats(stats) = &mut active.phase else {
             unreachable!("phase set above")
         };
-        stats
-            .pending
-            .retain(|s| now < deadline && now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) < dropout_ms);
+        stats.pending.retain(|s| {
+            !declined.contains(s)
+                && now < deadline
+                && now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) < dropout_ms
+        });
         if stats.pending.is_empty() {
-            break stats.reports.clone();
+            break (stats.reports.clone(), stats.encodings.clone());
         }
     };
+    // One encoding for the job: the most common one; a site with another
+    // would train on other features (or another label) than the rest.
+    let (encoding, outliers) =
+        agree_on_encoding(&encodings).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
+    for site in &outliers {
+        reports.remove(site);
+        let problem = format!(
+            "left out: its data is encoded differently from the other sites' (features hash {}…, theirs {}…); \
+             every site must use the consortium's schema file",
+            &encodings[site][..encodings[site].len().min(16)],
+            &encoding[..encoding.len().min(16)]
+        );
+        warn!(job = %job_id, %site, "{problem}");
+        shared.store.record_problem(job_id, site, &problem, unix_ms()).await?;
+    }
     if reports.len() < spec.min_sites as usize {
         return Err(Stop::Failed(format!(
-            "preprocessing: only {} sites sent statistics, min_sites is {}",
+            "preprocessing: only {} sites sent statistics, min_sites is {}{}",
             reports.len(),
-            spec.min_sites
+            spec.min_sites,
+            absent_reasons(shared, job_id).await?
         )));
     }
     seal_cohort(shared, job_id, spec).await?;
@@ -680,6 +718,66 @@ async fn preprocess(
     let total =
         FeatureStats::from_secure_sum(&sum, n_features).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
     Ok((total, Some((sum, transcript))))
+}
+
+/// The encoding (features hash) most sites reported, and the sites that
+/// reported another. No encoding is chosen when two are equally common:
+/// which sites are "wrong" is then for the consortium to settle.
+fn agree_on_encoding(encodings: &BTreeMap<SiteId, String>) -> Result<(String, BTreeSet<SiteId>), String> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for hash in encodings.values() {
+        *counts.entry(hash).or_default() += 1;
+    }
+    let mut ranked: Vec<(&str, usize)> = counts.into_iter().collect();
+    ranked.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    match ranked.as_slice() {
+        [] => Ok((String::new(), BTreeSet::new())),
+        [(_, n), (_, m), ..] if n == m => {
+            let sites: Vec<String> = encodings
+                .iter()
+                .map(|(site, hash)| format!("{site} {}…", &hash[..hash.len().min(16)]))
+                .collect();
+            Err(format!(
+                "the sites encode their data in {} different ways and no encoding is shared by more sites \
+                 than another ({}); every site must use the consortium's schema file",
+                ranked.len(),
+                sites.join(", ")
+            ))
+        }
+        [(first, _), ..] => {
+            let outliers = encodings
+                .iter()
+                .filter(|(_, hash)| hash.as_str() != *first)
+                .map(|(site, _)| site.clone())
+                .collect();
+            Ok(((*first).to_owned(), outliers))
+        }
+    }
+}
+
+/// Why the sites that are not taking part are absent, as the end of an
+/// error message ("" when every site is accounted for otherwise).
+async fn absent_reasons(shared: &Arc<Shared>, job_id: JobId) -> anyhow::Result<String> {
+    let mut reasons: Vec<String> = shared
+        .ledger
+        .decisions(job_id.0)
+        .into_iter()
+        .filter(|(_, (accepted, _))| !accepted)
+        .map(|(site, (_, reason))| format!("{site} declined: {reason}"))
+        .collect();
+    reasons.extend(
+        shared
+            .store
+            .problems(job_id)
+            .await?
+            .into_iter()
+            .map(|(site, problem)| format!("{site} {problem}")),
+    );
+    Ok(if reasons.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", reasons.join("; "))
+    })
 }
 
 fn install_round(
@@ -989,6 +1087,35 @@ mod tests {
 
     fn site(s: &str) -> SiteId {
         SiteId::new(s).unwrap()
+    }
+
+    /// The most common encoding wins whichever site reported first; a tie
+    /// names every site's hash and picks none.
+    #[test]
+    fn the_most_common_encoding_is_kept_and_a_tie_is_an_error() {
+        let encodings = |pairs: &[(&str, &str)]| -> BTreeMap<SiteId, String> {
+            pairs.iter().map(|(s, h)| (site(s), h.repeat(20))).collect()
+        };
+        // `a` sorts first and is the odd one: it must not set the rule.
+        let (kept, left_out) = agree_on_encoding(&encodings(&[("a", "x"), ("b", "y"), ("c", "y")])).unwrap();
+        assert_eq!(kept, "y".repeat(20));
+        assert_eq!(left_out, BTreeSet::from([site("a")]));
+        let (_, left_out) = agree_on_encoding(&encodings(&[("a", "y"), ("b", "y")])).unwrap();
+        assert!(left_out.is_empty());
+        let err = agree_on_encoding(&encodings(&[
+            ("a", "x"),
+            ("b", "y"),
+            ("c", "z"),
+            ("d", "z"),
+            ("e", "x"),
+        ]))
+        .unwrap_err();
+        assert!(err.contains("3 different ways"), "{err}");
+        assert!(
+            err.contains("a xxxxxxxxxxxxxxxx…") && err.contains("d zzzzzzzzzzzzzzzz…"),
+            "{err}"
+        );
+        assert_eq!(agree_on_encoding(&BTreeMap::new()).unwrap().1, BTreeSet::new());
     }
 
     #[test]

@@ -20,8 +20,9 @@ use tracing::{info, warn};
 /// The software that wrote a block, as recorded in it.
 pub const SOFTWARE: &str = concat!("tessera-coordinator ", env!("CARGO_PKG_VERSION"));
 
-/// A decision on the chain: accepted or not, and the counts it declared.
-type Decision = (bool, Option<DeclaredCounts>);
+/// A decision on the chain: accepted or not, the counts it declared, and
+/// the site's stated reason (what `tessera job status` shows for a refusal).
+type Decision = (bool, Option<DeclaredCounts>, String);
 
 /// The chain, its writer and the membership history (to check endorsements
 /// against the membership at the endorsed block).
@@ -110,7 +111,7 @@ impl Ledger {
                 if let Payload::JobAccepted(a) = &verified.payload
                     && let Ok(site) = SiteId::new(&a.site)
                 {
-                    decisions.insert((a.job_id, site), (a.accepted, a.counts));
+                    decisions.insert((a.job_id, site), (a.accepted, a.counts, a.reason.clone()));
                 }
                 if let Payload::CohortSealed(c) = &verified.payload {
                     let cohort = c.cohort.iter().filter_map(|s| SiteId::new(s).ok()).collect();
@@ -236,7 +237,7 @@ impl Ledger {
     pub async fn record_decision(&self, decision: JobAccepted, now_ms: u64) -> anyhow::Result<bool> {
         let site = SiteId::new(&decision.site)?;
         let pair = (decision.job_id, site);
-        let value = (decision.accepted, decision.counts);
+        let value = (decision.accepted, decision.counts, decision.reason.clone());
         let mut tx = self.begin().await?;
         if self.decisions.lock().expect("decisions lock").contains_key(&pair) {
             return Ok(false);
@@ -258,7 +259,7 @@ impl Ledger {
             .lock()
             .expect("decisions lock")
             .get(&(job_id, site.clone()))
-            .is_some_and(|(accepted, _)| *accepted)
+            .is_some_and(|(accepted, ..)| *accepted)
     }
 
     /// The job's sealed cohort (empty before [`Ledger::seal_cohort`]).
@@ -271,6 +272,19 @@ impl Ledger {
             .get(&job_id)
             .map(|(_, c)| c.clone())
             .unwrap_or_default()
+    }
+
+    /// Every site's decision on the job that is on the chain: whether it
+    /// accepted, and the reason it gave (a refusal's is what the ML lead
+    /// needs to see).
+    pub fn decisions(&self, job_id: u64) -> BTreeMap<SiteId, (bool, String)> {
+        self.decisions
+            .lock()
+            .expect("decisions lock")
+            .iter()
+            .filter(|((job, _), _)| *job == job_id)
+            .map(|((_, site), (accepted, _, reason))| (site.clone(), (*accepted, reason.clone())))
+            .collect()
     }
 
     /// Whether the job's cohort is sealed: no decision is recorded after.
@@ -293,7 +307,7 @@ impl Ledger {
             .lock()
             .expect("decisions lock")
             .iter()
-            .filter(|((job, _), (accepted, _))| *job == job_id && *accepted)
+            .filter(|((job, _), (accepted, ..))| *job == job_id && *accepted)
             .map(|((_, site), _)| site.clone())
             .collect();
         if cohort.is_empty() {
@@ -367,8 +381,8 @@ impl Ledger {
             .lock()
             .expect("decisions lock")
             .iter()
-            .filter(|((job, _), (accepted, _))| *job == job_id && *accepted)
-            .filter_map(|((_, site), (_, counts))| Some((site.clone(), (*counts)?)))
+            .filter(|((job, _), (accepted, ..))| *job == job_id && *accepted)
+            .filter_map(|((_, site), (_, counts, _))| Some((site.clone(), (*counts)?)))
             .collect()
     }
 

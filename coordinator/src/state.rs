@@ -78,7 +78,9 @@ pub enum Phase {
 pub struct StatsPhase {
     pub pending: BTreeSet<SiteId>,
     pub reports: BTreeMap<SiteId, FeatureStats>,
-    pub features_hash: Option<String>,
+    /// Each reporting site's features hash (its whole encoding): the sites
+    /// that differ from the most common one are left out of the job.
+    pub encodings: BTreeMap<SiteId, String>,
     /// Secure jobs: whether this job sums statistics securely; the report of
     /// each site then only carries its encoding (hash, width).
     pub secure: bool,

@@ -407,6 +407,32 @@ impl Store {
         Ok(rows)
     }
 
+    /// Records why a site that accepted the job was left out of it (the
+    /// first reason stands).
+    pub async fn record_problem(&self, job_id: JobId, site: &SiteId, problem: &str, now_ms: i64) -> anyhow::Result<()> {
+        sqlx::query("INSERT OR IGNORE INTO site_problems (job_id, site_id, problem, at_ms) VALUES (?, ?, ?, ?)")
+            .bind(job_id.0 as i64)
+            .bind(site.as_str())
+            .bind(problem)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("cannot record a problem of `{site}` in job {job_id}"))?;
+        Ok(())
+    }
+
+    /// The sites left out of the job, with why.
+    pub async fn problems(&self, job_id: JobId) -> anyhow::Result<Vec<(String, String)>> {
+        let rows = sqlx::query_as::<_, (String, String)>(
+            "SELECT site_id, problem FROM site_problems WHERE job_id = ? ORDER BY site_id",
+        )
+        .bind(job_id.0 as i64)
+        .fetch_all(&self.pool)
+        .await
+        .with_context(|| format!("cannot read the site problems of job {job_id}"))?;
+        Ok(rows)
+    }
+
     /// Stores a site's evaluation; a repeated report for the same round is ignored.
     pub async fn insert_metrics(&self, job_id: JobId, m: &MetricsRow) -> anyhow::Result<()> {
         sqlx::query(

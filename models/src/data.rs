@@ -122,6 +122,45 @@ pub enum DataError {
     },
 }
 
+impl DataError {
+    /// What may be said about this error outside the site: the kind of
+    /// problem and the consortium schema's column names, never a cell's
+    /// value, a line or row number, a path or the file's own column names.
+    /// The coordinator shows it to the ML lead and the ledger keeps it in
+    /// the site's decision, so it must not carry one record's content.
+    pub fn public_reason(&self) -> String {
+        match self {
+            DataError::Io { .. } => "the data file cannot be read".to_owned(),
+            DataError::Malformed { name, .. } | DataError::MalformedRow { name, .. } => {
+                format!("column `{name}` holds a value the schema cannot encode")
+            }
+            DataError::FieldCount { .. } => "a line of the data file has the wrong number of fields".to_owned(),
+            DataError::Header { expected, found, .. } => {
+                let found: Vec<&str> = found.split(',').collect();
+                match expected.split(',').find(|name| !found.contains(name)) {
+                    Some(name) => format!("schema mismatch: column `{name}` missing"),
+                    None => "schema mismatch: the file's header differs from the schema                              (other columns or another order)"
+                        .to_owned(),
+                }
+            }
+            DataError::Unreadable { .. } => "the data file cannot be read as CSV text".to_owned(),
+            DataError::Parquet { .. } => "the data file cannot be read as Parquet".to_owned(),
+            DataError::MissingColumn { name, .. } => format!("schema mismatch: column `{name}` missing"),
+            DataError::ColumnType {
+                name, found, wanted, ..
+            } => {
+                format!("schema mismatch: column `{name}` holds {found} values, which cannot be read as {wanted}")
+            }
+            DataError::NoRows { rows_read: 0, .. } => "the data file holds no data rows".to_owned(),
+            DataError::NoRows { .. } => "every data row was dropped for missing values".to_owned(),
+            DataError::EmptySplit { empty, .. } => format!("the train/test split leaves the {empty} part empty"),
+            DataError::Changed { .. } => {
+                "the data file changed while the site was running (the site must be restarted)".to_owned()
+            }
+        }
+    }
+}
+
 fn no_rows_reason(rows_read: usize) -> String {
     if rows_read == 0 {
         "the file holds no data rows (it is empty or only a header)".to_owned()
@@ -841,6 +880,57 @@ kind = "label"
         assert_eq!(err, "site.csv:2: column 4 (`y`): `inf` is not a finite number");
         let err = read("1,2,x\n").unwrap_err().to_string();
         assert_eq!(err, "site.csv:1: expected 4 fields, found 3");
+    }
+
+    /// What the coordinator and the ledger may be told names the schema's
+    /// column and the kind of problem, and none of the cell, its line, the
+    /// file's path or the file's own column names.
+    #[test]
+    fn the_public_reason_names_the_column_never_the_value_line_or_path() {
+        let secret = "Smith-4711";
+        let private_path = Path::new("/srv/ward-7/site.csv");
+        let schema = Schema::from_toml(SCHEMA).unwrap();
+        let rows = format!("1,2,x,0\n1,2,x,0\n1,2,x,0\n{secret},2,x,0\n");
+        let err = read_csv_from(rows.as_bytes(), private_path, &schema).unwrap_err();
+        assert!(
+            err.to_string().contains(secret),
+            "the site's own log names the value: {err}"
+        );
+        assert_eq!(err.public_reason(), "column `a` holds a value the schema cannot encode");
+        let mut with_header = schema.clone();
+        with_header.header = true;
+        let header = "a,c,hiv_status_private,y\n1,2,x,0\n";
+        let err = read_csv_from(header.as_bytes(), private_path, &with_header).unwrap_err();
+        assert_eq!(err.public_reason(), "schema mismatch: column `skip` missing");
+        let err = read_csv_from("a,c,y,skip\n".as_bytes(), private_path, &with_header).unwrap_err();
+        assert!(
+            err.public_reason()
+                .starts_with("schema mismatch: the file's header differs"),
+            "{err}"
+        );
+        let err = read_csv_from("1,2,x\n".as_bytes(), private_path, &schema).unwrap_err();
+        assert_eq!(
+            err.public_reason(),
+            "a line of the data file has the wrong number of fields"
+        );
+        let err = read_csv_from("".as_bytes(), private_path, &schema).unwrap_err();
+        assert_eq!(err.public_reason(), "the data file holds no data rows");
+        let err = read_table(private_path, &schema).unwrap_err();
+        assert_eq!(err.public_reason(), "the data file cannot be read");
+    }
+
+    proptest! {
+        /// Whatever a malformed cell holds and wherever it is, the public
+        /// reason is the same sentence about its column.
+        #[test]
+        fn a_malformed_cell_never_reaches_the_public_reason(cell in "[A-Za-z][A-Za-z0-9 ._-]{0,20}", line in 0usize..40) {
+            let schema = Schema::from_toml(SCHEMA).unwrap();
+            let mut rows = "1,2,x,0\n".repeat(line);
+            rows.push_str(&format!("{cell},2,x,0\n"));
+            let err = read_csv_from(rows.as_bytes(), Path::new("site.csv"), &schema).unwrap_err();
+            let public = err.public_reason();
+            prop_assert_eq!(public.as_str(), "column `a` holds a value the schema cannot encode");
+        }
     }
 
     /// A binary (or non-UTF-8) file gets a sentence naming the line and the

@@ -48,13 +48,29 @@ const FINALITY_WAIT: Duration = Duration::from_secs(20);
 
 /// Runs until the process is stopped.
 pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
-    let data = LocalData::load(&config)?;
-    info!(
-        site = %config.site_id,
-        train = data.train.len(),
-        test = data.test.len(),
-        "local data loaded"
-    );
+    // A site whose data cannot be used still connects: it declines every
+    // job with a reason the ML lead can act on, instead of being a site
+    // that is simply absent. The full error stays in this log.
+    let data = match LocalData::load(&config) {
+        Ok(data) => {
+            info!(
+                site = %config.site_id,
+                train = data.train.len(),
+                test = data.test.len(),
+                "local data loaded"
+            );
+            Ok(data)
+        }
+        Err(e) => {
+            let public = crate::local::public_reason(&e);
+            error!(
+                site = %config.site_id,
+                "local data not usable: {e:#}; this site declines every job and tells the coordinator only: \
+                 {public} (run `tessera-participant check` for the details)"
+            );
+            Err(public)
+        }
+    };
     let egress = Arc::new(EgressLog::open(&config.state_dir)?);
     info!(path = %egress.path().display(), "egress log");
     let signing_key = Arc::new(crate::identity::load_or_create(&config.state_dir)?);
@@ -181,7 +197,9 @@ struct Site {
     replica: Replica,
     /// Set once the replica disagrees with the coordinator: no more work.
     halted: Arc<AtomicBool>,
-    data: LocalData,
+    /// The site's data, or why it cannot be used (what may be said about
+    /// it outside the site: `local::public_reason`).
+    data: Result<LocalData, String>,
     egress: Arc<EgressLog>,
     /// (job, round, what) already done, so a repeated announcement after a
     /// reconnect is not worked twice.
@@ -382,10 +400,39 @@ impl Site {
         }
         self.acts_on(self.replica.check_job(job_id, job_hash))?;
         let spec = JobSpec::from_toml(job_toml).context("announced job is invalid")?;
-        let n_params = spec.model.layout(self.data.n_features()).n_params();
-        let review = policy::review(&self.policy, &spec, n_params);
         let approvals = Approvals::new(&self.state_dir);
-        let verdict = if !review.refusals.is_empty() {
+        let review = self
+            .data
+            .as_ref()
+            .map(|data| policy::review(&self.policy, &spec, spec.model.layout(data.n_features()).n_params()));
+        let verdict = match review {
+            Err(reason) => Err(format!(
+                "job {job_id}: this site's data is not usable: {reason}; not taking part"
+            )),
+            Ok(review) => self.policy_verdict(job_id, job_hash, job_toml, &review, &approvals)?,
+        };
+        if !self.decided.contains(&job_id) {
+            self.send_decision(client, job_id, job_hash, &verdict).await?;
+        }
+        if let Err(reason) = verdict {
+            bail!("{reason}");
+        }
+        self.jobs.insert(job_id, spec.clone());
+        Ok(spec)
+    }
+
+    /// The policy's verdict on a job the site could take part in: within
+    /// the policy, or the data team's decision on it (a job waiting for
+    /// one is held, and nothing is sent).
+    fn policy_verdict(
+        &mut self,
+        job_id: u64,
+        job_hash: &str,
+        job_toml: &str,
+        review: &policy::Review,
+        approvals: &Approvals,
+    ) -> anyhow::Result<Result<String, String>> {
+        Ok(if !review.refusals.is_empty() {
             Err(format!("job {job_id} {}; not taking part", review.refusals.join("; ")))
         } else if review.exceeded.is_empty() {
             Ok("within this site's policy".to_owned())
@@ -396,7 +443,7 @@ impl Site {
                 None => {
                     // Nothing is decided, nothing is sent, no data is read:
                     // the job waits for the data team.
-                    approvals.hold(job_hash, job_toml, &review)?;
+                    approvals.hold(job_hash, job_toml, review)?;
                     if self.held.insert(job_id, job_hash.to_owned()).is_none() {
                         warn!(
                             job = job_id,
@@ -408,15 +455,7 @@ impl Site {
                     bail!("job {job_id} waits for the data team's approval");
                 }
             }
-        };
-        if !self.decided.contains(&job_id) {
-            self.send_decision(client, job_id, job_hash, &verdict).await?;
-        }
-        if let Err(reason) = verdict {
-            bail!("{reason}");
-        }
-        self.jobs.insert(job_id, spec.clone());
-        Ok(spec)
+        })
     }
 
     /// Signs and sends this site's decision on a job (the coordinator records
@@ -436,7 +475,7 @@ impl Site {
         // An accepting site declares its row counts, public from then on:
         // weights and pooled test counts are computed from them, so no
         // job-constant count is ever summed (and differenced).
-        let counts = accepted.then(|| self.counts());
+        let counts = accepted.then(|| self.counts()).transpose()?;
         let decision = pb::JobDecision {
             site_id: self.id.to_string(),
             job_id,
@@ -482,6 +521,14 @@ impl Site {
 
     /// The size of the job's sealed cohort, which the secure summations and
     /// the quantiser are sized from; an error until the seal is final here.
+    /// The site's data, for work on a job it accepted (a site without
+    /// usable data accepts none).
+    fn data(&self) -> anyhow::Result<&LocalData> {
+        self.data
+            .as_ref()
+            .map_err(|reason| anyhow::anyhow!("this site's data is not usable: {reason}"))
+    }
+
     fn cohort_size(&self, job_id: u64) -> anyhow::Result<usize> {
         match self.replica.cohort(job_id) {
             Some(cohort) => Ok(cohort.len()),
@@ -490,11 +537,12 @@ impl Site {
     }
 
     /// This site's row counts, as it declares them when it accepts a job.
-    fn counts(&self) -> DeclaredCounts {
-        DeclaredCounts {
-            n_train: self.data.train.len() as u64,
-            n_test: self.data.test.len() as u64,
-        }
+    fn counts(&self) -> anyhow::Result<DeclaredCounts> {
+        let data = self.data()?;
+        Ok(DeclaredCounts {
+            n_train: data.train.len() as u64,
+            n_test: data.test.len() as u64,
+        })
     }
 
     /// Refuses to contribute to a job whose final acceptance by this site
@@ -502,7 +550,7 @@ impl Site {
     /// the coordinator announced a job this site never accepted): weights
     /// and pooled counts would be wrong, and a sum would mix two datasets.
     fn check_declared(&self, job_id: u64) -> anyhow::Result<()> {
-        let now = self.counts();
+        let now = self.counts()?;
         match self.replica.declared(job_id, &self.id) {
             Some(declared) if declared == now => Ok(()),
             Some(d) => bail!(
@@ -530,7 +578,7 @@ impl Site {
         spec.check_announced_secure(task.secure)?;
         // A pass over the training split: off the async threads (a
         // streamed table is read from its file).
-        let train = self.data.train.clone();
+        let train = self.data()?.train.clone();
         let stats = tokio::task::spawn_blocking(move || feature_stats(train.as_ref()))
             .await
             .context("statistics task panicked")??;
@@ -550,7 +598,7 @@ impl Site {
                 count: 0,
                 sum: Vec::new(),
                 sum_sq: Vec::new(),
-                features_hash: self.data.schema.features_hash(),
+                features_hash: self.data()?.schema.features_hash(),
                 n_features,
             }
         } else {
@@ -561,7 +609,7 @@ impl Site {
                 count: stats.count,
                 sum: stats.sum,
                 sum_sq: stats.sum_sq,
-                features_hash: self.data.schema.features_hash(),
+                features_hash: self.data()?.schema.features_hash(),
                 n_features: 0,
             }
         };
@@ -585,7 +633,7 @@ impl Site {
             .filter(|spec| spec.is_secure() && a.secure)
             .filter(|_| self.replica.check_job(a.job_id, &a.job_hash).is_ok())
             .filter(|_| self.check_declared(a.job_id).is_ok())
-            .map(|spec| spec.model.layout(self.data.n_features()));
+            .and_then(|spec| Some(spec.model.layout(self.data().ok()?.n_features())));
         if let Some(layout) = accepted {
             self.advertise_early(client, &a, &layout).await;
         }
@@ -597,7 +645,7 @@ impl Site {
         }
         let spec = self.job(client, a.job_id, &a.job_toml, &a.job_hash).await?;
         spec.check_announced_secure(a.secure)?;
-        let layout = spec.model.layout(self.data.n_features());
+        let layout = spec.model.layout(self.data()?.n_features());
         if spec.is_secure() {
             self.check_declared(a.job_id)?;
             self.advertise_early(client, &a, &layout).await;
@@ -621,7 +669,7 @@ impl Site {
             mean: normalization.mean,
             std: normalization.std,
         };
-        if normalization.mean.len() != self.data.n_features()
+        if normalization.mean.len() != self.data()?.n_features()
             || normalization.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
         {
             bail!("announced normalization does not fit this site's features");
@@ -690,7 +738,7 @@ impl Site {
                          ledger block commits to"
                     );
                 }
-                let stats = FeatureStats::from_secure_sum(&words, self.data.n_features())
+                let stats = FeatureStats::from_secure_sum(&words, self.data()?.n_features())
                     .with_context(|| format!("the statistics sum of job {job_id}"))?;
                 let derived =
                     Normalization::from_stats(&stats).with_context(|| format!("the statistics sum of job {job_id}"))?;
@@ -778,7 +826,7 @@ impl Site {
         normalization: &Normalization,
     ) -> anyhow::Result<()> {
         // A pass over the test split, off the async threads.
-        let (test, device) = (self.data.test.clone(), self.device.clone());
+        let (test, device) = (self.data()?.test.clone(), self.device.clone());
         let (layout_owned, global_owned, normalization) = (layout.clone(), global.to_vec(), normalization.clone());
         let eval = tokio::task::spawn_blocking(move || {
             let test = Standardized {
@@ -840,7 +888,7 @@ impl Site {
             layout.clone(),
             spec.training.clone(),
             global.to_vec(),
-            self.data.train.clone(),
+            self.data()?.train.clone(),
             normalization.clone(),
         );
         let local_delta = move || -> anyhow::Result<(Vec<f32>, usize, f64)> {
@@ -875,7 +923,7 @@ impl Site {
             let quantizer = secure.quantizer(self.cohort_size(job_id)?);
             // The weight of the count declared in the ledger (checked to be
             // this data's in `round`), never summed.
-            let weight = secure.weight(self.counts().n_train);
+            let weight = secure.weight(self.counts()?.n_train);
             let metrics = self
                 .metric_inputs
                 .remove(&(job_id, round))

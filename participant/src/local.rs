@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use tessera_models::data::ReadReport;
-use tessera_models::schema::Schema;
+use tessera_models::data::{DataError, ReadReport};
+use tessera_models::schema::{Schema, SchemaError};
 use tessera_models::stream::{Rows, TableSplit, census};
 
 use crate::config::SiteConfig;
@@ -60,5 +60,19 @@ impl LocalData {
     /// Rows and positive labels of (train, test), one pass each.
     pub fn census(&self) -> anyhow::Result<((usize, usize), (usize, usize))> {
         Ok((census(self.train.as_ref())?, census(self.test.as_ref())?))
+    }
+}
+
+/// What a site whose data cannot be loaded tells the coordinator (in its
+/// signed refusal of each job, kept in the ledger): the kind of problem
+/// and the consortium schema's column names, never a value, a line, a path
+/// or the error's other details, which stay in the site's own log.
+pub fn public_reason(error: &anyhow::Error) -> String {
+    if let Some(e) = error.downcast_ref::<DataError>() {
+        e.public_reason()
+    } else if error.downcast_ref::<SchemaError>().is_some() {
+        "the site's schema file is not valid".to_owned()
+    } else {
+        "the site's schema or data file cannot be read".to_owned()
     }
 }

@@ -46,6 +46,21 @@ pub fn bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// Every file under `dir`, recursively (what a test scans for a secret
+/// that must not be there).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 /// A running federation; every process is killed on drop.
 pub struct Federation {
     pub dir: tempfile::TempDir,
@@ -202,11 +217,18 @@ impl Federation {
 
     /// Starts a participant with extra command-line arguments.
     pub fn add_site_with(&mut self, site: &str, extra: &[&str]) {
+        let config = repo().join(format!("examples/heart-disease/sites/{site}.toml"));
+        self.add_site_config(site, &config, extra);
+    }
+
+    /// Starts a participant from its own config file (its data and schema),
+    /// with the federation's address, kit and roster.
+    pub fn add_site_config(&mut self, site: &str, config: &Path, extra: &[&str]) {
         let log = std::fs::File::create(self.dir.path().join(format!("{site}.log"))).expect("log file");
         let child = Command::new(bin("tessera-participant"))
             .arg("run")
             .arg("--config")
-            .arg(repo().join(format!("examples/heart-disease/sites/{site}.toml")))
+            .arg(config)
             .arg("--coordinator")
             .arg(&self.addr)
             .arg("--state-dir")

@@ -3,11 +3,10 @@
 //! requests (`tessera ca issue --csr`) and never holds a private key, and a
 //! certificate issued that way works over mutual TLS with the owner's key.
 
-use std::path::Path;
 use std::process::{Command, Output};
 
 use tessera_protocol::enroll::Request;
-use tessera_tests::{Federation, SITES, bin};
+use tessera_tests::{Federation, SITES, bin, files_under};
 
 fn text(out: &Output) -> String {
     format!(
@@ -15,20 +14,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(files(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 #[test]
@@ -81,7 +66,7 @@ fn the_ca_signs_requests_and_never_holds_a_members_private_key() {
         std::fs::read(host.join("tls.key")).unwrap(),
         std::fs::read(host.join("site.key")).unwrap(),
     ];
-    for file in files(&ca) {
+    for file in files_under(&ca) {
         let bytes = std::fs::read(&file).unwrap();
         if file.starts_with(&kit) {
             assert!(

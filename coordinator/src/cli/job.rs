@@ -1,6 +1,6 @@
 //! `tessera job submit | list | status | cancel`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -131,12 +131,20 @@ async fn watch_job(client: &mut JobsClient<Channel>, job_id: u64) -> Result<(), 
     bar.set_prefix(job_id.to_string());
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut printed = 0usize;
+    let mut absent_shown = BTreeSet::new();
     loop {
         let status = client.job_status(pb::JobStatusRequest { job_id }).await?.into_inner();
         let job = status.job.clone().unwrap_or_default();
         bar.set_length(u64::from(job.rounds_total));
         bar.set_position(u64::from(job.rounds_done));
         bar.set_message(job.phase.clone());
+        // A site that declines (or is left out) is news the moment it
+        // happens: the ML lead should not have to wait for a timeout.
+        for site in absent(&status.sites) {
+            if absent_shown.insert(site.site_id.clone()) {
+                bar.println(absent_line(site));
+            }
+        }
         let metrics = metrics_by_round(&status.metrics);
         let pooled = pooled_by_round(&status.pooled);
         for round in status.rounds.iter().skip(printed) {
@@ -220,6 +228,13 @@ fn print_status(status: &pb::JobStatusResponse) {
     if !job.error.is_empty() {
         println!("  reason: {}", job.error);
     }
+    let accepted = status.sites.iter().filter(|s| s.state == "accepted").count();
+    if !status.sites.is_empty() {
+        println!("  sites: {accepted} accepted");
+    }
+    for site in absent(&status.sites) {
+        println!("  {}", absent_line(site));
+    }
     let metrics = metrics_by_round(&status.metrics);
     let pooled = pooled_by_round(&status.pooled);
     for round in &status.rounds {
@@ -259,6 +274,15 @@ fn print_status(status: &pb::JobStatusResponse) {
             p.n_sites, p.n_test, p.accuracy, p.loss
         );
     }
+}
+
+/// The sites that are not taking part in the job: declined or left out.
+fn absent(sites: &[pb::SiteState]) -> impl Iterator<Item = &pb::SiteState> {
+    sites.iter().filter(|s| s.state != "accepted")
+}
+
+fn absent_line(site: &pb::SiteState) -> String {
+    format!("{} {}: {}", site.site_id, site.state, site.reason)
 }
 
 fn summary_json(j: &pb::JobSummary) -> serde_json::Value {
@@ -315,8 +339,14 @@ fn status_json(status: &pb::JobStatusResponse) -> serde_json::Value {
     let final_pooled = pooled_by_round(&status.pooled)
         .get(&job.rounds_done)
         .map(|p| finite(p.accuracy));
+    let sites: Vec<_> = status
+        .sites
+        .iter()
+        .map(|s| json!({ "site_id": s.site_id, "state": s.state, "reason": s.reason }))
+        .collect();
     json!({
         "job": summary_json(&job),
+        "sites": sites,
         "rounds": rounds,
         "metrics": metrics,
         "pooled": pooled,

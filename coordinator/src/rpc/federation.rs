@@ -273,25 +273,24 @@ impl Federation for FederationService {
             })
             .into());
         }
-        match &phase.features_hash {
-            Some(hash) if *hash != report.features_hash => {
-                warn!(%site, "statistics with a different feature encoding refused");
-                return Err(RpcError::InvalidArgument(format!(
-                    "site `{site}` encodes its data differently from the other sites (features hash {} != {hash})",
-                    report.features_hash
-                ))
-                .into());
-            }
-            Some(_) => {}
-            None => phase.features_hash = Some(report.features_hash),
-        }
-        if let Some(width) = phase.reports.values().next().map(|s| s.sum.len())
+        // Sites with another encoding are not refused here (the first
+        // report is no better than the others): the driver keeps the most
+        // common encoding once every site has reported, and says which
+        // sites it left out.
+        if let Some(width) = phase
+            .reports
+            .iter()
+            .find(|(other, _)| phase.encodings.get(*other) == Some(&report.features_hash))
+            .map(|(_, s)| s.sum.len())
             && width != stats.sum.len()
         {
-            return Err(
-                RpcError::InvalidArgument(format!("{} features, other sites have {width}", stats.sum.len())).into(),
-            );
+            return Err(RpcError::InvalidArgument(format!(
+                "{} features, other sites with the same features hash have {width}",
+                stats.sum.len()
+            ))
+            .into());
         }
+        phase.encodings.insert(site.clone(), report.features_hash);
         phase.pending.remove(&site);
         phase.reports.insert(site.clone(), stats);
         self.shared.progress.notify_one();

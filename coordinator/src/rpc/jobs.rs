@@ -170,8 +170,36 @@ impl Jobs for JobsService {
                 loss: p.loss.unwrap_or(f64::NAN),
             })
             .collect();
+        let mut sites: BTreeMap<String, pb::SiteState> = self
+            .shared
+            .ledger
+            .decisions(job_id.0)
+            .into_iter()
+            .map(|(site, (accepted, reason))| {
+                let state = if accepted { "accepted" } else { "declined" };
+                (
+                    site.to_string(),
+                    pb::SiteState {
+                        site_id: site.to_string(),
+                        state: state.to_owned(),
+                        reason,
+                    },
+                )
+            })
+            .collect();
+        for (site, problem) in store.problems(job_id).await.map_err(RpcError::from)? {
+            sites.insert(
+                site.clone(),
+                pb::SiteState {
+                    site_id: site,
+                    state: "left out".to_owned(),
+                    reason: problem,
+                },
+            );
+        }
         Ok(Response::new(pb::JobStatusResponse {
             job: Some(summary(&row)),
+            sites: sites.into_values().collect(),
             rounds,
             metrics,
             pooled,

@@ -1,0 +1,127 @@
+//! A site that cannot take part says why, and the ML lead sees it at once:
+//! a site whose data file has a bad cell declines every job with a reason
+//! naming the column (never the cell), a site whose schema encodes the data
+//! differently is left out by name, and a job that can no longer reach its
+//! `min_sites` fails at once with both reasons instead of waiting for its
+//! round timeout. Real processes, real TLS, real ledger.
+
+use std::path::{Path, PathBuf};
+
+use tessera_tests::{Federation, example_job, files_under, repo};
+
+/// A value only the bad file holds: it must stay at the site.
+const SECRET: &str = "Smith-4711";
+
+/// A site config (absolute paths) over `data` read through `schema`.
+fn site_config(dir: &Path, site: &str, data: &Path, schema: &Path) -> PathBuf {
+    let path = dir.join(format!("{site}-site.toml"));
+    let text = format!(
+        "site_id = \"{site}\"\ncoordinator = \"http://127.0.0.1:1\"\nstate_dir = \"{}\"\n\n[data]\npath = \"{}\"\nschema = \"{}\"\n",
+        dir.join(format!("unused-{site}")).display(),
+        data.display(),
+        schema.display()
+    );
+    std::fs::write(&path, text).expect("write site config");
+    path
+}
+
+#[test]
+fn a_site_with_unusable_data_or_another_encoding_is_named_and_the_job_fails_at_once() {
+    let mut federation = Federation::start(&["cleveland", "hungary", "switzerland", "va"]);
+    let dir = federation.dir.path().to_owned();
+    let heart = repo().join("../shared/data/heart-disease");
+    let schema = repo().join("examples/heart-disease/schema.toml");
+
+    // va: one age in its file is a name.
+    let va = std::fs::read_to_string(heart.join("processed.va.data")).expect("va data");
+    let mut lines: Vec<String> = va.lines().map(str::to_owned).collect();
+    lines[56] = lines[56].replacen(lines[56].split(',').next().unwrap(), SECRET, 1);
+    let bad_data = dir.join("va-bad.csv");
+    std::fs::write(&bad_data, lines.join("\n") + "\n").unwrap();
+    // hungary: its schema labels "num > 1" as positive: another encoding.
+    let other_schema = dir.join("hungary-schema.toml");
+    let text = std::fs::read_to_string(&schema).unwrap();
+    assert!(text.contains("positive_if = \"> 0\""));
+    std::fs::write(
+        &other_schema,
+        text.replace("positive_if = \"> 0\"", "positive_if = \"> 1\""),
+    )
+    .unwrap();
+
+    for site in ["cleveland", "switzerland"] {
+        federation.add_site(site);
+    }
+    let config = site_config(&dir, "va", &bad_data, &schema);
+    federation.add_site_config("va", &config, &[]);
+    let config = site_config(&dir, "hungary", &heart.join("processed.hungarian.data"), &other_schema);
+    federation.add_site_config("hungary", &config, &[]);
+
+    // A round timeout far beyond the harness's wait: waiting for a site
+    // that declined, or for one left out, would fail the test.
+    let job = federation.write_job(
+        "job.toml",
+        &example_job(&[("rounds", "2"), ("min_sites", "3"), ("round_timeout_s", "3600")]),
+    );
+    let job_id = federation.submit(&job);
+    let status = federation.wait_for(job_id, &["failed", "finished"]);
+    let logs = federation.logs();
+    assert_eq!(status["job"]["status"], "failed", "{status:#}\n{logs}");
+    let error = status["job"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("only 2 sites sent statistics, min_sites is 3"),
+        "{error}"
+    );
+    let va_reason = "this site's data is not usable: column `age` holds a value the schema cannot encode";
+    assert!(
+        error.contains(&format!("va declined: job {job_id}: {va_reason}")),
+        "{error}"
+    );
+    assert!(
+        error.contains("hungary left out: its data is encoded differently from the other sites'"),
+        "{error}"
+    );
+
+    // `job status` lists both, with their state; the two others accepted.
+    let sites: Vec<(String, String, String)> = status["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["site_id"].as_str().unwrap().to_owned(),
+                s["state"].as_str().unwrap().to_owned(),
+                s["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let state = |site: &str| sites.iter().find(|s| s.0 == site).cloned().unwrap_or_default();
+    assert_eq!(state("cleveland").1, "accepted", "{sites:?}");
+    assert_eq!(state("switzerland").1, "accepted", "{sites:?}");
+    assert_eq!(state("hungary").1, "left out", "{sites:?}");
+    assert_eq!(state("va").1, "declined", "{sites:?}");
+    assert!(state("va").2.contains(va_reason), "{sites:?}");
+    let out = federation.tessera(&["job", "status", &job_id.to_string()]);
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(human.contains("  sites: 2 accepted"), "{human}");
+    assert!(
+        human.contains(&format!("  va declined: job {job_id}: {va_reason}")),
+        "{human}"
+    );
+
+    // The site's own log has the detail (file, line, value); nothing else
+    // does: not its egress log or ledger replica, not the coordinator's
+    // database, ledger or log, not another site.
+    let va_log = federation.log("va");
+    assert!(va_log.contains(SECRET) && va_log.contains("va-bad.csv:57"), "{va_log}");
+    for file in files_under(&dir) {
+        if file == bad_data || file.file_name().is_some_and(|n| n == "va.log") {
+            continue;
+        }
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "{} holds the site's cell value",
+            file.display()
+        );
+    }
+}
