@@ -5,6 +5,8 @@
 #     real headless browser.
 #   - PyNaCl (PyPI): scripts/verify_ledger.py, the independent ledger verifier
 #     written from docs/ledger-format.md, uses it for Ed25519.
+#   - PostgreSQL (Debian package): a site's warehouse source is read from a
+#     real server, a throw-away cluster the test creates (initdb) and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -d ../shared/data/heart-disease ]; then
@@ -16,6 +18,12 @@ if ! command -v chromium >/dev/null; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "installing postgresql (apt) for the warehouse source test" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
 if ! python3 -c "import nacl" 2>/dev/null; then
   echo "installing pynacl (pip) for scripts/verify_ledger.py" >&2

@@ -108,6 +108,17 @@ pub enum DataError {
         rows: usize,
         group_by: Option<String>,
     },
+    /// A database source that cannot be reached or whose query fails, with
+    /// the server's own message.
+    #[error("{source_label}: {reason}")]
+    Query { source_label: String, reason: String },
+    /// A query's rows come in no fixed order, so only a split by a keyed
+    /// hash of an id is the same on every pass.
+    #[error(
+        "{source_label}: a database source needs `[split] group_by` (an id column): the order of a query's rows \
+         is not fixed, so a split by position would differ from one pass to the next"
+    )]
+    UngroupedQuery { source_label: String },
     /// A streamed pass found another number of usable rows than the pass
     /// that opened the file: the file was changed under the running site.
     #[error(
@@ -154,6 +165,8 @@ impl DataError {
             DataError::NoRows { rows_read: 0, .. } => "the data file holds no data rows".to_owned(),
             DataError::NoRows { .. } => "every data row was dropped for missing values".to_owned(),
             DataError::EmptySplit { empty, .. } => format!("the train/test split leaves the {empty} part empty"),
+            DataError::Query { .. } => "the site's database query cannot be run".to_owned(),
+            DataError::UngroupedQuery { .. } => "the site's database source has no `[split] group_by`".to_owned(),
             DataError::Changed { .. } => {
                 "the data file changed while the site was running (the site must be restarted)".to_owned()
             }
@@ -250,6 +263,53 @@ impl Dataset {
 /// name ends in `.parquet` or `.pq`, CSV otherwise.
 pub fn read_table(path: &Path, schema: &Schema) -> Result<(Dataset, ReadReport), DataError> {
     collect(|visit| scan_table(path, schema, usize::MAX, visit), schema)
+}
+
+/// Where a site's rows come from: a file, or a query on its warehouse.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    File(PathBuf),
+    Postgres(crate::postgres::PgSource),
+}
+
+impl Source {
+    /// How errors and `check` name the source (never a password).
+    pub fn label(&self) -> String {
+        match self {
+            Source::File(path) => path.display().to_string(),
+            Source::Postgres(pg) => pg.label(),
+        }
+    }
+
+    /// Refuses a split that would not be the same on every pass.
+    pub fn check_split(&self, schema: &Schema) -> Result<(), DataError> {
+        match self {
+            Source::Postgres(pg) if schema.split.group_by.is_none() => Err(DataError::UngroupedQuery {
+                source_label: pg.label(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl From<PathBuf> for Source {
+    fn from(path: PathBuf) -> Self {
+        Source::File(path)
+    }
+}
+
+/// [`read_table`] over any source.
+pub fn read_source(source: &Source, schema: &Schema) -> Result<(Dataset, ReadReport), DataError> {
+    source.check_split(schema)?;
+    collect(|visit| scan_source(source, schema, usize::MAX, visit), schema)
+}
+
+/// [`scan_table`] over any source.
+pub fn scan_source(source: &Source, schema: &Schema, batch_rows: usize, visit: Visit) -> Result<ReadReport, DataError> {
+    match source {
+        Source::File(path) => scan_table(path, schema, batch_rows, visit),
+        Source::Postgres(pg) => crate::postgres::scan_postgres(pg, schema, batch_rows, visit),
+    }
 }
 
 /// The batches a visitor is handed: encoded rows, in file order.

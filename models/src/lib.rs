@@ -7,6 +7,7 @@ pub mod columnar;
 pub mod data;
 pub mod metrics;
 pub mod net;
+pub mod postgres;
 pub mod schema;
 pub mod stream;
 pub mod train;

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tessera_protocol::stats::{FeatureStats, Normalization};
 
-use crate::data::{DataError, Dataset, ReadReport, scan_table};
+use crate::data::{DataError, Dataset, ReadReport, Source, scan_source};
 use crate::schema::{Schema, SplitSpec};
 
 /// Rows per batch of a streamed pass: about 4 MiB for a 131-feature table.
@@ -201,7 +201,7 @@ pub fn test_rows(split: &SplitSpec, n: usize) -> usize {
 /// One split of a data file, read from the file on every pass: memory
 /// holds one batch, whatever the file's size.
 pub struct TableSplit {
-    path: PathBuf,
+    source: Source,
     schema: Schema,
     part: Part,
     /// Usable rows of the whole file (both parts).
@@ -212,10 +212,12 @@ pub struct TableSplit {
 impl TableSplit {
     /// Both parts of `path`, after one pass that checks the whole file and
     /// counts its usable rows (the report `check` shows) and its test rows.
-    pub fn open(path: PathBuf, schema: Schema) -> Result<(TableSplit, TableSplit, ReadReport), DataError> {
+    pub fn open(source: impl Into<Source>, schema: Schema) -> Result<(TableSplit, TableSplit, ReadReport), DataError> {
+        let source = source.into();
+        source.check_split(&schema)?;
         let mut grouped_test = 0;
         let mut splitter = Splitter::new(&schema.split, 0);
-        let report = scan_table(&path, &schema, PASS_ROWS, &mut |batch| {
+        let report = scan_source(&source, &schema, PASS_ROWS, &mut |batch| {
             if schema.split.group_by.is_some() {
                 grouped_test += batch.groups.iter().filter(|&g| splitter.next_is_test(Some(g))).count();
             }
@@ -228,14 +230,14 @@ impl TableSplit {
         };
         if n_test == 0 || n_test == n_rows {
             return Err(DataError::EmptySplit {
-                file: path,
+                file: PathBuf::from(source.label()),
                 empty: if n_test == 0 { "test" } else { "training" },
                 rows: n_rows,
                 group_by: schema.split.group_by.clone(),
             });
         }
         let part = |part, len| TableSplit {
-            path: path.clone(),
+            source: source.clone(),
             schema: schema.clone(),
             part,
             n_rows,
@@ -260,7 +262,7 @@ impl Rows for TableSplit {
         let mut other_part = Dataset::empty(self.n_features());
         let mut stopped = false;
         let mut seen = 0;
-        scan_table(&self.path, &self.schema, PASS_ROWS, &mut |batch| {
+        scan_source(&self.source, &self.schema, PASS_ROWS, &mut |batch| {
             seen += batch.len();
             match self.part {
                 Part::Train => splitter.deal(&batch, &mut out, &mut other_part),
@@ -290,7 +292,7 @@ impl Rows for TableSplit {
             // The file changed since it was opened: its split (and the
             // counts declared in the ledger) no longer describe it.
             return Err(DataError::Changed {
-                file: self.path.clone(),
+                file: PathBuf::from(self.source.label()),
                 expected: self.n_rows,
                 found: seen,
             });

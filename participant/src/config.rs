@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Deserialize;
+use tessera_models::data::Source;
+use tessera_models::postgres::PgSource;
 use tessera_protocol::ids::SiteId;
 
 /// A validated site configuration; relative paths are resolved against the
@@ -12,7 +14,8 @@ use tessera_protocol::ids::SiteId;
 pub struct SiteConfig {
     pub site_id: SiteId,
     pub coordinator: String,
-    pub data_path: PathBuf,
+    /// The site's rows: a CSV or Parquet file, or a query on its warehouse.
+    pub source: tessera_models::data::Source,
     pub schema_path: PathBuf,
     /// Encoded rows up to this size are held in memory; a larger table is
     /// read from its file on every pass (`tessera_models::stream`).
@@ -112,7 +115,11 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawData {
-    path: PathBuf,
+    /// A CSV or Parquet file.
+    path: Option<PathBuf>,
+    /// A PostgreSQL connection URL (the cohort is `query`'s result).
+    postgres: Option<String>,
+    query: Option<String>,
     schema: PathBuf,
     #[serde(default = "default_in_memory_mib")]
     in_memory_mib: u64,
@@ -138,10 +145,26 @@ impl SiteConfig {
             toml::from_str(&text).with_context(|| format!("invalid site config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let site_id = SiteId::new(&raw.site_id).with_context(|| format!("{}: site_id", path.display()))?;
+        let source = match (raw.data.path, raw.data.postgres, raw.data.query) {
+            (Some(file), None, None) => Source::File(base.join(file)),
+            (None, Some(url), Some(query)) => Source::Postgres(PgSource { url, query }),
+            (None, Some(_), None) => anyhow::bail!("{}: [data] postgres needs the cohort's `query`", path.display()),
+            (Some(_), Some(_), _) => {
+                anyhow::bail!(
+                    "{}: [data] names both a `path` and a `postgres` source: keep one",
+                    path.display()
+                )
+            }
+            (_, None, Some(_)) => anyhow::bail!("{}: [data] query is for a `postgres` source", path.display()),
+            (None, None, None) => anyhow::bail!(
+                "{}: [data] needs a `path` (CSV or Parquet file) or a `postgres` URL and `query`",
+                path.display()
+            ),
+        };
         Ok(Self {
             site_id,
             coordinator: raw.coordinator,
-            data_path: base.join(raw.data.path),
+            source,
             schema_path: base.join(raw.data.schema),
             in_memory_mib: raw.data.in_memory_mib,
             state_dir: base.join(raw.state_dir),
@@ -149,5 +172,38 @@ impl SiteConfig {
             tls_dir: raw.tls.map(|t| base.join(t)),
             policy: raw.policy,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(data: &str) -> anyhow::Result<SiteConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.toml");
+        std::fs::write(&path, format!("site_id = \"h\"\n[data]\nschema = \"s.toml\"\n{data}")).unwrap();
+        SiteConfig::load(&path)
+    }
+
+    /// A site reads a file or a warehouse query, exactly one of them, and
+    /// each mistake in saying which is named.
+    #[test]
+    fn the_data_source_is_a_file_or_a_postgres_query() {
+        let config = load("path = \"rows.csv\"").unwrap();
+        assert!(matches!(&config.source, Source::File(p) if p.ends_with("rows.csv")));
+        let config = load("postgres = \"postgresql://tessera@db/omop\"\nquery = \"SELECT 1\"").unwrap();
+        assert_eq!(
+            config.source,
+            Source::Postgres(PgSource {
+                url: "postgresql://tessera@db/omop".into(),
+                query: "SELECT 1".into()
+            })
+        );
+        let err = |data: &str| format!("{:#}", load(data).unwrap_err());
+        assert!(err("postgres = \"postgresql://db\"").contains("needs the cohort's `query`"));
+        assert!(err("path = \"a.csv\"\npostgres = \"postgresql://db\"\nquery = \"SELECT 1\"").contains("keep one"));
+        assert!(err("query = \"SELECT 1\"").contains("is for a `postgres` source"));
+        assert!(err("").contains("needs a `path`"));
     }
 }

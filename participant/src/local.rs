@@ -33,14 +33,14 @@ impl LocalData {
         let schema = Schema::from_toml(&schema_text)
             .with_context(|| format!("invalid schema {}", config.schema_path.display()))?;
         // One pass checks the whole file and counts its rows.
-        let (train, test, report) = TableSplit::open(config.data_path.clone(), schema.clone())?;
+        let (train, test, report) = TableSplit::open(config.source.clone(), schema.clone())?;
         let width = schema.feature_names().len() + 1;
         let bytes = report.rows_kept as u64 * width as u64 * 4;
         let streamed = bytes > config.in_memory_mib * 1024 * 1024;
         let (train, test): (Arc<dyn Rows>, Arc<dyn Rows>) = if streamed {
             (Arc::new(train), Arc::new(test))
         } else {
-            let (all, _) = tessera_models::data::read_table(&config.data_path, &schema)?;
+            let (all, _) = tessera_models::data::read_source(&config.source, &schema)?;
             let (train, test) = all.split(&schema.split);
             (Arc::new(train), Arc::new(test))
         };

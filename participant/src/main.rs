@@ -287,7 +287,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
     let ((n_train, train_positive), (n_test, test_positive)) = data.census()?;
     let all = n_train + n_test;
     let positives = train_positive + test_positive;
-    println!("site {}: {}", config.site_id, config.data_path.display());
+    println!("site {}: {}", config.site_id, config.source.label());
     println!(
         "  rows: {} read, {} kept, {} dropped for missing values",
         r.rows_read,
