@@ -662,7 +662,9 @@ async fn preprocess(
                 && now < deadline
                 && now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) < dropout_ms
         });
-        if stats.pending.is_empty() {
+        // Done when no one is left to wait for, or when min_sites can no
+        // longer be reached whoever still reports.
+        if stats.pending.is_empty() || stats.reports.len() + stats.pending.len() < spec.min_sites as usize {
             break (stats.reports.clone(), stats.encodings.clone());
         }
     };
@@ -686,7 +688,7 @@ async fn preprocess(
             "preprocessing: only {} sites sent statistics, min_sites is {}{}",
             reports.len(),
             spec.min_sites,
-            absent_reasons(shared, job_id).await?
+            absent_reasons(shared, job_id, members, &encodings).await?
         )));
     }
     seal_cohort(shared, job_id, spec).await?;
@@ -701,6 +703,17 @@ async fn preprocess(
     let vector_len = (1 + 2 * n_features) * exact::LIMBS;
     let cohort = shared.ledger.cohort(job_id.0).len();
     let params = secure.params(cohort, spec.min_sites as usize, vector_len);
+    // Left-out sites stay in the sealed cohort, which sizes the threshold
+    // and the consistency quorum: say so now rather than let the sum abort.
+    let needed = params.threshold.max(cohort / 2 + 1);
+    if sites.len() < needed {
+        return Err(Stop::Failed(format!(
+            "preprocessing: {} sites can take part in the secure sum, and it needs {needed} (a majority of the \
+             {cohort} sites in the sealed cohort){}",
+            sites.len(),
+            absent_reasons(shared, job_id, members, &encodings).await?
+        )));
+    }
     let ctx = RoundContext {
         job_id: job_id.0,
         round: 0,
@@ -755,16 +768,26 @@ fn agree_on_encoding(encodings: &BTreeMap<SiteId, String>) -> Result<(String, BT
     }
 }
 
-/// Why the sites that are not taking part are absent, as the end of an
-/// error message ("" when every site is accounted for otherwise).
-async fn absent_reasons(shared: &Arc<Shared>, job_id: JobId) -> anyhow::Result<String> {
-    let mut reasons: Vec<String> = shared
-        .ledger
-        .decisions(job_id.0)
-        .into_iter()
+/// Why the members that are not taking part are absent, as the end of an
+/// error message ("" when none is): declined, left out, or silent.
+async fn absent_reasons(
+    shared: &Arc<Shared>,
+    job_id: JobId,
+    members: &BTreeSet<SiteId>,
+    reported: &BTreeMap<SiteId, String>,
+) -> anyhow::Result<String> {
+    let decisions = shared.ledger.decisions(job_id.0);
+    let mut reasons: Vec<String> = decisions
+        .iter()
         .filter(|(_, (accepted, _))| !accepted)
         .map(|(site, (_, reason))| format!("{site} declined: {reason}"))
         .collect();
+    reasons.extend(
+        members
+            .iter()
+            .filter(|s| !reported.contains_key(*s) && decisions.get(*s).is_none_or(|(accepted, _)| *accepted))
+            .map(|s| format!("{s} sent no statistics in time")),
+    );
     reasons.extend(
         shared
             .store

@@ -150,17 +150,18 @@ impl DataError {
                 let found: Vec<&str> = found.split(',').collect();
                 match expected.split(',').find(|name| !found.contains(name)) {
                     Some(name) => format!("schema mismatch: column `{name}` missing"),
-                    None => "schema mismatch: the file's header differs from the schema                              (other columns or another order)"
-                        .to_owned(),
+                    None => {
+                        "schema mismatch: the file's header differs from the schema (other columns or another order)"
+                            .to_owned()
+                    }
                 }
             }
             DataError::Unreadable { .. } => "the data file cannot be read as CSV text".to_owned(),
             DataError::Parquet { .. } => "the data file cannot be read as Parquet".to_owned(),
             DataError::MissingColumn { name, .. } => format!("schema mismatch: column `{name}` missing"),
-            DataError::ColumnType {
-                name, found, wanted, ..
-            } => {
-                format!("schema mismatch: column `{name}` holds {found} values, which cannot be read as {wanted}")
+            // Not the file's type: a struct type prints its fields' names.
+            DataError::ColumnType { name, wanted, .. } => {
+                format!("schema mismatch: column `{name}` cannot be read as {wanted}")
             }
             DataError::NoRows { rows_read: 0, .. } => "the data file holds no data rows".to_owned(),
             DataError::NoRows { .. } => "every data row was dropped for missing values".to_owned(),

@@ -137,7 +137,11 @@ fn scan_with(
     // next send fails and it closes its connection (the transaction is
     // rolled back).
     drop(batches);
-    let _ = worker.join();
+    if worker.join().is_err() && !stopped {
+        // Its channel closed as at the end of the result: never take the
+        // rows so far for the whole cohort.
+        return Err(source.error("the database reader failed before the end of the result"));
+    }
     if stopped || (rows.pending() > 0 && visit(rows.take()).is_break()) {
         return Ok(rows.report());
     }
@@ -197,9 +201,13 @@ async fn fetch(
         .execute(&mut conn)
         .await
         .map_err(|e| source.error(e))?;
-    sqlx::raw_sql(AssertSqlSafe(format!(
+    // The extended protocol takes one statement only: a query that tried
+    // `...; COMMIT; DELETE ...` fails here instead of leaving the
+    // read-only transaction.
+    sqlx::query(AssertSqlSafe(format!(
         "DECLARE tessera_cohort NO SCROLL CURSOR FOR {query}"
     )))
+    .persistent(false)
     .execute(&mut conn)
     .await
     .map_err(|e| source.error(format!("the query failed: {}", db_message(&e))))?;
@@ -557,6 +565,14 @@ mod tests {
             "{err}"
         );
         assert_eq!(err.public_reason(), "schema mismatch: column `age` missing");
+        let err = read_source(
+            &Source::Postgres(source("SELECT * FROM encounters; COMMIT; DELETE FROM encounters")),
+            &schema,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("the query failed: "), "{err}");
+        let (still, _) = read_source(&whole, &schema).unwrap();
+        assert_eq!(still, from_csv, "a query cannot write");
         let err = read_source(&Source::Postgres(source("SELEC * FROM encounters")), &schema).unwrap_err();
         assert!(
             err.to_string()

@@ -261,13 +261,15 @@ impl Rows for TableSplit {
         let mut out = Dataset::empty(self.n_features());
         let mut other_part = Dataset::empty(self.n_features());
         let mut stopped = false;
-        let mut seen = 0;
+        let (mut seen, mut mine) = (0, 0);
         scan_source(&self.source, &self.schema, PASS_ROWS, &mut |batch| {
             seen += batch.len();
+            let before = out.len();
             match self.part {
                 Part::Train => splitter.deal(&batch, &mut out, &mut other_part),
                 Part::Test => splitter.deal(&batch, &mut other_part, &mut out),
             }
+            mine += out.len() - before;
             other_part.features.clear();
             other_part.labels.clear();
             // Batches of exactly PASS_ROWS rows, as an in-memory `Dataset`
@@ -288,6 +290,15 @@ impl Rows for TableSplit {
                 ControlFlow::Continue(())
             }
         })?;
+        if !stopped && seen == self.n_rows && mine != self.len {
+            // As many rows, dealt otherwise (a warehouse whose patients
+            // changed): this part no longer has the rows it declared.
+            return Err(DataError::Changed {
+                file: PathBuf::from(self.source.label()),
+                expected: self.len,
+                found: mine,
+            });
+        }
         if !stopped && seen != self.n_rows {
             // The file changed since it was opened: its split (and the
             // counts declared in the ledger) no longer describe it.

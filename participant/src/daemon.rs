@@ -519,8 +519,6 @@ impl Site {
         Ok(())
     }
 
-    /// The size of the job's sealed cohort, which the secure summations and
-    /// the quantiser are sized from; an error until the seal is final here.
     /// The site's data, for work on a job it accepted (a site without
     /// usable data accepts none).
     fn data(&self) -> anyhow::Result<&LocalData> {
@@ -529,6 +527,8 @@ impl Site {
             .map_err(|reason| anyhow::anyhow!("this site's data is not usable: {reason}"))
     }
 
+    /// The size of the job's sealed cohort, which the secure summations and
+    /// the quantiser are sized from; an error until the seal is final here.
     fn cohort_size(&self, job_id: u64) -> anyhow::Result<usize> {
         match self.replica.cohort(job_id) {
             Some(cohort) => Ok(cohort.len()),

@@ -185,6 +185,18 @@ async fn bad_updates_are_refused_precisely_and_the_round_goes_on() {
         })
         .await
         .expect("decision");
+    // A features hash is a SHA-256 in hex; anything else (here with a
+    // multi-byte character where the coordinator cuts its display prefix)
+    // is refused, and the job goes on.
+    for bad in ["a".repeat(15) + "é" + &"0".repeat(47), "00".into()] {
+        let mut bad_report = report.clone();
+        bad_report.features_hash = bad;
+        check(
+            client.submit_stats(bad_report).await.map(|_| ()),
+            Code::InvalidArgument,
+            "features_hash must be 64 hex digits",
+        );
+    }
     client.submit_stats(report).await.unwrap();
 
     // Round 1: every kind of bad update, then a good one.

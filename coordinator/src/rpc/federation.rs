@@ -214,6 +214,10 @@ impl Federation for FederationService {
         let caller = Caller::of(&request).cloned();
         let report = request.into_inner();
         let site = self.identify(caller.as_ref(), &report.site_id).await?;
+        // The driver shows (a prefix of) each site's hash: nothing else.
+        if report.features_hash.len() != 64 || !report.features_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RpcError::InvalidArgument("features_hash must be 64 hex digits (a SHA-256)".into()).into());
+        }
         let secure_report = report.n_features > 0;
         let stats = if secure_report {
             // Secure jobs: only the encoding travels here; the statistics
