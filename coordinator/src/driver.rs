@@ -88,6 +88,7 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
                 job_hash: row.job_hash.clone(),
                 cancel_requested: false,
                 phase: Phase::WaitingForSites,
+                held: BTreeMap::new(),
             });
             info!(job = %job_id, name = %spec.name, "job started");
             let result = drive(shared, job_id, &spec).await;
@@ -637,7 +638,7 @@ async fn preprocess(
     );
     let deadline = shared.now_ms() + spec.timing.round_timeout_s * 1000;
     let dropout_ms = spec.timing.dropout_after_s * 1000;
-    let (mut reports, encodings) = loop {
+    let (mut reports, encodings, held, awaited) = loop {
         let _ = tokio::time::timeout(TICK, shared.progress.notified()).await;
         let now = shared.now_ms();
         // A site that declined the job sends nothing: no wait for it.
@@ -662,12 +663,34 @@ async fn preprocess(
                 && now < deadline
                 && now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) < dropout_ms
         });
+        // A site holding the job for its data team may still report if it
+        // is approved in time, but is not waited for: an approval can take
+        // days.
+        let awaited: BTreeSet<SiteId> = stats
+            .pending
+            .iter()
+            .filter(|s| !active.held.contains_key(*s))
+            .cloned()
+            .collect();
         // Done when no one is left to wait for, or when min_sites can no
         // longer be reached whoever still reports.
-        if stats.pending.is_empty() || stats.reports.len() + stats.pending.len() < spec.min_sites as usize {
-            break (stats.reports.clone(), stats.encodings.clone());
+        if awaited.is_empty() || stats.reports.len() + awaited.len() < spec.min_sites as usize {
+            let held: BTreeMap<SiteId, String> = active
+                .held
+                .iter()
+                .filter(|(s, _)| !stats.reports.contains_key(*s))
+                .map(|(s, r)| (s.clone(), r.clone()))
+                .collect();
+            break (stats.reports.clone(), stats.encodings.clone(), held, awaited);
         }
     };
+    // A site still holding the job takes no part in it: its cohort is
+    // sealed without it.
+    for (site, reason) in &held {
+        let problem = format!("held for its data team's approval when the statistics were gathered: {reason}");
+        info!(job = %job_id, %site, "left out: {problem}");
+        shared.store.record_problem(job_id, site, &problem, unix_ms()).await?;
+    }
     // One encoding for the job: the most common one; a site with another
     // would train on other features (or another label) than the rest.
     let (encoding, outliers) =
@@ -675,20 +698,26 @@ async fn preprocess(
     for site in &outliers {
         reports.remove(site);
         let problem = format!(
-            "left out: its data is encoded differently from the other sites' (features hash {}…, theirs {}…); \
+            "its data is encoded differently from the other sites' (features hash {}…, theirs {}…); \
              every site must use the consortium's schema file",
             &encodings[site][..encodings[site].len().min(16)],
             &encoding[..encoding.len().min(16)]
         );
-        warn!(job = %job_id, %site, "{problem}");
+        warn!(job = %job_id, %site, "left out: {problem}");
         shared.store.record_problem(job_id, site, &problem, unix_ms()).await?;
     }
     if reports.len() < spec.min_sites as usize {
+        // Ended early (min_sites out of reach): the sites still working are
+        // not to blame.
+        let (n, verb) = if awaited.is_empty() {
+            (reports.len(), "sent")
+        } else {
+            (reports.len() + awaited.len(), "can send")
+        };
         return Err(Stop::Failed(format!(
-            "preprocessing: only {} sites sent statistics, min_sites is {}{}",
-            reports.len(),
+            "preprocessing: only {n} sites {verb} statistics, min_sites is {}{}",
             spec.min_sites,
-            absent_reasons(shared, job_id, members, &encodings).await?
+            absent_reasons(shared, job_id, members, &encodings, &awaited).await?
         )));
     }
     seal_cohort(shared, job_id, spec).await?;
@@ -711,7 +740,7 @@ async fn preprocess(
             "preprocessing: {} sites can take part in the secure sum, and it needs {needed} (a majority of the \
              {cohort} sites in the sealed cohort){}",
             sites.len(),
-            absent_reasons(shared, job_id, members, &encodings).await?
+            absent_reasons(shared, job_id, members, &encodings, &BTreeSet::new()).await?
         )));
     }
     let ctx = RoundContext {
@@ -769,14 +798,17 @@ fn agree_on_encoding(encodings: &BTreeMap<SiteId, String>) -> Result<(String, BT
 }
 
 /// Why the members that are not taking part are absent, as the end of an
-/// error message ("" when none is): declined, left out, or silent.
+/// error message ("" when none is): declined, left out, or silent (except
+/// those `still_working` when the phase ended early).
 async fn absent_reasons(
     shared: &Arc<Shared>,
     job_id: JobId,
     members: &BTreeSet<SiteId>,
     reported: &BTreeMap<SiteId, String>,
+    still_working: &BTreeSet<SiteId>,
 ) -> anyhow::Result<String> {
     let decisions = shared.ledger.decisions(job_id.0);
+    let problems = shared.store.problems(job_id).await?;
     let mut reasons: Vec<String> = decisions
         .iter()
         .filter(|(_, (accepted, _))| !accepted)
@@ -785,16 +817,18 @@ async fn absent_reasons(
     reasons.extend(
         members
             .iter()
-            .filter(|s| !reported.contains_key(*s) && decisions.get(*s).is_none_or(|(accepted, _)| *accepted))
+            .filter(|s| {
+                !reported.contains_key(*s)
+                    && !still_working.contains(*s)
+                    && !problems.iter().any(|(p, _)| p == s.as_str())
+                    && decisions.get(*s).is_none_or(|(accepted, _)| *accepted)
+            })
             .map(|s| format!("{s} sent no statistics in time")),
     );
     reasons.extend(
-        shared
-            .store
-            .problems(job_id)
-            .await?
+        problems
             .into_iter()
-            .map(|(site, problem)| format!("{site} {problem}")),
+            .map(|(site, problem)| format!("{site} left out: {problem}")),
     );
     Ok(if reasons.is_empty() {
         String::new()

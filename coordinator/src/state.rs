@@ -65,6 +65,9 @@ pub struct ActiveJob {
     pub job_hash: String,
     pub cancel_requested: bool,
     pub phase: Phase,
+    /// Sites holding the job for their data team's approval, with what in
+    /// the job is outside their policy: not waited for, shown to the ML lead.
+    pub held: BTreeMap<SiteId, String>,
 }
 
 /// What the active job is waiting for.

@@ -238,6 +238,16 @@ struct Site {
     contributions: Contributions,
 }
 
+/// A job that waits for the data team's approval: not an error of the
+/// site's, so it is logged once (`first`), when the job is first held.
+#[derive(Debug, thiserror::Error)]
+#[error("job {job_id} waits for the data team's approval ({exceeded})")]
+struct Held {
+    job_id: u64,
+    exceeded: String,
+    first: bool,
+}
+
 /// A secure input being trained, clipped and quantised off the async threads.
 type Training = tokio::task::JoinHandle<anyhow::Result<Vec<u32>>>;
 
@@ -323,7 +333,10 @@ impl Site {
                     {
                         return Err(e);
                     }
-                    error!("task failed: {e:#}");
+                    // A held job was said once, when it was first held.
+                    if e.downcast_ref::<Held>().is_none() {
+                        error!("task failed: {e:#}");
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -409,7 +422,15 @@ impl Site {
             Err(reason) => Err(format!(
                 "job {job_id}: this site's data is not usable: {reason}; not taking part"
             )),
-            Ok(review) => self.policy_verdict(job_id, job_hash, job_toml, &review, &approvals)?,
+            Ok(review) => match self.policy_verdict(job_id, job_hash, job_toml, &review, &approvals) {
+                Ok(verdict) => verdict,
+                Err(e) => {
+                    if let Some(held) = e.downcast_ref::<Held>().filter(|h| h.first) {
+                        self.send_hold(client, job_id, job_hash, &held.exceeded).await;
+                    }
+                    return Err(e);
+                }
+            },
         };
         if !self.decided.contains(&job_id) {
             self.send_decision(client, job_id, job_hash, &verdict).await?;
@@ -444,18 +465,47 @@ impl Site {
                     // Nothing is decided, nothing is sent, no data is read:
                     // the job waits for the data team.
                     approvals.hold(job_hash, job_toml, review)?;
-                    if self.held.insert(job_id, job_hash.to_owned()).is_none() {
+                    let exceeded = review.exceeded.join("; ");
+                    let first = self.held.insert(job_id, job_hash.to_owned()).is_none();
+                    if first {
                         warn!(
                             job = job_id,
-                            "job is outside this site's policy ({}); waiting for the data team: \
-                             tessera-participant inspect {job_hash}, then approve or reject",
-                            review.exceeded.join("; ")
+                            "job is outside this site's policy ({exceeded}); waiting for the data team: \
+                             tessera-participant inspect {job_hash}, then approve or reject"
                         );
                     }
-                    bail!("job {job_id} waits for the data team's approval");
+                    return Err(Held {
+                        job_id,
+                        exceeded,
+                        first,
+                    }
+                    .into());
                 }
             }
         })
+    }
+
+    /// Tells the coordinator that the job waits for the data team, so that
+    /// it does not wait for this site and the ML lead sees why. Says only
+    /// what the data team's `inspect` shows: what in the job exceeds the
+    /// policy. Best effort: the job goes on without this site either way.
+    async fn send_hold(&self, client: &mut FederationClient<Channel>, job_id: u64, job_hash: &str, exceeded: &str) {
+        let hold = pb::JobHold {
+            site_id: self.id.to_string(),
+            job_id,
+            job_hash: job_hash.to_owned(),
+            reason: wire::brief_reason(&format!("outside the site's policy: {exceeded}")),
+        };
+        let sent = match self.egress.record("HoldJob", &hold) {
+            Ok(()) => client.hold_job(hold).await.map(drop).map_err(anyhow::Error::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            warn!(
+                job = job_id,
+                "could not tell the coordinator that the job is held: {e:#}"
+            );
+        }
     }
 
     /// Signs and sends this site's decision on a job (the coordinator records
@@ -482,7 +532,7 @@ impl Site {
             job_hash: job_hash.to_owned(),
             accepted,
             reason: match verdict {
-                Ok(why) | Err(why) => why.clone(),
+                Ok(why) | Err(why) => wire::brief_reason(why),
             },
             signature: sign_decision(&self.signing_key, job_id, &hash, accepted, counts.as_ref()),
             counts: counts.map(|c| pb::DeclaredCounts {

@@ -246,10 +246,43 @@ pub fn decode_words(bytes: &[u8]) -> Result<Vec<u32>, WireError> {
     }
 }
 
+/// The longest reason a site may give for a decision on a job or a hold
+/// (bytes of UTF-8): a sentence for the ML lead, not a document; a
+/// decision's reason enters the ledger. The coordinator refuses longer ones.
+pub const MAX_REASON_BYTES: usize = 2048;
+
+/// `reason` cut to [`MAX_REASON_BYTES`] at a character boundary, ending in
+/// `…` when cut, so that a site's long reason is shortened, never refused.
+pub fn brief_reason(reason: &str) -> String {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.to_owned();
+    }
+    let mut end = MAX_REASON_BYTES - '…'.len_utf8();
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &reason[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_brief_reason_fits_and_keeps_its_start(reason in ".{0,1200}") {
+            let brief = brief_reason(&reason);
+            prop_assert!(brief.len() <= MAX_REASON_BYTES);
+            if reason.len() <= MAX_REASON_BYTES {
+                prop_assert_eq!(&brief, &reason);
+            } else {
+                let kept = brief.strip_suffix('…').expect("a cut reason ends in an ellipsis");
+                prop_assert!(reason.starts_with(kept));
+                prop_assert!(kept.len() > MAX_REASON_BYTES - 8, "cut too short: {}", kept.len());
+            }
+        }
+    }
 
     #[test]
     fn ledger_blocks_round_trip_and_malformed_endorsers_are_dropped() {

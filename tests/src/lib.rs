@@ -31,6 +31,23 @@ pub fn bin(name: &str) -> PathBuf {
         // tests are reused instead of being rebuilt with other features.
         cmd.current_dir(repo())
             .args(["build", "--quiet", "--workspace", "--bins", "--tests"]);
+        // Cargo runs a test with its package's variables set; passed on,
+        // they differ from the outer build's (`ring`'s build script tracks
+        // CARGO_MANIFEST_DIR), and everything above `ring` was rebuilt:
+        // three minutes of every CI run.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key == "CARGO_MANIFEST_DIR"
+                || key == "CARGO_MANIFEST_PATH"
+                || key == "CARGO_CRATE_NAME"
+                || key == "CARGO_PRIMARY_PACKAGE"
+                || key == "CARGO_TARGET_TMPDIR"
+                || key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_EXE_")
+            {
+                cmd.env_remove(key.as_ref());
+            }
+        }
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }

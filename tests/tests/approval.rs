@@ -66,15 +66,35 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     }
     let job_file = federation.write_job(
         "job.toml",
-        // Margins for a loaded 2-core machine: every site now waits for the
-        // others' endorsements (finality) before a task.
-        &example_job(&[("rounds", "2"), ("round_timeout_s", "8"), ("dropout_after_s", "4")]),
+        // No timeout ends a wait here: a coordinator that waited for the
+        // site holding the job would never finish it (and `wait_for` fails).
+        // The dropout window is 3 heartbeats, for a loaded 2-core machine.
+        &example_job(&[("rounds", "2"), ("round_timeout_s", "3600"), ("dropout_after_s", "6")]),
     );
 
-    // Two rounds > max_rounds 1: Hungary holds the job, the others train.
+    // Two rounds > max_rounds 1: Hungary holds the job and says so; the
+    // others train without waiting for it.
     let first = federation.submit(&job_file);
     let status = federation.wait_for(first, &["finished", "failed", "cancelled"]);
     assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    let hungary = status["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["site_id"] == "hungary")
+        .unwrap_or_else(|| panic!("hungary's state is not shown: {status:#}"));
+    assert_eq!(hungary["state"], "left out", "{status:#}");
+    let reason = hungary["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("held for its data team's approval") && reason.contains("2 rounds > policy.max_rounds 1"),
+        "{reason}"
+    );
+    assert_eq!(egress_count(&federation, "HoldJob"), 1, "the hold is said once");
+    assert!(
+        !federation.log("hungary").contains("task failed"),
+        "a held job is not an error: {}",
+        federation.log("hungary")
+    );
     for round in status["rounds"].as_array().unwrap() {
         assert!(
             !round["sites"].as_array().unwrap().iter().any(|s| s == "hungary"),
@@ -140,9 +160,8 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     let stats_before = egress_count(&federation, "SubmitStats");
     let other = federation.write_job(
         "other.toml",
-        // The same margins as above: the cohort's seal, too, waits for a
-        // majority of endorsements.
-        &example_job(&[("rounds", "200"), ("round_timeout_s", "8"), ("dropout_after_s", "4")]),
+        // As above: Hungary's hold is not waited for.
+        &example_job(&[("rounds", "200"), ("round_timeout_s", "3600"), ("dropout_after_s", "6")]),
     );
     let third = federation.submit(&other);
     let pending = federation.state_dir("hungary").join("pending");
@@ -173,6 +192,13 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     }
     assert_eq!(d.len(), 1, "{d:?}\n{}", federation.logs());
     assert!(!d[0].0 && d[0].1.contains("rejected by the site's data team"), "{d:?}");
+    let status = federation.status(third);
+    let hungary = status["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["site_id"] == "hungary");
+    assert_eq!(hungary.map(|s| &s["state"]), Some(&"declined".into()), "{status:#}");
     // The others went on with the job meanwhile.
     assert_eq!(federation.status(third)["job"]["status"], "running");
     let out = federation.tessera(&["job", "cancel", &third.to_string()]);
@@ -183,6 +209,31 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
         "cancelled",
         "{status:#}\n{}",
         federation.logs()
+    );
+    assert_eq!(egress_count(&federation, "SubmitStats"), stats_before);
+
+    // A job that needs every site while one holds it fails as soon as the
+    // hold is known, saying why (no timeout ends it here either), and does
+    // not blame the sites it stopped waiting for.
+    let all = federation.write_job(
+        "all.toml",
+        &example_job(&[
+            ("rounds", "2"),
+            ("min_sites", "4"),
+            ("round_timeout_s", "3600"),
+            ("dropout_after_s", "6"),
+        ]),
+    );
+    let fourth = federation.submit(&all);
+    let status = federation.wait_for(fourth, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "failed", "{status:#}");
+    let error = status["job"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("only 3 sites ") // "sent" or "can send": the others may be quicker than the hold
+            && error.contains(" statistics, min_sites is 4")
+            && error.contains("hungary left out: held for its data team's approval")
+            && !error.contains("in time"),
+        "{error}"
     );
     assert_eq!(egress_count(&federation, "SubmitStats"), stats_before);
     let out = federation.tessera(&["ledger", "verify", "--allow-pending"]);

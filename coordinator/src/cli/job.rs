@@ -138,10 +138,11 @@ async fn watch_job(client: &mut JobsClient<Channel>, job_id: u64) -> Result<(), 
         bar.set_length(u64::from(job.rounds_total));
         bar.set_position(u64::from(job.rounds_done));
         bar.set_message(job.phase.clone());
-        // A site that declines (or is left out) is news the moment it
-        // happens: the ML lead should not have to wait for a timeout.
+        // A site that holds, declines or is left out is news the moment it
+        // happens (and again when its state changes): the ML lead should
+        // not have to wait for a timeout.
         for site in absent(&status.sites) {
-            if absent_shown.insert(site.site_id.clone()) {
+            if absent_shown.insert((site.site_id.clone(), site.state.clone())) {
                 bar.println(absent_line(site));
             }
         }
@@ -276,7 +277,7 @@ fn print_status(status: &pb::JobStatusResponse) {
     }
 }
 
-/// The sites that are not taking part in the job: declined or left out.
+/// The sites that are not taking part in the job: held, declined or left out.
 fn absent(sites: &[pb::SiteState]) -> impl Iterator<Item = &pb::SiteState> {
     sites.iter().filter(|s| s.state != "accepted")
 }

@@ -12,6 +12,7 @@ use tessera_protocol::pb::federation_server::Federation;
 use tessera_protocol::pb::{self, update_chunk};
 use tessera_protocol::round::UpdateHeader;
 use tessera_protocol::stats::FeatureStats;
+use tessera_protocol::wire::MAX_REASON_BYTES;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -415,6 +416,12 @@ impl Federation for FederationService {
             ))
             .into());
         }
+        if d.reason.len() > MAX_REASON_BYTES {
+            return Err(RpcError::InvalidArgument(format!(
+                "a decision's reason is limited to {MAX_REASON_BYTES} bytes"
+            ))
+            .into());
+        }
         if !matches!(row.status.as_str(), "queued" | "running") {
             return Err(RpcError::FailedPrecondition(format!("job {} is already {}", row.id, row.status)).into());
         }
@@ -463,6 +470,42 @@ impl Federation for FederationService {
         if recorded {
             info!(%site, job = d.job_id, accepted = d.accepted, "site decision recorded in the ledger");
         }
+        if let Some(active) = self.shared.lock().active.as_mut().filter(|a| a.job_id.0 == d.job_id) {
+            active.held.remove(&site);
+        }
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn hold_job(&self, request: Request<pb::JobHold>) -> Result<Response<pb::Ack>, Status> {
+        let caller = Caller::of(&request).cloned();
+        let h = request.into_inner();
+        let site = self.identify(caller.as_ref(), &h.site_id).await?;
+        if h.reason.len() > MAX_REASON_BYTES {
+            return Err(
+                RpcError::InvalidArgument(format!("a hold's reason is limited to {MAX_REASON_BYTES} bytes")).into(),
+            );
+        }
+        let mut inner = self.shared.lock();
+        let Some(active) = inner.active.as_mut().filter(|a| a.job_id.0 == h.job_id) else {
+            return Err(RpcError::FailedPrecondition(format!("job {} is not running", h.job_id)).into());
+        };
+        if active.job_hash != h.job_hash {
+            return Err(RpcError::InvalidArgument(format!(
+                "job {} has hash {}, not {}",
+                h.job_id, active.job_hash, h.job_hash
+            ))
+            .into());
+        }
+        // A site that already decided is not holding the job any more.
+        if self.shared.ledger.decisions(h.job_id).contains_key(&site) {
+            return Err(
+                RpcError::FailedPrecondition(format!("`{site}` has already decided on job {}", h.job_id)).into(),
+            );
+        }
+        if active.held.insert(site.clone(), h.reason).is_none() {
+            info!(%site, job = h.job_id, "site holds the job for its data team's approval");
+        }
+        self.shared.progress.notify_one();
         Ok(Response::new(pb::Ack {}))
     }
 

@@ -170,36 +170,25 @@ impl Jobs for JobsService {
                 loss: p.loss.unwrap_or(f64::NAN),
             })
             .collect();
-        let mut sites: BTreeMap<String, pb::SiteState> = self
+        let decisions = self.shared.ledger.decisions(job_id.0);
+        let problems = store.problems(job_id).await.map_err(RpcError::from)?;
+        // Holds are not on the ledger: only the running job has them.
+        let held: Vec<(String, String)> = self
             .shared
-            .ledger
-            .decisions(job_id.0)
-            .into_iter()
-            .map(|(site, (accepted, reason))| {
-                let state = if accepted { "accepted" } else { "declined" };
-                (
-                    site.to_string(),
-                    pb::SiteState {
-                        site_id: site.to_string(),
-                        state: state.to_owned(),
-                        reason,
-                    },
-                )
-            })
-            .collect();
-        for (site, problem) in store.problems(job_id).await.map_err(RpcError::from)? {
-            sites.insert(
-                site.clone(),
-                pb::SiteState {
-                    site_id: site,
-                    state: "left out".to_owned(),
-                    reason: problem,
-                },
-            );
-        }
+            .lock()
+            .active
+            .as_ref()
+            .filter(|a| a.job_id == job_id)
+            .map(|a| a.held.iter().map(|(s, r)| (s.to_string(), r.clone())).collect())
+            .unwrap_or_default();
+        let sites = site_states(
+            decisions.into_iter().map(|(site, d)| (site.to_string(), d)),
+            problems,
+            held,
+        );
         Ok(Response::new(pb::JobStatusResponse {
             job: Some(summary(&row)),
-            sites: sites.into_values().collect(),
+            sites,
             rounds,
             metrics,
             pooled,
@@ -300,5 +289,80 @@ impl Jobs for JobsService {
             "job_toml": row.job_toml,
         });
         Ok(Response::new(chunk_stream(bytes, hash, manifest.to_string())))
+    }
+}
+
+/// Each site's part in a job, as `job status` shows it: its signed decision
+/// (accepted or declined), overridden by why the coordinator left it out
+/// unless it declined (its own signed word is the better reason: a held job
+/// its data team rejected), and a hold for a site with neither.
+fn site_states(
+    decisions: impl IntoIterator<Item = (String, (bool, String))>,
+    problems: impl IntoIterator<Item = (String, String)>,
+    held: impl IntoIterator<Item = (String, String)>,
+) -> Vec<pb::SiteState> {
+    let state = |site: &str, state: &str, reason: String| pb::SiteState {
+        site_id: site.to_owned(),
+        state: state.to_owned(),
+        reason,
+    };
+    let mut sites: BTreeMap<String, pb::SiteState> = decisions
+        .into_iter()
+        .map(|(site, (accepted, reason))| {
+            let s = state(&site, if accepted { "accepted" } else { "declined" }, reason);
+            (site, s)
+        })
+        .collect();
+    for (site, problem) in problems {
+        if sites.get(&site).is_none_or(|s| s.state != "declined") {
+            let s = state(&site, "left out", problem);
+            sites.insert(site, s);
+        }
+    }
+    for (site, reason) in held {
+        let s = state(&site, "held", format!("waiting for its data team's approval: {reason}"));
+        sites.entry(site).or_insert(s);
+    }
+    sites.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sites_state_is_its_decision_unless_left_out_and_a_hold_only_fills_silence() {
+        let d = |site: &str, accepted: bool| (site.to_owned(), (accepted, format!("{site} said")));
+        let p = |site: &str| (site.to_owned(), format!("{site} left out"));
+        let h = |site: &str| {
+            (
+                site.to_owned(),
+                "outside the site's policy: 2 rounds > policy.max_rounds 1".to_owned(),
+            )
+        };
+        let states = site_states(
+            [d("a", true), d("b", true), d("c", false), d("d", false)],
+            [p("b"), p("c"), p("e")],
+            [h("c"), h("e"), h("f")],
+        );
+        let got: Vec<(&str, &str, &str)> = states
+            .iter()
+            .map(|s| (s.site_id.as_str(), s.state.as_str(), s.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", "accepted", "a said"),
+                ("b", "left out", "b left out"),
+                ("c", "declined", "c said"),
+                ("d", "declined", "d said"),
+                ("e", "left out", "e left out"),
+                (
+                    "f",
+                    "held",
+                    "waiting for its data team's approval: outside the site's policy: 2 rounds > policy.max_rounds 1"
+                ),
+            ]
+        );
     }
 }
