@@ -171,7 +171,9 @@ impl Inner {
                 if let Some(step) = stats.session.as_ref().and_then(|s| s.task_for(site)) {
                     return Some(pb::task::Kind::Secagg(step));
                 }
-                stats.pending.contains(site).then(|| {
+                // A site holding the job is asked again once it decides
+                // (its data team's approval arrives with an idle poll).
+                (stats.pending.contains(site) && !active.held.contains_key(site)).then(|| {
                     pb::task::Kind::ComputeStats(pb::ComputeStats {
                         job_id: active.job_id.0,
                         job_toml: active.job_toml.clone(),

@@ -239,13 +239,12 @@ struct Site {
 }
 
 /// A job that waits for the data team's approval: not an error of the
-/// site's, so it is logged once (`first`), when the job is first held.
+/// site's, so it is logged once, when the job is first held.
 #[derive(Debug, thiserror::Error)]
 #[error("job {job_id} waits for the data team's approval ({exceeded})")]
 struct Held {
     job_id: u64,
     exceeded: String,
-    first: bool,
 }
 
 /// A secure input being trained, clipped and quantised off the async threads.
@@ -318,7 +317,7 @@ impl Site {
                 continue;
             }
             let result = match task.kind {
-                None | Some(task::Kind::Idle(_)) => self.send_held_rejections(&mut client).await.map(|()| None),
+                None | Some(task::Kind::Idle(_)) => self.send_held_decisions(&mut client).await.map(|()| None),
                 Some(task::Kind::ComputeStats(t)) => self.compute_stats(&mut client, t).await.map(|()| None),
                 Some(task::Kind::Round(a)) => self.round(&mut client, &mut ledger, a).await,
                 Some(task::Kind::Secagg(step)) => self.secagg_step(&mut client, step).await,
@@ -425,7 +424,9 @@ impl Site {
             Ok(review) => match self.policy_verdict(job_id, job_hash, job_toml, &review, &approvals) {
                 Ok(verdict) => verdict,
                 Err(e) => {
-                    if let Some(held) = e.downcast_ref::<Held>().filter(|h| h.first) {
+                    // Said again only if asked again: the coordinator sends
+                    // no task for a job it knows is held.
+                    if let Some(held) = e.downcast_ref::<Held>() {
                         self.send_hold(client, job_id, job_hash, &held.exceeded).await;
                     }
                     return Err(e);
@@ -466,27 +467,22 @@ impl Site {
                     // the job waits for the data team.
                     approvals.hold(job_hash, job_toml, review)?;
                     let exceeded = review.exceeded.join("; ");
-                    let first = self.held.insert(job_id, job_hash.to_owned()).is_none();
-                    if first {
+                    if self.held.insert(job_id, job_hash.to_owned()).is_none() {
                         warn!(
                             job = job_id,
                             "job is outside this site's policy ({exceeded}); waiting for the data team: \
                              tessera-participant inspect {job_hash}, then approve or reject"
                         );
                     }
-                    return Err(Held {
-                        job_id,
-                        exceeded,
-                        first,
-                    }
-                    .into());
+                    return Err(Held { job_id, exceeded }.into());
                 }
             }
         })
     }
 
     /// Tells the coordinator that the job waits for the data team, so that
-    /// it does not wait for this site and the ML lead sees why. Says only
+    /// it does not wait for this site, sends it no task for the job until
+    /// it decides, and the ML lead sees why. Says only
     /// what the data team's `inspect` shows: what in the job exceeds the
     /// policy. Best effort: the job goes on without this site either way.
     async fn send_hold(&self, client: &mut FederationClient<Channel>, job_id: u64, job_hash: &str, exceeded: &str) {
@@ -548,23 +544,35 @@ impl Site {
         Ok(())
     }
 
-    /// Signs the data team's rejections of held jobs without waiting for a
-    /// task: a job whose cohort was sealed without this site sends it none,
-    /// and the refusal still belongs in the ledger. (An approval is acted on
-    /// at the job's next task; once a cohort is sealed it joins nothing.)
-    async fn send_held_rejections(&mut self, client: &mut FederationClient<Channel>) -> anyhow::Result<()> {
+    /// Signs the data team's decisions on held jobs as soon as they are
+    /// made, without waiting for a task: the coordinator sends a site that
+    /// holds a job no task for it (so a held job costs one idle long poll
+    /// at a time), and a rejection belongs in the ledger even when the
+    /// job's cohort was sealed without this site. An approval that comes
+    /// after the seal joins nothing: the coordinator refuses it, and the
+    /// job is forgotten here.
+    async fn send_held_decisions(&mut self, client: &mut FederationClient<Channel>) -> anyhow::Result<()> {
         let approvals = Approvals::new(&self.state_dir);
-        let rejected: Vec<(u64, String)> = self
+        let decided: Vec<(u64, String, Decision)> = self
             .held
             .iter()
-            .filter(|(job_id, hash)| {
-                !self.decided.contains(job_id) && approvals.decision(hash) == Some(Decision::Rejected)
-            })
-            .map(|(job_id, hash)| (*job_id, hash.clone()))
+            .filter(|(job_id, _)| !self.decided.contains(job_id))
+            .filter_map(|(job_id, hash)| Some((*job_id, hash.clone(), approvals.decision(hash)?)))
             .collect();
-        for (job_id, hash) in rejected {
-            let reason = format!("job {job_id} was rejected by the site's data team");
-            self.send_decision(client, job_id, &hash, &Err(reason)).await?;
+        for (job_id, hash, decision) in decided {
+            let verdict = match decision {
+                Decision::Approved => Ok("outside the policy, approved by the site's data team".to_owned()),
+                Decision::Rejected => Err(format!("job {job_id} was rejected by the site's data team")),
+            };
+            if let Err(e) = self.send_decision(client, job_id, &hash, &verdict).await {
+                if e.downcast_ref::<tonic::Status>()
+                    .is_some_and(|s| s.code() == tonic::Code::Unavailable)
+                {
+                    return Err(e);
+                }
+                warn!(job = job_id, "the data team's decision was not taken: {e:#}");
+                self.held.remove(&job_id);
+            }
         }
         Ok(())
     }

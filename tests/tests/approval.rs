@@ -89,6 +89,9 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
         reason.contains("held for its data team's approval") && reason.contains("2 rounds > policy.max_rounds 1"),
         "{reason}"
     );
+    // Once: the coordinator sends no more tasks for a job it knows is held
+    // (the site would say it again at each), so a held job costs the site
+    // only its idle long polls.
     assert_eq!(egress_count(&federation, "HoldJob"), 1, "the hold is said once");
     assert!(
         !federation.log("hungary").contains("task failed"),
@@ -192,6 +195,7 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     }
     assert_eq!(d.len(), 1, "{d:?}\n{}", federation.logs());
     assert!(!d[0].0 && d[0].1.contains("rejected by the site's data team"), "{d:?}");
+    assert_eq!(egress_count(&federation, "HoldJob"), 2);
     let status = federation.status(third);
     let hungary = status["sites"]
         .as_array()
@@ -236,6 +240,7 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
         "{error}"
     );
     assert_eq!(egress_count(&federation, "SubmitStats"), stats_before);
+    assert_eq!(egress_count(&federation, "HoldJob"), 3);
     let out = federation.tessera(&["ledger", "verify", "--allow-pending"]);
     assert!(out.status.success(), "{}", text(&out));
 }
