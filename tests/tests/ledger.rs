@@ -366,7 +366,7 @@ fn a_restart_keeps_the_chain_and_a_forked_chain_stops_every_site() {
     let mut federation = Federation::running(&SITES);
     // A coordinator killed mid-job: the job is recorded as failed on restart,
     // and the chain stays intact.
-    let long = federation.submit(&federation.write_job("long.toml", &example_job(&[("rounds", "100000")])));
+    let long = federation.submit(&federation.write_job("long.toml", &example_job(&[("rounds", "1000")])));
     for _ in 0..600 {
         if federation.status(long)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 2 {
             break;
