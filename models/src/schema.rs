@@ -117,6 +117,8 @@ pub struct SplitSpec {
 pub enum SchemaError {
     #[error("schema is not valid TOML: {0}")]
     Syntax(String),
+    #[error("schema file refused: {0}")]
+    NotText(String),
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
 }
@@ -130,6 +132,9 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SchemaError {
 
 impl Schema {
     pub fn from_toml(text: &str) -> Result<Self, SchemaError> {
+        if let Some(reason) = tessera_protocol::cli::not_config_text(text) {
+            return Err(SchemaError::NotText(reason));
+        }
         let raw: RawSchema = toml::from_str(text).map_err(|e| SchemaError::Syntax(e.to_string()))?;
         raw.validate()
     }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use serde::Deserialize;
 use tessera_models::data::Source;
 use tessera_models::postgres::PgSource;
@@ -141,6 +141,9 @@ impl SiteConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read site config {}", path.display()))?;
+        if let Some(reason) = tessera_protocol::cli::not_config_text(&text) {
+            bail!("site config {} refused: {reason}", path.display());
+        }
         let raw: RawConfig =
             toml::from_str(&text).with_context(|| format!("invalid site config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));

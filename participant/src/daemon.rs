@@ -48,6 +48,7 @@ const FINALITY_WAIT: Duration = Duration::from_secs(20);
 
 /// Runs until the process is stopped.
 pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
+    let _lock = lock_state_dir(&config.state_dir)?;
     // A site whose data cannot be used still connects: it declines every
     // job with a reason the ML lead can act on, instead of being a site
     // that is simply absent. The full error stays in this log.
@@ -236,6 +237,41 @@ struct Site {
     /// The rounds this site has sent a masked input to, on disk: never two
     /// summations of one round's input (their difference would reveal it).
     contributions: Contributions,
+}
+
+/// One daemon per state directory: two would share one ledger replica, one
+/// egress log and one record of the rounds this site contributed to (and
+/// so could send two inputs for one round). The lock is the operating
+/// system's, so a crashed daemon leaves none behind; the file says which
+/// process holds it.
+fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    let path = dir.join("daemon.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)?;
+            writeln!(file, "{}", std::process::id())?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "another tessera-participant (pid {}) is running with the state directory {}; \
+                 stop it first, or give this one its own --state-dir",
+                pid.trim(),
+                dir.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
 }
 
 /// A job that waits for the data team's approval: not an error of the

@@ -138,6 +138,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    tessera_protocol::cli::quiet_on_closed_pipe();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn".into()),

@@ -150,6 +150,8 @@ pub struct TimingSpec {
 pub enum JobError {
     #[error("job file is not valid TOML for a job: {0}")]
     Syntax(String),
+    #[error("job file refused: {0}")]
+    NotText(String),
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
@@ -172,6 +174,9 @@ pub struct PlaintextRequest;
 impl JobSpec {
     /// Parses and validates a job file.
     pub fn from_toml(text: &str) -> Result<Self, JobError> {
+        if let Some(reason) = crate::cli::not_config_text(text) {
+            return Err(JobError::NotText(reason));
+        }
         let raw: RawJob = toml::from_str(text).map_err(|e| JobError::Syntax(e.to_string()))?;
         raw.validate()
     }

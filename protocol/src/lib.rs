@@ -18,6 +18,7 @@
 //! `proto/tessera.proto`, shared by both ends.
 
 pub mod aggregate;
+pub mod cli;
 #[cfg(feature = "io")]
 pub mod enroll;
 pub mod evaluation;

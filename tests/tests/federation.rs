@@ -261,6 +261,23 @@ fn invalid_job_is_refused_naming_the_field() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(field), "error does not name {field}: {stderr}");
     }
+    // A binary file, a 100 KiB line and a 6 MB file get a short refusal,
+    // not their bytes echoed back.
+    let line = |bytes: usize| format!("{}name = \"{}\"\n", example_job(&[]), "x".repeat(bytes));
+    for (text, reason) in [
+        (
+            format!("{}\0\u{1}\u{2}", example_job(&[])),
+            "holds control characters: a binary file, not text",
+        ),
+        (line(100 << 10), "is longer than 64 KiB; not a configuration file"),
+        (line(6 << 20), "a configuration file is at most 1024 KiB"),
+    ] {
+        let path = federation.write_job("odd.toml", &text);
+        let out = federation.tessera(&["job", "submit", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(reason) && stderr.len() < 1000, "{stderr}");
+    }
     // Nothing was queued.
     let out = federation.tessera(&["job", "list", "--json"]);
     let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

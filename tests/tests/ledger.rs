@@ -106,6 +106,24 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
     assert_eq!(report["blocks"], 17, "{report:#}");
     assert_eq!(report["models_checked"], 4);
 
+    // Output into a closed pipe (`tessera ledger show DB | head`) ends the
+    // program by SIGPIPE, as `head` expects, not with a panic.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(bin("tessera"))
+        .args(["ledger", "show", db.to_str().unwrap()])
+        .stdout(writer)
+        .output()
+        .expect("run tessera");
+    assert!(!text(&out).contains("panicked"), "{}", text(&out));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(13),
+        "{:?}: {}",
+        out.status,
+        text(&out)
+    );
+
     // Read-only through the coordinator's API, and by the independent
     // verifier.
     let out = federation.tessera(&["ledger", "verify"]);

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tessera_tests::{Federation, example_job, files_under, repo};
+use tessera_tests::{Federation, bin, example_job, files_under, repo};
 
 /// A value only the bad file holds: it must stay at the site.
 const SECRET: &str = "Smith-4711";
@@ -124,4 +124,69 @@ fn a_site_with_unusable_data_or_another_encoding_is_named_and_the_job_fails_at_o
             file.display()
         );
     }
+}
+
+/// Two daemons on one kit would share one ledger replica, one egress log
+/// and one record of the rounds the site contributed to: the second refuses
+/// to start, saying which process holds the state directory.
+#[test]
+fn a_second_daemon_on_one_state_directory_refuses_to_start() {
+    let mut federation = Federation::start(&["cleveland"]);
+    federation.add_site("cleveland");
+    let lock = federation.state_dir("cleveland").join("daemon.lock");
+    let mut holder = String::new();
+    for _ in 0..1200 {
+        holder = std::fs::read_to_string(&lock).unwrap_or_default();
+        if !holder.trim().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(
+        !holder.trim().is_empty(),
+        "the first daemon holds no lock: {}",
+        federation.logs()
+    );
+    let mut second = std::process::Command::new(bin("tessera-participant"))
+        .arg("run")
+        .arg("--config")
+        .arg(repo().join("examples/heart-disease/sites/cleveland.toml"))
+        .arg("--coordinator")
+        .arg(&federation.addr)
+        .arg("--state-dir")
+        .arg(federation.state_dir("cleveland"))
+        .arg("--tls-dir")
+        .arg(federation.state_dir("cleveland"))
+        .arg("--roster")
+        .arg(federation.ca().join("roster.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start a second participant");
+    // A guard against a daemon that starts anyway (it would run forever),
+    // not a measure of speed.
+    let mut status = None;
+    for _ in 0..2400 {
+        status = second.try_wait().expect("wait for the second participant");
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let Some(status) = status else {
+        second.kill().ok();
+        panic!("a second daemon started on the same state directory");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "another tessera-participant (pid {}) is running with the state directory",
+            holder.trim()
+        )),
+        "{stderr}"
+    );
+    // The first one is untouched: it still holds the lock.
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), holder);
 }

@@ -3,5 +3,6 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    tessera_protocol::cli::quiet_on_closed_pipe();
     tessera_coordinator::cli::main()
 }
