@@ -98,6 +98,11 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
         "a held job is not an error: {}",
         federation.log("hungary")
     );
+    // Logs written to files are plain text: no colour codes.
+    for who in ["coordinator", "hungary"] {
+        let log = federation.log(who);
+        assert!(log.contains(" INFO ") && !log.contains('\u{1b}'), "{who}: {log}");
+    }
     for round in status["rounds"].as_array().unwrap() {
         assert!(
             !round["sites"].as_array().unwrap().iter().any(|s| s == "hungary"),

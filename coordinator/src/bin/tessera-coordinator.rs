@@ -97,6 +97,8 @@ async fn main() -> anyhow::Result<()> {
             }),
         )
         .with_writer(std::io::stderr)
+        // Colour on a terminal only: a log written to a file stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     #[cfg(all(feature = "malicious", debug_assertions))]
