@@ -729,7 +729,7 @@ async fn preprocess(
     // Secure: the reports carried only the encoding; now sum the statistics.
     let n_features = reports.values().next().map_or(0, |r| r.sum.len());
     let sites: BTreeSet<SiteId> = reports.keys().cloned().collect();
-    let vector_len = (1 + 2 * n_features) * exact::LIMBS;
+    let vector_len = FeatureStats::secure_len(n_features) * exact::LIMBS;
     let cohort = shared.ledger.cohort(job_id.0).len();
     let params = secure.params(cohort, spec.min_sites as usize, vector_len);
     // Left-out sites stay in the sealed cohort, which sizes the threshold

@@ -150,7 +150,7 @@ fn encode_columns(rows: &RowEncoder, schema: &Schema, views: &[View], n: usize) 
                     for r in block.clone() {
                         let v = values.value(r);
                         if values.is_null(r) || (column.zero_means_missing && v == 0.0) {
-                            batch.missing(used, r);
+                            batch.missing(used, r, slot);
                             continue;
                         }
                         if !v.is_finite() {
@@ -167,7 +167,7 @@ fn encode_columns(rows: &RowEncoder, schema: &Schema, views: &[View], n: usize) 
                     for r in block.clone() {
                         let cell = view.cell(r);
                         if rows.is_missing(column, cell) {
-                            batch.missing(used, r);
+                            batch.missing(used, r, slot);
                             continue;
                         }
                         match column.kind {
@@ -439,7 +439,16 @@ mod tests {
         fn parquet_and_csv_agree(
             rows in prop::collection::vec((cell(), 1u8..4, cell()), 1..40),
             batch in 1usize..9,
+            rules in (0usize..3, 0usize..3),
         ) {
+            // Each feature column drops, imputes or flags its missing values.
+            let rule = |k: usize| ["drop", "impute", "indicator"][k];
+            let schema = Schema::from_toml(
+                &SCHEMA
+                    .replace("zero_means_missing = true", &format!("zero_means_missing = true\nmissing = \"{}\"", rule(rules.0)))
+                    .replace("categories = [\"1\", \"2\", \"3\"]", &format!("categories = [\"1\", \"2\", \"3\"]\nmissing = \"{}\"", rule(rules.1))),
+            )
+            .unwrap();
             let dir = tempfile::tempdir().unwrap();
             let text: String = rows
                 .iter()
@@ -448,12 +457,12 @@ mod tests {
                     format!("{},{c},x,{}\n", show(a), show(y))
                 })
                 .collect();
-            let expected = read_csv_from(text.as_bytes(), Path::new("site.csv"), &schema());
+            let expected = read_csv_from(text.as_bytes(), Path::new("site.csv"), &schema);
             let a: Float64Array = rows.iter().map(|r| r.0).collect();
             let c: Int64Array = rows.iter().map(|r| Some(i64::from(r.1))).collect();
             let y: Float64Array = rows.iter().map(|r| r.2).collect();
             let path = write(dir.path(), vec![("a", Arc::new(a) as ArrayRef), ("c", Arc::new(c)), ("y", Arc::new(y))]);
-            let typed = read_parquet_in_batches(&path, batch);
+            let typed = read_parquet_batched(&path, &schema, batch);
             let texts = |f: fn(&Row) -> Option<f64>| -> ArrayRef {
                 Arc::new(StringArray::from_iter_values(
                     rows.iter().map(|r| f(r).map_or("?".to_owned(), |v| v.to_string())),
@@ -463,7 +472,7 @@ mod tests {
                 dir.path(),
                 vec![("a", texts(|r| r.0)), ("c", texts(|r| Some(f64::from(r.1)))), ("y", texts(|r| r.2))],
             );
-            let as_text = read_parquet_in_batches(&path, batch);
+            let as_text = read_parquet_batched(&path, &schema, batch);
             match expected {
                 Ok(expected) => {
                     prop_assert_eq!(&typed.unwrap(), &expected);
@@ -623,6 +632,11 @@ kind = "label"
                 "name = \"age\"\nkind = \"numeric\"",
                 "name = \"age\"\nkind = \"numeric\"\nzero_means_missing = true",
             ),
+            (
+                "name = \"age\"\nkind = \"numeric\"",
+                "name = \"age\"\nkind = \"numeric\"\nmissing = \"impute\"",
+            ),
+            ("[format]", "[format]\nmissing = \"impute\""),
         ] {
             let text = CODED.replace(from, to);
             assert_ne!(text, CODED, "{from}");
@@ -666,6 +680,26 @@ kind = "label"
                 "name = \"age\"\nkind = \"numeric\"",
                 "name = \"age\"\nkind = \"numeric\"\nother = true",
                 "`other` only applies",
+            ),
+            (
+                "name = \"age\"\nkind = \"numeric\"",
+                "name = \"age\"\nkind = \"numeric\"\nmissing = \"mean\"",
+                "unknown missing rule `mean`; expected drop, impute or indicator",
+            ),
+            (
+                "categories = [\"A\", \"B\", \"?\"]",
+                "categories = [\"A\", \"(missing)\"]",
+                "set `missing = \"indicator\"`",
+            ),
+            (
+                "name = \"readmitted\"\nkind = \"label\"",
+                "name = \"readmitted\"\nkind = \"label\"\nmissing = \"impute\"",
+                "only applies to feature columns",
+            ),
+            (
+                "[format]",
+                "[format]\nmissing = \"zero\"",
+                "format.missing: unknown missing rule",
             ),
         ] {
             let text = CODED.replace(from, to);

@@ -3,17 +3,20 @@
 //!
 //! The file is streamed record by record (never read whole), each cell is
 //! checked, and the first malformed cell stops the read with an error naming
-//! the file, the line and the column. Rows with a missing value in a used
-//! column are dropped and counted per column, so `tessera-participant check`
-//! can show the data team exactly what was left out.
+//! the file, the line and the column. Missing values are counted per column,
+//! so `tessera-participant check` can show the data team what was missing;
+//! a row with one is left out, unless the column's `missing` rule imputes
+//! it (a numeric feature is `NaN` until standardised, a categorical one has
+//! no category, an indicator feature says it was missing).
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use crate::schema::{CategoryMap, Column, ColumnKind, LabelRule, Schema};
+use crate::schema::{CategoryMap, Column, ColumnKind, LabelRule, MissingRule, Schema};
 
-/// Encoded rows of one site: features row-major, labels 0/1.
-#[derive(Clone, Debug, PartialEq)]
+/// Encoded rows of one site: features row-major, labels 0/1. A feature is
+/// `NaN` where its value was missing and is to be imputed.
+#[derive(Clone, Debug)]
 pub struct Dataset {
     pub n_features: usize,
     pub features: Vec<f32>,
@@ -23,6 +26,22 @@ pub struct Dataset {
     /// split is not grouped, and in the parts a split returns: the ids
     /// themselves are never kept.
     pub groups: Vec<u64>,
+}
+
+/// Two reads are equal when they encode the same rows: features compare
+/// by their bits, so that a value to impute (`NaN`) equals itself.
+impl PartialEq for Dataset {
+    fn eq(&self, other: &Self) -> bool {
+        self.n_features == other.n_features
+            && self.labels == other.labels
+            && self.groups == other.groups
+            && self.features.len() == other.features.len()
+            && self
+                .features
+                .iter()
+                .zip(&other.features)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    }
 }
 
 /// What reading a file found, besides the rows.
@@ -483,9 +502,9 @@ impl<'s> RowEncoder<'s> {
     }
 
     /// Encodes one row, given one cell per schema column (those of dropped
-    /// columns are ignored). A row with a missing cell in a used column is
-    /// counted and left out; a malformed cell is an error: the index of its
-    /// column and why.
+    /// columns are ignored). A missing cell is counted, and leaves its row
+    /// out unless its column imputes it; a malformed cell is an error: the
+    /// index of its column and why.
     pub(crate) fn push<'c>(&mut self, cells: impl Iterator<Item = Cell<'c>>) -> Result<(), (usize, String)> {
         self.rows_read += 1;
         self.encoded.clear();
@@ -494,16 +513,23 @@ impl<'s> RowEncoder<'s> {
         let mut row_missing = false;
         for (index, ((column, slot), cell)) in self.schema.columns.iter().zip(&self.slots).zip(cells).enumerate() {
             let Some(used) = slot.used else { continue };
+            let start = self.encoded.len();
             if self.is_missing(column, cell) {
                 self.missing_per_column[used].1 += 1;
-                row_missing = true;
+                if slot.imputes() {
+                    self.encoded.resize(start + slot.width, 0.0);
+                    slot.encode_missing(&mut self.encoded[start..]);
+                } else {
+                    row_missing = true;
+                }
                 continue;
             }
             let malformed = |reason: String| (index, reason);
             match &column.kind {
                 ColumnKind::Numeric => {
                     let value = number(cell).map_err(malformed)?;
-                    self.encoded.push(value as f32);
+                    self.encoded.resize(start + slot.width, 0.0);
+                    self.encoded[start] = value as f32;
                 }
                 ColumnKind::Categorical { .. } => {
                     let hit = slot.category(cell).map_err(malformed)?;
@@ -710,8 +736,13 @@ pub(crate) struct Slot {
     categories: Vec<(String, Option<f64>)>,
     /// A categorical column's code map.
     map: Vec<CategoryMap>,
-    /// A categorical column's features: its categories, and its other
-    /// bucket where it has one (the last feature).
+    /// Whether a categorical column has an other bucket (after its
+    /// categories).
+    other: bool,
+    /// What a missing value does (`Drop` for the label and id).
+    missing: MissingRule,
+    /// The column's features: a number, or the categories and the other
+    /// bucket; then the missing indicator where it has one (the last).
     pub(crate) width: usize,
 }
 
@@ -725,6 +756,8 @@ impl Slot {
                 offset,
                 categories: Vec::new(),
                 map: Vec::new(),
+                other: false,
+                missing: column.missing,
                 width: 0,
             };
             match &column.kind {
@@ -732,10 +765,12 @@ impl Slot {
                 ColumnKind::Categorical { categories, other, map } => {
                     slot.categories = categories.iter().map(|c| (c.clone(), c.parse::<f64>().ok())).collect();
                     slot.map = map.clone();
+                    slot.other = *other;
                     slot.width = categories.len() + usize::from(*other);
                 }
                 ColumnKind::Label | ColumnKind::Id | ColumnKind::Drop => {}
             }
+            slot.width += usize::from(column.missing == MissingRule::Indicator);
             offset += slot.width;
             used += usize::from(slot.used.is_some());
             slots.push(slot);
@@ -745,7 +780,24 @@ impl Slot {
 
     /// The other bucket's index, where the column has one.
     pub(crate) fn other(&self) -> Option<usize> {
-        (!self.categories.is_empty() && self.width > self.categories.len()).then_some(self.categories.len())
+        self.other.then_some(self.categories.len())
+    }
+
+    /// Whether a missing value keeps its row.
+    pub(crate) fn imputes(&self) -> bool {
+        self.missing != MissingRule::Drop
+    }
+
+    /// Writes a missing value's encoding into the column's features (zeros
+    /// on entry): `NaN` for a number, for standardisation to replace with
+    /// the mean; no category for a categorical value; and the indicator.
+    pub(crate) fn encode_missing(&self, features: &mut [f32]) {
+        if self.categories.is_empty() {
+            features[0] = f32::NAN;
+        }
+        if self.missing == MissingRule::Indicator {
+            features[self.width - 1] = 1.0;
+        }
     }
 
     /// The index of a (present) cell's category (or of the other bucket,
@@ -799,10 +851,16 @@ pub(crate) struct ColumnBatch {
 }
 
 impl ColumnBatch {
-    /// Row `r` has a missing value in the used column `used`.
-    pub(crate) fn missing(&mut self, used: usize, r: usize) {
+    /// Row `r` has a missing value in the used column `used`, which `slot`
+    /// reads: it is imputed, or the row is left out.
+    pub(crate) fn missing(&mut self, used: usize, r: usize, slot: &Slot) {
         self.missing[used] += 1;
-        self.keep[r] = false;
+        if slot.imputes() {
+            let start = r * self.width + slot.offset;
+            slot.encode_missing(&mut self.features[start..start + slot.width]);
+        } else {
+            self.keep[r] = false;
+        }
     }
 
     /// Feature `offset` of row `r`.
@@ -903,6 +961,49 @@ kind = "label"
             report.missing_per_column,
             vec![("a".into(), 2), ("c".into(), 0), ("y".into(), 0)]
         );
+    }
+
+    /// `impute` keeps a row with a missing feature (a number is `NaN`
+    /// until standardised, a category is none of them), `indicator` adds
+    /// `name=(missing)`; a missing label still leaves its row out.
+    #[test]
+    fn imputed_and_flagged_missing_values_keep_their_rows() {
+        let text = "1.5,2,x,0\n?,1,x,3\n0,?,x,1\n2,3,x,?\n";
+        let imputing = SCHEMA.replace(
+            "zero_means_missing = true",
+            "zero_means_missing = true\nmissing = \"indicator\"",
+        );
+        let imputing = imputing.replace("[format]\n", "[format]\nmissing = \"impute\"\n");
+        let schema = Schema::from_toml(&imputing).unwrap();
+        assert_eq!(schema.feature_names(), ["a", "a=(missing)", "c=1", "c=2", "c=3"]);
+        let (data, report) = read_csv_from(text.as_bytes(), Path::new("site.csv"), &schema).unwrap();
+        let nan = f32::NAN;
+        let expected = Dataset {
+            n_features: 5,
+            features: vec![
+                1.5, 0.0, 0.0, 1.0, 0.0, // nothing missing
+                nan, 1.0, 1.0, 0.0, 0.0, // `?` in `a`
+                nan, 1.0, 0.0, 0.0, 0.0, // `0` in `a`, `?` in `c`
+            ],
+            labels: vec![0.0, 1.0, 1.0],
+            groups: Vec::new(),
+        };
+        assert_eq!(data, expected);
+        let mut other = expected.clone();
+        other.features[5] = 0.0;
+        assert_ne!(data, other, "an imputed value is not a 0");
+        assert_eq!((report.rows_read, report.rows_kept), (4, 3));
+        assert_eq!(
+            report.missing_per_column,
+            vec![("a".into(), 2), ("c".into(), 1), ("y".into(), 1)]
+        );
+        // Standardised, the imputed value is the mean of the present ones.
+        let stats = tessera_protocol::stats::FeatureStats::of_rows(data.n_features, data.rows());
+        assert_eq!((stats.missing[0], stats.sum[0]), (2, 1.5));
+        let norm = tessera_protocol::stats::Normalization::from_stats(&stats).unwrap();
+        let standard = data.standardized(&norm);
+        assert_eq!(standard.row(1)[0], 0.0);
+        assert!(standard.features.iter().all(|f| f.is_finite()));
     }
 
     #[test]

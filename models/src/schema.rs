@@ -30,6 +30,38 @@ pub struct Column {
     /// missing_markers`: `?` can mean "missing" in one column and be a
     /// legitimate code in another.
     pub missing_markers: Option<Vec<String>>,
+    /// What a missing value does to its row; always `Drop` for the label
+    /// and id columns (a row without them cannot be used).
+    pub missing: MissingRule,
+}
+
+/// What a missing value in a feature column does, as `missing = "…"` in
+/// the column (or `[format]`, for every feature column) says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MissingRule {
+    /// The row is left out (counted in the read report).
+    #[default]
+    Drop,
+    /// The row stays: a number becomes the pooled mean of the values
+    /// present (0 once standardised), a categorical value no category.
+    Impute,
+    /// As `Impute`, plus one more feature, `name=(missing)`, that is 1
+    /// where the value was missing: the model can learn from the absence.
+    Indicator,
+}
+
+impl MissingRule {
+    fn parse(field: &str, text: &str) -> Result<Self, SchemaError> {
+        match text {
+            "drop" => Ok(Self::Drop),
+            "impute" => Ok(Self::Impute),
+            "indicator" => Ok(Self::Indicator),
+            other => Err(invalid(
+                field,
+                format!("unknown missing rule `{other}`; expected drop, impute or indicator"),
+            )),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -151,7 +183,10 @@ impl Schema {
                         names.push(format!("{}={OTHER}", column.name));
                     }
                 }
-                ColumnKind::Label | ColumnKind::Id | ColumnKind::Drop => {}
+                ColumnKind::Label | ColumnKind::Id | ColumnKind::Drop => continue,
+            }
+            if column.missing == MissingRule::Indicator {
+                names.push(format!("{}={MISSING}", column.name));
             }
         }
         names
@@ -168,7 +203,7 @@ impl Schema {
 
     /// The canonical text [`Self::features_hash`] hashes.
     fn encoding(&self) -> String {
-        let mut text = String::from("tessera features v2\n");
+        let mut text = String::from("tessera features v3\n");
         for name in self.feature_names() {
             text.push_str(&format!("feature {name:?}\n"));
         }
@@ -182,10 +217,11 @@ impl Schema {
                 }
             };
             text.push_str(&format!(
-                "column {:?} {kind} zero_means_missing={} missing={:?}\n",
+                "column {:?} {kind} zero_means_missing={} missing={:?} missing_rule={:?}\n",
                 column.name,
                 column.zero_means_missing,
-                self.missing_markers_of(column)
+                self.missing_markers_of(column),
+                column.missing
             ));
         }
         text
@@ -199,6 +235,9 @@ impl Schema {
 
 /// The name of a categorical column's other bucket (`name=(other)`).
 pub const OTHER: &str = "(other)";
+
+/// The name of a column's missing-value indicator (`name=(missing)`).
+pub const MISSING: &str = "(missing)";
 
 impl CompareOp {
     pub fn holds(self, value: f64, threshold: f64) -> bool {
@@ -232,6 +271,8 @@ struct RawFormat {
     header: bool,
     #[serde(default)]
     missing_markers: Vec<String>,
+    /// The missing rule of every feature column that names none.
+    missing: Option<String>,
 }
 
 fn default_delimiter() -> String {
@@ -244,6 +285,7 @@ impl Default for RawFormat {
             delimiter: default_delimiter(),
             header: false,
             missing_markers: Vec::new(),
+            missing: None,
         }
     }
 }
@@ -277,6 +319,7 @@ struct RawColumn {
     #[serde(default)]
     zero_means_missing: bool,
     missing_markers: Option<Vec<String>>,
+    missing: Option<String>,
     #[serde(default)]
     other: bool,
     #[serde(default)]
@@ -298,6 +341,10 @@ impl RawSchema {
             [b] => *b,
             _ => return Err(invalid("format.delimiter", "must be exactly one ASCII character")),
         };
+        let default_missing = match &self.format.missing {
+            Some(text) => MissingRule::parse("format.missing", text)?,
+            None => MissingRule::Drop,
+        };
         let mut columns = Vec::with_capacity(self.column.len());
         for (i, raw) in self.column.into_iter().enumerate() {
             let field = format!("column[{i}] ({})", raw.name);
@@ -317,6 +364,14 @@ impl RawSchema {
                         return Err(invalid(
                             field,
                             format!("`{OTHER}` is the other bucket's name; set `other = true` instead"),
+                        ));
+                    }
+                    if raw.categories.iter().any(|c| c == MISSING) {
+                        return Err(invalid(
+                            field,
+                            format!(
+                                "`{MISSING}` is the missing indicator's name; set `missing = \"indicator\"` instead"
+                            ),
                         ));
                     }
                     let map = raw
@@ -363,11 +418,24 @@ impl RawSchema {
                     }
                 }
             }
+            let is_feature = matches!(kind, ColumnKind::Numeric | ColumnKind::Categorical { .. });
+            let missing = match (&raw.missing, is_feature) {
+                (Some(text), true) => MissingRule::parse(&format!("{field}.missing"), text)?,
+                (None, true) => default_missing,
+                (Some(_), false) => {
+                    return Err(invalid(
+                        format!("{field}.missing"),
+                        "only applies to feature columns (numeric, categorical): a row without its label or id is always left out",
+                    ));
+                }
+                (None, false) => MissingRule::Drop,
+            };
             columns.push(Column {
                 name: raw.name,
                 kind,
                 zero_means_missing: raw.zero_means_missing,
                 missing_markers: raw.missing_markers,
+                missing,
             });
         }
         let labels: Vec<&Column> = columns.iter().filter(|c| c.kind == ColumnKind::Label).collect();

@@ -95,6 +95,8 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
             config.state_dir.display()
         );
     }
+    tessera_protocol::cli::check_coordinator_address(&config.coordinator, config.tls_dir.is_some())
+        .map_err(anyhow::Error::msg)?;
     let mut endpoint = Endpoint::from_shared(config.coordinator.clone())
         .with_context(|| format!("bad coordinator address `{}`", config.coordinator))?
         .connect_timeout(Duration::from_secs(5));
@@ -681,10 +683,8 @@ impl Site {
             // Only the encoding goes in the clear; the statistics go into the
             // secure sum.
             info!(job = task.job_id, name = %spec.name, "preparing statistics for secure summation");
-            let mut values = vec![stats.count as f64];
-            values.extend(&stats.sum);
-            values.extend(&stats.sum_sq);
-            let words = exact::encode(&values).context("training-split statistics cannot be summed exactly")?;
+            let words =
+                exact::encode(&stats.secure_values()).context("training-split statistics cannot be summed exactly")?;
             self.inputs.insert((task.job_id, 0), words);
             pb::StatsReport {
                 site_id: self.id.to_string(),
@@ -692,6 +692,7 @@ impl Site {
                 count: 0,
                 sum: Vec::new(),
                 sum_sq: Vec::new(),
+                missing: Vec::new(),
                 features_hash: self.data()?.schema.features_hash(),
                 n_features,
             }
@@ -703,6 +704,7 @@ impl Site {
                 count: stats.count,
                 sum: stats.sum,
                 sum_sq: stats.sum_sq,
+                missing: stats.missing,
                 features_hash: self.data()?.schema.features_hash(),
                 n_features: 0,
             }

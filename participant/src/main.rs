@@ -15,6 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tessera_models::schema::MissingRule;
 use tessera_protocol::job::JobSpec;
 
 use crate::config::SiteConfig;
@@ -25,6 +26,10 @@ use crate::policy::{Approvals, Decision};
 #[derive(Parser)]
 #[command(name = "tessera-participant", version)]
 struct Cli {
+    /// `text` (for a person) or `json` (one object per line, for a log
+    /// collector).
+    #[arg(long, global = true, env = "TESSERA_LOG_FORMAT", default_value = "text")]
+    log_format: tessera_protocol::cli::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -139,15 +144,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tessera_protocol::cli::quiet_on_closed_pipe();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour on a terminal only: a log written to a file stays plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    tessera_protocol::cli::init_logging(cli.log_format, "info,h2=warn");
+    let result = match cli.command {
         Command::Run {
             config,
             coordinator,
@@ -305,7 +304,13 @@ fn check(path: &Path) -> anyhow::Result<()> {
         .max()
         .unwrap_or(0);
     for (name, n) in &r.missing_per_column {
-        println!("    {name:<width$} {n}");
+        let rule = data.schema.columns.iter().find(|c| &c.name == name).map(|c| c.missing);
+        let how = match rule {
+            Some(MissingRule::Impute) if *n > 0 => " (imputed)".to_owned(),
+            Some(MissingRule::Indicator) if *n > 0 => format!(" (imputed, flagged by {name}=(missing))"),
+            _ => String::new(),
+        };
+        println!("    {name:<width$} {n}{how}");
     }
     if !r.other_per_column.is_empty() {
         println!("  values in an other bucket (no category or map rule took them):");

@@ -1,15 +1,22 @@
 //! Federated preprocessing: global feature means and standard deviations from
 //! per-site counts, sums and sums of squares. Only these aggregates leave a
-//! site. Secure jobs (the default) sum them with `secagg` (exact limb
+//! site. A feature a schema imputes is `NaN` in an encoded row where the
+//! value was missing: it counts in `missing`, not in the sums, so the mean
+//! is over the values present, and [`Normalization::apply`] puts the mean
+//! (0 once standardised) in its place. Secure jobs (the default) sum them with `secagg` (exact limb
 //! encoding, see `secagg::exact`); [`sum_plaintext_stats`] combines them only
 //! for `insecure_plaintext` jobs.
 
 /// Statistics of one site's training split over the encoded features.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FeatureStats {
+    /// Rows.
     pub count: u64,
+    /// Per feature, over the rows where it is present.
     pub sum: Vec<f64>,
     pub sum_sq: Vec<f64>,
+    /// Per feature, the rows where it was missing and is to be imputed.
+    pub missing: Vec<u64>,
 }
 
 /// Per-feature mean and standard deviation used to standardise inputs.
@@ -26,10 +33,12 @@ pub enum StatsError {
     Empty,
     #[error("site reports {got} features, others {expected}: the sites encode their data differently")]
     Width { expected: usize, got: usize },
-    #[error("sum and sum_sq have different lengths ({sum} and {sum_sq})")]
-    Ragged { sum: usize, sum_sq: usize },
+    #[error("sum, sum_sq and missing have different lengths ({sum}, {sum_sq} and {missing})")]
+    Ragged { sum: usize, sum_sq: usize, missing: usize },
     #[error("statistics contain a value that is not finite or a negative sum of squares")]
     NotFinite,
+    #[error("a feature is missing in more rows than there are")]
+    MissingExceedsRows,
     #[error("sites have no training rows in total")]
     NoRows,
     #[error(transparent)]
@@ -37,42 +46,76 @@ pub enum StatsError {
 }
 
 impl FeatureStats {
+    /// No rows yet, over `width` features.
+    pub fn empty(width: usize) -> Self {
+        Self {
+            count: 0,
+            sum: vec![0.0; width],
+            sum_sq: vec![0.0; width],
+            missing: vec![0; width],
+        }
+    }
+
+    /// How many values a site's statistics over `n_features` features
+    /// put into the secure sum: the count, then per feature the sums, the
+    /// sums of squares and the missing counts.
+    pub fn secure_len(n_features: usize) -> usize {
+        1 + 3 * n_features
+    }
+
+    /// The values a site puts into the secure sum, in the order
+    /// [`Self::from_secure_sum`] reads them back.
+    pub fn secure_values(&self) -> Vec<f64> {
+        let mut values = Vec::with_capacity(Self::secure_len(self.sum.len()));
+        values.push(self.count as f64);
+        values.extend(&self.sum);
+        values.extend(&self.sum_sq);
+        values.extend(self.missing.iter().map(|&m| m as f64));
+        values
+    }
+
     /// The statistics from the unmasked secure sum of the sites' exact
-    /// encodings (count, per-feature sums, sums of squares): the one
-    /// decoding the coordinator and every site (checking the ledger's
-    /// normalisation) share.
+    /// encodings ([`Self::secure_values`]): the one decoding the
+    /// coordinator and every site (checking the ledger's normalisation)
+    /// share.
     pub fn from_secure_sum(words: &[u32], n_features: usize) -> Result<Self, StatsError> {
         let values = crate::secagg::exact::decode_sum(words)?;
-        if values.len() != 1 + 2 * n_features {
+        if values.len() != Self::secure_len(n_features) {
             return Err(StatsError::Width {
                 expected: n_features,
-                got: values.len().saturating_sub(1) / 2,
+                got: values.len().saturating_sub(1) / 3,
             });
         }
-        Ok(Self {
-            count: values[0].round().max(0.0) as u64,
-            sum: values[1..1 + n_features].to_vec(),
-            sum_sq: values[1 + n_features..].to_vec(),
-        })
+        let count = |v: f64| v.round().max(0.0) as u64;
+        let n = n_features;
+        let stats = Self {
+            count: count(values[0]),
+            sum: values[1..1 + n].to_vec(),
+            sum_sq: values[1 + n..1 + 2 * n].to_vec(),
+            missing: values[1 + 2 * n..].iter().map(|&v| count(v)).collect(),
+        };
+        stats.check()?;
+        Ok(stats)
     }
 
     /// Statistics of a set of rows (each of the same width).
     pub fn of_rows<'a>(width: usize, rows: impl IntoIterator<Item = &'a [f32]>) -> Self {
-        let mut stats = Self {
-            count: 0,
-            sum: vec![0.0; width],
-            sum_sq: vec![0.0; width],
-        };
+        let mut stats = Self::empty(width);
         stats.add_rows(rows);
         stats
     }
 
     /// Adds rows to the statistics: a table read in batches is summed in
-    /// the order (and so to the bit) of one read whole.
+    /// the order (and so to the bit) of one read whole. A `NaN` is a value
+    /// to impute: counted as missing, left out of the sums.
     pub fn add_rows<'a>(&mut self, rows: impl IntoIterator<Item = &'a [f32]>) {
         for row in rows {
             self.count += 1;
             for (j, &x) in row.iter().enumerate() {
+                if x.is_nan() {
+                    self.missing[j] += 1;
+                    continue;
+                }
                 let x = f64::from(x);
                 self.sum[j] += x;
                 self.sum_sq[j] += x * x;
@@ -80,15 +123,25 @@ impl FeatureStats {
         }
     }
 
-    fn check(&self) -> Result<(), StatsError> {
-        if self.sum.len() != self.sum_sq.len() {
+    /// Per feature, the rows where it is present.
+    fn present(&self, j: usize) -> u64 {
+        self.count - self.missing[j]
+    }
+
+    /// Refuses statistics no rows can have produced.
+    pub fn check(&self) -> Result<(), StatsError> {
+        if self.sum.len() != self.sum_sq.len() || self.sum.len() != self.missing.len() {
             return Err(StatsError::Ragged {
                 sum: self.sum.len(),
                 sum_sq: self.sum_sq.len(),
+                missing: self.missing.len(),
             });
         }
         if self.sum.iter().any(|v| !v.is_finite()) || self.sum_sq.iter().any(|v| !v.is_finite() || *v < 0.0) {
             return Err(StatsError::NotFinite);
+        }
+        if self.missing.iter().any(|&m| m > self.count) {
+            return Err(StatsError::MissingExceedsRows);
         }
         Ok(())
     }
@@ -98,11 +151,7 @@ impl FeatureStats {
 pub fn sum_plaintext_stats(reports: &[FeatureStats]) -> Result<FeatureStats, StatsError> {
     let first = reports.first().ok_or(StatsError::Empty)?;
     let width = first.sum.len();
-    let mut total = FeatureStats {
-        count: 0,
-        sum: vec![0.0; width],
-        sum_sq: vec![0.0; width],
-    };
+    let mut total = FeatureStats::empty(width);
     for report in reports {
         report.check()?;
         if report.sum.len() != width {
@@ -115,29 +164,34 @@ pub fn sum_plaintext_stats(reports: &[FeatureStats]) -> Result<FeatureStats, Sta
         for j in 0..width {
             total.sum[j] += report.sum[j];
             total.sum_sq[j] += report.sum_sq[j];
+            total.missing[j] += report.missing[j];
         }
     }
     Ok(total)
 }
 
 impl Normalization {
-    /// Mean and population standard deviation of the pooled rows. A constant
-    /// feature gets std 1, so it is centred but not blown up.
+    /// Mean and population standard deviation of the pooled rows, each
+    /// feature's over the rows where it is present. A constant feature (or
+    /// one missing everywhere) gets std 1, so it is centred but not blown
+    /// up.
     pub fn from_stats(total: &FeatureStats) -> Result<Self, StatsError> {
+        total.check()?;
         if total.count == 0 {
             return Err(StatsError::NoRows);
         }
-        let n = total.count as f64;
-        let mean: Vec<f64> = total.sum.iter().map(|s| s / n).collect();
-        let std = total
-            .sum_sq
-            .iter()
-            .zip(&mean)
-            .map(|(sq, m)| {
-                let var = (sq / n - m * m).max(0.0);
-                if var > 1e-12 { var.sqrt() } else { 1.0 }
-            })
-            .collect();
+        let (mut mean, mut std) = (Vec::with_capacity(total.sum.len()), Vec::with_capacity(total.sum.len()));
+        for j in 0..total.sum.len() {
+            let n = total.present(j) as f64;
+            let m = if n > 0.0 { total.sum[j] / n } else { 0.0 };
+            let var = if n > 0.0 {
+                (total.sum_sq[j] / n - m * m).max(0.0)
+            } else {
+                0.0
+            };
+            mean.push(m);
+            std.push(if var > 1e-12 { var.sqrt() } else { 1.0 });
+        }
         Ok(Self { mean, std })
     }
 
@@ -153,10 +207,15 @@ impl Normalization {
         crate::ledger::sha256(&bytes)
     }
 
-    /// Standardises one row in place.
+    /// Standardises one row in place; a value to impute (`NaN`) becomes
+    /// the pooled mean, 0.
     pub fn apply(&self, row: &mut [f32]) {
         for ((x, m), s) in row.iter_mut().zip(&self.mean).zip(&self.std) {
-            *x = ((f64::from(*x) - m) / s) as f32;
+            *x = if x.is_nan() {
+                0.0
+            } else {
+                ((f64::from(*x) - m) / s) as f32
+            };
         }
     }
 }
@@ -194,12 +253,58 @@ mod tests {
         bad.sum_sq[0] = -1.0;
         assert_eq!(sum_plaintext_stats(&[a.clone(), bad]), Err(StatsError::NotFinite));
         assert_eq!(sum_plaintext_stats(&[]), Err(StatsError::Empty));
-        let empty = FeatureStats {
-            count: 0,
-            sum: vec![0.0],
-            sum_sq: vec![0.0],
-        };
-        assert_eq!(Normalization::from_stats(&empty), Err(StatsError::NoRows));
+        assert_eq!(
+            Normalization::from_stats(&FeatureStats::empty(1)),
+            Err(StatsError::NoRows)
+        );
+        let mut impossible = FeatureStats::of_rows(1, [[1.0f32].as_slice()]);
+        impossible.missing[0] = 2;
+        assert_eq!(sum_plaintext_stats(&[impossible]), Err(StatsError::MissingExceedsRows));
+    }
+
+    /// A value to impute counts as missing and stays out of the mean and
+    /// the spread; once standardised it is the mean, 0.
+    #[test]
+    fn imputed_values_are_the_mean_of_the_present_ones() {
+        let nan = f32::NAN;
+        let a = FeatureStats::of_rows(2, [[1.0f32, nan].as_slice(), [nan, nan].as_slice()]);
+        let b = FeatureStats::of_rows(2, [[5.0f32, nan].as_slice()]);
+        assert_eq!(a.missing, vec![1, 2]);
+        let total = sum_plaintext_stats(&[a, b]).unwrap();
+        assert_eq!((total.count, total.missing.clone()), (3, vec![1, 3]));
+        let norm = Normalization::from_stats(&total).unwrap();
+        // {1, 5}: mean 3, population std 2; the second feature is never
+        // present: centred at 0 with std 1.
+        assert_eq!((norm.mean.clone(), norm.std.clone()), (vec![3.0, 0.0], vec![2.0, 1.0]));
+        let mut row = [nan, nan];
+        norm.apply(&mut row);
+        assert_eq!(row, [0.0, 0.0]);
+        let mut row = [5.0f32, 2.0];
+        norm.apply(&mut row);
+        assert_eq!(row, [1.0, 2.0]);
+    }
+
+    /// The secure encoding reads back what was put in, and a sum that
+    /// claims more missing values than rows is refused.
+    #[test]
+    fn secure_values_round_trip_through_the_exact_sum() {
+        use crate::secagg::exact;
+        let stats = FeatureStats::of_rows(2, [[1.5f32, f32::NAN].as_slice(), [-2.0, 4.0].as_slice()]);
+        let values = stats.secure_values();
+        assert_eq!(values.len(), FeatureStats::secure_len(2));
+        let words = exact::encode(&values).unwrap();
+        assert_eq!(FeatureStats::from_secure_sum(&words, 2).unwrap(), stats);
+        assert!(matches!(
+            FeatureStats::from_secure_sum(&words, 3),
+            Err(StatsError::Width { expected: 3, .. })
+        ));
+        let mut lying = stats.clone();
+        lying.missing[1] = 3;
+        let words = exact::encode(&lying.secure_values()).unwrap();
+        assert_eq!(
+            FeatureStats::from_secure_sum(&words, 2),
+            Err(StatsError::MissingExceedsRows)
+        );
     }
 
     proptest! {

@@ -63,6 +63,20 @@ pub fn bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// A site config (absolute paths) over `data` read through `schema`, in
+/// `dir`; the harness supplies the coordinator, kit and state directory.
+pub fn site_config(dir: &Path, site: &str, data: &Path, schema: &Path) -> PathBuf {
+    let path = dir.join(format!("{site}-site.toml"));
+    let text = format!(
+        "site_id = \"{site}\"\ncoordinator = \"http://127.0.0.1:1\"\nstate_dir = \"{}\"\n\n[data]\npath = \"{}\"\nschema = \"{}\"\n",
+        dir.join(format!("unused-{site}")).display(),
+        data.display(),
+        schema.display()
+    );
+    std::fs::write(&path, text).expect("write site config");
+    path
+}
+
 /// Every file under `dir`, recursively (what a test scans for a secret
 /// that must not be there).
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {

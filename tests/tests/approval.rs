@@ -60,6 +60,9 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     for site in SITES {
         if site == "hungary" {
             federation.add_site_with(site, &["--policy", policy.to_str().unwrap()]);
+        } else if site == "cleveland" {
+            // A log collector's format.
+            federation.add_site_with(site, &["--log-format", "json"]);
         } else {
             federation.add_site(site);
         }
@@ -103,6 +106,20 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
         let log = federation.log(who);
         assert!(log.contains(" INFO ") && !log.contains('\u{1b}'), "{who}: {log}");
     }
+    // `--log-format json`: every line one JSON object a collector reads
+    // without parsing text.
+    let log = federation.log("cleveland");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: not JSON: {line}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "INFO" && l["fields"]["message"].is_string()),
+        "{log}"
+    );
+    assert!(lines.iter().all(|l| l["timestamp"].is_string()), "{log}");
     for round in status["rounds"].as_array().unwrap() {
         assert!(
             !round["sites"].as_array().unwrap().iter().any(|s| s == "hungary"),

@@ -153,6 +153,7 @@ async fn bad_updates_are_refused_precisely_and_the_round_goes_on() {
         count: stats.count,
         sum: stats.sum,
         sum_sq: stats.sum_sq,
+        missing: stats.missing,
         features_hash: schema.features_hash(),
         n_features: 0,
     };

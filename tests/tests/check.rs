@@ -160,7 +160,7 @@ fn check_reads_a_parquet_file_as_it_reads_its_csv_twin() {
 
 /// The bring-your-own-data guide's example (docs/bring-your-own-data.md)
 /// checks as the guide shows: `?` kept as a race, codes grouped, a coded
-/// label, encounters split by patient.
+/// label, encounters split by patient, a missing age imputed and flagged.
 #[test]
 fn the_guides_encounter_example_checks_as_documented() {
     let out = Command::new(bin("tessera-participant"))
@@ -172,10 +172,11 @@ fn the_guides_encounter_example_checks_as_documented() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let guide = std::fs::read_to_string(repo().join("docs/bring-your-own-data.md")).unwrap();
     for line in [
-        "rows: 240 read, 230 kept, 10 dropped for missing values",
-        "label: 32 positive / 198 negative (13.9% positive)",
-        "split (test_fraction 0.25, seed 11, grouped by `patient_id`): train 167 (21 positive), test 63 (11 positive)",
-        "12 encoded features",
+        "rows: 240 read, 240 kept, 0 dropped for missing values",
+        "age             10 (imputed, flagged by age=(missing))",
+        "label: 33 positive / 207 negative (13.8% positive)",
+        "split (test_fraction 0.25, seed 11, grouped by `patient_id`): train 173 (21 positive), test 67 (12 positive)",
+        "13 encoded features",
         "values in an other bucket (no category or map rule took them):\n    diag_1          81",
     ] {
         assert!(stdout.contains(line), "{line}\n{stdout}");

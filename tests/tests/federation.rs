@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use tessera_tests::{Federation, SITES, example_job};
+use tessera_tests::{Federation, SITES, example_job, repo, site_config};
 
 /// Mean test accuracy the 3-round model must exceed. A converged logistic
 /// regression reaches about 0.81 here; the initial random model about 0.5.
@@ -240,6 +240,66 @@ fn four_hospitals_train_three_rounds() {
     let out = federation.tessera(&["job", "cancel", &long_id.to_string()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already cancelled"));
+}
+
+/// A schema that imputes the heart data's missing values, and flags them,
+/// instead of dropping their rows (or FLamby's three sparse columns) keeps
+/// all 920 rows. The pooled means come from the secure statistics (missing
+/// counts included); the secure job trains and evaluates on every row.
+#[test]
+fn imputed_missing_values_keep_every_row_in_a_secure_job() {
+    let mut federation = Federation::start(&SITES);
+    let dir = federation.dir.path().to_owned();
+    let heart = repo().join("../shared/data/heart-disease");
+    let flamby = std::fs::read_to_string(repo().join("examples/heart-disease/schema.toml")).unwrap();
+    let mut text = flamby.replace(
+        "missing_markers = [\"?\"]",
+        "missing_markers = [\"?\"]\nmissing = \"indicator\"",
+    );
+    for (column, kind) in [
+        ("slope", "kind = \"numeric\""),
+        ("ca", "kind = \"numeric\""),
+        ("thal", "kind = \"categorical\"\ncategories = [\"3\", \"6\", \"7\"]"),
+    ] {
+        let from = format!("name = \"{column}\"\nkind = \"drop\"");
+        assert!(text.contains(&from), "{from}");
+        text = text.replace(&from, &format!("name = \"{column}\"\n{kind}"));
+    }
+    let schema = dir.join("imputing-schema.toml");
+    std::fs::write(&schema, text).unwrap();
+    for (site, file) in [
+        ("cleveland", "cleveland"),
+        ("hungary", "hungarian"),
+        ("switzerland", "switzerland"),
+        ("va", "va"),
+    ] {
+        let data = heart.join(format!("processed.{file}.data"));
+        federation.add_site_config(site, &site_config(&dir, site, &data, &schema), &[]);
+    }
+    let job_id = federation.submit(&federation.write_job("job.toml", &example_job(&[("rounds", "3")])));
+    let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}\n{}", federation.logs());
+    // Every row of every hospital, in the signed declarations and in the
+    // pooled final evaluation.
+    let out = federation.tessera(&["ledger", "show", "--json", "--job", &job_id.to_string()]);
+    let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows: u64 = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["kind"] == "job_accepted")
+        .map(|b| {
+            let c = &b["payload"]["counts"];
+            c["n_train"].as_u64().unwrap() + c["n_test"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(rows, 920);
+    let pooled = status["pooled"].as_array().unwrap().last().unwrap().clone();
+    let accuracy = pooled["accuracy"].as_f64().unwrap();
+    assert!(
+        accuracy > ACCURACY_FLOOR,
+        "{pooled}: an imputed value reached a model as NaN?"
+    );
 }
 
 #[test]

@@ -88,6 +88,38 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
         assert!(text(&out).contains("transport error"), "{}", text(&out));
         eprintln!("refused as expected: {}", text(&out));
     }
+    // A plaintext address: refused before connecting when a kit is given,
+    // and with a hint after the transport error when none is.
+    let plain = federation.addr.replacen("https://", "http://", 1);
+    let lead = ca.join("operators/lead");
+    let out = std::process::Command::new(bin("tessera"))
+        .args([
+            "--coordinator",
+            &plain,
+            "--tls-dir",
+            lead.to_str().unwrap(),
+            "job",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("is plaintext, but a TLS kit is configured: use https://127.0.0.1:"),
+        "{}",
+        text(&out)
+    );
+    let out = std::process::Command::new(bin("tessera"))
+        .args(["--coordinator", &plain, "job", "list"])
+        .env_remove("TESSERA_TLS_DIR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("hint: a coordinator serves mutual TLS unless it runs with --insecure-dev"),
+        "{}",
+        text(&out)
+    );
     let log = federation.log("coordinator");
     assert!(
         log.contains("tls accept error"),

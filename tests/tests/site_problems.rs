@@ -5,25 +5,10 @@
 //! `min_sites` fails at once with both reasons instead of waiting for its
 //! round timeout. Real processes, real TLS, real ledger.
 
-use std::path::{Path, PathBuf};
-
-use tessera_tests::{Federation, bin, example_job, files_under, repo};
+use tessera_tests::{Federation, bin, example_job, files_under, repo, site_config};
 
 /// A value only the bad file holds: it must stay at the site.
 const SECRET: &str = "Smith-4711";
-
-/// A site config (absolute paths) over `data` read through `schema`.
-fn site_config(dir: &Path, site: &str, data: &Path, schema: &Path) -> PathBuf {
-    let path = dir.join(format!("{site}-site.toml"));
-    let text = format!(
-        "site_id = \"{site}\"\ncoordinator = \"http://127.0.0.1:1\"\nstate_dir = \"{}\"\n\n[data]\npath = \"{}\"\nschema = \"{}\"\n",
-        dir.join(format!("unused-{site}")).display(),
-        data.display(),
-        schema.display()
-    );
-    std::fs::write(&path, text).expect("write site config");
-    path
-}
 
 #[test]
 fn a_site_with_unusable_data_or_another_encoding_is_named_and_the_job_fails_at_once() {

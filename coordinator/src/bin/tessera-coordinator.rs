@@ -80,6 +80,10 @@ struct Args {
     /// Write the bound port to this file once listening (for scripts and tests).
     #[arg(long)]
     port_file: Option<PathBuf>,
+    /// `text` (for a person) or `json` (one object per line, for a log
+    /// collector).
+    #[arg(long, env = "TESSERA_LOG_FORMAT", default_value = "text")]
+    log_format: tessera_protocol::cli::LogFormat,
     /// Test builds only: attack the sites (the end-to-end adversarial tests).
     #[cfg(all(feature = "malicious", debug_assertions))]
     #[arg(long, value_enum)]
@@ -88,19 +92,13 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                // Handshake refusals (no or foreign certificate) are logged
-                // by tonic at debug level: show them.
-                "info,sqlx=warn,h2=warn,tonic::transport::server::io_stream=debug".into()
-            }),
-        )
-        .with_writer(std::io::stderr)
-        // Colour on a terminal only: a log written to a file stays plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = Args::parse();
+    // Handshake refusals (no or foreign certificate) are logged by tonic at
+    // debug level: show them.
+    tessera_protocol::cli::init_logging(
+        args.log_format,
+        "info,sqlx=warn,h2=warn,tonic::transport::server::io_stream=debug",
+    );
     #[cfg(all(feature = "malicious", debug_assertions))]
     if let Some(attack) = args.malicious {
         tessera_coordinator::malicious::arm(attack);

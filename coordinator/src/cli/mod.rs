@@ -22,14 +22,10 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(name = "tessera", version)]
 struct Cli {
-    /// Coordinator address.
-    #[arg(
-        long,
-        global = true,
-        env = "TESSERA_COORDINATOR",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    coordinator: String,
+    /// Coordinator address [default: https://127.0.0.1:50051 with a kit,
+    /// http://127.0.0.1:50051 without].
+    #[arg(long, global = true, env = "TESSERA_COORDINATOR")]
+    coordinator: Option<String>,
     /// This user's kit from `tessera ca issue --operator/--auditor` (tls.pem,
     /// tls.key, ca.pem): connect over mutual TLS (https:// addresses).
     #[arg(long, global = true, env = "TESSERA_TLS_DIR")]
@@ -108,9 +104,11 @@ fn causes(e: &dyn std::error::Error) -> String {
 pub(crate) type CliResult = Result<ExitCode, CliError>;
 
 pub(crate) async fn connect(addr: &str) -> Result<Channel, CliError> {
+    let kit = TLS_DIR.get().and_then(Option::as_ref);
+    tessera_protocol::cli::check_coordinator_address(addr, kit.is_some()).map_err(CliError::User)?;
     let mut endpoint = Channel::from_shared(addr.to_owned())
         .map_err(|e| CliError::User(format!("bad coordinator address `{addr}`: {e}")))?;
-    match TLS_DIR.get().and_then(Option::as_ref) {
+    match kit {
         Some(dir) => {
             let tls = crate::tls::client_config(dir).map_err(|e| CliError::User(format!("{e:#}")))?;
             endpoint = endpoint
@@ -136,6 +134,10 @@ pub(crate) async fn connect(addr: &str) -> Result<Channel, CliError> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = TLS_DIR.set(cli.tls_dir.clone());
+    let coordinator = cli.coordinator.clone().unwrap_or_else(|| {
+        let scheme = if cli.tls_dir.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:50051")
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -145,9 +147,9 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Job(cmd) => job::exec(&cli.coordinator, cmd).await,
-            Command::Model(cmd) => model::exec(&cli.coordinator, cmd).await,
-            Command::Ledger(cmd) => ledger::exec(&cli.coordinator, cmd).await,
+            Command::Job(cmd) => job::exec(&coordinator, cmd).await,
+            Command::Model(cmd) => model::exec(&coordinator, cmd).await,
+            Command::Ledger(cmd) => ledger::exec(&coordinator, cmd).await,
             Command::Ca(cmd) => ca::exec(cmd),
         }
     });
@@ -158,7 +160,16 @@ pub fn main() -> ExitCode {
             ExitCode::from(1)
         }
         Err(CliError::Unexpected(e)) => {
-            eprintln!("error: {e:#}");
+            let message = format!("{e:#}");
+            eprintln!("error: {message}");
+            let transport = ["cannot reach the coordinator", "transport error", "h2 protocol error"];
+            if coordinator.starts_with("http://") && transport.iter().any(|t| message.contains(t)) {
+                eprintln!(
+                    "hint: a coordinator serves mutual TLS unless it runs with --insecure-dev: \
+                     connect to https://{} with --tls-dir YOUR_KIT",
+                    coordinator.trim_start_matches("http://")
+                );
+            }
             ExitCode::from(2)
         }
     }

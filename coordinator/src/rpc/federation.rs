@@ -223,7 +223,7 @@ impl Federation for FederationService {
         let stats = if secure_report {
             // Secure jobs: only the encoding travels here; the statistics
             // follow by secure sum.
-            if report.count != 0 || !report.sum.is_empty() || !report.sum_sq.is_empty() {
+            if report.count != 0 || !report.sum.is_empty() || !report.sum_sq.is_empty() || !report.missing.is_empty() {
                 return Err(RpcError::InvalidArgument(
                     "a secure job's report carries no statistics in the clear".into(),
                 )
@@ -233,25 +233,20 @@ impl Federation for FederationService {
             if width > 1 << 20 {
                 return Err(RpcError::InvalidArgument(format!("{width} features is more than supported")).into());
             }
-            FeatureStats {
-                count: 0,
-                sum: vec![0.0; width],
-                sum_sq: vec![0.0; width],
-            }
+            FeatureStats::empty(width)
         } else {
             FeatureStats {
                 count: report.count,
                 sum: report.sum,
                 sum_sq: report.sum_sq,
+                missing: report.missing,
             }
         };
-        if stats.sum.len() != stats.sum_sq.len() || stats.sum.is_empty() {
-            return Err(
-                RpcError::InvalidArgument("sum and sum_sq must be non-empty and of equal length".into()).into(),
-            );
+        if stats.sum.is_empty() {
+            return Err(RpcError::InvalidArgument("statistics over no features".into()).into());
         }
-        if stats.sum.iter().chain(&stats.sum_sq).any(|v| !v.is_finite()) {
-            return Err(RpcError::InvalidArgument("statistics contain a non-finite value".into()).into());
+        if let Err(e) = stats.check() {
+            return Err(RpcError::InvalidArgument(format!("statistics refused: {e}")).into());
         }
         let mut inner = self.shared.lock();
         let Some(active) = inner.active.as_mut().filter(|a| a.job_id == JobId(report.job_id)) else {
