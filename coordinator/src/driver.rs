@@ -101,6 +101,7 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
             }
         }
     };
+    shared.telemetry.job_ended(status);
     match status {
         "finished" => info!(job = %job_id, "job finished"),
         _ => warn!(job = %job_id, status, reason = %reason, "job stopped"),
@@ -407,6 +408,9 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
         tx.append(&block, finished_at_ms as u64).await?;
         tx.append(&metrics, finished_at_ms as u64).await?;
         tx.commit().await?;
+        shared
+            .telemetry
+            .round_recorded(finished_at_ms.saturating_sub(started_at_ms) as u64);
         info!(
             job = %job_id,
             round,

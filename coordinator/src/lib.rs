@@ -14,6 +14,7 @@
 //! - [`cli`]: the `tessera` command for ML leads and regulators.
 //! - [`ca`]: the consortium CA and its kits (`tessera ca`).
 //! - [`tls`]: mutual TLS and who may call what.
+//! - [`telemetry`]: Prometheus `/metrics` and `/healthz` for operators.
 
 pub mod ca;
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod rpc;
 pub mod secure;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 
 /// Wall-clock milliseconds since the Unix epoch, for stored timestamps.

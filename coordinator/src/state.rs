@@ -38,6 +38,8 @@ pub struct Shared {
     pub roster: BTreeMap<SiteId, [u8; 32]>,
     /// Running with `--insecure-dev` (no TLS): recorded in every job block.
     pub insecure_transport: bool,
+    /// What `/metrics` shows.
+    pub telemetry: crate::telemetry::Telemetry,
     started: Instant,
 }
 
@@ -117,6 +119,7 @@ impl Shared {
             progress: Notify::new(),
             allowed_sites,
             insecure_transport: false,
+            telemetry: Default::default(),
             started: Instant::now(),
         }
     }

@@ -146,6 +146,12 @@ impl Store {
         &self.pool
     }
 
+    /// Whether the database answers a read (for `/healthz`).
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Queues a job inside the caller's transaction (with its ledger block).
     pub async fn insert_job_in(conn: &mut SqliteConnection, job: &NewJob<'_>) -> anyhow::Result<JobId> {
         let id: i64 = sqlx::query_scalar(

@@ -11,7 +11,10 @@ const ACCURACY_FLOOR: f64 = 0.72;
 
 #[test]
 fn four_hospitals_train_three_rounds() {
-    let federation = Federation::running(&SITES);
+    let mut federation = Federation::start_with(&SITES, &["--metrics-listen", "127.0.0.1:0"]);
+    for site in SITES {
+        federation.add_site(site);
+    }
     let job = federation.write_job("job.toml", &example_job(&[("rounds", "3")]));
     let job_id = federation.submit(&job);
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
@@ -121,6 +124,30 @@ fn four_hospitals_train_three_rounds() {
         .map(|b| b["payload"]["purpose"].as_str().unwrap())
         .collect();
     assert_eq!(purposes, ["statistics", "final_evaluation"]);
+
+    // An operator's monitoring: Prometheus text over plain HTTP, on the
+    // address the coordinator's log names.
+    let log = federation.log("coordinator");
+    let metrics_addr = log
+        .split("serving /metrics and /healthz at http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"));
+    let (code, body) = http_get(metrics_addr, "/healthz");
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let (code, body) = http_get(metrics_addr, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    let samples = parse_openmetrics(&body);
+    assert_eq!(samples["tessera_rounds_total"], 3.0, "{body}");
+    assert_eq!(samples["tessera_round_duration_seconds_count"], 3.0, "{body}");
+    assert_eq!(samples["tessera_jobs_ended_total{status=\"finished\"}"], 1.0, "{body}");
+    assert_eq!(samples["tessera_sites_connected"], 4.0, "{body}");
+    assert_eq!(samples["tessera_job_running"], 0.0, "{body}");
+    // Each round's four masked inputs, and more than the models sent.
+    assert!(samples["tessera_update_bytes_received_total"] > 0.0, "{body}");
+    assert!(samples["tessera_model_bytes_sent_total"] > 0.0, "{body}");
+    let (code, _) = http_get(metrics_addr, "/nothing-here");
+    assert_eq!(code, 404);
     // The cohort is sealed, as exactly the accepting sites, before any sum.
     let kinds: Vec<&str> = blocks.iter().map(|b| b["kind"].as_str().unwrap()).collect();
     let seal = kinds.iter().position(|k| *k == "cohort_sealed").expect("a cohort seal");
@@ -300,6 +327,70 @@ fn imputed_missing_values_keep_every_row_in_a_secure_job() {
         accuracy > ACCURACY_FLOOR,
         "{pooled}: an imputed value reached a model as NaN?"
     );
+}
+
+/// A plain HTTP/1.1 GET: the status code and the body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics address");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (code, body.to_owned())
+}
+
+/// Parses the OpenMetrics text format strictly enough to catch a malformed
+/// exposition: `# HELP/TYPE/UNIT` comments, samples `name{labels} value`,
+/// `# EOF` last. Returns each sample's value by `name{labels}`.
+fn parse_openmetrics(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut samples = std::collections::BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "{text}");
+    let is_name = |n: &str| {
+        !n.is_empty()
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    for line in &lines[..lines.len() - 1] {
+        if let Some(comment) = line.strip_prefix("# ") {
+            let mut words = comment.splitn(3, ' ');
+            let (kind, name) = (words.next().unwrap(), words.next().unwrap_or(""));
+            assert!(["HELP", "TYPE", "UNIT"].contains(&kind) && is_name(name), "{line}");
+            continue;
+        }
+        let (key, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
+        let name = key.split('{').next().unwrap();
+        assert!(is_name(name), "bad metric name: {line}");
+        if let Some(labels) = key.strip_prefix(name).filter(|l| !l.is_empty()) {
+            let inner = labels.strip_prefix('{').and_then(|l| l.strip_suffix('}')).expect(line);
+            for pair in inner.split(',') {
+                let (k, v) = pair.split_once('=').expect(line);
+                assert!(
+                    is_name(k) && v.starts_with('"') && v.ends_with('"'),
+                    "bad label: {line}"
+                );
+            }
+        }
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value: {line}")),
+        };
+        assert!(
+            samples.insert(key.to_owned(), value).is_none(),
+            "duplicate sample: {line}"
+        );
+    }
+    samples
 }
 
 #[test]

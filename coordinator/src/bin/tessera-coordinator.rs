@@ -80,6 +80,11 @@ struct Args {
     /// Write the bound port to this file once listening (for scripts and tests).
     #[arg(long)]
     port_file: Option<PathBuf>,
+    /// Serve Prometheus `/metrics` and `/healthz` over plain HTTP on this
+    /// address (counts and timings only; keep it on a monitoring network).
+    /// Port 0 picks a free port; the log names the one bound.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// `text` (for a person) or `json` (one object per line, for a log
     /// collector).
     #[arg(long, env = "TESSERA_LOG_FORMAT", default_value = "text")]
@@ -139,6 +144,9 @@ async fn main() -> anyhow::Result<()> {
     shared.insecure_transport = args.insecure_dev;
     let shared = Arc::new(shared);
     tokio::spawn(driver::run(shared.clone()));
+    if let Some(addr) = args.metrics_listen {
+        serve_metrics(shared.clone(), addr).await?;
+    }
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -200,6 +208,28 @@ async fn main() -> anyhow::Result<()> {
         })
         .await
         .context("server failed")?;
+    Ok(())
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` in the background: HTTP/1.1
+/// (what Prometheus and probes speak), no TLS, no identity.
+async fn serve_metrics(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let bound = listener.local_addr()?;
+    info!(addr = %bound, "serving /metrics and /healthz at http://{bound}");
+    let routes = tonic::service::Routes::from(tessera_coordinator::telemetry::router(shared));
+    let server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .timeout(Duration::from_secs(10))
+        .add_routes(routes)
+        .serve_with_incoming(TcpIncoming::from(listener));
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!("metrics server failed: {e:#}");
+        }
+    });
     Ok(())
 }
 

@@ -169,6 +169,7 @@ impl Federation for FederationService {
             .await
             .map_err(RpcError::from)?
             .ok_or_else(|| RpcError::NotFound(format!("no model with hash {}", request.model_hash)))?;
+        self.shared.telemetry.model_sent(bytes.len());
         Ok(Response::new(chunk_stream(bytes, request.model_hash, String::new())))
     }
 
@@ -208,6 +209,7 @@ impl Federation for FederationService {
         } else {
             bytes
         };
+        self.shared.telemetry.model_sent(bytes.len());
         Ok(Response::new(chunk_stream(bytes, sha256, String::new())))
     }
 
@@ -350,6 +352,7 @@ impl Federation for FederationService {
             warn!(%site, "update refused: {e}");
             return Err(e.into());
         }
+        self.shared.telemetry.update_received(bytes.len());
         let delta = decode_params(&bytes).map_err(|e| {
             warn!(%site, "update refused: {e}");
             RpcError::InvalidArgument(format!("update rejected: {e}"))
@@ -615,6 +618,7 @@ impl FederationService {
                 _ => return Err(RpcError::InvalidArgument("a second header in one update stream".into()).into()),
             }
         }
+        self.shared.telemetry.update_received(bytes.len());
         let words =
             tessera_protocol::wire::decode_words(&bytes).map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
         {
