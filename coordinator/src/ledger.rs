@@ -287,6 +287,17 @@ impl Ledger {
             .collect()
     }
 
+    /// Per site, the latest job it declined on the chain, with its reason.
+    pub fn latest_declines(&self) -> BTreeMap<SiteId, (u64, String)> {
+        let mut latest: BTreeMap<SiteId, (u64, String)> = BTreeMap::new();
+        for ((job, site), (accepted, _, reason)) in self.decisions.lock().expect("decisions lock").iter() {
+            if !accepted && latest.get(site).is_none_or(|(j, _)| j < job) {
+                latest.insert(site.clone(), (*job, reason.clone()));
+            }
+        }
+        latest
+    }
+
     /// Whether the job's cohort is sealed: no decision is recorded after.
     pub fn is_sealed(&self, job_id: u64) -> bool {
         self.sealed.lock().expect("sealed lock").contains_key(&job_id)

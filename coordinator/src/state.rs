@@ -50,6 +50,8 @@ pub struct Inner {
     pub last_seen: HashMap<SiteId, u64>,
     /// When each site's `last_seen` was last written to the database.
     persisted_seen: HashMap<SiteId, u64>,
+    /// The version each site last reported (its heartbeat carries it).
+    versions: HashMap<SiteId, String>,
     pub active: Option<ActiveJob>,
 }
 
@@ -150,6 +152,17 @@ impl Shared {
                 true
             }
         }
+    }
+
+    /// Records the version `site` reported; true when it changed (and the
+    /// database's record is due).
+    pub fn note_version(&self, site: &SiteId, version: &str) -> bool {
+        let mut inner = self.lock();
+        if inner.versions.get(site).is_some_and(|v| v == version) {
+            return false;
+        }
+        inner.versions.insert(site.clone(), version.to_owned());
+        true
     }
 
     /// Sites heard from within the last `window_ms`.

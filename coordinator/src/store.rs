@@ -1,6 +1,7 @@
 //! Durable coordinator state in SQLite (WAL mode), through sqlx. Thin: each
 //! method is one statement or one transaction, and knows nothing of rounds.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -496,6 +497,44 @@ impl Store {
         .await
         .with_context(|| format!("cannot read pooled metrics of job {job_id}"))?;
         Ok(rows)
+    }
+
+    /// Records the participant version a site reported.
+    pub async fn set_site_version(&self, site: &SiteId, version: &str, now_ms: i64) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO sites (site_id, first_seen_ms, last_seen_ms, version) VALUES (?, ?, ?, ?) \
+             ON CONFLICT(site_id) DO UPDATE SET version = excluded.version",
+        )
+        .bind(site.as_str())
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(version)
+        .execute(&self.pool)
+        .await
+        .with_context(|| format!("cannot record the version of site {site}"))?;
+        Ok(())
+    }
+
+    /// Every site ever heard from: id, when last heard from (unix ms) and
+    /// the version it reported.
+    pub async fn sites(&self) -> anyhow::Result<Vec<(String, i64, String)>> {
+        sqlx::query_as("SELECT site_id, last_seen_ms, version FROM sites ORDER BY site_id")
+            .fetch_all(&self.pool)
+            .await
+            .context("cannot read the sites")
+    }
+
+    /// Per site, the latest job it was left out of, and why.
+    pub async fn latest_problems(&self) -> anyhow::Result<BTreeMap<String, (u64, String)>> {
+        let rows: Vec<(String, i64, String)> =
+            sqlx::query_as("SELECT site_id, job_id, problem FROM site_problems ORDER BY job_id")
+                .fetch_all(&self.pool)
+                .await
+                .context("cannot read the site problems")?;
+        Ok(rows
+            .into_iter()
+            .map(|(site, job, problem)| (site, (job as u64, problem)))
+            .collect())
     }
 
     pub async fn touch_site(&self, site: &SiteId, now_ms: i64) -> anyhow::Result<()> {

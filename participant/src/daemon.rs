@@ -182,6 +182,7 @@ async fn heartbeat_loop(
         }
         let request = pb::HeartbeatRequest {
             site_id: site.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         if egress.record("Heartbeat", &request).is_err() {
             return;

@@ -227,6 +227,45 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     assert_eq!(hungary.map(|s| &s["state"]), Some(&"declined".into()), "{status:#}");
     // The others went on with the job meanwhile.
     assert_eq!(federation.status(third)["job"]["status"], "running");
+
+    // The operator's fleet view: every site connected, on this version,
+    // with its part in the running job and Hungary's latest refusal.
+    let out = federation.tessera(&["sites", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let sites: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let site = |name: &str| {
+        sites
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["site_id"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {sites:#}"))
+            .clone()
+    };
+    for name in SITES {
+        let s = site(name);
+        assert_eq!(s["connected"], true, "{s:#}");
+        assert_eq!(s["in_roster"], true, "{s:#}");
+        assert_eq!(s["version"], env!("CARGO_PKG_VERSION"), "{s:#}");
+        assert_eq!(s["job_id"], third, "{s:#}");
+        let state = if name == "hungary" { "declined" } else { "accepted" };
+        assert_eq!(s["job_state"], state, "{s:#}");
+    }
+    let refusal = site("hungary")["last_problem"].as_str().unwrap().to_owned();
+    assert!(
+        refusal.starts_with(&format!("job {third}: declined: "))
+            && refusal.contains("rejected by the site's data team"),
+        "{refusal}"
+    );
+    assert_eq!(site("cleveland")["last_problem"], "", "{sites:#}");
+    let out = federation.tessera(&["sites"]);
+    let table = text(&out);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("hungary ") && l.contains(" yes ") && l.contains(": declined")),
+        "{table}"
+    );
     let out = federation.tessera(&["job", "cancel", &third.to_string()]);
     assert!(out.status.success(), "{}", text(&out));
     let status = federation.wait_for(third, &["finished", "failed", "cancelled"]);

@@ -151,6 +151,7 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
     FederationClient::new(hungary)
         .heartbeat(pb::HeartbeatRequest {
             site_id: "hungary".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -188,10 +189,20 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    // As itself it is admitted.
+    // As itself it is admitted, with a version fit for `tessera sites`.
+    let status = FederationClient::new(cleveland.clone())
+        .heartbeat(pb::HeartbeatRequest {
+            site_id: "cleveland".into(),
+            version: "0.1\n\u{1b}[31m".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("printable"), "{status:?}");
     FederationClient::new(cleveland)
         .heartbeat(pb::HeartbeatRequest {
             site_id: "cleveland".into(),
+            version: "0.1.0".into(),
         })
         .await
         .unwrap();
@@ -212,7 +223,10 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
     assert!(out.status.success(), "{}", text(&out));
     let va = channel(&federation.addr, &federation.state_dir("va")).await;
     let status = FederationClient::new(va)
-        .heartbeat(pb::HeartbeatRequest { site_id: "va".into() })
+        .heartbeat(pb::HeartbeatRequest {
+            site_id: "va".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");

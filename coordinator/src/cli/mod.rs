@@ -9,6 +9,7 @@ mod ca;
 mod job;
 mod ledger;
 mod model;
+mod sites;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +50,12 @@ enum Command {
     /// Verify, list and report the ledger; issue and check receipts.
     #[command(subcommand)]
     Ledger(ledger::LedgerCommand),
+    /// List the sites: connected or not, version, part in the running job,
+    /// latest refusal.
+    Sites {
+        #[arg(long)]
+        json: bool,
+    },
     /// Provision the consortium: CA, coordinator and site/operator/auditor kits.
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -150,6 +157,7 @@ pub fn main() -> ExitCode {
             Command::Job(cmd) => job::exec(&coordinator, cmd).await,
             Command::Model(cmd) => model::exec(&coordinator, cmd).await,
             Command::Ledger(cmd) => ledger::exec(&coordinator, cmd).await,
+            Command::Sites { json } => sites::exec(&coordinator, json).await,
             Command::Ca(cmd) => ca::exec(cmd),
         }
     });

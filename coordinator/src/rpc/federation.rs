@@ -142,7 +142,20 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
+        let site = self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
+        let version = &request.get_ref().version;
+        if version.len() > 64 || !version.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+            return Err(
+                RpcError::InvalidArgument("version must be at most 64 printable ASCII characters".into()).into(),
+            );
+        }
+        if !version.is_empty() && self.shared.note_version(&site, version) {
+            self.shared
+                .store
+                .set_site_version(&site, version, unix_ms())
+                .await
+                .map_err(RpcError::from)?;
+        }
         Ok(Response::new(pb::HeartbeatResponse {
             server_time_ms: unix_ms() as u64,
         }))

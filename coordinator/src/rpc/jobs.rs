@@ -34,6 +34,27 @@ impl JobsService {
             .await?
             .ok_or_else(|| RpcError::NotFound(format!("no job {job_id}")))
     }
+
+    /// Each site's part in the job: its decision on the ledger, why the
+    /// coordinator left it out, or its hold (only the running job has
+    /// holds; they are not on the ledger).
+    async fn site_states(&self, job_id: JobId) -> Result<Vec<pb::SiteState>, RpcError> {
+        let decisions = self.shared.ledger.decisions(job_id.0);
+        let problems = self.shared.store.problems(job_id).await?;
+        let held: Vec<(String, String)> = self
+            .shared
+            .lock()
+            .active
+            .as_ref()
+            .filter(|a| a.job_id == job_id)
+            .map(|a| a.held.iter().map(|(s, r)| (s.to_string(), r.clone())).collect())
+            .unwrap_or_default();
+        Ok(site_states(
+            decisions.into_iter().map(|(site, d)| (site.to_string(), d)),
+            problems,
+            held,
+        ))
+    }
 }
 
 fn summary(row: &JobRow) -> pb::JobSummary {
@@ -170,29 +191,69 @@ impl Jobs for JobsService {
                 loss: p.loss.unwrap_or(f64::NAN),
             })
             .collect();
-        let decisions = self.shared.ledger.decisions(job_id.0);
-        let problems = store.problems(job_id).await.map_err(RpcError::from)?;
-        // Holds are not on the ledger: only the running job has them.
-        let held: Vec<(String, String)> = self
-            .shared
-            .lock()
-            .active
-            .as_ref()
-            .filter(|a| a.job_id == job_id)
-            .map(|a| a.held.iter().map(|(s, r)| (s.to_string(), r.clone())).collect())
-            .unwrap_or_default();
-        let sites = site_states(
-            decisions.into_iter().map(|(site, d)| (site.to_string(), d)),
-            problems,
-            held,
-        );
         Ok(Response::new(pb::JobStatusResponse {
             job: Some(summary(&row)),
-            sites,
+            sites: self.site_states(job_id).await?,
             rounds,
             metrics,
             pooled,
         }))
+    }
+
+    async fn list_sites(
+        &self,
+        _request: Request<pb::ListSitesRequest>,
+    ) -> Result<Response<pb::ListSitesResponse>, Status> {
+        let store = &self.shared.store;
+        let seen = store.sites().await.map_err(RpcError::from)?;
+        let online = self.shared.online(crate::telemetry::CONNECTED_MS);
+        let running = self.shared.lock().active.as_ref().map(|a| a.job_id);
+        let (job_phase, job_states) = match running {
+            Some(job_id) => {
+                let phase = store.job(job_id).await.map_err(RpcError::from)?.map(|r| r.phase);
+                let states = self.site_states(job_id).await?;
+                (phase.unwrap_or_default(), states)
+            }
+            None => (String::new(), Vec::new()),
+        };
+        // The latest refusal of each site: its own signed decline, or why
+        // the coordinator left it out, whichever came in the later job.
+        let mut last_problem = store.latest_problems().await.map_err(RpcError::from)?;
+        for (site, (job, reason)) in self.shared.ledger.latest_declines() {
+            let site = site.to_string();
+            if last_problem.get(&site).is_none_or(|(j, _)| *j <= job) {
+                last_problem.insert(site, (job, format!("declined: {reason}")));
+            }
+        }
+        let mut names: std::collections::BTreeSet<String> = self.shared.roster.keys().map(|s| s.to_string()).collect();
+        names.extend(self.shared.allowed_sites.iter().flatten().map(|s| s.to_string()));
+        names.extend(seen.iter().map(|(site, _, _)| site.clone()));
+        let sites = names
+            .into_iter()
+            .map(|name| {
+                let row = seen.iter().find(|(site, _, _)| *site == name);
+                let id = tessera_protocol::ids::SiteId::new(&name).ok();
+                pb::SiteInfo {
+                    in_roster: id.as_ref().is_some_and(|id| self.shared.roster.contains_key(id)),
+                    version: row.map(|r| r.2.clone()).unwrap_or_default(),
+                    last_seen_ms: row.map_or(0, |r| r.1),
+                    connected: id.as_ref().is_some_and(|id| online.contains(id)),
+                    job_id: running.map_or(0, |j| j.0),
+                    job_phase: job_phase.clone(),
+                    job_state: job_states
+                        .iter()
+                        .find(|s| s.site_id == name)
+                        .map(|s| s.state.clone())
+                        .unwrap_or_default(),
+                    last_problem: last_problem
+                        .get(&name)
+                        .map(|(job, reason)| format!("job {job}: {reason}"))
+                        .unwrap_or_default(),
+                    site_id: name,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListSitesResponse { sites }))
     }
 
     async fn cancel_job(

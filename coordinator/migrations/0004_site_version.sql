@@ -1,0 +1,3 @@
+-- The participant version each site last reported (its heartbeat carries
+-- it), for `tessera sites`.
+ALTER TABLE sites ADD COLUMN version TEXT NOT NULL DEFAULT '';
