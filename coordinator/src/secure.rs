@@ -92,6 +92,18 @@ impl SecureSession {
         }
     }
 
+    /// The open stage, named as the log's `stage` names it.
+    pub fn stage(&self) -> &'static str {
+        match &self.stage {
+            Stage::Keys(_) => "advertise keys",
+            Stage::Shares(..) => "share keys",
+            Stage::Masked(..) => "masked input",
+            Stage::Consistency(..) => "consistency check",
+            Stage::Unmask(..) | Stage::Forged { .. } => "unmask",
+            Stage::Done(_) | Stage::Moving => "done",
+        }
+    }
+
     pub fn is_done(&self) -> bool {
         matches!(self.stage, Stage::Done(_))
     }

@@ -177,7 +177,66 @@ impl Shared {
     }
 }
 
+/// A site silent this long is named as such in `job status` (heartbeats
+/// come every 2 s).
+const SILENT_MS: u64 = 5_000;
+
 impl Inner {
+    /// What the running job's current step waits for and from whom, for
+    /// the ML lead: the secure stage, the statistics, the updates or the
+    /// metrics, each silent site with how long it has been silent and when
+    /// it will be dropped. `None` when nothing is awaited.
+    pub fn waiting(&self, now_ms: u64) -> Option<String> {
+        let active = self.active.as_ref()?;
+        let (what, sites): (String, BTreeSet<SiteId>) = match &active.phase {
+            Phase::WaitingForSites => return None,
+            Phase::Stats(stats) => match stats.session.as_ref().filter(|s| !s.is_done()) {
+                Some(session) => (
+                    format!("secure sum of the statistics ({})", session.stage()),
+                    session.pending(),
+                ),
+                // A site holding the job is not waited for.
+                None => (
+                    "statistics".to_owned(),
+                    stats
+                        .pending
+                        .iter()
+                        .filter(|s| !active.held.contains_key(*s) && !stats.reports.contains_key(*s))
+                        .cloned()
+                        .collect(),
+                ),
+            },
+            Phase::Round(round) => {
+                let expected: BTreeSet<SiteId> = round
+                    .collector
+                    .iter()
+                    .flat_map(|c| c.members().keys().filter(|s| c.is_expected(s)).cloned())
+                    .collect();
+                match round.session.as_ref().filter(|s| !s.is_done()) {
+                    Some(session) => (session.stage().to_owned(), session.pending()),
+                    None if !expected.is_empty() => ("updates".to_owned(), expected),
+                    None => ("metrics".to_owned(), round.awaiting_metrics.clone()),
+                }
+            }
+        };
+        if sites.is_empty() {
+            return None;
+        }
+        let dropout_s = active.spec.timing.dropout_after_s;
+        let named: Vec<String> = sites
+            .iter()
+            .map(|site| {
+                let silent_ms = now_ms.saturating_sub(self.last_seen.get(site).copied().unwrap_or(0));
+                if silent_ms >= SILENT_MS {
+                    format!("{site} (silent {} s; dropped at {dropout_s} s)", silent_ms / 1000)
+                } else {
+                    site.to_string()
+                }
+            })
+            .collect();
+        Some(format!("{what} from {}", named.join(", ")))
+    }
+
     /// The task `site` should work on now, if any.
     pub fn task_for(&self, site: &SiteId) -> Option<pb::task::Kind> {
         let active = self.active.as_ref()?;
@@ -220,5 +279,77 @@ impl Inner {
             Phase::Round(round) => round.session.as_mut(),
             Phase::WaitingForSites => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_protocol::round::RoundParams;
+
+    fn site(name: &str) -> SiteId {
+        SiteId::new(name).unwrap()
+    }
+
+    fn job(phase: Phase, held: &[&str]) -> Inner {
+        let toml = "name = \"t\"\nrounds = 2\n[model]\nkind = \"logistic_regression\"\n[training]\n\
+                    learning_rate = 0.1\nlocal_epochs = 1\n[timing]\ndropout_after_s = 30\n";
+        let spec = JobSpec::from_toml(toml).unwrap();
+        Inner {
+            active: Some(ActiveJob {
+                job_id: JobId(7),
+                spec,
+                job_toml: toml.to_owned(),
+                job_hash: String::new(),
+                cancel_requested: false,
+                phase,
+                held: held.iter().map(|s| (site(s), "2 rounds > 1".to_owned())).collect(),
+            }),
+            ..Inner::default()
+        }
+    }
+
+    /// `job status` names the step, whom it waits for and who is silent
+    /// (and when that site will be dropped); a held site is not awaited.
+    #[test]
+    fn waiting_names_the_step_the_sites_and_the_silent_ones() {
+        let now = 60_000;
+        let params = RoundParams {
+            job_id: JobId(7),
+            round: 1,
+            n_params: 4,
+            base_model_hash: "h".into(),
+            min_sites: 3,
+            round_timeout_ms: 120_000,
+            dropout_after_ms: 30_000,
+        };
+        let collector = RoundCollector::new(params, ["a", "b", "c"].map(site), 0);
+        let round = RoundPhase {
+            announcement: pb::RoundAnnouncement::default(),
+            collector: Some(collector),
+            session: None,
+            awaiting_metrics: BTreeSet::from([site("c")]),
+        };
+        let mut inner = job(Phase::Round(Box::new(round)), &[]);
+        inner.last_seen.insert(site("a"), now - 1_000);
+        inner.last_seen.insert(site("b"), now - 12_000);
+        assert_eq!(
+            inner.waiting(now).as_deref(),
+            Some("updates from a, b (silent 12 s; dropped at 30 s), c (silent 60 s; dropped at 30 s)")
+        );
+
+        let stats = StatsPhase {
+            pending: BTreeSet::from([site("a"), site("b")]),
+            reports: BTreeMap::new(),
+            encodings: BTreeMap::new(),
+            secure: false,
+            session: None,
+        };
+        let mut inner = job(Phase::Stats(Box::new(stats)), &["b"]);
+        inner.last_seen.insert(site("a"), now);
+        assert_eq!(inner.waiting(now).as_deref(), Some("statistics from a"));
+
+        assert_eq!(job(Phase::WaitingForSites, &[]).waiting(now), None);
+        assert_eq!(Inner::default().waiting(now), None);
     }
 }

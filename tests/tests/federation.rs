@@ -329,6 +329,66 @@ fn imputed_missing_values_keep_every_row_in_a_secure_job() {
     );
 }
 
+/// A round that waits for a site that went silent says so, naming the
+/// step, the site, how long it has been silent and when it will be
+/// dropped, instead of "running" until the dropout window ends.
+#[test]
+fn job_status_says_what_a_round_waits_for_and_who_is_silent() {
+    let mut federation = Federation::running(&SITES);
+    let text = example_job(&[
+        ("rounds", "200"),
+        ("dropout_after_s", "3600"),
+        ("round_timeout_s", "3600"),
+    ]);
+    let job_id = federation.submit(&federation.write_job("job.toml", &text));
+    for _ in 0..400 {
+        if federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    federation.kill_site("switzerland");
+    // A guard against a status that never says it, not a measure of speed:
+    // the site is named silent once 5 s have passed without a word.
+    let mut waiting = String::new();
+    for _ in 0..600 {
+        waiting = federation.status(job_id)["waiting"].as_str().unwrap_or("").to_owned();
+        if waiting.contains("switzerland (silent") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        waiting.contains("switzerland (silent") && waiting.contains("s; dropped at 3600 s)"),
+        "{waiting:?}\n{}",
+        federation.log("coordinator")
+    );
+    let step = waiting.split(" from ").next().unwrap();
+    assert!(
+        [
+            "advertise keys",
+            "share keys",
+            "masked input",
+            "consistency check",
+            "unmask",
+            "metrics"
+        ]
+        .contains(&step),
+        "{waiting}"
+    );
+    let out = federation.tessera(&["job", "status", &job_id.to_string()]);
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        human.contains("  waiting for ") && human.contains("switzerland (silent"),
+        "{human}"
+    );
+    let out = federation.tessera(&["job", "cancel", &job_id.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "cancelled", "{status:#}");
+    assert!(status["waiting"].is_null(), "{status:#}");
+}
+
 /// A plain HTTP/1.1 GET: the status code and the body.
 fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};

@@ -137,7 +137,10 @@ async fn watch_job(client: &mut JobsClient<Channel>, job_id: u64) -> Result<(), 
         let job = status.job.clone().unwrap_or_default();
         bar.set_length(u64::from(job.rounds_total));
         bar.set_position(u64::from(job.rounds_done));
-        bar.set_message(job.phase.clone());
+        bar.set_message(match status.waiting.as_str() {
+            "" => job.phase.clone(),
+            waiting => format!("{}: waiting for {waiting}", job.phase),
+        });
         // A site that holds, declines or is left out is news the moment it
         // happens (and again when its state changes): the ML lead should
         // not have to wait for a timeout.
@@ -228,6 +231,9 @@ fn print_status(status: &pb::JobStatusResponse) {
     );
     if !job.error.is_empty() {
         println!("  reason: {}", job.error);
+    }
+    if !status.waiting.is_empty() {
+        println!("  waiting for {}", status.waiting);
     }
     let accepted = status.sites.iter().filter(|s| s.state == "accepted").count();
     if !status.sites.is_empty() {
@@ -347,6 +353,7 @@ fn status_json(status: &pb::JobStatusResponse) -> serde_json::Value {
         .collect();
     json!({
         "job": summary_json(&job),
+        "waiting": (!status.waiting.is_empty()).then_some(&status.waiting),
         "sites": sites,
         "rounds": rounds,
         "metrics": metrics,

@@ -191,8 +191,16 @@ impl Jobs for JobsService {
                 loss: p.loss.unwrap_or(f64::NAN),
             })
             .collect();
+        let waiting = {
+            let inner = self.shared.lock();
+            match inner.active.as_ref() {
+                Some(active) if active.job_id == job_id => inner.waiting(self.shared.now_ms()),
+                _ => None,
+            }
+        };
         Ok(Response::new(pb::JobStatusResponse {
             job: Some(summary(&row)),
+            waiting: waiting.unwrap_or_default(),
             sites: self.site_states(job_id).await?,
             rounds,
             metrics,
