@@ -341,13 +341,7 @@ fn job_status_says_what_a_round_waits_for_and_who_is_silent() {
         ("round_timeout_s", "3600"),
     ]);
     let job_id = federation.submit(&federation.write_job("job.toml", &text));
-    for _ in 0..400 {
-        if federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 1 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    federation.kill_site("switzerland");
+    kill_after_first_round(&mut federation, job_id, "switzerland");
     // A guard against a status that never says it, not a measure of speed:
     // the site is named silent once 5 s have passed without a word.
     let mut waiting = String::new();
@@ -387,6 +381,18 @@ fn job_status_says_what_a_round_waits_for_and_who_is_silent() {
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
     assert_eq!(status["job"]["status"], "cancelled", "{status:#}");
     assert!(status["waiting"].is_null(), "{status:#}");
+}
+
+/// Kills `site` as soon as the job's first round is in: it dies inside a
+/// later round, at whatever secure-aggregation phase it is in.
+fn kill_after_first_round(federation: &mut Federation, job_id: u64, site: &str) {
+    for _ in 0..400 {
+        if federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    federation.kill_site(site);
 }
 
 /// A plain HTTP/1.1 GET: the status code and the body.
@@ -527,15 +533,7 @@ fn a_participant_killed_mid_job_does_not_stop_the_rounds() {
     let mut federation = Federation::running(&SITES);
     let text = example_job(&[("rounds", "200"), ("dropout_after_s", "2")]);
     let job_id = federation.submit(&federation.write_job("job.toml", &text));
-    // Kill Switzerland as soon as the first round is in: it dies inside a
-    // later round, at whatever secure-aggregation phase it is in.
-    for _ in 0..400 {
-        if federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 1 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    federation.kill_site("switzerland");
+    kill_after_first_round(&mut federation, job_id, "switzerland");
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
     assert_eq!(
         status["job"]["status"],
