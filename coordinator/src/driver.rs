@@ -920,6 +920,7 @@ async fn run_phase(shared: &Arc<Shared>) -> Result<(Option<RoundCollector>, Opti
                 let closed = session.advance();
                 // `stage_ms` is what scripts/bench_rounds.sh reads per phase.
                 let stage_ms = now.saturating_sub(stage_opened);
+                shared.telemetry.stage_closed(closed, stage_ms);
                 info!(
                     round = round_number,
                     stage = closed,

@@ -1,6 +1,6 @@
 //! What an operator's monitoring reads: Prometheus metrics at `/metrics`
-//! (rounds and their duration, jobs by outcome, connected sites, update and
-//! model bytes) and `/healthz`, on their own plain-HTTP address
+//! (rounds and their duration, secure-aggregation stage timings, jobs by
+//! outcome, connected sites, update and model bytes) and `/healthz`, on their own plain-HTTP address
 //! (`--metrics-listen`), apart from the sites' mutual-TLS port. Only counts
 //! and timings: never a record, an update, a site's metric or a key, so a
 //! scraper needs no consortium identity.
@@ -28,6 +28,7 @@ pub struct Telemetry {
     registry: Registry,
     rounds: Counter,
     round_seconds: Histogram,
+    stage_seconds: Family<Vec<(String, String)>, Histogram>,
     jobs_ended: Family<Vec<(String, String)>, Counter>,
     update_bytes: Counter,
     model_bytes: Counter,
@@ -41,6 +42,8 @@ impl Default for Telemetry {
         let rounds = Counter::default();
         // 10 ms to about 11 minutes.
         let round_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 17));
+        let stage_seconds: Family<Vec<(String, String)>, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 20)));
         let jobs_ended = Family::default();
         let (update_bytes, model_bytes) = (Counter::default(), Counter::default());
         let (sites_connected, job_running) = (Gauge::default(), Gauge::default());
@@ -53,6 +56,11 @@ impl Default for Telemetry {
             "tessera_round_duration_seconds",
             "Time from a round's announcement to its recorded model",
             round_seconds.clone(),
+        );
+        registry.register(
+            "tessera_secagg_stage_duration_seconds",
+            "Time each secure-aggregation stage stayed open, by stage",
+            stage_seconds.clone(),
         );
         registry.register(
             "tessera_jobs_ended",
@@ -83,6 +91,7 @@ impl Default for Telemetry {
             registry,
             rounds,
             round_seconds,
+            stage_seconds,
             jobs_ended,
             update_bytes,
             model_bytes,
@@ -97,6 +106,13 @@ impl Telemetry {
     pub fn round_recorded(&self, millis: u64) {
         self.rounds.inc();
         self.round_seconds.observe(millis as f64 / 1000.0);
+    }
+
+    /// A secure-aggregation stage closed after `millis`.
+    pub fn stage_closed(&self, stage: &str, millis: u64) {
+        self.stage_seconds
+            .get_or_create(&vec![("stage".to_owned(), stage.to_owned())])
+            .observe(millis as f64 / 1000.0);
     }
 
     /// A job ended with `status`.
@@ -170,6 +186,7 @@ mod tests {
         telemetry.job_ended("failed");
         telemetry.update_received(4096);
         telemetry.model_sent(100);
+        telemetry.stage_closed("masked input", 3);
         let text = telemetry.encode(3, true);
         for line in [
             "tessera_rounds_total 2",
@@ -181,6 +198,8 @@ mod tests {
             "tessera_jobs_ended_total{status=\"finished\"} 1",
             "tessera_update_bytes_received_total 4096",
             "tessera_model_bytes_sent_total 100",
+            "tessera_secagg_stage_duration_seconds_count{stage=\"masked input\"} 1",
+            "tessera_secagg_stage_duration_seconds_bucket{le=\"0.004\",stage=\"masked input\"} 1",
             "tessera_sites_connected 3",
             "tessera_job_running 1",
         ] {

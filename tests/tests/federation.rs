@@ -146,6 +146,12 @@ fn four_hospitals_train_three_rounds() {
     // Each round's four masked inputs, and more than the models sent.
     assert!(samples["tessera_update_bytes_received_total"] > 0.0, "{body}");
     assert!(samples["tessera_model_bytes_sent_total"] > 0.0, "{body}");
+    // Three rounds, the statistics and the final evaluation: five secure
+    // sums, each through the unmask stage.
+    assert_eq!(
+        samples["tessera_secagg_stage_duration_seconds_count{stage=\"unmask\"}"], 5.0,
+        "{body}"
+    );
     let (code, _) = http_get(metrics_addr, "/nothing-here");
     assert_eq!(code, 404);
     // The cohort is sealed, as exactly the accepting sites, before any sum.
