@@ -40,7 +40,19 @@ use crate::policy::{self, Approvals, Decision};
 use crate::replica::{HALT_FILE, Refusal, Replica};
 
 const HEARTBEAT: Duration = Duration::from_secs(2);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Reconnect delays: from 250 ms, doubling up to 5 s, each stretched by a
+/// random factor in [1, 2). The randomness keeps a fleet of sites that lost
+/// the coordinator from reconnecting in step when it comes back.
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
 /// How long a site waits for the blocks a task relies on to become final
 /// before declining it: long enough for idle members, which sync on each
 /// long poll (5 s), to endorse.
@@ -141,12 +153,12 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         normalizations: HashMap::new(),
         contributions: Contributions::open(&config.state_dir)?,
     };
-    let mut backoff = Duration::from_millis(250);
+    let mut delays = reconnect_delays();
     loop {
         match endpoint.connect().await {
             Ok(channel) => {
                 info!(coordinator = %config.coordinator, "connected");
-                backoff = Duration::from_millis(250);
+                delays = reconnect_delays();
                 let heartbeat = tokio::spawn(heartbeat_loop(
                     FederationClient::new(channel.clone()),
                     site.id.clone(),
@@ -161,10 +173,9 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
                     warn!("connection lost: {e:#}");
                 }
             }
-            Err(e) => warn!(coordinator = %config.coordinator, "cannot connect: {e}; retrying in {backoff:?}"),
+            Err(e) => warn!(coordinator = %config.coordinator, "cannot connect: {e}; retrying"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(10))).await;
     }
 }
 
@@ -1490,4 +1501,27 @@ fn consortium_pin(tls_dir: Option<&std::path::Path>) -> anyhow::Result<Option<Co
 fn seed_of(site: &SiteId) -> u64 {
     let digest = sha256_hex(site.as_str().as_bytes());
     u64::from_str_radix(&digest[..16], 16).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Delays double from 250 ms up to 5 s, each stretched by a random
+    /// factor in [1, 2); and two sites do not wait alike.
+    #[test]
+    fn reconnect_delays_grow_bounded_and_differ_between_sites() {
+        let a: Vec<Duration> = reconnect_delays().take(12).collect();
+        let b: Vec<Duration> = reconnect_delays().take(12).collect();
+        assert_eq!(a.len(), 12, "the delays never run out");
+        for (k, d) in a.iter().enumerate() {
+            let base = Duration::from_millis(250 << k.min(5)).min(Duration::from_secs(5));
+            assert!(
+                *d >= base && *d < base * 2,
+                "delay {k}: {d:?} outside [{base:?}, {:?})",
+                base * 2
+            );
+        }
+        assert_ne!(a, b, "two sites would reconnect in step");
+    }
 }
