@@ -89,6 +89,7 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
                 cancel_requested: false,
                 phase: Phase::WaitingForSites,
                 held: BTreeMap::new(),
+                failed: BTreeSet::new(),
             });
             info!(job = %job_id, name = %spec.name, "job started");
             let result = drive(shared, job_id, &spec).await;
@@ -339,7 +340,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
     for round in 1..=spec.rounds {
         set_phase(shared, job_id, &format!("round {round}/{}", spec.rounds)).await;
         let started_at_ms = unix_ms();
-        let round_members: BTreeSet<SiteId> = shared.online(dropout_ms).intersection(&members).cloned().collect();
+        let round_members = taking_part(shared, &members, dropout_ms);
         let announcement = pb::RoundAnnouncement {
             job_id: job_id.0,
             round,
@@ -425,7 +426,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
 
     // Final evaluation of the last model.
     set_phase(shared, job_id, "final evaluation").await;
-    let members: BTreeSet<SiteId> = shared.online(dropout_ms).intersection(&members).cloned().collect();
+    let members = taking_part(shared, &members, dropout_ms);
     let announcement = pb::RoundAnnouncement {
         job_id: job_id.0,
         round: spec.rounds + 1,
@@ -664,6 +665,7 @@ async fn preprocess(
         };
         stats.pending.retain(|s| {
             !declined.contains(s)
+                && !active.failed.contains(s)
                 && now < deadline
                 && now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) < dropout_ms
         });
@@ -885,8 +887,11 @@ async fn run_phase(shared: &Arc<Shared>) -> Result<(Option<RoundCollector>, Opti
         let now = shared.now_ms();
         let mut inner = shared.lock();
         let last_seen = inner.last_seen.clone();
-        let silent = |s: &SiteId| now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) >= dropout_ms;
         let active = inner.active.as_mut().expect("active job installed by run_job");
+        // A site that said it cannot go on counts as gone at once.
+        let failed = active.failed.clone();
+        let silent =
+            |s: &SiteId| failed.contains(s) || now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) >= dropout_ms;
         if active.cancel_requested {
             return Err(Stop::Cancelled);
         }
@@ -904,6 +909,11 @@ async fn run_phase(shared: &Arc<Shared>) -> Result<(Option<RoundCollector>, Opti
         if let Some(collector) = collector {
             for (site, &seen) in &last_seen {
                 collector.handle_heartbeat(seen, site);
+            }
+            for site in &failed {
+                if collector.handle_failure(site) {
+                    warn!(%site, round = round_number, "site dropped from round: it cannot go on");
+                }
             }
             for site in collector.handle_tick(now) {
                 warn!(%site, round = round_number, "site dropped from round");
@@ -958,7 +968,23 @@ async fn run_phase(shared: &Arc<Shared>) -> Result<(Option<RoundCollector>, Opti
 
 type SecureOutcome = Result<(Vec<u32>, Transcript), Abort>;
 
-/// Stores the evaluation pooled over `n_sites` by secure sum.
+/// The members online for the next step: heard from within the dropout
+/// window, and not among the sites that said they cannot go on.
+fn taking_part(shared: &Shared, members: &BTreeSet<SiteId>, dropout_ms: u64) -> BTreeSet<SiteId> {
+    let failed = shared
+        .lock()
+        .active
+        .as_ref()
+        .map(|a| a.failed.clone())
+        .unwrap_or_default();
+    shared
+        .online(dropout_ms)
+        .intersection(members)
+        .filter(|s| !failed.contains(*s))
+        .cloned()
+        .collect()
+}
+
 /// The sites whose masked input is in a secure sum.
 fn contributors(t: &Transcript) -> Vec<SiteId> {
     t.masked.iter().map(|(s, _)| s.clone()).collect()
@@ -979,6 +1005,7 @@ fn declared(shared: &Arc<Shared>, job_id: u64, sites: &[SiteId]) -> Result<Vec<D
         .collect()
 }
 
+/// Stores the evaluation pooled over `sites` by secure sum.
 async fn store_pooled(shared: &Arc<Shared>, ctx: RoundContext, sites: &[SiteId], words: &[u32]) -> Result<(), Stop> {
     let n_sites = sites.len();
     let n_test = declared(shared, ctx.job_id, sites)?.iter().map(|c| c.n_test).sum();

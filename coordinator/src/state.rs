@@ -72,6 +72,9 @@ pub struct ActiveJob {
     /// Sites holding the job for their data team's approval, with what in
     /// the job is outside their policy: not waited for, shown to the ML lead.
     pub held: BTreeMap<SiteId, String>,
+    /// Sites that said they can no longer take part (`ReportProblem`):
+    /// dropped at once, given no more tasks of this job.
+    pub failed: BTreeSet<SiteId>,
 }
 
 /// What the active job is waiting for.
@@ -239,7 +242,7 @@ impl Inner {
 
     /// The task `site` should work on now, if any.
     pub fn task_for(&self, site: &SiteId) -> Option<pb::task::Kind> {
-        let active = self.active.as_ref()?;
+        let active = self.active.as_ref().filter(|a| !a.failed.contains(site))?;
         match &active.phase {
             Phase::WaitingForSites => None,
             Phase::Stats(stats) => {
@@ -304,6 +307,7 @@ mod tests {
                 cancel_requested: false,
                 phase,
                 held: held.iter().map(|s| (site(s), "2 rounds > 1".to_owned())).collect(),
+                failed: BTreeSet::new(),
             }),
             ..Inner::default()
         }

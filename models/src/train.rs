@@ -39,7 +39,7 @@ pub struct LocalUpdate {
 }
 
 /// Why training could not run.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error(transparent)]
     Shape(#[from] ShapeError),
@@ -47,9 +47,10 @@ pub enum TrainError {
     NoData,
     #[error("data has {got} features, the model expects {expected}")]
     Width { expected: usize, got: usize },
-    /// A pass over the site's data failed (its file became unreadable).
-    #[error("{0}")]
-    Data(String),
+    /// A pass over the site's data failed (its file became unreadable):
+    /// kept whole, so the site can tell the coordinator its public reason.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
 }
 
 /// Rows shuffled together in local training: the rows of one pass are read
@@ -149,8 +150,7 @@ pub fn train_local(
             } else {
                 ControlFlow::Continue(())
             }
-        })
-        .map_err(|e| TrainError::Data(e.to_string()))?;
+        })?;
         drain(&mut buffer, true, &mut step);
     }
     Ok(LocalUpdate {
@@ -174,8 +174,7 @@ pub fn evaluate(layout: &Layout, params: &[f32], data: &dyn Rows, device: &Devic
         logits.extend(logits_of(&model, batch, device));
         labels.extend_from_slice(&batch.labels);
         ControlFlow::Continue(())
-    })
-    .map_err(|e| TrainError::Data(e.to_string()))?;
+    })?;
     Ok(Evaluation {
         n: labels.len(),
         loss: bce_with_logits(&logits, &labels),
@@ -386,14 +385,14 @@ mod tests {
             proximal_mu: 0.0,
             seed: 1,
         };
-        assert_eq!(
+        assert!(matches!(
             train_local(&cfg, &init, &data, &device).unwrap_err(),
             TrainError::Width { expected: 3, got: 2 }
-        );
+        ));
         let empty = Dataset::empty(3);
-        assert_eq!(
+        assert!(matches!(
             train_local(&cfg, &init, &empty, &device).unwrap_err(),
             TrainError::NoData
-        );
+        ));
     }
 }

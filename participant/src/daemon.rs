@@ -144,6 +144,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         jobs: HashMap::new(),
         decided: HashSet::new(),
         held: HashMap::new(),
+        given_up: HashSet::new(),
         state_dir: config.state_dir.clone(),
         inputs: HashMap::new(),
         training: HashMap::new(),
@@ -251,6 +252,31 @@ struct Site {
     /// The rounds this site has sent a masked input to, on disk: never two
     /// summations of one round's input (their difference would reveal it).
     contributions: Contributions,
+    /// Jobs this site stopped taking part in (its data failed mid-job), and
+    /// told the coordinator so.
+    given_up: HashSet<u64>,
+}
+
+/// The job a task belongs to.
+fn task_job(task: &pb::Task) -> Option<u64> {
+    match task.kind.as_ref()? {
+        task::Kind::ComputeStats(t) => Some(t.job_id),
+        task::Kind::Round(a) => Some(a.job_id),
+        task::Kind::Secagg(step) => Some(step.job_id),
+        task::Kind::Idle(_) => None,
+    }
+}
+
+/// The data error behind a failed task, if that is what failed it (a
+/// training or evaluation pass wraps it, transparently: look inside).
+fn data_error(error: &anyhow::Error) -> Option<&tessera_models::data::DataError> {
+    use tessera_models::train::TrainError;
+    error
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<TrainError>() {
+            Some(TrainError::Data(data)) => Some(data),
+            _ => cause.downcast_ref(),
+        })
 }
 
 /// One daemon per state directory: two would share one ledger replica, one
@@ -366,6 +392,12 @@ impl Site {
             if self.replica.halted().is_some() {
                 continue;
             }
+            let job = task_job(&task);
+            if job.is_some_and(|job| self.given_up.contains(&job)) {
+                // The coordinator was told; it sends no more of this job.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
             let result = match task.kind {
                 None | Some(task::Kind::Idle(_)) => self.send_held_decisions(&mut client).await.map(|()| None),
                 Some(task::Kind::ComputeStats(t)) => self.compute_stats(&mut client, t).await.map(|()| None),
@@ -386,8 +418,49 @@ impl Site {
                     if e.downcast_ref::<Held>().is_none() {
                         error!("task failed: {e:#}");
                     }
+                    // Data that fails mid-job is no longer the data whose
+                    // counts this site declared and whose statistics it
+                    // summed: it stops taking part rather than retry.
+                    if let (Some(job), Some(data)) = (job, data_error(&e)) {
+                        let reason = format!("this site's data failed mid-job: {}", data.public_reason());
+                        self.stop_taking_part(&mut client, job, reason).await?;
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
+            }
+        }
+    }
+
+    /// Stops taking part in `job` and tells the coordinator why (the public
+    /// reason: the kind of problem and the schema's column, never a value),
+    /// so that it drops this site at once instead of waiting out the round.
+    async fn stop_taking_part(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        job: u64,
+        reason: String,
+    ) -> anyhow::Result<()> {
+        let problem = pb::TaskProblem {
+            site_id: self.id.to_string(),
+            job_id: job,
+            reason: wire::brief_reason(&reason),
+        };
+        self.egress.record("ReportProblem", &problem)?;
+        match client.report_problem(problem).await {
+            Ok(_) => {
+                error!(
+                    job,
+                    "stopped taking part in the job; the coordinator was told: {reason}"
+                );
+                self.given_up.insert(job);
+                Ok(())
+            }
+            Err(status) if status.code() == tonic::Code::Unavailable => Err(status.into()),
+            // The job ended meanwhile, or never was this site's: nothing to stop.
+            Err(status) => {
+                warn!(job, "could not report the problem: {}", status.message());
+                self.given_up.insert(job);
+                Ok(())
             }
         }
     }
@@ -1523,5 +1596,24 @@ mod tests {
             );
         }
         assert_ne!(a, b, "two sites would reconnect in step");
+    }
+
+    /// A data error is found behind the training or evaluation pass that
+    /// met it, and behind context; another error is not one.
+    #[test]
+    fn a_data_error_is_found_however_it_is_wrapped() {
+        use tessera_models::data::DataError;
+        use tessera_models::train::TrainError;
+        let data = || DataError::NoRows {
+            file: "site.csv".into(),
+            rows_read: 0,
+        };
+        let direct = anyhow::Error::from(data()).context("statistics");
+        let wrapped = anyhow::Error::from(TrainError::Data(data())).context("evaluation of round 2");
+        for e in [direct, wrapped] {
+            assert!(matches!(data_error(&e), Some(DataError::NoRows { .. })), "{e:#}");
+        }
+        assert!(data_error(&anyhow::Error::from(TrainError::NoData)).is_none());
+        assert!(data_error(&anyhow::anyhow!("this round's evaluation is missing")).is_none());
     }
 }

@@ -73,6 +73,8 @@ pub enum DropReason {
     Silent,
     /// The round's deadline passed before the site submitted.
     Timeout,
+    /// The site said it can no longer take part (`ReportProblem`).
+    Failed,
 }
 
 /// Why an update was refused. The round is unchanged and goes on.
@@ -226,6 +228,20 @@ impl RoundCollector {
     pub fn handle_heartbeat(&mut self, now_ms: u64, site: &SiteId) {
         if let Some(MemberState::Expected { last_seen_ms }) = self.members.get_mut(site) {
             *last_seen_ms = (*last_seen_ms).max(now_ms);
+        }
+    }
+
+    /// Drops a site that said it cannot go on, if it still owes its update.
+    /// Returns whether it was dropped by this call.
+    pub fn handle_failure(&mut self, site: &SiteId) -> bool {
+        match self.members.get_mut(site) {
+            Some(state @ MemberState::Expected { .. }) => {
+                *state = MemberState::Dropped {
+                    reason: DropReason::Failed,
+                };
+                true
+            }
+            _ => false,
         }
     }
 

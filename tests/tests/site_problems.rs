@@ -98,17 +98,7 @@ fn a_site_with_unusable_data_or_another_encoding_is_named_and_the_job_fails_at_o
     // database, ledger or log, not another site.
     let va_log = federation.log("va");
     assert!(va_log.contains(SECRET) && va_log.contains("va-bad.csv:57"), "{va_log}");
-    for file in files_under(&dir) {
-        if file == bad_data || file.file_name().is_some_and(|n| n == "va.log") {
-            continue;
-        }
-        let bytes = std::fs::read(&file).unwrap_or_default();
-        assert!(
-            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
-            "{} holds the site's cell value",
-            file.display()
-        );
-    }
+    assert_secret_only_in(&dir, &bad_data);
 }
 
 /// Two daemons on one kit would share one ledger replica, one egress log
@@ -174,4 +164,95 @@ fn a_second_daemon_on_one_state_directory_refuses_to_start() {
     );
     // The first one is untouched: it still holds the lock.
     assert_eq!(std::fs::read_to_string(&lock).unwrap(), holder);
+}
+
+/// A site whose data breaks mid-job (its streamed file replaced by one with
+/// a bad cell after the first round) stops taking part after a few failed
+/// tasks and says why, once: the coordinator drops it at once instead of
+/// waiting out the round (an hour here), the others finish the job, and
+/// the ML lead sees the column, never the value.
+#[test]
+fn a_site_whose_data_breaks_mid_job_stops_and_says_why() {
+    let mut federation = Federation::start(&["cleveland", "hungary", "switzerland", "va"]);
+    let dir = federation.dir.path().to_owned();
+    let heart = repo().join("../shared/data/heart-disease");
+    let schema = repo().join("examples/heart-disease/schema.toml");
+    for site in ["cleveland", "hungary", "switzerland"] {
+        federation.add_site(site);
+    }
+    // va streams its file (nothing kept in memory): every pass reads it.
+    let data = dir.join("va.csv");
+    let good = std::fs::read_to_string(heart.join("processed.va.data")).unwrap();
+    std::fs::write(&data, &good).unwrap();
+    let config = site_config(&dir, "va", &data, &schema);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("[data]\n", "[data]\nin_memory_mib = 0\n")).unwrap();
+    federation.add_site_config("va", &config, &[]);
+
+    let job = federation.write_job(
+        "job.toml",
+        &example_job(&[
+            ("rounds", "200"),
+            ("dropout_after_s", "3600"),
+            ("round_timeout_s", "3600"),
+        ]),
+    );
+    let job_id = federation.submit(&job);
+    for _ in 0..600 {
+        if federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Replaced whole (a rename), as an extract job would: one age is a name.
+    let mut lines: Vec<String> = good.lines().map(str::to_owned).collect();
+    lines[56] = lines[56].replacen(lines[56].split(',').next().unwrap(), SECRET, 1);
+    let broken = dir.join("va.csv.new");
+    std::fs::write(&broken, lines.join("\n") + "\n").unwrap();
+    std::fs::rename(&broken, &data).unwrap();
+
+    let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}\n{}", federation.logs());
+    let va = status["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["site_id"] == "va")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(va["state"], "left out", "{status:#}");
+    let reason = va["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("stopped taking part: this site's data failed mid-job: ") && reason.contains("column `age`"),
+        "{reason}"
+    );
+    let rounds = status["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 200);
+    let last: Vec<&str> = rounds.last().unwrap()["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(last, ["cleveland", "hungary", "switzerland"]);
+    // Said once, and the value stayed at the site.
+    let egress = std::fs::read_to_string(federation.state_dir("va").join("egress.jsonl")).unwrap();
+    assert_eq!(egress.matches("\"kind\":\"ReportProblem\"").count(), 1, "{egress}");
+    assert_secret_only_in(&dir, &data);
+}
+
+/// Checks that no file under `dir` holds the secret cell value but the
+/// site's data file and its own log.
+fn assert_secret_only_in(dir: &std::path::Path, data: &std::path::Path) {
+    for file in files_under(dir) {
+        if file == data || file.file_name().is_some_and(|n| n == "va.log") {
+            continue;
+        }
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "{} holds the site's cell value",
+            file.display()
+        );
+    }
 }

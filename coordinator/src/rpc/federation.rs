@@ -520,6 +520,45 @@ impl Federation for FederationService {
         Ok(Response::new(pb::Ack {}))
     }
 
+    async fn report_problem(&self, request: Request<pb::TaskProblem>) -> Result<Response<pb::Ack>, Status> {
+        let caller = Caller::of(&request).cloned();
+        let p = request.into_inner();
+        let site = self.identify(caller.as_ref(), &p.site_id).await?;
+        if p.reason.len() > MAX_REASON_BYTES || p.reason.chars().any(char::is_control) {
+            return Err(RpcError::InvalidArgument(format!(
+                "a problem's reason is at most {MAX_REASON_BYTES} bytes of text"
+            ))
+            .into());
+        }
+        // Only a site taking part can stop taking part.
+        if !self.shared.ledger.has_accepted(p.job_id, &site) {
+            return Err(RpcError::FailedPrecondition(format!("`{site}` has not accepted job {}", p.job_id)).into());
+        }
+        let first = {
+            let mut inner = self.shared.lock();
+            let Some(active) = inner.active.as_mut().filter(|a| a.job_id.0 == p.job_id) else {
+                return Err(RpcError::FailedPrecondition(format!("job {} is not running", p.job_id)).into());
+            };
+            active.failed.insert(site.clone())
+        };
+        if first {
+            warn!(%site, job = p.job_id, reason = %p.reason, "site stopped taking part in the job");
+            self.shared
+                .store
+                .record_problem(
+                    JobId(p.job_id),
+                    &site,
+                    &format!("stopped taking part: {}", p.reason),
+                    unix_ms(),
+                )
+                .await
+                .map_err(RpcError::from)?;
+        }
+        self.shared.progress.notify_one();
+        self.shared.wake.notify_waiters();
+        Ok(Response::new(pb::Ack {}))
+    }
+
     async fn report_metrics(&self, request: Request<pb::MetricsReport>) -> Result<Response<pb::Ack>, Status> {
         let caller = Caller::of(&request).cloned();
         let report = request.into_inner();
