@@ -863,6 +863,14 @@ impl ColumnBatch {
         }
     }
 
+    /// Writes `values` to feature `offset` of the rows `rows`.
+    pub(crate) fn copy_column(&mut self, rows: std::ops::Range<usize>, offset: usize, values: &[f64]) {
+        let block = &mut self.features[rows.start * self.width..rows.end * self.width];
+        for (row, &v) in block.chunks_exact_mut(self.width).zip(values) {
+            row[offset] = v as f32;
+        }
+    }
+
     /// Feature `offset` of row `r`.
     pub(crate) fn feature(&mut self, r: usize, offset: usize) -> &mut f32 {
         &mut self.features[r * self.width + offset]

@@ -5,6 +5,7 @@
 
 pub mod columnar;
 pub mod data;
+mod linear;
 pub mod metrics;
 pub mod net;
 pub mod postgres;

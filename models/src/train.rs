@@ -1,6 +1,6 @@
 //! Local training and evaluation of a flat parameter vector on one site's data.
 
-use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::activation::log_sigmoid;
@@ -13,6 +13,7 @@ use tessera_protocol::model::Layout;
 use std::ops::ControlFlow;
 
 use crate::data::Dataset;
+use crate::linear::LinearLearner;
 use crate::metrics::{Evaluation, accuracy, bce_with_logits, roc_auc};
 use crate::net::{Net, ShapeError};
 use crate::stream::Rows;
@@ -69,43 +70,30 @@ pub fn train_local(
     data: &dyn Rows,
     device: &Device,
 ) -> Result<LocalUpdate, TrainError> {
+    train_with(cfg, global, data, device, Engine::for_layout(cfg.layout))
+}
+
+fn train_with(
+    cfg: &LocalTraining<'_>,
+    global: &[f32],
+    data: &dyn Rows,
+    device: &Device,
+    engine: Engine,
+) -> Result<LocalUpdate, TrainError> {
     let n = data.len();
     if n == 0 {
         return Err(TrainError::NoData);
     }
     check_width(cfg.layout, data.n_features())?;
-    let anchor = if cfg.proximal_mu > 0.0 {
-        Some(anchor_tensors(cfg.layout, global, device))
-    } else {
-        None
-    };
-    let mut optimizer = match cfg.spec.optimizer {
-        OptimizerKind::Sgd => SgdConfig::new().init(),
-        OptimizerKind::Adam => AdamConfig::new().init(),
-    };
+    let mut learner = Learner::new(cfg, global, device, engine)?;
     let batch_size = cfg.spec.batch_size.min(n);
     let total_steps = match cfg.spec.local_work {
         LocalWork::Epochs(e) => e as usize * n.div_ceil(batch_size),
         LocalWork::Steps(s) => s as usize,
     };
     let mut rng = ChaCha20Rng::seed_from_u64(cfg.seed);
-    let mut model = Some(Net::from_flat(cfg.layout, global, device)?);
     let (mut loss_sum, mut loss_count) = (0.0, 0usize);
     let mut step = 0;
-    // One minibatch of training.
-    let mut train_on = |x: Tensor<2>, y: Tensor<2>| {
-        let net = model.take().expect("model present between steps");
-        let logits = net.forward(x);
-        let data_loss = bce_loss(logits, y);
-        loss_sum += f64::from(data_loss.clone().into_scalar::<f32>());
-        loss_count += 1;
-        let loss = match &anchor {
-            Some(anchor) => data_loss + proximal_term(&net, anchor) * (cfg.proximal_mu / 2.0),
-            None => data_loss,
-        };
-        let grads = GradientsParams::from_grads(loss.backward(), &net);
-        model = Some(optimizer.step(cfg.spec.learning_rate, net, grads));
-    };
     let empty = || Dataset::empty(data.n_features());
     // Shuffles the buffer and trains on its minibatches; unless the pass
     // is over, an incomplete last minibatch stays in the buffer.
@@ -121,8 +109,8 @@ pub fn train_local(
                 rest = buffer.select(batch);
                 break;
             }
-            let (x, y) = batch_tensors(buffer, batch, device);
-            train_on(x, y);
+            loss_sum += learner.step(buffer, batch);
+            loss_count += 1;
             *step += 1;
         }
         *buffer = rest;
@@ -154,7 +142,7 @@ pub fn train_local(
         drain(&mut buffer, true, &mut step);
     }
     Ok(LocalUpdate {
-        params: model.expect("model present after training").to_flat(),
+        params: learner.into_params(),
         n_samples: n,
         train_loss: if loss_count > 0 {
             loss_sum / loss_count as f64
@@ -162,6 +150,96 @@ pub fn train_local(
             f64::NAN
         },
     })
+}
+
+/// Which code computes the minibatch steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    /// The closed-form gradient of a one-layer model (`crate::linear`).
+    Linear,
+    /// Burn's autodiff graph: any layout.
+    Graph,
+}
+
+impl Engine {
+    fn for_layout(layout: &Layout) -> Self {
+        match layout.layers.as_slice() {
+            [only] if only.d_out == 1 => Engine::Linear,
+            _ => Engine::Graph,
+        }
+    }
+}
+
+/// The model being trained and its optimiser.
+enum Learner<'d> {
+    Linear(LinearLearner),
+    Graph(GraphLearner<'d>),
+}
+
+/// A network trained through Burn's autodiff, one graph per minibatch.
+struct GraphLearner<'d> {
+    model: Option<Net>,
+    optimizer: ModuleOptimizer,
+    /// The global model's tensors, when the proximal term is on.
+    anchor: Option<Vec<(Tensor<2>, Tensor<1>)>>,
+    proximal_mu: f64,
+    learning_rate: f64,
+    device: &'d Device,
+}
+
+impl<'d> Learner<'d> {
+    fn new(cfg: &LocalTraining<'_>, global: &[f32], device: &'d Device, engine: Engine) -> Result<Self, TrainError> {
+        if engine == Engine::Linear {
+            // The width was checked against the layout, and the layout
+            // against the vector here, so the learner's split is right.
+            Net::from_flat(cfg.layout, global, device)?;
+            return Ok(Learner::Linear(LinearLearner::new(
+                global,
+                cfg.spec.optimizer,
+                cfg.spec.learning_rate,
+                cfg.proximal_mu,
+            )));
+        }
+        Ok(Learner::Graph(GraphLearner {
+            model: Some(Net::from_flat(cfg.layout, global, device)?),
+            optimizer: match cfg.spec.optimizer {
+                OptimizerKind::Sgd => SgdConfig::new().init(),
+                OptimizerKind::Adam => AdamConfig::new().init(),
+            },
+            anchor: (cfg.proximal_mu > 0.0).then(|| anchor_tensors(cfg.layout, global, device)),
+            proximal_mu: cfg.proximal_mu,
+            learning_rate: cfg.spec.learning_rate,
+            device,
+        }))
+    }
+
+    /// One optimiser step on the rows `batch` of `data`; returns their mean
+    /// loss (without the proximal term).
+    fn step(&mut self, data: &Dataset, batch: &[usize]) -> f64 {
+        match self {
+            Learner::Linear(learner) => learner.step(data, batch),
+            Learner::Graph(g) => {
+                let (x, y) = batch_tensors(data, batch, g.device);
+                let net = g.model.take().expect("model present between steps");
+                let data_loss = bce_loss(net.forward(x), y);
+                let loss_value = f64::from(data_loss.clone().into_scalar::<f32>());
+                let loss = match &g.anchor {
+                    Some(anchor) => data_loss + proximal_term(&net, anchor) * (g.proximal_mu / 2.0),
+                    None => data_loss,
+                };
+                let grads = GradientsParams::from_grads(loss.backward(), &net);
+                g.model = Some(g.optimizer.step(g.learning_rate, net, grads));
+                loss_value
+            }
+        }
+    }
+
+    fn into_params(self) -> Vec<f32> {
+        match self {
+            Learner::Linear(learner) => learner.into_params(),
+            Learner::Graph(g) => g.model.expect("model present after training").to_flat(),
+        }
+    }
 }
 
 /// Loss, accuracy and ROC AUC of `params` on `data`, in one pass (the
@@ -275,6 +353,8 @@ fn proximal_term(model: &Net, anchor: &[(Tensor<2>, Tensor<1>)]) -> Tensor<1> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use rand::Rng;
     use tessera_protocol::model::{ModelSpec, initial_params};
 
     /// Linearly separable data: label = x0 > 0.
@@ -326,6 +406,48 @@ mod tests {
             assert!(after.loss < before.loss, "{model:?}: {} !< {}", after.loss, before.loss);
             assert!(after.accuracy >= 0.95, "{model:?}: accuracy {}", after.accuracy);
             assert!(after.auc >= 0.98);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// The closed-form learner is an optimisation of the graph one: on
+        /// random data, optimisers, FedProx μ and batch sizes, both end at
+        /// the same weights and report the same loss, up to float rounding.
+        #[test]
+        fn the_linear_learner_trains_as_burns_graph_does(
+            n_features in 1usize..20,
+            n_rows in 1usize..150,
+            adam in any::<bool>(),
+            mu in prop::sample::select(vec![0.0, 0.5]),
+            batch_size in 1usize..40,
+            epochs in 1u32..3,
+            seed in any::<u64>(),
+        ) {
+            let device = crate::default_device();
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            let data = Dataset {
+                features: (0..n_rows * n_features).map(|_| rng.random_range(-3.0f32..3.0)).collect(),
+                labels: (0..n_rows).map(|_| f32::from(u8::from(rng.random_bool(0.3)))).collect(),
+                ..Dataset::empty(n_features)
+            };
+            let layout = ModelSpec::LogisticRegression.layout(n_features);
+            let init = initial_params(&layout, seed);
+            let spec = TrainingSpec {
+                optimizer: if adam { OptimizerKind::Adam } else { OptimizerKind::Sgd },
+                learning_rate: 0.05,
+                batch_size,
+                local_work: LocalWork::Epochs(epochs),
+            };
+            let cfg = LocalTraining { layout: &layout, spec: &spec, proximal_mu: mu, seed };
+            prop_assert_eq!(Engine::for_layout(&layout), Engine::Linear);
+            let linear = train_with(&cfg, &init, &data, &device, Engine::Linear).unwrap();
+            let graph = train_with(&cfg, &init, &data, &device, Engine::Graph).unwrap();
+            for (a, b) in linear.params.iter().zip(&graph.params) {
+                prop_assert!((a - b).abs() <= 2e-4 * (1.0 + b.abs()), "{:?} vs {:?}", linear.params, graph.params);
+            }
+            prop_assert!((linear.train_loss - graph.train_loss).abs() <= 1e-4 * (1.0 + graph.train_loss));
+            prop_assert_eq!(linear.n_samples, graph.n_samples);
         }
     }
 
