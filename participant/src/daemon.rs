@@ -25,12 +25,13 @@ use tessera_protocol::replay::{ModelReplay, ReplayError};
 use tessera_protocol::roster::Roster;
 use tessera_protocol::secagg::client::{self, ClientConfig};
 use tessera_protocol::secagg::crypto::SigningKey;
+use tessera_protocol::secagg::quantize::NonFiniteUpdate;
 use tessera_protocol::secagg::{RoundContext, commitment, exact};
 use tessera_protocol::stats::{FeatureStats, Normalization};
 use tessera_protocol::wire;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Policy, SiteConfig};
 use crate::contributions::Contributions;
@@ -145,6 +146,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         decided: HashSet::new(),
         held: HashMap::new(),
         given_up: HashSet::new(),
+        retries: Retries::default(),
         state_dir: config.state_dir.clone(),
         inputs: HashMap::new(),
         training: HashMap::new(),
@@ -252,9 +254,10 @@ struct Site {
     /// The rounds this site has sent a masked input to, on disk: never two
     /// summations of one round's input (their difference would reveal it).
     contributions: Contributions,
-    /// Jobs this site stopped taking part in (its data failed mid-job), and
-    /// told the coordinator so.
+    /// Jobs this site stopped taking part in (its data failed mid-job,
+    /// training could not run), and told the coordinator so.
     given_up: HashSet<u64>,
+    retries: Retries,
 }
 
 /// The job a task belongs to.
@@ -277,6 +280,61 @@ fn data_error(error: &anyhow::Error) -> Option<&tessera_models::data::DataError>
             Some(TrainError::Data(data)) => Some(data),
             _ => cause.downcast_ref(),
         })
+}
+
+/// Why a failed task would fail the same way however often it were
+/// retried, as the public reason the coordinator is told: this site's data
+/// failed mid-job (no longer the data whose counts it declared and whose
+/// statistics it summed), local training cannot run, or it diverged. A
+/// training error says counts and shapes, never a value. `None` for a
+/// failure worth retrying: a transport error, a block not final yet, a
+/// refusal of the coordinator's message.
+fn lasting_failure(error: &anyhow::Error) -> Option<String> {
+    use tessera_models::train::TrainError;
+    if let Some(data) = data_error(error) {
+        return Some(format!("this site's data failed mid-job: {}", data.public_reason()));
+    }
+    error.chain().find_map(|cause| {
+        if let Some(train) = cause.downcast_ref::<TrainError>() {
+            return Some(format!("local training cannot run: {train}"));
+        }
+        let diverged = cause.downcast_ref::<NonFiniteUpdate>()?;
+        Some(format!("local training diverged: {diverged}"))
+    })
+}
+
+/// Pauses between attempts at tasks that keep failing. The first few are
+/// a second apart (the usual cause is a block that is not final yet, soon
+/// fixed); then they double, up to five seconds: a site whose task cannot
+/// succeed neither spins (it once downloaded its model 3,028 times in a
+/// minute) nor writes the same error every second, and a site whose
+/// failure clears still answers well within a round's dropout deadline.
+#[derive(Debug, Default)]
+struct Retries {
+    /// Failures since the last task that succeeded.
+    failures: u32,
+    last: Option<String>,
+}
+
+impl Retries {
+    const QUICK: u32 = 5;
+    const LONGEST: Duration = Duration::from_secs(5);
+
+    /// The pause before the next attempt, and whether `message` differs
+    /// from the last failure's (it is then worth an error in the log).
+    fn failed(&mut self, message: &str) -> (Duration, bool) {
+        self.failures = self.failures.saturating_add(1);
+        let new = self.last.as_deref() != Some(message);
+        if new {
+            self.last = Some(message.to_owned());
+        }
+        let doublings = self.failures.saturating_sub(Self::QUICK).min(8);
+        (Duration::from_secs(1 << doublings).min(Self::LONGEST), new)
+    }
+
+    fn succeeded(&mut self) {
+        *self = Self::default();
+    }
 }
 
 /// One daemon per state directory: two would share one ledger replica, one
@@ -405,7 +463,10 @@ impl Site {
                 Some(task::Kind::Secagg(step)) => self.secagg_step(&mut client, step).await,
             };
             match result {
-                Ok(task) => next = task,
+                Ok(task) => {
+                    self.retries.succeeded();
+                    next = task;
+                }
                 Err(e) => {
                     // A refused task is logged and the site carries on; transport
                     // errors end this connection and trigger a reconnect.
@@ -414,18 +475,30 @@ impl Site {
                     {
                         return Err(e);
                     }
-                    // A held job was said once, when it was first held.
-                    if e.downcast_ref::<Held>().is_none() {
+                    // A failure that would repeat however often the task
+                    // is retried (this site's data failed mid-job, training
+                    // cannot run or diverged): the site stops taking part
+                    // rather than retry, and says why.
+                    if let (Some(job), Some(reason)) = (job, lasting_failure(&e)) {
                         error!("task failed: {e:#}");
-                    }
-                    // Data that fails mid-job is no longer the data whose
-                    // counts this site declared and whose statistics it
-                    // summed: it stops taking part rather than retry.
-                    if let (Some(job), Some(data)) = (job, data_error(&e)) {
-                        let reason = format!("this site's data failed mid-job: {}", data.public_reason());
                         self.stop_taking_part(&mut client, job, reason).await?;
+                        continue;
                     }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // A held job was said once, when it was first held, and
+                    // is asked after every second until it is decided.
+                    let pause = if e.downcast_ref::<Held>().is_some() {
+                        Duration::from_secs(1)
+                    } else {
+                        let message = format!("{e:#}");
+                        let (pause, new) = self.retries.failed(&message);
+                        if new {
+                            error!("task failed: {message}");
+                        } else {
+                            debug!(attempts = self.retries.failures, "task failed again: {message}");
+                        }
+                        pause
+                    };
+                    tokio::time::sleep(pause).await;
                 }
             }
         }
@@ -1128,6 +1201,11 @@ impl Site {
         let (delta, n_samples, train_loss) = tokio::task::spawn_blocking(local_delta)
             .await
             .context("training task panicked")??;
+        // As the secure path's quantiser refuses it: a diverged model is
+        // not sent (the coordinator would refuse it, and the site retry).
+        if let Some(index) = delta.iter().position(|v| !v.is_finite()) {
+            return Err(NonFiniteUpdate::Coordinate { index }.into());
+        }
         let header = pb::UpdateHeader {
             site_id: self.id.to_string(),
             job_id,
@@ -1615,5 +1693,58 @@ mod tests {
         }
         assert!(data_error(&anyhow::Error::from(TrainError::NoData)).is_none());
         assert!(data_error(&anyhow::anyhow!("this round's evaluation is missing")).is_none());
+    }
+
+    #[test]
+    fn failures_that_would_repeat_are_told_and_the_others_retried() {
+        use tessera_models::data::DataError;
+        use tessera_models::train::TrainError;
+        let lasting = |e: anyhow::Error| lasting_failure(&e.context("round 3 of job 1"));
+        assert_eq!(
+            lasting(TrainError::Width { expected: 13, got: 12 }.into()).as_deref(),
+            Some("local training cannot run: data has 12 features, the model expects 13")
+        );
+        assert_eq!(
+            lasting(NonFiniteUpdate::Coordinate { index: 4 }.into()).as_deref(),
+            Some(
+                "local training diverged: the update's coordinate 4 is NaN or infinite (training diverged?); not sending it"
+            )
+        );
+        let data = TrainError::Data(DataError::NoRows {
+            file: "/secret/path/site.csv".into(),
+            rows_read: 0,
+        });
+        let reason = lasting(data.into()).unwrap();
+        assert!(reason.starts_with("this site's data failed mid-job: "), "{reason}");
+        assert!(!reason.contains("secret"), "{reason}");
+        // Worth retrying: not final yet, a refusal, a transport error, a held job.
+        assert_eq!(
+            lasting(anyhow::anyhow!("the cohort of job 1 is not sealed in a final block")),
+            None
+        );
+        assert_eq!(lasting(tonic::Status::unavailable("connection reset").into()), None);
+        let held = Held {
+            job_id: 1,
+            exceeded: "rounds".into(),
+        };
+        assert_eq!(lasting(held.into()), None);
+    }
+
+    #[test]
+    fn a_task_that_keeps_failing_is_retried_ever_more_slowly_and_logged_once() {
+        let mut retries = Retries::default();
+        let pauses: Vec<(u64, bool)> = (0..10)
+            .map(|_| {
+                let (pause, new) = retries.failed("not final");
+                (pause.as_secs(), new)
+            })
+            .collect();
+        let seconds: Vec<u64> = pauses.iter().map(|p| p.0).collect();
+        assert_eq!(seconds, [1, 1, 1, 1, 1, 2, 4, 5, 5, 5]);
+        assert_eq!(pauses.iter().filter(|p| p.1).count(), 1, "{pauses:?}");
+        // Another failure is logged, and keeps the pace; a success resets it.
+        assert_eq!(retries.failed("refused"), (Duration::from_secs(5), true));
+        retries.succeeded();
+        assert_eq!(retries.failed("refused"), (Duration::from_secs(1), true));
     }
 }
