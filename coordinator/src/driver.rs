@@ -90,6 +90,7 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
                 phase: Phase::WaitingForSites,
                 held: BTreeMap::new(),
                 failed: BTreeSet::new(),
+                restarted: BTreeSet::new(),
             });
             info!(job = %job_id, name = %spec.name, "job started");
             let result = drive(shared, job_id, &spec).await;
@@ -888,8 +889,9 @@ async fn run_phase(shared: &Arc<Shared>) -> Result<(Option<RoundCollector>, Opti
         let mut inner = shared.lock();
         let last_seen = inner.last_seen.clone();
         let active = inner.active.as_mut().expect("active job installed by run_job");
-        // A site that said it cannot go on counts as gone at once.
-        let failed = active.failed.clone();
+        // A site that said it cannot go on, or that restarted during this
+        // phase's summation, counts as gone at once.
+        let failed: BTreeSet<SiteId> = active.failed.union(&active.restarted).cloned().collect();
         let silent =
             |s: &SiteId| failed.contains(s) || now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) >= dropout_ms;
         if active.cancel_requested {
@@ -1156,6 +1158,7 @@ fn cancel_requested(shared: &Shared) -> bool {
 fn install(shared: &Shared, phase: Phase) {
     if let Some(active) = shared.lock().active.as_mut() {
         active.phase = phase;
+        active.restarted.clear();
     }
     shared.wake.notify_waiters();
 }

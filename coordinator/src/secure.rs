@@ -119,6 +119,11 @@ impl SecureSession {
         }
     }
 
+    /// Whether `site` is one of the sites this summation started with.
+    pub fn is_member(&self, site: &SiteId) -> bool {
+        self.members.contains(site)
+    }
+
     /// Whether `site` still has to advertise its keys.
     pub fn awaits_keys_from(&self, site: &SiteId) -> bool {
         matches!(&self.stage, Stage::Keys(m) if m.pending().contains(site))

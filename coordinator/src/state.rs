@@ -52,6 +52,8 @@ pub struct Inner {
     persisted_seen: HashMap<SiteId, u64>,
     /// The version each site last reported (its heartbeat carries it).
     versions: HashMap<SiteId, String>,
+    /// The session id each site's daemon drew when it started.
+    sessions: HashMap<SiteId, String>,
     pub active: Option<ActiveJob>,
 }
 
@@ -75,6 +77,11 @@ pub struct ActiveJob {
     /// Sites that said they can no longer take part (`ReportProblem`):
     /// dropped at once, given no more tasks of this job.
     pub failed: BTreeSet<SiteId>,
+    /// Sites whose daemon restarted during the current phase's secure
+    /// summation: it lost its keys and shares, so it is dropped from that
+    /// summation at once and given no more of its steps. Cleared when the
+    /// next phase is installed: the site takes part again from there.
+    pub restarted: BTreeSet<SiteId>,
 }
 
 /// What the active job is waiting for.
@@ -168,6 +175,27 @@ impl Shared {
         true
     }
 
+    /// Records the session id `site`'s daemon sent. When it differs from
+    /// the last one, the daemon restarted: if it is a member of the secure
+    /// summation in flight, it is dropped from it, and the summation's stage
+    /// is returned (for the log).
+    pub fn note_session(&self, site: &SiteId, session: &str) -> Option<&'static str> {
+        let mut inner = self.lock();
+        let before = inner.sessions.insert(site.clone(), session.to_owned());
+        if before.is_none_or(|b| b == session) {
+            return None;
+        }
+        let active = inner.active.as_mut()?;
+        let stage = match &active.phase {
+            Phase::Stats(stats) => stats.session.as_ref(),
+            Phase::Round(round) => round.session.as_ref(),
+            Phase::WaitingForSites => None,
+        }
+        .filter(|s| !s.is_done() && s.is_member(site))?
+        .stage();
+        active.restarted.insert(site.clone()).then_some(stage)
+    }
+
     /// Sites heard from within the last `window_ms`.
     pub fn online(&self, window_ms: u64) -> BTreeSet<SiteId> {
         let now = self.now_ms();
@@ -242,7 +270,10 @@ impl Inner {
 
     /// The task `site` should work on now, if any.
     pub fn task_for(&self, site: &SiteId) -> Option<pb::task::Kind> {
-        let active = self.active.as_ref().filter(|a| !a.failed.contains(site))?;
+        let active = self
+            .active
+            .as_ref()
+            .filter(|a| !a.failed.contains(site) && !a.restarted.contains(site))?;
         match &active.phase {
             Phase::WaitingForSites => None,
             Phase::Stats(stats) => {
@@ -308,6 +339,7 @@ mod tests {
                 phase,
                 held: held.iter().map(|s| (site(s), "2 rounds > 1".to_owned())).collect(),
                 failed: BTreeSet::new(),
+                restarted: BTreeSet::new(),
             }),
             ..Inner::default()
         }

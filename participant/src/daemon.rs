@@ -147,6 +147,9 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         held: HashMap::new(),
         given_up: HashSet::new(),
         retries: Retries::default(),
+        // Per process, not per connection: a reconnect keeps what the
+        // daemon holds of a round; a restart does not.
+        session: format!("{:016x}", rand::random::<u64>()),
         state_dir: config.state_dir.clone(),
         inputs: HashMap::new(),
         training: HashMap::new(),
@@ -167,6 +170,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
                     site.id.clone(),
                     site.egress.clone(),
                     halted.clone(),
+                    site.session.clone(),
                 ));
                 let result = site
                     .serve(FederationClient::new(channel.clone()), LedgerClient::new(channel))
@@ -189,6 +193,7 @@ async fn heartbeat_loop(
     site: SiteId,
     egress: Arc<EgressLog>,
     halted: Arc<AtomicBool>,
+    session: String,
 ) {
     loop {
         if halted.load(Ordering::Relaxed) {
@@ -197,6 +202,7 @@ async fn heartbeat_loop(
         let request = pb::HeartbeatRequest {
             site_id: site.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            session: session.clone(),
         };
         if egress.record("Heartbeat", &request).is_err() {
             return;
@@ -258,6 +264,9 @@ struct Site {
     /// training could not run), and told the coordinator so.
     given_up: HashSet<u64>,
     retries: Retries,
+    /// Drawn when the daemon starts and sent with each poll and heartbeat,
+    /// so the coordinator knows a restarted daemon (`PollTaskRequest`).
+    session: String,
 }
 
 /// The job a task belongs to.
@@ -425,6 +434,7 @@ impl Site {
                 None => {
                     let request = pb::PollTaskRequest {
                         site_id: self.id.to_string(),
+                        session: self.session.clone(),
                     };
                     self.egress.record("PollTask", &request)?;
                     client.poll_task(request).await.context("poll failed")?.into_inner()

@@ -25,7 +25,10 @@ async fn poll(client: &mut Client) -> task::Kind {
     // Bounded: the job moves on within a few long polls or the test fails.
     for _ in 0..60 {
         let reply = client
-            .poll_task(pb::PollTaskRequest { site_id: ME.into() })
+            .poll_task(pb::PollTaskRequest {
+                site_id: ME.into(),
+                ..Default::default()
+            })
             .await
             .expect("poll")
             .into_inner();

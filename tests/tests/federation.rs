@@ -389,6 +389,44 @@ fn job_status_says_what_a_round_waits_for_and_who_is_silent() {
     assert!(status["waiting"].is_null(), "{status:#}");
 }
 
+/// A site that crashes mid-round and comes back long before the dropout
+/// window ends is dropped at once from the summation whose keys and shares
+/// it lost, and takes part again from the next round. The window and the
+/// round deadline are an hour here, past the harness's wait: a coordinator
+/// that waited for the restarted site would fail the test.
+#[test]
+fn a_site_that_restarts_mid_round_is_dropped_at_once_and_rejoins() {
+    let mut federation = Federation::running(&SITES);
+    let text = example_job(&[
+        ("rounds", "8"),
+        ("dropout_after_s", "3600"),
+        ("round_timeout_s", "3600"),
+    ]);
+    let job_id = federation.submit(&federation.write_job("job.toml", &text));
+    kill_after_first_round(&mut federation, job_id, "switzerland");
+    federation.add_site("switzerland");
+    let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}\n{}", federation.logs());
+    let rounds = status["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 8);
+    let with_switzerland = |r: &serde_json::Value| r["sites"].as_array().unwrap().iter().any(|s| s == "switzerland");
+    assert!(with_switzerland(rounds.last().unwrap()), "{status:#}");
+    // Unless the site was back before the next summation started (then it
+    // simply took part), a summation went on without it, and the log says
+    // why. (Dropped after its masked input, it is still in that round's sum.)
+    let dropped = federation
+        .log("coordinator")
+        .contains("site restarted during a secure summation: dropped from it at once");
+    let dropped_in_a_round = rounds.iter().any(|r| {
+        r["dropped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s.as_str().unwrap().starts_with("switzerland "))
+    });
+    assert_eq!(dropped, dropped_in_a_round, "{status:#}");
+}
+
 /// Kills `site` as soon as the job's first round is in: it dies inside a
 /// later round, at whatever secure-aggregation phase it is in.
 fn kill_after_first_round(federation: &mut Federation, job_id: u64, site: &str) {

@@ -161,6 +161,7 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
     let status = FederationClient::new(operator)
         .poll_task(pb::PollTaskRequest {
             site_id: "cleveland".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -173,6 +174,7 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
     let status = FederationClient::new(cleveland.clone())
         .poll_task(pb::PollTaskRequest {
             site_id: "hungary".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -194,15 +196,29 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
         .heartbeat(pb::HeartbeatRequest {
             site_id: "cleveland".into(),
             version: "0.1\n\u{1b}[31m".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("printable"), "{status:?}");
+    // The daemon's session id (how a restart is told) is hex, and short.
+    for session in ["not hex", &"a".repeat(33)] {
+        let status = FederationClient::new(cleveland.clone())
+            .poll_task(pb::PollTaskRequest {
+                site_id: "cleveland".into(),
+                session: session.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("at most 32 hex digits"), "{status:?}");
+    }
     FederationClient::new(cleveland)
         .heartbeat(pb::HeartbeatRequest {
             site_id: "cleveland".into(),
             version: "0.1.0".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -64,6 +64,26 @@ impl FederationService {
         Ok(site)
     }
 
+    /// Notes the daemon session a site's request carries (empty from a
+    /// daemon that predates it). A new one means the daemon restarted: it
+    /// is dropped at once from the secure summation in flight, whose keys
+    /// and shares it lost, rather than waited for until the deadline.
+    fn note_session(&self, site: &SiteId, session: &str) -> Result<(), RpcError> {
+        if session.len() > 32 || !session.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RpcError::InvalidArgument(
+                "session must be at most 32 hex digits".into(),
+            ));
+        }
+        if session.is_empty() {
+            return Ok(());
+        }
+        if let Some(stage) = self.shared.note_session(site, session) {
+            warn!(%site, stage, "site restarted during a secure summation: dropped from it at once");
+            self.shared.progress.notify_one();
+        }
+        Ok(())
+    }
+
     /// The site's next task, long-polled: a task as soon as there is one
     /// for `site`, `Idle` once the ledger grew (the site syncs and endorses
     /// on an idle answer, and a job's next step may wait for that
@@ -143,6 +163,7 @@ impl Federation for FederationService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let site = self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
+        self.note_session(&site, &request.get_ref().session)?;
         let version = &request.get_ref().version;
         if version.len() > 64 || !version.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
             return Err(
@@ -163,6 +184,7 @@ impl Federation for FederationService {
 
     async fn poll_task(&self, request: Request<pb::PollTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let site = self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
+        self.note_session(&site, &request.get_ref().session)?;
         Ok(Response::new(self.next_task(&site).await))
     }
 
