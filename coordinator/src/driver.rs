@@ -49,9 +49,17 @@ enum Stop {
     Failed(String),
 }
 
+/// SQLite's word for a full disk (or a database at its size limit).
+const DISK_FULL: &str = "database or disk is full";
+const DISK_FULL_REASON: &str = "the coordinator's disk is full: it cannot store the job's progress";
+
 impl From<anyhow::Error> for Stop {
     fn from(e: anyhow::Error) -> Self {
-        Stop::Failed(format!("internal error: {e:#}"))
+        let error = format!("{e:#}");
+        if error.contains(DISK_FULL) {
+            return Stop::Failed(format!("{DISK_FULL_REASON} ({error})"));
+        }
+        Stop::Failed(format!("internal error: {error}"))
     }
 }
 
@@ -108,8 +116,43 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
         "finished" => info!(job = %job_id, "job finished"),
         _ => warn!(job = %job_id, status, reason = %reason, "job stopped"),
     }
-    if let Err(e) = end_job(shared, job_id, status, &reason).await {
-        error!("job {job_id}: cannot record its end: {e:#}");
+    record_end(shared, job_id, status, &reason).await;
+}
+
+/// Records how a job ended, retrying until it is stored: a job whose end
+/// could not be written (a full disk) would otherwise stay "running" in
+/// the database for good while the next job started. The next job waits
+/// meanwhile, for its blocks must follow this one's end on the chain. The
+/// error is logged when it first happens and when it changes, not at every
+/// attempt; the attempts slow from 1 s to 30 s.
+async fn record_end(shared: &Arc<Shared>, job_id: JobId, status: &str, reason: &str) {
+    let mut reason = reason.to_owned();
+    let mut last_error = String::new();
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match end_job(shared, job_id, status, &reason).await {
+            Ok(()) => {
+                if !last_error.is_empty() {
+                    info!(job = %job_id, status, "the job's end is recorded at last");
+                }
+                return;
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                // What stopped the job is then most likely the full disk
+                // (sites whose endorsements could not be stored dropped
+                // out of the round): the reason says so first.
+                if error.contains(DISK_FULL) && !reason.starts_with(DISK_FULL_REASON) {
+                    reason = format!("{DISK_FULL_REASON}; the job stopped with: {reason}");
+                }
+                if error != last_error {
+                    error!(job = %job_id, status, "cannot record the job's end (retrying until it is stored): {error}");
+                    last_error = error;
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(30));
     }
 }
 

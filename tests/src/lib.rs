@@ -100,6 +100,8 @@ pub struct Federation {
     /// The coordinator's --allow-site list and extra arguments, for restarts.
     allowed: String,
     coordinator_args: Vec<String>,
+    /// Where the coordinator's database is, when a test moved it.
+    db: Option<PathBuf>,
 }
 
 impl Federation {
@@ -162,6 +164,7 @@ impl Federation {
             children: Vec::new(),
             allowed: allowed.join(","),
             coordinator_args: coordinator_args.iter().map(|a| a.to_string()).collect(),
+            db: None,
         };
         federation.spawn_coordinator("127.0.0.1:0");
         federation
@@ -225,7 +228,28 @@ impl Federation {
 
     /// The coordinator's database (which holds its ledger).
     pub fn db(&self) -> PathBuf {
-        self.dir.path().join("coordinator.db")
+        self.db
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("coordinator.db"))
+    }
+
+    /// Stops the coordinator, moves its database (with its WAL) into `dir`
+    /// (another file system, say) and starts it again there, on its port.
+    pub fn move_db(&mut self, dir: &Path) {
+        self.stop_coordinator();
+        let from = self.db();
+        let to = dir.join("coordinator.db");
+        for suffix in ["", "-wal", "-shm"] {
+            let file = PathBuf::from(format!("{}{suffix}", from.display()));
+            if file.exists() {
+                let target = PathBuf::from(format!("{}{suffix}", to.display()));
+                std::fs::copy(&file, &target).expect("copy the database");
+                std::fs::remove_file(&file).expect("remove the old database");
+            }
+        }
+        self.db = Some(to);
+        let port = self.addr.rsplit(':').next().expect("address has a port").to_owned();
+        self.spawn_coordinator(&format!("127.0.0.1:{port}"));
     }
 
     /// Kills the coordinator (SIGKILL: no clean shutdown) and starts it again

@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tessera_protocol::CHUNK_BYTES;
@@ -15,7 +16,7 @@ use tessera_protocol::stats::FeatureStats;
 use tessera_protocol::wire::MAX_REASON_BYTES;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::RpcError;
 use crate::state::{Phase, Shared};
@@ -31,11 +32,16 @@ const LONG_POLL: Duration = Duration::from_secs(5);
 
 pub struct FederationService {
     shared: Arc<Shared>,
+    /// Whether the last attempt to store when a site was heard from failed.
+    touch_failing: AtomicBool,
 }
 
 impl FederationService {
     pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            touch_failing: AtomicBool::new(false),
+        }
     }
 
     /// The calling site. Under mutual TLS it is the site named by its
@@ -58,8 +64,21 @@ impl FederationService {
             warn!(%site, "request from unknown site refused");
             return Err(RpcError::PermissionDenied(format!("unknown site `{site}`")));
         }
+        // When a site was last heard from is for operators (`tessera
+        // sites`): a request is not refused because it cannot be stored.
+        // Said once while it fails, not at every request.
         if self.shared.saw(&site) {
-            self.shared.store.touch_site(&site, unix_ms()).await?;
+            match self.shared.store.touch_site(&site, unix_ms()).await {
+                Ok(()) => {
+                    if self.touch_failing.swap(false, Ordering::Relaxed) {
+                        info!("when sites were last heard from is recorded again");
+                    }
+                }
+                Err(e) if !self.touch_failing.swap(true, Ordering::Relaxed) => {
+                    warn!(%site, "cannot record when sites were last heard from: {e:#}");
+                }
+                Err(e) => debug!(%site, "cannot record when the site was last heard from: {e:#}"),
+            }
         }
         Ok(site)
     }
