@@ -314,7 +314,8 @@ fn lasting_failure(error: &anyhow::Error) -> Option<String> {
 
 /// Pauses between attempts at tasks that keep failing. The first few are
 /// a second apart (the usual cause is a block that is not final yet, soon
-/// fixed); then they double, up to five seconds: a site whose task cannot
+/// fixed); then they double, up to five seconds (each stretched by up to a
+/// quarter at random): a site whose task cannot
 /// succeed neither spins (it once downloaded its model 3,028 times in a
 /// minute) nor writes the same error every second, and a site whose
 /// failure clears still answers well within a round's dropout deadline.
@@ -338,7 +339,10 @@ impl Retries {
             self.last = Some(message.to_owned());
         }
         let doublings = self.failures.saturating_sub(Self::QUICK).min(8);
-        (Duration::from_secs(1 << doublings).min(Self::LONGEST), new)
+        let pause = Duration::from_secs(1 << doublings).min(Self::LONGEST);
+        // Stretched by up to a quarter, at random, so that sites failing
+        // for one cause (a coordinator's outage) do not retry in step.
+        (pause.mul_f64(1.0 + rand::random::<f64>() / 4.0), new)
     }
 
     fn succeeded(&mut self) {
@@ -1743,18 +1747,22 @@ mod tests {
     #[test]
     fn a_task_that_keeps_failing_is_retried_ever_more_slowly_and_logged_once() {
         let mut retries = Retries::default();
-        let pauses: Vec<(u64, bool)> = (0..10)
-            .map(|_| {
-                let (pause, new) = retries.failed("not final");
-                (pause.as_secs(), new)
-            })
-            .collect();
-        let seconds: Vec<u64> = pauses.iter().map(|p| p.0).collect();
-        assert_eq!(seconds, [1, 1, 1, 1, 1, 2, 4, 5, 5, 5]);
+        let pauses: Vec<(Duration, bool)> = (0..10).map(|_| retries.failed("not final")).collect();
+        // Each pause is its base, stretched by less than a quarter.
+        for ((pause, _), base) in pauses.iter().zip([1, 1, 1, 1, 1, 2, 4, 5, 5, 5]) {
+            let base = Duration::from_secs(base);
+            assert!(*pause >= base && *pause < base.mul_f64(1.25), "{pauses:?}");
+        }
+        assert!(
+            pauses[..5].windows(2).any(|w| w[0].0 != w[1].0),
+            "no jitter: {pauses:?}"
+        );
         assert_eq!(pauses.iter().filter(|p| p.1).count(), 1, "{pauses:?}");
         // Another failure is logged, and keeps the pace; a success resets it.
-        assert_eq!(retries.failed("refused"), (Duration::from_secs(5), true));
+        let (pause, new) = retries.failed("refused");
+        assert!(new && pause >= Duration::from_secs(5), "{pause:?}");
         retries.succeeded();
-        assert_eq!(retries.failed("refused"), (Duration::from_secs(1), true));
+        let (pause, new) = retries.failed("refused");
+        assert!(new && pause < Duration::from_millis(1250), "{pause:?}");
     }
 }

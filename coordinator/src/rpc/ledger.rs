@@ -88,15 +88,19 @@ impl Ledger for LedgerService {
         match result {
             Ok(()) => Ok(Response::new(pb::EndorseResponse {})),
             Err(e) => {
-                warn!(%site, height = request.height, "endorsement refused: {e}");
-                Err(match e {
-                    EndorseError::NoSuchBlock(_) => RpcError::NotFound(e.to_string()),
-                    EndorseError::NotMember { .. } => RpcError::PermissionDenied(e.to_string()),
-                    EndorseError::WrongHash(_) => RpcError::FailedPrecondition(e.to_string()),
-                    EndorseError::BadSignature(_) => RpcError::InvalidArgument(e.to_string()),
+                let refusal = e.to_string();
+                let error = match e {
+                    EndorseError::NoSuchBlock(_) => RpcError::NotFound(refusal.clone()),
+                    EndorseError::NotMember { .. } => RpcError::PermissionDenied(refusal.clone()),
+                    EndorseError::WrongHash(_) => RpcError::FailedPrecondition(refusal.clone()),
+                    EndorseError::BadSignature(_) => RpcError::InvalidArgument(refusal.clone()),
                     EndorseError::Store(e) => RpcError::Internal(e.into()),
+                };
+                // An internal error (a full disk) is logged once, as such.
+                if !matches!(error, RpcError::Internal(_)) {
+                    warn!(%site, height = request.height, "endorsement refused: {refusal}");
                 }
-                .into())
+                Err(error.into())
             }
         }
     }
