@@ -681,7 +681,10 @@ impl Site {
                         warn!(
                             job = job_id,
                             "job is outside this site's policy ({exceeded}); waiting for the data team: \
-                             tessera-participant inspect {job_hash}, then approve or reject"
+                             tessera-participant inspect {} --config <this site's config> --state-dir {}, \
+                             then approve or reject",
+                            &job_hash[..job_hash.len().min(12)],
+                            self.state_dir.display()
                         );
                     }
                     return Err(Held { job_id, exceeded }.into());

@@ -483,11 +483,19 @@ fn inspect(path: &Path, state_dir: Option<PathBuf>, prefix: &str) -> anyhow::Res
     for line in why.lines() {
         println!("  - {line}");
     }
-    println!(
-        "decide with: tessera-participant approve|reject {} --config {}",
-        &hash[..12],
-        path.display()
-    );
+    match approvals.decision(&hash) {
+        Some(decision) => println!("decided: {}", decision.word()),
+        None => println!(
+            "decide with: tessera-participant approve|reject {} --config {}{}",
+            &hash[..12],
+            path.display(),
+            if dir == config.state_dir {
+                String::new()
+            } else {
+                format!(" --state-dir {}", dir.display())
+            }
+        ),
+    }
     Ok(())
 }
 
@@ -496,6 +504,10 @@ fn decide(path: &Path, state_dir: Option<PathBuf>, prefix: &str, decision: Decis
     let (_, dir) = site_state(path, state_dir)?;
     let approvals = Approvals::new(&dir);
     let hash = approvals.find(prefix)?;
+    if approvals.decision(&hash) == Some(decision) {
+        println!("job {hash} was already {}; nothing changed", decision.word());
+        return Ok(());
+    }
     approvals.decide(&hash, decision)?;
     println!(
         "job {hash} {}",

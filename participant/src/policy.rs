@@ -86,10 +86,24 @@ pub enum Decision {
 }
 
 /// Jobs waiting for the data team, and its decisions, in the state dir:
-/// `pending/<hash>.toml` (the job file), `pending/<hash>.txt` (why),
-/// `decisions/<hash>` (`approved` or `rejected`).
+/// `pending/<hash>.toml` (the job file) and `pending/<hash>.txt` (why) while
+/// the job waits; moved to `approved/` or `rejected/` once it is decided;
+/// `decisions/<hash>` (`approved` or `rejected`) is what the daemon reads.
 pub struct Approvals {
     dir: PathBuf,
+}
+
+/// Where a job's files are, by its state.
+const FOLDERS: [&str; 3] = ["pending", "approved", "rejected"];
+
+impl Decision {
+    /// As the decision file and the CLI say it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Decision::Approved => "approved",
+            Decision::Rejected => "rejected",
+        }
+    }
 }
 
 impl Approvals {
@@ -119,43 +133,74 @@ impl Approvals {
         Ok(())
     }
 
-    /// The full hash of the pending job whose hash starts with `prefix`.
+    /// The full hash of the job held here (waiting or decided) whose hash
+    /// starts with `prefix`.
     pub fn find(&self, prefix: &str) -> anyhow::Result<String> {
-        let dir = self.dir.join("pending");
-        let mut found: Vec<String> = std::fs::read_dir(&dir)
-            .map(|entries| {
+        let mut found: Vec<String> = FOLDERS
+            .iter()
+            .filter_map(|folder| std::fs::read_dir(self.dir.join(folder)).ok())
+            .flat_map(|entries| {
                 entries
                     .filter_map(|e| e.ok()?.file_name().into_string().ok())
                     .filter_map(|n| n.strip_suffix(".toml").map(str::to_owned))
                     .filter(|h| h.starts_with(prefix))
-                    .collect()
             })
-            .unwrap_or_default();
+            .collect();
+        found.sort();
+        found.dedup();
         match found.len() {
             1 => Ok(found.remove(0)),
             0 => bail!(
-                "no job waiting for approval has a hash starting with `{prefix}` (in {})",
-                dir.display()
+                "no job held for approval has a hash starting with `{prefix}` (in {})",
+                self.dir.join("pending").display()
             ),
-            n => bail!("`{prefix}` matches {n} waiting jobs; give more of the hash"),
+            n => bail!("`{prefix}` matches {n} jobs; give more of the hash"),
         }
     }
 
+    /// The job file and what it exceeds, wherever the job is.
     pub fn pending_job(&self, job_hash: &str) -> anyhow::Result<(String, String)> {
-        let dir = self.dir.join("pending");
+        let dir = FOLDERS
+            .iter()
+            .map(|folder| self.dir.join(folder))
+            .find(|dir| dir.join(format!("{job_hash}.toml")).exists())
+            .with_context(|| format!("job {job_hash} is not held here"))?;
         let toml = std::fs::read_to_string(dir.join(format!("{job_hash}.toml")))?;
         let why = std::fs::read_to_string(dir.join(format!("{job_hash}.txt"))).unwrap_or_default();
         Ok((toml, why))
     }
 
+    /// Records the data team's decision and moves the job's files out of
+    /// `pending/`. A decision is final: the daemon signs it into the
+    /// ledger at its next poll (this command cannot tell whether it has),
+    /// where every member and auditor reads it, so a different second
+    /// decision is refused rather than silently replacing the first. The
+    /// same decision again changes nothing.
     pub fn decide(&self, job_hash: &str, decision: Decision) -> anyhow::Result<()> {
+        match self.decision(job_hash) {
+            Some(earlier) if earlier == decision => return Ok(()),
+            Some(earlier) => bail!(
+                "job {job_hash} was already {}: a decision is final (the daemon signs it into the ledger, where \
+                 every site and auditor reads it); to take part after all, the ML lead submits the job again \
+                 and this site decides on that one",
+                earlier.word()
+            ),
+            None => {}
+        }
         let dir = self.dir.join("decisions");
         std::fs::create_dir_all(&dir)?;
-        let text = match decision {
-            Decision::Approved => "approved",
-            Decision::Rejected => "rejected",
-        };
-        std::fs::write(dir.join(job_hash), text).with_context(|| format!("cannot write to {}", dir.display()))
+        std::fs::write(dir.join(job_hash), decision.word())
+            .with_context(|| format!("cannot write to {}", dir.display()))?;
+        let to = self.dir.join(decision.word());
+        std::fs::create_dir_all(&to)?;
+        for ext in ["toml", "txt"] {
+            let from = self.dir.join("pending").join(format!("{job_hash}.{ext}"));
+            if from.exists() {
+                std::fs::rename(&from, to.join(format!("{job_hash}.{ext}")))
+                    .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -226,6 +271,19 @@ mod tests {
         assert_eq!(a.decision(&hash), None);
         a.decide(&hash, Decision::Rejected).unwrap();
         assert_eq!(a.decision(&hash), Some(Decision::Rejected));
+        // Moved out of pending/, still found and shown.
+        assert!(!dir.path().join("pending/abcdef0123.toml").exists());
+        assert!(dir.path().join("rejected/abcdef0123.toml").exists());
+        assert!(dir.path().join("rejected/abcdef0123.txt").exists());
+        assert_eq!(a.find("abcdef").unwrap(), hash);
         assert_eq!(a.pending_job(&hash).unwrap().1, "30 rounds > policy.max_rounds 20");
+        // Final: the same decision again is a no-op, another is refused.
+        a.decide(&hash, Decision::Rejected).unwrap();
+        let e = a.decide(&hash, Decision::Approved).unwrap_err().to_string();
+        assert!(e.contains("was already rejected: a decision is final"), "{e}");
+        assert_eq!(a.decision(&hash), Some(Decision::Rejected));
+        a.decide("abcd990000", Decision::Approved).unwrap();
+        assert!(dir.path().join("approved/abcd990000.toml").exists());
+        assert_eq!(a.decision("abcd990000"), Some(Decision::Approved));
     }
 }

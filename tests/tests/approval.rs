@@ -144,6 +144,27 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     }
     let out = participant(&federation, &["approve", &hash[..10]]);
     assert!(out.status.success(), "{}", text(&out));
+    // Filed as approved, and final: a second, different decision is refused
+    // (the first may already be signed into the ledger), the same one is a
+    // no-op.
+    let state = federation.state_dir("hungary");
+    assert!(state.join(format!("approved/{hash}.toml")).exists());
+    assert!(!state.join(format!("pending/{hash}.toml")).exists());
+    let out = participant(&federation, &["reject", &hash[..10]]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("was already approved: a decision is final"),
+        "{}",
+        text(&out)
+    );
+    let out = participant(&federation, &["approve", &hash[..10]]);
+    assert!(
+        text(&out).contains("already approved; nothing changed"),
+        "{}",
+        text(&out)
+    );
+    let out = participant(&federation, &["inspect", &hash[..10]]);
+    assert!(text(&out).contains("decided: approved"), "{}", text(&out));
 
     // The same job file again: approved, Hungary takes part and says so,
     // signed, in the ledger.
