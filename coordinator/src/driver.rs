@@ -51,6 +51,14 @@ enum Stop {
 
 /// SQLite's word for a full disk (or a database at its size limit).
 const DISK_FULL: &str = "database or disk is full";
+/// SQLite's words for a store that may work again later (space freed, a
+/// disk back, a lock released): a job's end is retried while they last.
+const STORAGE_TROUBLE: [&str; 4] = [
+    DISK_FULL,
+    "disk I/O error",
+    "database is locked",
+    "unable to open database file",
+];
 const DISK_FULL_REASON: &str = "the coordinator's disk is full: it cannot store the job's progress";
 
 impl From<anyhow::Error> for Stop {
@@ -119,8 +127,9 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
     record_end(shared, job_id, status, &reason).await;
 }
 
-/// Records how a job ended, retrying until it is stored: a job whose end
-/// could not be written (a full disk) would otherwise stay "running" in
+/// Records how a job ended, retrying while the store fails for a reason
+/// that can pass (`STORAGE_TROUBLE`): a job whose end could not be written
+/// (a full disk) would otherwise stay "running" in
 /// the database for good while the next job started. The next job waits
 /// meanwhile, for its blocks must follow this one's end on the chain. The
 /// error is logged when it first happens and when it changes, not at every
@@ -144,6 +153,12 @@ async fn record_end(shared: &Arc<Shared>, job_id: JobId, status: &str, reason: &
                 // out of the round): the reason says so first.
                 if error.contains(DISK_FULL) && !reason.starts_with(DISK_FULL_REASON) {
                     reason = format!("{DISK_FULL_REASON}; the job stopped with: {reason}");
+                }
+                // Anything else (a bug) would fail the same way forever and
+                // hold up every later job: said, and given up as before.
+                if !STORAGE_TROUBLE.iter().any(|t| error.contains(t)) {
+                    error!(job = %job_id, status, "cannot record the job's end: {error}");
+                    return;
                 }
                 if error != last_error {
                     error!(job = %job_id, status, "cannot record the job's end (retrying until it is stored): {error}");
