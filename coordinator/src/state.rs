@@ -176,9 +176,10 @@ impl Shared {
     }
 
     /// Records the session id `site`'s daemon sent. When it differs from
-    /// the last one, the daemon restarted: if it is a member of the secure
-    /// summation in flight, it is dropped from it, and the summation's stage
-    /// is returned (for the log).
+    /// the last one, the daemon restarted: if it held part of the secure
+    /// summation in flight (a member past advertising its keys, or any
+    /// member of a statistics summation), it is dropped from it, and the
+    /// summation's stage is returned (for the log).
     pub fn note_session(&self, site: &SiteId, session: &str) -> Option<&'static str> {
         let mut inner = self.lock();
         let before = inner.sessions.insert(site.clone(), session.to_owned());
@@ -187,8 +188,12 @@ impl Shared {
         }
         let active = inner.active.as_mut()?;
         let stage = match &active.phase {
+            // Its statistics input lived only in memory: lost.
             Phase::Stats(stats) => stats.session.as_ref(),
-            Phase::Round(round) => round.session.as_ref(),
+            // A site that has not advertised its keys yet holds nothing of
+            // the round's summation: it is given the round again and can
+            // still take part (dropping it could cost the round its quorum).
+            Phase::Round(round) => round.session.as_ref().filter(|s| !s.awaits_keys_from(site)),
             Phase::WaitingForSites => None,
         }
         .filter(|s| !s.is_done() && s.is_member(site))?

@@ -307,8 +307,10 @@ fn lasting_failure(error: &anyhow::Error) -> Option<String> {
         if let Some(train) = cause.downcast_ref::<TrainError>() {
             return Some(format!("local training cannot run: {train}"));
         }
-        let diverged = cause.downcast_ref::<NonFiniteUpdate>()?;
-        Some(format!("local training diverged: {diverged}"))
+        // Which coordinate went non-finite is a (small) signal about this
+        // site's update: not said.
+        cause.downcast_ref::<NonFiniteUpdate>()?;
+        Some("local training diverged: the update is not finite".to_owned())
     })
 }
 
@@ -478,7 +480,11 @@ impl Site {
             };
             match result {
                 Ok(task) => {
-                    self.retries.succeeded();
+                    // An idle turn between two failures of one task is no
+                    // success of it.
+                    if job.is_some() {
+                        self.retries.succeeded();
+                    }
                     next = task;
                 }
                 Err(e) => {
@@ -1723,9 +1729,7 @@ mod tests {
         );
         assert_eq!(
             lasting(NonFiniteUpdate::Coordinate { index: 4 }.into()).as_deref(),
-            Some(
-                "local training diverged: the update's coordinate 4 is NaN or infinite (training diverged?); not sending it"
-            )
+            Some("local training diverged: the update is not finite")
         );
         let data = TrainError::Data(DataError::NoRows {
             file: "/secret/path/site.csv".into(),

@@ -398,22 +398,30 @@ fn job_status_says_what_a_round_waits_for_and_who_is_silent() {
 fn a_site_that_restarts_mid_round_is_dropped_at_once_and_rejoins() {
     let mut federation = Federation::running(&SITES);
     let text = example_job(&[
-        ("rounds", "8"),
+        ("rounds", "40"),
         ("dropout_after_s", "3600"),
         ("round_timeout_s", "3600"),
     ]);
     let job_id = federation.submit(&federation.write_job("job.toml", &text));
-    kill_after_first_round(&mut federation, job_id, "switzerland");
+    // Mid-job: after the statistics, inside some round.
+    for _ in 0..3000 {
+        if federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 1);
+    federation.kill_site("switzerland");
     federation.add_site("switzerland");
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
     assert_eq!(status["job"]["status"], "finished", "{status:#}\n{}", federation.logs());
     let rounds = status["rounds"].as_array().unwrap();
-    assert_eq!(rounds.len(), 8);
+    assert_eq!(rounds.len(), 40);
     let with_switzerland = |r: &serde_json::Value| r["sites"].as_array().unwrap().iter().any(|s| s == "switzerland");
     assert!(with_switzerland(rounds.last().unwrap()), "{status:#}");
-    // Unless the site was back before the next summation started (then it
-    // simply took part), a summation went on without it, and the log says
-    // why. (Dropped after its masked input, it is still in that round's sum.)
+    // A round that went on without it (with the dropout window at an hour,
+    // only its restart can have dropped it) was told why. It need not have
+    // happened: the site may have come back before it owed anything.
     let dropped = federation
         .log("coordinator")
         .contains("site restarted during a secure summation: dropped from it at once");
@@ -424,7 +432,7 @@ fn a_site_that_restarts_mid_round_is_dropped_at_once_and_rejoins() {
             .iter()
             .any(|s| s.as_str().unwrap().starts_with("switzerland "))
     });
-    assert_eq!(dropped, dropped_in_a_round, "{status:#}");
+    assert!(dropped || !dropped_in_a_round, "{status:#}");
 }
 
 /// Kills `site` as soon as the job's first round is in: it dies inside a

@@ -189,12 +189,13 @@ impl Federation for FederationService {
                 RpcError::InvalidArgument("version must be at most 64 printable ASCII characters".into()).into(),
             );
         }
-        if !version.is_empty() && self.shared.note_version(&site, version) {
-            self.shared
-                .store
-                .set_site_version(&site, version, unix_ms())
-                .await
-                .map_err(RpcError::from)?;
+        // Bookkeeping for `tessera sites`, like when a site was last heard
+        // from: a heartbeat is not refused because it cannot be stored.
+        if !version.is_empty()
+            && self.shared.note_version(&site, version)
+            && let Err(e) = self.shared.store.set_site_version(&site, version, unix_ms()).await
+        {
+            warn!(%site, "cannot record the site's version: {e:#}");
         }
         Ok(Response::new(pb::HeartbeatResponse {
             server_time_ms: unix_ms() as u64,
