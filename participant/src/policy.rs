@@ -124,8 +124,12 @@ impl Approvals {
         }
     }
 
-    /// Keeps a job for the data team to inspect.
+    /// Keeps a job for the data team to inspect (unless it is decided:
+    /// its files were moved out of `pending/` then).
     pub fn hold(&self, job_hash: &str, job_toml: &str, review: &Review) -> anyhow::Result<()> {
+        if self.decision(job_hash).is_some() {
+            return Ok(());
+        }
         let dir = self.dir.join("pending");
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         std::fs::write(dir.join(format!("{job_hash}.toml")), job_toml)?;
@@ -187,10 +191,26 @@ impl Approvals {
             ),
             None => {}
         }
+        self.record(job_hash, decision)
+    }
+
+    /// Writes the decision file and files the job under its decision.
+    fn record(&self, job_hash: &str, decision: Decision) -> anyhow::Result<()> {
+        // Written whole or not at all, and only if no decision is there:
+        // a crash leaves no empty file (read as undecided), and of two
+        // commands racing, the second finds the first's file and fails.
         let dir = self.dir.join("decisions");
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join(job_hash), decision.word())
-            .with_context(|| format!("cannot write to {}", dir.display()))?;
+        let draft = dir.join(format!(".{job_hash}.{}", std::process::id()));
+        std::fs::write(&draft, decision.word()).with_context(|| format!("cannot write to {}", dir.display()))?;
+        let placed = std::fs::hard_link(&draft, dir.join(job_hash));
+        let _ = std::fs::remove_file(&draft);
+        if let Err(e) = placed {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                bail!("job {job_hash} was decided meanwhile: run the command again to see how");
+            }
+            return Err(e).with_context(|| format!("cannot write to {}", dir.display()));
+        }
         let to = self.dir.join(decision.word());
         std::fs::create_dir_all(&to)?;
         for ext in ["toml", "txt"] {
@@ -285,5 +305,20 @@ mod tests {
         a.decide("abcd990000", Decision::Approved).unwrap();
         assert!(dir.path().join("approved/abcd990000.toml").exists());
         assert_eq!(a.decision("abcd990000"), Some(Decision::Approved));
+        // A decided job is not held again, and no draft is left behind.
+        a.hold("abcd990000", "name = \"k\"", &review).unwrap();
+        assert!(!dir.path().join("pending/abcd990000.toml").exists());
+        let drafts = std::fs::read_dir(dir.path().join("decisions")).unwrap().count();
+        assert_eq!(drafts, 2, "only the two decisions");
+        // A decision file that appears between the check and the write (a
+        // second command racing this one) is not replaced.
+        a.hold("abcd770000", "name = \"l\"", &review).unwrap();
+        std::fs::write(dir.path().join("decisions/abcd770000"), "rejected").unwrap();
+        let e = Approvals::new(dir.path())
+            .record("abcd770000", Decision::Approved)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("was decided meanwhile"), "{e}");
+        assert_eq!(a.decision("abcd770000"), Some(Decision::Rejected));
     }
 }
