@@ -129,11 +129,11 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
 
 /// Records how a job ended, retrying while the store fails for a reason
 /// that can pass (`STORAGE_TROUBLE`): a job whose end could not be written
-/// (a full disk) would otherwise stay "running" in
-/// the database for good while the next job started. The next job waits
-/// meanwhile, for its blocks must follow this one's end on the chain. The
-/// error is logged when it first happens and when it changes, not at every
-/// attempt; the attempts slow from 1 s to 30 s.
+/// (a full disk) would otherwise stay "running" in the database for good
+/// while the next job started. The next job waits meanwhile, for its blocks
+/// must follow this one's end on the chain. The error is logged when it
+/// first happens and when it changes, not at every attempt; the attempts
+/// slow from 1 s to 30 s.
 async fn record_end(shared: &Arc<Shared>, job_id: JobId, status: &str, reason: &str) {
     let mut reason = reason.to_owned();
     let mut last_error = String::new();

@@ -403,15 +403,7 @@ fn a_site_that_restarts_mid_round_is_dropped_at_once_and_rejoins() {
         ("round_timeout_s", "3600"),
     ]);
     let job_id = federation.submit(&federation.write_job("job.toml", &text));
-    // Mid-job: after the statistics, inside some round.
-    for _ in 0..3000 {
-        if federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 1 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 1);
-    federation.kill_site("switzerland");
+    kill_after_first_round(&mut federation, job_id, "switzerland");
     federation.add_site("switzerland");
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
     assert_eq!(status["job"]["status"], "finished", "{status:#}\n{}", federation.logs());
@@ -438,12 +430,15 @@ fn a_site_that_restarts_mid_round_is_dropped_at_once_and_rejoins() {
 /// Kills `site` as soon as the job's first round is in: it dies inside a
 /// later round, at whatever secure-aggregation phase it is in.
 fn kill_after_first_round(federation: &mut Federation, job_id: u64, site: &str) {
-    for _ in 0..400 {
-        if federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 1 {
+    let rounds_done = || federation.status(job_id)["job"]["rounds_done"].as_u64().unwrap_or(0);
+    for _ in 0..3000 {
+        if rounds_done() >= 1 {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // Mid-job, not in the statistics phase: what the callers test.
+    assert!(rounds_done() >= 1, "round 1 never came in:\n{}", federation.logs());
     federation.kill_site(site);
 }
 
