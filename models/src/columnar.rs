@@ -12,7 +12,7 @@ use std::path::Path;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::Float64Type;
-use arrow_array::{Array, ArrayRef, Float64Array, StringArray};
+use arrow_array::{Array, ArrayRef, Float64Array, RecordBatch, StringArray};
 use arrow_schema::DataType;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
@@ -95,16 +95,45 @@ fn decode(path: &Path, schema: &Schema, batch_rows: usize, visit: Visit) -> Resu
         .with_batch_size(batch_rows)
         .build()
         .map_err(|e| unreadable(e.to_string()))?;
+    encode_batches(
+        path,
+        schema,
+        batches.map(|b| b.map_err(|e| unreadable(e.to_string()))),
+        visit,
+    )
+}
+
+/// Encodes Arrow record batches with `schema` and hands each batch's rows to
+/// `visit`: how a Parquet file and a SQL cohort's result (`cohort`) become
+/// rows alike. Columns are found by name in each batch; `origin` names the
+/// source in errors, and a bad row by its place in the whole stream.
+pub(crate) fn encode_batches(
+    origin: &Path,
+    schema: &Schema,
+    batches: impl Iterator<Item = Result<RecordBatch, DataError>>,
+    visit: Visit,
+) -> Result<ReadReport, DataError> {
     let mut rows = RowEncoder::new(schema);
     let mut rows_before = 0;
     for batch in batches {
-        let batch = batch.map_err(|e| unreadable(e.to_string()))?;
+        let batch = batch?;
         let views = schema
             .columns
             .iter()
             .map(|column| match (&column.kind, batch.column_by_name(&column.name)) {
-                (ColumnKind::Drop, _) | (_, None) => Ok(View::Absent),
-                (kind, Some(array)) => View::of(path, &column.name, kind, array),
+                (ColumnKind::Drop, _) => Ok(View::Absent),
+                (_, None) => Err(DataError::MissingColumn {
+                    file: origin.to_owned(),
+                    name: column.name.clone(),
+                    found: batch
+                        .schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }),
+                (kind, Some(array)) => View::of(origin, &column.name, kind, array),
             })
             .collect::<Result<Vec<_>, _>>()?;
         match encode_columns(&rows, schema, &views, batch.num_rows()) {
@@ -113,7 +142,7 @@ fn decode(path: &Path, schema: &Schema, batch_rows: usize, visit: Visit) -> Resu
                 for row in 0..batch.num_rows() {
                     rows.push(views.iter().map(|v| v.cell(row)))
                         .map_err(|(index, reason)| DataError::MalformedRow {
-                            file: path.to_owned(),
+                            file: origin.to_owned(),
                             row: (rows_before + row + 1) as u64,
                             name: schema.columns[index].name.clone(),
                             reason,
@@ -126,7 +155,7 @@ fn decode(path: &Path, schema: &Schema, batch_rows: usize, visit: Visit) -> Resu
             return Ok(rows.report());
         }
     }
-    rows.finish(path)
+    rows.finish(origin)
 }
 
 /// Encodes a batch column by column: each column's values are read in one

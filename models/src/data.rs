@@ -127,14 +127,14 @@ pub enum DataError {
         rows: usize,
         group_by: Option<String>,
     },
-    /// A database source that cannot be reached or whose query fails, with
-    /// the server's own message.
+    /// A query source (a warehouse or SQL over the site's files) that cannot
+    /// be reached or whose query fails, with the engine's own message.
     #[error("{source_label}: {reason}")]
     Query { source_label: String, reason: String },
     /// A query's rows come in no fixed order, so only a split by a keyed
     /// hash of an id is the same on every pass.
     #[error(
-        "{source_label}: a database source needs `[split] group_by` (an id column): the order of a query's rows \
+        "{source_label}: a query source needs `[split] group_by` (an id column): the order of a query's rows \
          is not fixed, so a split by position would differ from one pass to the next"
     )]
     UngroupedQuery { source_label: String },
@@ -185,8 +185,8 @@ impl DataError {
             DataError::NoRows { rows_read: 0, .. } => "the data file holds no data rows".to_owned(),
             DataError::NoRows { .. } => "every data row was dropped for missing values".to_owned(),
             DataError::EmptySplit { empty, .. } => format!("the train/test split leaves the {empty} part empty"),
-            DataError::Query { .. } => "the site's database query cannot be run".to_owned(),
-            DataError::UngroupedQuery { .. } => "the site's database source has no `[split] group_by`".to_owned(),
+            DataError::Query { .. } => "the site's cohort query cannot be run".to_owned(),
+            DataError::UngroupedQuery { .. } => "the site's query source has no `[split] group_by`".to_owned(),
             DataError::Changed { .. } => {
                 "the data file changed while the site was running (the site must be restarted)".to_owned()
             }
@@ -290,6 +290,9 @@ pub fn read_table(path: &Path, schema: &Schema) -> Result<(Dataset, ReadReport),
 pub enum Source {
     File(PathBuf),
     Postgres(crate::postgres::PgSource),
+    /// SQL over the site's files (the `sql` feature).
+    #[cfg(feature = "sql")]
+    Sql(crate::cohort::SqlCohort),
 }
 
 impl Source {
@@ -298,14 +301,17 @@ impl Source {
         match self {
             Source::File(path) => path.display().to_string(),
             Source::Postgres(pg) => pg.label(),
+            #[cfg(feature = "sql")]
+            Source::Sql(cohort) => cohort.label(),
         }
     }
 
     /// Refuses a split that would not be the same on every pass.
     pub fn check_split(&self, schema: &Schema) -> Result<(), DataError> {
         match self {
-            Source::Postgres(pg) if schema.split.group_by.is_none() => Err(DataError::UngroupedQuery {
-                source_label: pg.label(),
+            Source::File(_) => Ok(()),
+            _ if schema.split.group_by.is_none() => Err(DataError::UngroupedQuery {
+                source_label: self.label(),
             }),
             _ => Ok(()),
         }
@@ -329,6 +335,8 @@ pub fn scan_source(source: &Source, schema: &Schema, batch_rows: usize, visit: V
     match source {
         Source::File(path) => scan_table(path, schema, batch_rows, visit),
         Source::Postgres(pg) => crate::postgres::scan_postgres(pg, schema, batch_rows, visit),
+        #[cfg(feature = "sql")]
+        Source::Sql(cohort) => crate::cohort::scan_sql(cohort, schema, batch_rows, visit),
     }
 }
 

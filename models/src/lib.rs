@@ -3,6 +3,8 @@
 //! local training and evaluation loops. Linked by the participant only; the
 //! coordinator never trains (DESIGN.md invariant 4).
 
+#[cfg(feature = "sql")]
+pub mod cohort;
 pub mod columnar;
 pub mod data;
 mod linear;

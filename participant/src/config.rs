@@ -119,7 +119,14 @@ struct RawData {
     path: Option<PathBuf>,
     /// A PostgreSQL connection URL (the cohort is `query`'s result).
     postgres: Option<String>,
+    /// Table name → CSV or Parquet file: the cohort is `query` over them,
+    /// run by the embedded DataFusion.
+    tables: Option<std::collections::BTreeMap<String, PathBuf>>,
+    /// The cohort's `SELECT`, for a `postgres` source or over `tables`.
     query: Option<String>,
+    /// Memory a query over `tables` may hold (a join's build side, a sort).
+    #[serde(default = "default_query_memory_mib")]
+    query_memory_mib: u64,
     schema: PathBuf,
     #[serde(default = "default_in_memory_mib")]
     in_memory_mib: u64,
@@ -129,12 +136,47 @@ fn default_in_memory_mib() -> u64 {
     256
 }
 
+fn default_query_memory_mib() -> u64 {
+    1024
+}
+
 fn default_coordinator() -> String {
     "http://127.0.0.1:50051".into()
 }
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("tessera-site-state")
+}
+
+/// A cohort query over the site's files.
+#[cfg(feature = "sql")]
+fn sql_cohort(
+    _config: &Path,
+    base: &Path,
+    tables: std::collections::BTreeMap<String, PathBuf>,
+    query: String,
+    memory_mib: u64,
+) -> anyhow::Result<Source> {
+    Ok(Source::Sql(tessera_models::cohort::SqlCohort {
+        tables: tables.into_iter().map(|(name, file)| (name, base.join(file))).collect(),
+        query,
+        memory_mib,
+    }))
+}
+
+#[cfg(not(feature = "sql"))]
+fn sql_cohort(
+    config: &Path,
+    _base: &Path,
+    _tables: std::collections::BTreeMap<String, PathBuf>,
+    _query: String,
+    _memory_mib: u64,
+) -> anyhow::Result<Source> {
+    bail!(
+        "{}: [data.tables] needs SQL cohorts, which this build of tessera-participant leaves out \
+         (it was built without the `sql` feature)",
+        config.display()
+    )
 }
 
 impl SiteConfig {
@@ -148,28 +190,48 @@ impl SiteConfig {
             toml::from_str(&text).with_context(|| format!("invalid site config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let site_id = SiteId::new(&raw.site_id).with_context(|| format!("{}: site_id", path.display()))?;
-        let source = match (raw.data.path, raw.data.postgres, raw.data.query) {
-            (Some(file), None, None) => Source::File(base.join(file)),
-            (None, Some(url), Some(query)) => Source::Postgres(PgSource { url, query }),
-            (None, Some(_), None) => anyhow::bail!("{}: [data] postgres needs the cohort's `query`", path.display()),
-            (Some(_), Some(_), _) => {
-                anyhow::bail!(
-                    "{}: [data] names both a `path` and a `postgres` source: keep one",
-                    path.display()
-                )
+        let data = raw.data;
+        let named = [data.path.is_some(), data.postgres.is_some(), data.tables.is_some()];
+        if named.iter().filter(|n| **n).count() > 1 {
+            bail!(
+                "{}: [data] names more than one source (`path`, `postgres`, `tables`): keep one",
+                path.display()
+            );
+        }
+        let source = match (data.path, data.postgres, data.tables, data.query) {
+            (Some(file), _, _, None) => Source::File(base.join(file)),
+            (Some(_), _, _, Some(_)) => bail!(
+                "{}: [data] query is for a `postgres` source or `[data.tables]`, not a `path`",
+                path.display()
+            ),
+            (_, Some(url), _, Some(query)) => Source::Postgres(PgSource { url, query }),
+            (_, _, Some(tables), Some(query)) => {
+                if tables.is_empty() {
+                    bail!("{}: [data.tables] names no table", path.display());
+                }
+                sql_cohort(path, base, tables, query, data.query_memory_mib)?
             }
-            (_, None, Some(_)) => anyhow::bail!("{}: [data] query is for a `postgres` source", path.display()),
-            (None, None, None) => anyhow::bail!(
-                "{}: [data] needs a `path` (CSV or Parquet file) or a `postgres` URL and `query`",
+            (_, Some(_), _, None) | (_, _, Some(_), None) => {
+                bail!("{}: [data] needs the cohort's `query`", path.display())
+            }
+            (None, None, None, Some(_)) => bail!(
+                "{}: [data] query needs a `postgres` URL or `[data.tables]` (the files it reads)",
+                path.display()
+            ),
+            (None, None, None, None) => bail!(
+                "{}: [data] needs a `path` (CSV or Parquet file), a `postgres` URL and `query`, or \
+                 `[data.tables]` and `query`",
                 path.display()
             ),
         };
+        let schema_path = base.join(&data.schema);
+        let in_memory_mib = data.in_memory_mib;
         Ok(Self {
             site_id,
             coordinator: raw.coordinator,
             source,
-            schema_path: base.join(raw.data.schema),
-            in_memory_mib: raw.data.in_memory_mib,
+            schema_path,
+            in_memory_mib,
             state_dir: base.join(raw.state_dir),
             roster_path: raw.roster.map(|r| base.join(r)),
             tls_dir: raw.tls.map(|t| base.join(t)),
@@ -189,10 +251,11 @@ mod tests {
         SiteConfig::load(&path)
     }
 
-    /// A site reads a file or a warehouse query, exactly one of them, and
-    /// each mistake in saying which is named.
+    /// A site reads a file, a warehouse query or a query over its files,
+    /// exactly one of them, and each mistake in saying which is named.
     #[test]
-    fn the_data_source_is_a_file_or_a_postgres_query() {
+    #[cfg(feature = "sql")]
+    fn the_data_source_is_a_file_or_a_query() {
         let config = load("path = \"rows.csv\"").unwrap();
         assert!(matches!(&config.source, Source::File(p) if p.ends_with("rows.csv")));
         let config = load("postgres = \"postgresql://tessera@db/omop\"\nquery = \"SELECT 1\"").unwrap();
@@ -203,10 +266,23 @@ mod tests {
                 query: "SELECT 1".into()
             })
         );
+        let config = load("query = \"SELECT 1\"\n[data.tables]\nencounters = \"x/enc.parquet\"").unwrap();
+        let Source::Sql(cohort) = &config.source else {
+            panic!("{:?}", config.source)
+        };
+        assert_eq!(cohort.query, "SELECT 1");
+        assert_eq!(cohort.tables.len(), 1);
+        assert_eq!(cohort.tables[0].0, "encounters");
+        assert!(cohort.tables[0].1.ends_with("x/enc.parquet") && cohort.tables[0].1.is_absolute());
+        assert_eq!(cohort.memory_mib, 1024);
         let err = |data: &str| format!("{:#}", load(data).unwrap_err());
         assert!(err("postgres = \"postgresql://db\"").contains("needs the cohort's `query`"));
+        assert!(err("[data.tables]\nencounters = \"enc.csv\"").contains("needs the cohort's `query`"));
+        assert!(err("query = \"SELECT 1\"\n[data.tables]").contains("names no table"));
         assert!(err("path = \"a.csv\"\npostgres = \"postgresql://db\"\nquery = \"SELECT 1\"").contains("keep one"));
-        assert!(err("query = \"SELECT 1\"").contains("is for a `postgres` source"));
+        assert!(err("path = \"a.csv\"\nquery = \"SELECT 1\"\n[data.tables]\nt = \"a.csv\"").contains("keep one"));
+        assert!(err("path = \"a.csv\"\nquery = \"SELECT 1\"").contains("not a `path`"));
+        assert!(err("query = \"SELECT 1\"").contains("needs a `postgres` URL or `[data.tables]`"));
         assert!(err("").contains("needs a `path`"));
     }
 }

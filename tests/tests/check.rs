@@ -183,3 +183,87 @@ fn the_guides_encounter_example_checks_as_documented() {
         assert!(guide.contains(line), "the guide no longer shows: {line}");
     }
 }
+
+/// The guide's cohort query over the raw two-table extract
+/// (`examples/encounters/cohort.toml`): a join, a first-encounter window and
+/// a label expression, checked as the guide shows.
+#[test]
+fn the_guides_cohort_query_checks_as_documented() {
+    let out = Command::new(bin("tessera-participant"))
+        .args(["check", "--config"])
+        .arg(repo().join("examples/encounters/cohort.toml"))
+        .output()
+        .expect("run tessera-participant check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let guide = std::fs::read_to_string(repo().join("docs/bring-your-own-data.md")).unwrap();
+    for line in GUIDE_COHORT_LINES {
+        assert!(stdout.contains(line), "{line}\n{stdout}");
+        assert!(guide.contains(line), "the guide no longer shows: {line}");
+    }
+    // The flat file and the cohort share the schema, so the hash.
+    let flat = Command::new(bin("tessera-participant"))
+        .args(["check", "--config"])
+        .arg(repo().join("examples/encounters/site.toml"))
+        .output()
+        .unwrap();
+    let hash = |text: &str| text.lines().find(|l| l.contains("features hash")).map(str::to_owned);
+    assert_eq!(hash(&stdout), hash(&String::from_utf8_lossy(&flat.stdout)));
+}
+
+const GUIDE_COHORT_LINES: [&str; 5] = [
+    // One row per patient: the extract has 81 (counted independently).
+    "rows: 81 read, 81 kept, 0 dropped for missing values",
+    "age             2 (imputed, flagged by age=(missing))",
+    // `>30` counted as no readmission by the query's CASE.
+    "label: 10 positive / 71 negative (12.3% positive)",
+    "split (test_fraction 0.25, seed 11, grouped by `patient_id`): train 58 (4 positive), test 23 (6 positive)",
+    "diag_1          27",
+];
+
+/// A cohort query that cannot run, or that would write a file, stops
+/// `check` with exit 1 and the engine's reason, and writes nothing.
+#[test]
+fn check_refuses_a_cohort_query_that_cannot_run_or_would_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let extract = repo().join("examples/encounters/extract");
+    let leak = dir.path().join("leak.csv");
+    for (query, reason) in [
+        ("SELEC patient_id FROM encounters".to_owned(), "the query cannot run"),
+        ("SELECT * FROM admissions".to_owned(), "admissions"),
+        (
+            "SELECT patient_id, age, race FROM encounters".to_owned(),
+            "column `diag_1`",
+        ),
+        (
+            format!("COPY encounters TO '{}' STORED AS CSV", leak.display()),
+            "the query cannot run",
+        ),
+    ] {
+        let config = dir.path().join("site.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "site_id = \"h\"\ncoordinator = \"http://127.0.0.1:1\"\n[data]\nschema = {:?}\nquery = {:?}\n\
+                 [data.tables]\nencounters = {:?}\ndiagnoses = {:?}\n",
+                repo().join("examples/encounters/schema.toml"),
+                query,
+                extract.join("encounters.csv"),
+                extract.join("diagnoses.csv"),
+            ),
+        )
+        .unwrap();
+        let out = Command::new(bin("tessera-participant"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{query}: {stderr}");
+        assert!(
+            stderr.contains("cohort query") && stderr.contains(reason),
+            "{query}: {stderr}"
+        );
+    }
+    assert!(!leak.exists());
+}
