@@ -30,7 +30,8 @@ except ImportError:  # pragma: no cover
 
 HEADER_LEN = 83  # §2
 KINDS = ["genesis", "job_created", "job_accepted", "round_completed",
-         "metrics", "job_ended", "membership_change", "summation", "cohort_sealed"]
+         "metrics", "job_ended", "membership_change", "summation", "cohort_sealed",
+         "models_pruned"]
 COORD_PREFIX = b"tessera/ledger/v1/coordinator"  # §4
 ENDORSE_PREFIX = b"tessera/ledger/v1/endorse"
 DECISION_PREFIX = b"tessera/ledger/v1/job-decision"  # §5 job_accepted
@@ -255,6 +256,7 @@ FIELDS = {
     "job_ended": {"job_id": is_int, "status": one_of("finished", "cancelled", "failed"),
                   "reason": is_str, "rounds_done": is_int,
                   "final_model_sha256": nullable(is_h32)},
+    "models_pruned": {"job_id": is_int, "models": list_of(is_h32), "by": is_str, "reason": is_str},
     "membership_change": {"change": one_of("site_added", "key_rotated", "site_revoked"),
                           "site": obj_with(MEMBER), "reason": is_str},
 }
@@ -423,7 +425,9 @@ def verify_ledger(path):
 
     prev, coord_key, members = None, None, None
     hashes = []
-    jobs = {}            # job_id -> {"ended", "round", "model", "sha256", "models"}
+    jobs = {}            # job_id -> {"ended", "round", "model", "sha256", "models", ...}
+    needed = []          # (height, model hash) of every round, for the models table
+    pruned = set()       # models whose weights a models_pruned block deleted
     warnings = []        # §9 "facts that are not verification rules"
     first_pending = None  # first non-final block of the current non-final tail
     genesis_hash, consortium = None, None
@@ -453,12 +457,26 @@ def verify_ledger(path):
                 bad("job_sha256 does not match job_toml")
             jobs[p["job_id"]] = {"ended": False, "round": 0, "model": None,
                                  "sha256": p["job_sha256"], "models": {}, "summations": set(),
-                                 "decided": {}, "cohort": None}
+                                 "decided": {}, "cohort": None, "pruned": set()}
         elif "job_id" in FIELDS[kind]:
             job = jobs.get(p["job_id"])
             if job is None:
                 bad(f"job_id {p['job_id']} was never created")
-            if job["ended"]:
+            if kind == "models_pruned":
+                if not job["ended"]:
+                    bad(f"models of job {p['job_id']} pruned before the job ended")
+                if not p["models"]:
+                    bad("models_pruned names no model")
+                if any(a >= b for a, b in zip(p["models"], p["models"][1:])):
+                    bad("models_pruned models are not in strictly ascending order")
+                for m in p["models"]:
+                    if m not in job["models"].values():
+                        bad(f"model {m} is not a model of the job's rounds")
+                    if m in job["pruned"]:
+                        bad(f"model {m} was already pruned")
+                    job["pruned"].add(m)
+                    pruned.add(m)
+            elif job["ended"]:
                 bad(f"job_id {p['job_id']} has already ended")
             if kind in ("round_completed", "summation"):
                 if job["cohort"] is None:
@@ -528,8 +546,7 @@ def verify_ledger(path):
                 if p["config_sha256"] != job["sha256"]:
                     warnings.append(f"block {i}: config_sha256 is not the job's job_sha256")
                 check_commitments(p, members, bad)
-                if has_models and p["model_sha256"] not in models:   # §6 Models
-                    bad(f"model {p['model_sha256']} is not in the models table")
+                needed.append((i, p["model_sha256"]))   # §6 Models, checked at the end
         # Finality: endorsements by a majority of all the members before this
         # block (§6), a membership change's own subject never counted.
         subject = p["site"]["id"] if kind == "membership_change" else None
@@ -563,6 +580,12 @@ def verify_ledger(path):
                 members[site["id"]] = bytes.fromhex(site["key"])
         prev = (h, hdr["timestamp_ms"])
 
+    # §6 Models: every round's model is stored, unless a later models_pruned
+    # block says its weights were deleted.
+    if has_models:
+        for i, mh in needed:
+            if mh not in models and mh not in pruned:
+                raise Invalid(f"block {i}", f"model {mh} is not in the models table")
     check_conflicts(conflicts, hashes, coord_key)
     # Models table (coordinator database only): every row's hash is SHA-256(data).
     for mh, (_, data) in models.items():

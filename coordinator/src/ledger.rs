@@ -451,6 +451,27 @@ impl Ledger {
         }))
     }
 
+    /// Per job, the models its round blocks started from or produced, and
+    /// those its `models_pruned` blocks named.
+    pub async fn job_models(&self) -> anyhow::Result<BTreeMap<u64, (BTreeSet<String>, BTreeSet<String>)>> {
+        let mut jobs: BTreeMap<u64, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+        for (block, _) in self.store.blocks().await? {
+            let Ok(header) = Header::decode(&block.header) else {
+                continue;
+            };
+            match Payload::parse(header.kind, &block.payload) {
+                Ok(Payload::RoundCompleted(r)) => {
+                    let (rounds, _) = jobs.entry(r.job_id).or_default();
+                    rounds.insert(r.base_model_sha256);
+                    rounds.insert(r.model_sha256);
+                }
+                Ok(Payload::ModelsPruned(p)) => jobs.entry(p.job_id).or_default().1.extend(p.models),
+                _ => {}
+            }
+        }
+        Ok(jobs)
+    }
+
     /// The number of committed blocks, without waiting for the writer.
     pub fn committed_len(&self) -> u64 {
         self.len.load(std::sync::atomic::Ordering::Acquire)

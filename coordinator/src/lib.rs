@@ -15,12 +15,14 @@
 //! - [`ca`]: the consortium CA and its kits (`tessera ca`).
 //! - [`tls`]: mutual TLS and who may call what.
 //! - [`telemetry`]: Prometheus `/metrics` and `/healthz` for operators.
+//! - [`prune`]: which stored models ended jobs no longer need.
 
 pub mod ca;
 pub mod cli;
 pub mod driver;
 pub mod ledger;
 pub mod malicious;
+pub mod prune;
 pub mod rpc;
 pub mod secure;
 pub mod state;

@@ -189,6 +189,37 @@ impl Store {
         Ok(rows)
     }
 
+    /// Every job, read in `conn` (a transaction that then acts on them).
+    pub async fn jobs_in(conn: &mut SqliteConnection) -> anyhow::Result<Vec<JobRow>> {
+        let rows = sqlx::query_as::<_, JobRow>(AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY id")))
+            .fetch_all(conn)
+            .await
+            .context("cannot list jobs")?;
+        Ok(rows)
+    }
+
+    /// Each stored model's size in bytes.
+    pub async fn model_sizes_in(conn: &mut SqliteConnection) -> anyhow::Result<BTreeMap<String, u64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT hash, length(data) FROM models")
+            .fetch_all(conn)
+            .await
+            .context("cannot list stored models")?;
+        Ok(rows.into_iter().map(|(hash, len)| (hash, len.max(0) as u64)).collect())
+    }
+
+    /// Deletes stored models (`tessera job prune`, with its ledger block in
+    /// the same transaction).
+    pub async fn delete_models_in(conn: &mut SqliteConnection, hashes: &[String]) -> anyhow::Result<()> {
+        for hash in hashes {
+            sqlx::query("DELETE FROM models WHERE hash = ?")
+                .bind(hash)
+                .execute(&mut *conn)
+                .await
+                .with_context(|| format!("cannot delete model {hash}"))?;
+        }
+        Ok(())
+    }
+
     /// The oldest queued job, if any.
     pub async fn next_queued(&self) -> anyhow::Result<Option<JobRow>> {
         let row = sqlx::query_as::<_, JobRow>(AssertSqlSafe(format!(

@@ -449,3 +449,102 @@ fn a_restart_keeps_the_chain_and_a_forked_chain_stops_every_site() {
     assert_eq!(status["job"]["rounds_done"], 0, "{status:#}");
     assert_eq!(status["job"]["status"], "running", "{status:#}");
 }
+
+/// The stored model hashes of a coordinator database, read with Python's
+/// sqlite3 (an outside reader).
+fn stored_models(db: &Path) -> Vec<String> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3,sys\nfor (h,) in sqlite3.connect(sys.argv[1]).execute('SELECT hash FROM models ORDER BY hash'): print(h)",
+        )
+        .arg(db)
+        .output()
+        .expect("run python3");
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `tessera job prune` deletes the weights of an ended job's models but its
+/// final one, records it in a `models_pruned` block that every site
+/// endorses, and leaves a ledger both verifiers accept and a model that
+/// still exports; a second prune finds nothing.
+#[test]
+fn pruned_models_leave_a_verifiable_ledger_and_the_final_model() {
+    let federation = Federation::running(&SITES);
+    let job_id = federation.submit(&federation.write_job("job.toml", &example_job(&[("rounds", "3")])));
+    let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    let before = wait_until_final(&federation);
+    let db = federation.db();
+    // The initial model and the three rounds' models.
+    assert_eq!(stored_models(&db).len(), 4);
+
+    let out = federation.tessera(&["job", "prune", "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("job {job_id} (finished): 3 model(s)")),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("nothing deleted"), "{}", text(&out));
+    assert_eq!(stored_models(&db).len(), 4);
+
+    let out = federation.tessera(&["job", "prune", "99"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("no job 99"), "{}", text(&out));
+
+    let out = federation.tessera(&["job", "prune"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let height = before["blocks"].as_u64().unwrap();
+    assert!(
+        text(&out).contains(&format!("job {job_id} (finished): 3 model(s)"))
+            && text(&out).contains(&format!("ledger block {height}")),
+        "{}",
+        text(&out)
+    );
+    // One model left: the final one, as the export below shows.
+    let left = stored_models(&db);
+    assert_eq!(left.len(), 1, "{left:?}");
+
+    // The sites verify and endorse the block: the chain becomes final again,
+    // and both verifiers accept the models that are gone.
+    let after = wait_until_final(&federation);
+    assert_eq!(after["blocks"].as_u64().unwrap(), height + 1, "{after:#}");
+    assert_eq!(after["models_checked"], 1);
+    let out = python_verify(&db);
+    assert!(out.status.success(), "{}", text(&out));
+    let show = tessera_offline(&["ledger", "show", db.to_str().unwrap()]);
+    assert!(
+        text(&show).contains("the stored weights of 3 model(s) deleted at the request of"),
+        "{}",
+        text(&show)
+    );
+
+    // The final model still exports; nothing is left to prune.
+    let scratch = tempfile::tempdir().unwrap();
+    let export = scratch.path();
+    let out = federation.tessera(&[
+        "model",
+        "export",
+        &job_id.to_string(),
+        "--out",
+        export.join("model.bin").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = federation.tessera(&["job", "prune"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("nothing to prune"), "{}", text(&out));
+    assert_eq!(verify_json(&db)["blocks"].as_u64().unwrap(), height + 1);
+
+    // Deleting a model without a block is still caught.
+    let copy = scratch.path().join("coordinator.db");
+    copy_ledger(&db, &copy);
+    edit(&copy, "DELETE FROM models;");
+    let report = verify_json(&copy);
+    assert_eq!(report["intact"], false, "{report:#}");
+    assert_eq!(python_verify(&copy).status.code(), Some(1));
+}

@@ -1,4 +1,4 @@
-//! `tessera job submit | list | status | cancel`.
+//! `tessera job submit | list | status | cancel | prune`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -41,6 +41,17 @@ pub(crate) enum JobCommand {
     },
     /// Cancel a queued or running job.
     Cancel { job_id: u64 },
+    /// Delete the stored weights of ended jobs' models, keeping each job's
+    /// final model (the one `tessera model export` gives). The ledger keeps
+    /// every model's hash and records each deletion (a `models_pruned`
+    /// block). Refused while a job runs.
+    Prune {
+        /// The jobs to prune; every ended job when none is named.
+        job_ids: Vec<u64>,
+        /// Say what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 pub(crate) async fn exec(addr: &str, cmd: JobCommand) -> CliResult {
@@ -74,7 +85,42 @@ pub(crate) async fn exec(addr: &str, cmd: JobCommand) -> CliResult {
             eprintln!("job {job_id}: {}", reply.status);
             Ok(ExitCode::SUCCESS)
         }
+        JobCommand::Prune { job_ids, dry_run } => prune(addr, job_ids, dry_run).await,
     }
+}
+
+async fn prune(addr: &str, job_ids: Vec<u64>, dry_run: bool) -> CliResult {
+    let mut client = JobsClient::new(connect(addr).await?);
+    let reply = client
+        .prune_jobs(pb::PruneJobsRequest { job_ids, dry_run })
+        .await?
+        .into_inner();
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    for job in &reply.jobs {
+        let block = if dry_run {
+            String::new()
+        } else {
+            format!(", ledger block {}", job.ledger_height)
+        };
+        println!(
+            "job {} ({}): {} model(s), {:.1} MiB{block}",
+            job.job_id,
+            job.status,
+            job.models,
+            mib(job.bytes)
+        );
+    }
+    let total: u64 = reply.jobs.iter().map(|j| j.bytes).sum();
+    let models: u32 = reply.jobs.iter().map(|j| j.models).sum();
+    match (reply.jobs.is_empty(), dry_run) {
+        (true, _) => eprintln!("nothing to prune: every ended job holds only its final model"),
+        (false, true) => eprintln!(
+            "would delete {models} model(s), {:.1} MiB (dry run: nothing deleted)",
+            mib(total)
+        ),
+        (false, false) => eprintln!("deleted {models} model(s), {:.1} MiB", mib(total)),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn submit(addr: &str, file: &Path, json: bool) -> CliResult {

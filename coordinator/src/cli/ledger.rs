@@ -158,7 +158,8 @@ pub(crate) fn verdict(loaded: &Loaded) -> Result<(Report, usize), String> {
         }
     }
     for (height, hash) in &report.models {
-        if !models.iter().any(|(h, _)| h == hash) {
+        // A pruned model's weights may be gone: a later block says so.
+        if !report.pruned.contains(hash) && !models.iter().any(|(h, _)| h == hash) {
             return Err(format!("block {height}: model {hash} is not stored"));
         }
     }
@@ -383,6 +384,13 @@ pub(crate) fn summary(payload: &Payload) -> String {
             c.job_id,
             c.cohort.join(", "),
             c.cohort.len()
+        ),
+        Payload::ModelsPruned(p) => format!(
+            "job {}: the stored weights of {} model(s) deleted at the request of {} ({})",
+            p.job_id,
+            p.models.len(),
+            p.by,
+            p.reason
         ),
     }
 }

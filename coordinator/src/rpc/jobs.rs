@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tessera_protocol::ids::JobId;
 use tessera_protocol::job::JobSpec;
-use tessera_protocol::ledger::payload::{JobCreated, JobEnded, Payload};
+use tessera_protocol::ledger::payload::{JobCreated, JobEnded, ModelsPruned, Payload};
 use tessera_protocol::pb;
 use tessera_protocol::pb::jobs_server::Jobs;
 use tonic::{Request, Response, Status};
@@ -14,8 +14,10 @@ use tracing::info;
 use super::RpcError;
 use super::federation::chunk_stream;
 use crate::ledger::SOFTWARE;
+use crate::prune::{JobModels, PlanError, plan};
 use crate::state::Shared;
 use crate::store::{CANCELLED, JobRow, NewJob, Store};
+use crate::tls::Caller;
 use crate::unix_ms;
 
 pub struct JobsService {
@@ -304,6 +306,18 @@ impl Jobs for JobsService {
         Err(RpcError::FailedPrecondition(format!("job {job_id} is already {}", row.status)).into())
     }
 
+    async fn prune_jobs(
+        &self,
+        request: Request<pb::PruneJobsRequest>,
+    ) -> Result<Response<pb::PruneJobsResponse>, Status> {
+        let by = Caller::of(&request).map_or_else(
+            || "an operator (the coordinator runs with --insecure-dev)".to_owned(),
+            |identity| identity.to_string(),
+        );
+        let jobs = self.prune(by, request.into_inner()).await?;
+        Ok(Response::new(pb::PruneJobsResponse { jobs }))
+    }
+
     type ExportModelStream = super::federation::ChunkStreamAlias;
 
     async fn export_model(
@@ -358,6 +372,70 @@ impl Jobs for JobsService {
             "job_toml": row.job_toml,
         });
         Ok(Response::new(chunk_stream(bytes, hash, manifest.to_string())))
+    }
+}
+
+impl JobsService {
+    /// `PruneJobs`: plans in one transaction with the deletion and its
+    /// ledger blocks, so a job that starts meanwhile makes the transaction
+    /// fail (its snapshot is stale) instead of losing a model it uses.
+    async fn prune(&self, by: String, request: pb::PruneJobsRequest) -> Result<Vec<pb::PrunedJob>, RpcError> {
+        if let Some(active) = self.shared.lock().active.as_ref() {
+            return Err(RpcError::FailedPrecondition(
+                PlanError::Running(active.job_id.0).to_string(),
+            ));
+        }
+        let now_ms = unix_ms();
+        let mut tx = self.shared.ledger.begin().await?;
+        let rows = Store::jobs_in(&mut tx.tx).await?;
+        let stored = Store::model_sizes_in(&mut tx.tx).await?;
+        let mut on_chain = self.shared.ledger.job_models().await?;
+        let jobs: Vec<JobModels> = rows
+            .iter()
+            .map(|row| {
+                let (rounds, pruned) = on_chain.remove(&(row.id as u64)).unwrap_or_default();
+                JobModels {
+                    job_id: row.id as u64,
+                    status: row.status.clone(),
+                    final_model: row.final_model_hash.clone(),
+                    rounds,
+                    pruned,
+                }
+            })
+            .collect();
+        let plan = plan(&jobs, &request.job_ids, &stored).map_err(|e| match e {
+            PlanError::NoSuchJob(_) => RpcError::NotFound(e.to_string()),
+            _ => RpcError::FailedPrecondition(e.to_string()),
+        })?;
+        let mut out = Vec::with_capacity(plan.len());
+        for job in plan {
+            let ledger_height = if request.dry_run {
+                0
+            } else {
+                Store::delete_models_in(&mut tx.tx, &job.models).await?;
+                let block = Payload::ModelsPruned(ModelsPruned {
+                    job_id: job.job_id,
+                    models: job.models.clone(),
+                    by: by.clone(),
+                    reason: "tessera job prune: the weights of the job's models other than its final one".into(),
+                });
+                tx.append(&block, now_ms as u64).await?
+            };
+            out.push(pb::PrunedJob {
+                job_id: job.job_id,
+                status: job.status,
+                models: job.models.len() as u32,
+                bytes: job.bytes,
+                ledger_height,
+            });
+        }
+        if !request.dry_run && !out.is_empty() {
+            tx.commit().await?;
+            for job in &out {
+                info!(job = job.job_id, models = job.models, bytes = job.bytes, %by, "models pruned");
+            }
+        }
+        Ok(out)
     }
 }
 

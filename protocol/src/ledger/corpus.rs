@@ -200,6 +200,72 @@ fn cohort_cases(out: &mut Vec<Case>) {
     }
 }
 
+/// A `models_pruned` block naming `models` of job 1.
+fn pruned(models: &[String]) -> Payload {
+    Payload::ModelsPruned(ModelsPruned {
+        job_id: 1,
+        models: models.to_vec(),
+        by: "operator-1".into(),
+        reason: "corpus".into(),
+    })
+}
+
+/// Pruning (§5 models_pruned): only models of an ended job's rounds, each
+/// once, in ascending order.
+fn pruned_cases(out: &mut Vec<Case>) {
+    // `TestConsortium::job`'s models: the initial one, then one per round.
+    let initial = sha256_hex(&1u64.to_be_bytes());
+    let of_round = |job: u64, round: u32| sha256_hex(format!("{job}/{round}").as_bytes());
+    let mut two = vec![initial.clone(), of_round(1, 1)];
+    two.sort();
+
+    let mut c = TestConsortium::new(3);
+    c.job(1, 2);
+    c.append(&pruned(&two));
+    c.append(&pruned(&[of_round(1, 2)]));
+    out.push(case("models_pruned_after_the_job_ended", c, Expect::Final));
+
+    type Build = fn(&mut TestConsortium, &[String]);
+    let invalid: [(&'static str, Build); 5] = [
+        ("models_pruned_twice", |c, two| {
+            c.append(&pruned(two));
+            c.append(&pruned(&two[..1]));
+        }),
+        ("models_pruned_out_of_order", |c, two| {
+            c.append(&pruned(&[two[1].clone(), two[0].clone()]));
+        }),
+        ("models_pruned_none", |c, _| c.append(&pruned(&[]))),
+        ("models_pruned_of_another_job", |c, _| {
+            c.job(2, 1);
+            c.append(&pruned(&[sha256_hex(b"2/1")]));
+        }),
+        ("models_pruned_in_uppercase", |c, two| {
+            c.append(&pruned(&[two[0].to_uppercase()]));
+        }),
+    ];
+    for (name, build) in invalid {
+        let mut c = TestConsortium::new(3);
+        c.job(1, 2);
+        build(&mut c, &two);
+        let height = last(&c);
+        out.push(case(name, c, Expect::Invalid { height }));
+    }
+
+    // While the job runs, its models are still in use.
+    let mut c = TestConsortium::new(3);
+    c.append(&created(1));
+    accepted_and_sealed(&mut c);
+    c.append(&Payload::RoundCompleted(Box::new(c.round(
+        1,
+        1,
+        &initial,
+        &of_round(1, 1),
+    ))));
+    c.append(&pruned(&[initial]));
+    let height = last(&c);
+    out.push(case("models_pruned_while_the_job_runs", c, Expect::Invalid { height }));
+}
+
 /// Every case. Keys are fresh on each call; verdicts do not depend on them.
 pub fn cases() -> Vec<Case> {
     let mut out = Vec::new();
@@ -485,6 +551,8 @@ pub fn cases() -> Vec<Case> {
         signature: endorse(&outsider, &hash),
     });
     out.push(case("endorsement_by_non_member", c, Expect::Invalid { height: 3 }));
+
+    pruned_cases(&mut out);
 
     // A payload changed after signing.
     let mut c = TestConsortium::new(3);

@@ -52,10 +52,11 @@ pub enum Kind {
     MembershipChange = 6,
     Summation = 7,
     CohortSealed = 8,
+    ModelsPruned = 9,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Genesis,
         Kind::JobCreated,
         Kind::JobAccepted,
@@ -65,6 +66,7 @@ impl Kind {
         Kind::MembershipChange,
         Kind::Summation,
         Kind::CohortSealed,
+        Kind::ModelsPruned,
     ];
 
     pub fn from_byte(b: u8) -> Option<Kind> {
@@ -83,6 +85,7 @@ impl Kind {
             Kind::MembershipChange => "membership_change",
             Kind::Summation => "summation",
             Kind::CohortSealed => "cohort_sealed",
+            Kind::ModelsPruned => "models_pruned",
         }
     }
 }

@@ -196,6 +196,22 @@ pub struct JobEnded {
     pub final_model_sha256: Option<String>,
 }
 
+/// Stored weights of an ended job's models deleted from the coordinator to
+/// free its disk. The chain keeps every model's hash, so what was trained
+/// stays on the record; this block says which weights can no longer be
+/// exported, and at whose request, so that their absence from the
+/// coordinator's `models` table is a recorded decision, not a loss.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelsPruned {
+    pub job_id: u64,
+    /// Hashes of the deleted models, strictly ascending: each one a model
+    /// the job's rounds started from or produced, pruned once.
+    pub models: Vec<String>,
+    /// Who asked: the operator's certificate identity.
+    pub by: String,
+    pub reason: String,
+}
+
 /// A change to the consortium after genesis.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MembershipChange {
@@ -221,6 +237,7 @@ pub enum Payload {
     MembershipChange(MembershipChange),
     Summation(Box<Summation>),
     CohortSealed(CohortSealed),
+    ModelsPruned(ModelsPruned),
 }
 
 impl Payload {
@@ -235,6 +252,7 @@ impl Payload {
             Payload::MembershipChange(_) => Kind::MembershipChange,
             Payload::Summation(_) => Kind::Summation,
             Payload::CohortSealed(_) => Kind::CohortSealed,
+            Payload::ModelsPruned(_) => Kind::ModelsPruned,
         }
     }
 
@@ -249,6 +267,7 @@ impl Payload {
             Payload::MembershipChange(p) => serde_json::to_vec(p),
             Payload::Summation(p) => serde_json::to_vec(p),
             Payload::CohortSealed(p) => serde_json::to_vec(p),
+            Payload::ModelsPruned(p) => serde_json::to_vec(p),
         };
         value.expect("payloads serialise")
     }
@@ -264,6 +283,7 @@ impl Payload {
             Kind::MembershipChange => Payload::MembershipChange(serde_json::from_slice(bytes)?),
             Kind::Summation => Payload::Summation(serde_json::from_slice(bytes)?),
             Kind::CohortSealed => Payload::CohortSealed(serde_json::from_slice(bytes)?),
+            Kind::ModelsPruned => Payload::ModelsPruned(serde_json::from_slice(bytes)?),
         })
     }
 
@@ -277,6 +297,7 @@ impl Payload {
             Payload::JobEnded(p) => Some(p.job_id),
             Payload::Summation(p) => Some(p.job_id),
             Payload::CohortSealed(p) => Some(p.job_id),
+            Payload::ModelsPruned(p) => Some(p.job_id),
             Payload::Genesis(_) | Payload::MembershipChange(_) => None,
         }
     }

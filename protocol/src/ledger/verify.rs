@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::payload::{CohortSealed, Commitment, Genesis, Member, Payload, RoundCompleted, Summation};
+use super::payload::{CohortSealed, Commitment, Genesis, Member, ModelsPruned, Payload, RoundCompleted, Summation};
 use super::{Block, Header, Kind, merkle, sha256, verify_block_signature, verify_decision, verify_endorsement};
 use crate::ids::{SiteId, sha256_hex};
 
@@ -73,6 +73,9 @@ pub struct Report {
     pub first_pending: Option<(u64, usize, usize)>,
     /// Every model hash a round block names, with the block's height.
     pub models: Vec<(u64, String)>,
+    /// Models whose stored weights a `models_pruned` block says were
+    /// deleted: a coordinator's database may lack them.
+    pub pruned: BTreeSet<String>,
 }
 
 /// A block that passed verification.
@@ -123,6 +126,10 @@ struct JobState {
     /// The sealed cohort: no acceptance after it, no sum before it, and no
     /// contributor outside it.
     cohort: Option<BTreeSet<String>>,
+    /// Every model the job's rounds started from or produced.
+    models: BTreeSet<String>,
+    /// Those a `models_pruned` block named.
+    pruned: BTreeSet<String>,
 }
 
 impl JobState {
@@ -144,6 +151,7 @@ pub struct Verifier {
     tip: Option<(u64, [u8; 32], u64)>,
     jobs: BTreeMap<u64, JobState>,
     models: Vec<(u64, String)>,
+    pruned: BTreeSet<String>,
 }
 
 fn key_from_hex(hex_key: &str) -> Option<[u8; 32]> {
@@ -259,6 +267,9 @@ impl Verifier {
             if let Payload::RoundCompleted(r) = &payload {
                 self.models.push((height, r.model_sha256.clone()));
             }
+            if let Payload::ModelsPruned(p) = &payload {
+                self.pruned.extend(p.models.iter().cloned());
+            }
             self.jobs.insert(job, state);
         }
         self.members = members_after;
@@ -296,6 +307,14 @@ impl Verifier {
             .jobs
             .get(&job)
             .ok_or_else(|| semantics(format!("job {job} was never created")))?;
+        if let Payload::ModelsPruned(p) = payload {
+            if !state.ended {
+                return Err(semantics(format!("models of job {job} pruned before the job ended")));
+            }
+            let mut next = state.clone();
+            check_pruned(p, &mut next).map_err(|e| bad(kind, e))?;
+            return Ok((job, next));
+        }
         if state.ended {
             return Err(semantics(format!("job {job} has already ended")));
         }
@@ -345,6 +364,8 @@ impl Verifier {
                     .map_err(|e| bad(kind, e))?;
                 next.last_round = r.round;
                 next.last_model = Some(r.model_sha256.clone());
+                next.models.insert(r.base_model_sha256.clone());
+                next.models.insert(r.model_sha256.clone());
             }
             Payload::Summation(sum) => {
                 check_summation(sum, state, members).map_err(|e| bad(kind, e))?;
@@ -485,6 +506,29 @@ fn check_summation(s: &Summation, state: &JobState, members: &Members) -> Result
 
 /// A seal: the first of its job, listing exactly the sites whose acceptance
 /// is on the chain, in strictly ascending order, at least one.
+/// A prune names models of its job, in strictly ascending order, none
+/// pruned before.
+fn check_pruned(p: &ModelsPruned, state: &mut JobState) -> Result<(), String> {
+    if p.models.is_empty() {
+        return Err("no model is named".into());
+    }
+    if p.models.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("models are not in strictly ascending order".into());
+    }
+    for model in &p.models {
+        if !is_lower_hex32(model) {
+            return Err(format!("`{model}` is not a lowercase hex SHA-256"));
+        }
+        if !state.models.contains(model) {
+            return Err(format!("model {model} is not a model of the job's rounds"));
+        }
+        if !state.pruned.insert(model.clone()) {
+            return Err(format!("model {model} was already pruned"));
+        }
+    }
+    Ok(())
+}
+
 fn check_seal(seal: &CohortSealed, state: &JobState) -> Result<BTreeSet<String>, String> {
     if state.cohort.is_some() {
         return Err(format!("the cohort of job {} is sealed twice", seal.job_id));
@@ -603,5 +647,6 @@ pub fn verify_chain(blocks: &[Block], stored_hashes: Option<&[[u8; 32]]>) -> Res
         pending: first_pending.map_or(0, |(h, _, _)| blocks.len() as u64 - h),
         first_pending,
         models: verifier.models,
+        pruned: verifier.pruned,
     })
 }
