@@ -451,6 +451,15 @@ impl Ledger {
         }))
     }
 
+    /// The consortium's current members.
+    pub fn members(&self) -> Vec<SiteId> {
+        let membership = self.membership.lock().expect("membership lock");
+        membership
+            .last()
+            .map(|(_, m)| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Per job, the models its round blocks started from or produced, and
     /// those its `models_pruned` blocks named.
     pub async fn job_models(&self) -> anyhow::Result<BTreeMap<u64, (BTreeSet<String>, BTreeSet<String>)>> {

@@ -32,6 +32,8 @@ pub struct Pruning {
     pub status: String,
     /// Strictly ascending, as the ledger block lists them.
     pub models: Vec<String>,
+    /// What deleting them frees: a model two pruned jobs name is counted
+    /// in the first one's only.
     pub bytes: u64,
 }
 
@@ -77,6 +79,7 @@ pub fn plan(jobs: &[JobModels], selected: &[u64], stored: &BTreeMap<String, u64>
     for job in jobs.iter().filter(|j| !chosen.contains(&j.job_id)) {
         keep.extend(job.rounds.difference(&job.pruned));
     }
+    let mut counted: BTreeSet<String> = BTreeSet::new();
     Ok(chosen
         .iter()
         .filter_map(|id| {
@@ -87,10 +90,15 @@ pub fn plan(jobs: &[JobModels], selected: &[u64], stored: &BTreeMap<String, u64>
                 .filter(|m| !job.pruned.contains(*m) && !keep.contains(m) && stored.contains_key(*m))
                 .cloned()
                 .collect();
+            let bytes = models
+                .iter()
+                .filter(|m| counted.insert((*m).clone()))
+                .map(|m| stored[m])
+                .sum();
             (!models.is_empty()).then(|| Pruning {
                 job_id: job.job_id,
                 status: job.status.clone(),
-                bytes: models.iter().map(|m| stored[m]).sum(),
+                bytes,
                 models,
             })
         })
@@ -148,6 +156,8 @@ mod tests {
         let both = plan(&jobs, &[], &all).unwrap();
         assert_eq!(models(&both[0]), ["s"]);
         assert_eq!(models(&both[1]), ["b1", "b2", "s"]);
+        // `s` is freed once.
+        assert_eq!((both[0].bytes, both[1].bytes), (100, 200));
     }
 
     /// Nothing while a job runs; a named job must exist and have ended.

@@ -54,6 +54,8 @@ pub struct Inner {
     versions: HashMap<SiteId, String>,
     /// The session id each site's daemon drew when it started.
     sessions: HashMap<SiteId, String>,
+    /// How many ledger block kinds each site's software knows (heartbeat).
+    ledger_kinds: HashMap<SiteId, u32>,
     pub active: Option<ActiveJob>,
 }
 
@@ -173,6 +175,23 @@ impl Shared {
         }
         inner.versions.insert(site.clone(), version.to_owned());
         true
+    }
+
+    /// Records how many ledger block kinds `site`'s software knows.
+    pub fn note_ledger_kinds(&self, site: &SiteId, kinds: u32) {
+        self.lock().ledger_kinds.insert(site.clone(), kinds);
+    }
+
+    /// Those of `members` that have not reported knowing `kinds` ledger
+    /// block kinds since this process started (older software, or not
+    /// heard from yet): a block of a newer kind would stop them.
+    pub fn behind_on_ledger_kinds<'a>(&self, members: impl IntoIterator<Item = &'a SiteId>, kinds: u32) -> Vec<SiteId> {
+        let inner = self.lock();
+        members
+            .into_iter()
+            .filter(|site| inner.ledger_kinds.get(*site).is_none_or(|k| *k < kinds))
+            .cloned()
+            .collect()
     }
 
     /// Records the session id `site`'s daemon sent. When it differs from

@@ -220,6 +220,31 @@ impl Store {
         Ok(())
     }
 
+    /// Compacts the database file after rows were deleted (`tessera job
+    /// prune`): returns its size before and after, in bytes. VACUUM needs
+    /// free disk space for a copy of the live rows; when it fails, the freed
+    /// pages are still reused by later writes.
+    pub async fn vacuum(&self) -> anyhow::Result<(u64, u64)> {
+        let size = || async {
+            let (pages, page_size): (i64, i64) =
+                sqlx::query_as("SELECT page_count, page_size FROM pragma_page_count(), pragma_page_size()")
+                    .fetch_one(&self.pool)
+                    .await
+                    .context("cannot read the database size")?;
+            anyhow::Ok((pages.max(0) * page_size.max(0)) as u64)
+        };
+        let before = size().await?;
+        sqlx::query("VACUUM")
+            .execute(&self.pool)
+            .await
+            .context("VACUUM failed")?;
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await
+            .context("cannot checkpoint the write-ahead log")?;
+        Ok((before, size().await?))
+    }
+
     /// The oldest queued job, if any.
     pub async fn next_queued(&self) -> anyhow::Result<Option<JobRow>> {
         let row = sqlx::query_as::<_, JobRow>(AssertSqlSafe(format!(

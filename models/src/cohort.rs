@@ -100,13 +100,12 @@ pub(crate) fn scan_sql(
     // Dropping the receiver ends a pass that stopped early (or failed): the
     // worker's next send fails and it stops.
     drop(batches);
-    let panicked = worker.join().is_err();
-    match result {
+    if worker.join().is_err() && !stopped {
         // The channel closed as at the end of the result: never take the
-        // rows so far for the whole cohort.
-        Ok(_) if panicked && !stopped => Err(cohort.error("the query failed before the end of its result")),
-        result => result,
+        // rows so far (or none) for the whole cohort.
+        return Err(cohort.error("the query failed before the end of its result"));
     }
+    result
 }
 
 /// The worker: runs the query and sends its batches until the result ends,
@@ -129,7 +128,7 @@ async fn stream(
     batch_rows: usize,
     sender: &SyncSender<Result<RecordBatch, DataError>>,
 ) -> Result<(), DataError> {
-    let context = session(cohort, batch_rows)?;
+    let context = session(cohort)?;
     for (name, path) in &cohort.tables {
         register(&context, cohort, name, path).await?;
     }
@@ -160,12 +159,15 @@ async fn stream(
     Ok(())
 }
 
-/// One partition (so the rows come in one order on every pass), batches of
-/// the pass's size, and the query's memory capped.
-fn session(cohort: &SqlCohort, batch_rows: usize) -> Result<SessionContext, DataError> {
+/// One partition and one batch size whatever the pass's (so the rows come
+/// in one order on every pass: a sort of more than a few batches sorts
+/// them one by one and merges, so ties in an `ORDER BY` could otherwise be
+/// broken differently by a pass that asked for other batches), and the
+/// query's memory capped.
+fn session(cohort: &SqlCohort) -> Result<SessionContext, DataError> {
     let config = SessionConfig::new()
         .with_target_partitions(1)
-        .with_batch_size(batch_rows)
+        .with_batch_size(crate::columnar::BATCH_ROWS)
         .with_information_schema(false);
     let bytes = usize::try_from(cohort.memory_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
     let runtime = RuntimeEnvBuilder::new()

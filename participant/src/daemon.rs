@@ -203,6 +203,7 @@ async fn heartbeat_loop(
             site_id: site.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             session: session.clone(),
+            ledger_kinds: tessera_protocol::ledger::Kind::ALL.len() as u32,
         };
         if egress.record("Heartbeat", &request).is_err() {
             return;

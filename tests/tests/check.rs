@@ -207,7 +207,9 @@ fn the_guides_cohort_query_checks_as_documented() {
         .arg(repo().join("examples/encounters/site.toml"))
         .output()
         .unwrap();
+    assert!(flat.status.success(), "{}", String::from_utf8_lossy(&flat.stderr));
     let hash = |text: &str| text.lines().find(|l| l.contains("features hash")).map(str::to_owned);
+    assert!(hash(&stdout).is_some(), "{stdout}");
     assert_eq!(hash(&stdout), hash(&String::from_utf8_lossy(&flat.stdout)));
 }
 

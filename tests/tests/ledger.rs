@@ -468,13 +468,41 @@ fn stored_models(db: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Sends one heartbeat as `site` (with its kit), reporting `ledger_kinds`.
+fn heartbeat_as(federation: &Federation, site: &str, ledger_kinds: u32) {
+    use tessera_protocol::pb;
+    use tessera_protocol::pb::federation_client::FederationClient;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tls = tessera_protocol::keyfile::client_tls(&federation.state_dir(site)).unwrap();
+        let channel = tonic::transport::Channel::from_shared(federation.addr.clone())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        FederationClient::new(channel)
+            .heartbeat(pb::HeartbeatRequest {
+                site_id: site.into(),
+                ledger_kinds,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+}
+
 /// `tessera job prune` deletes the weights of an ended job's models but its
 /// final one, records it in a `models_pruned` block that every site
 /// endorses, and leaves a ledger both verifiers accept and a model that
 /// still exports; a second prune finds nothing.
 #[test]
 fn pruned_models_leave_a_verifiable_ledger_and_the_final_model() {
-    let federation = Federation::running(&SITES);
+    let mut federation = Federation::running(&SITES);
     let job_id = federation.submit(&federation.write_job("job.toml", &example_job(&[("rounds", "3")])));
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
     assert_eq!(status["job"]["status"], "finished", "{status:#}");
@@ -497,8 +525,29 @@ fn pruned_models_leave_a_verifiable_ledger_and_the_final_model() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("no job 99"), "{}", text(&out));
 
+    // A site whose software does not know the block kind would stop at
+    // it: while one reports so (here, switzerland's old daemon), nothing is
+    // pruned.
+    federation.kill_site("switzerland");
+    heartbeat_as(&federation, "switzerland", 9);
+    let out = federation.tessera(&["job", "prune"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("site switzerland has not reported") && text(&out).contains("models_pruned"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(stored_models(&db).len(), 4);
+    // Upgraded.
+    heartbeat_as(
+        &federation,
+        "switzerland",
+        tessera_protocol::ledger::Kind::ALL.len() as u32,
+    );
+
     let out = federation.tessera(&["job", "prune"]);
     assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("after compaction"), "{}", text(&out));
     let height = before["blocks"].as_u64().unwrap();
     assert!(
         text(&out).contains(&format!("job {job_id} (finished): 3 model(s)"))

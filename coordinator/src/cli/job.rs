@@ -120,6 +120,18 @@ async fn prune(addr: &str, job_ids: Vec<u64>, dry_run: bool) -> CliResult {
         ),
         (false, false) => eprintln!("deleted {models} model(s), {:.1} MiB", mib(total)),
     }
+    if !reply.vacuum_error.is_empty() {
+        eprintln!(
+            "the database file was not compacted ({}): the freed space is reused by later writes",
+            reply.vacuum_error
+        );
+    } else if !dry_run && !reply.jobs.is_empty() {
+        eprintln!(
+            "database file: {:.1} MiB, {:.1} MiB after compaction",
+            mib(reply.file_bytes_before),
+            mib(reply.file_bytes_after)
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -183,6 +183,7 @@ impl Federation for FederationService {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let site = self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
         self.note_session(&site, &request.get_ref().session)?;
+        self.shared.note_ledger_kinds(&site, request.get_ref().ledger_kinds);
         let version = &request.get_ref().version;
         if version.len() > 64 || !version.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
             return Err(

@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use tessera_protocol::ids::JobId;
 use tessera_protocol::job::JobSpec;
+use tessera_protocol::ledger::Kind;
 use tessera_protocol::ledger::payload::{JobCreated, JobEnded, ModelsPruned, Payload};
 use tessera_protocol::pb;
 use tessera_protocol::pb::jobs_server::Jobs;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::RpcError;
 use super::federation::chunk_stream;
@@ -314,8 +315,22 @@ impl Jobs for JobsService {
             || "an operator (the coordinator runs with --insecure-dev)".to_owned(),
             |identity| identity.to_string(),
         );
+        let dry_run = request.get_ref().dry_run;
         let jobs = self.prune(by, request.into_inner()).await?;
-        Ok(Response::new(pb::PruneJobsResponse { jobs }))
+        let mut reply = pb::PruneJobsResponse {
+            jobs,
+            ..Default::default()
+        };
+        if !dry_run && !reply.jobs.is_empty() {
+            match self.shared.store.vacuum().await {
+                Ok((before, after)) => (reply.file_bytes_before, reply.file_bytes_after) = (before, after),
+                Err(e) => {
+                    warn!("cannot compact the database after pruning: {e:#}");
+                    reply.vacuum_error = format!("{e:#}");
+                }
+            }
+        }
+        Ok(Response::new(reply))
     }
 
     type ExportModelStream = super::federation::ChunkStreamAlias;
@@ -384,6 +399,22 @@ impl JobsService {
             return Err(RpcError::FailedPrecondition(
                 PlanError::Running(active.job_id.0).to_string(),
             ));
+        }
+        if !request.dry_run {
+            let kinds = Kind::ALL.len() as u32;
+            let behind = self.shared.behind_on_ledger_kinds(&self.shared.ledger.members(), kinds);
+            if !behind.is_empty() {
+                let names: Vec<String> = behind.iter().map(ToString::to_string).collect();
+                return Err(RpcError::FailedPrecondition(format!(
+                    "{} not reported (since the coordinator started) running software that verifies \
+                     `models_pruned` ledger blocks; such a block would stop them: upgrade them, or try again \
+                     once they are connected",
+                    match names.as_slice() {
+                        [one] => format!("site {one} has"),
+                        many => format!("sites {} have", many.join(", ")),
+                    }
+                )));
+            }
         }
         let now_ms = unix_ms();
         let mut tx = self.shared.ledger.begin().await?;

@@ -504,8 +504,6 @@ fn check_summation(s: &Summation, state: &JobState, members: &Members) -> Result
     check_commitments(&s.commitments, &s.commitment_root, &s.contributors, members)
 }
 
-/// A seal: the first of its job, listing exactly the sites whose acceptance
-/// is on the chain, in strictly ascending order, at least one.
 /// A prune names models of its job, in strictly ascending order, none
 /// pruned before.
 fn check_pruned(p: &ModelsPruned, state: &mut JobState) -> Result<(), String> {
@@ -529,6 +527,8 @@ fn check_pruned(p: &ModelsPruned, state: &mut JobState) -> Result<(), String> {
     Ok(())
 }
 
+/// A seal: the first of its job, listing exactly the sites whose acceptance
+/// is on the chain, in strictly ascending order, at least one.
 fn check_seal(seal: &CohortSealed, state: &JobState) -> Result<BTreeSet<String>, String> {
     if state.cohort.is_some() {
         return Err(format!("the cohort of job {} is sealed twice", seal.job_id));
