@@ -376,7 +376,7 @@ mod tests {
         let path = write(dir.path(), vec![("a", ints(vec![1])), ("y", ints(vec![1]))]);
         let err = read_parquet(&path, &schema).unwrap_err().to_string();
         assert!(
-            err.ends_with("site.parquet: the schema's column `c` is not in the file (its columns: a, y)"),
+            err.ends_with("site.parquet: the schema's column `c` is missing (its columns: a, y)"),
             "{err}"
         );
 

@@ -89,8 +89,9 @@ pub enum DataError {
     /// A Parquet file that cannot be opened or decoded.
     #[error("{}: cannot be read as Parquet: {reason}", file.display())]
     Parquet { file: PathBuf, reason: String },
-    /// A column the schema uses is not in a (columnar) file.
-    #[error("{}: the schema's column `{name}` is not in the file (its columns: {found})", file.display())]
+    /// A column the schema uses is not in a columnar file or a query's
+    /// result (`file` names either).
+    #[error("{}: the schema's column `{name}` is missing (its columns: {found})", file.display())]
     MissingColumn { file: PathBuf, name: String, found: String },
     /// A columnar file's column holds values of a type the schema cannot use.
     #[error("{}: column `{name}` holds {found} values, which cannot be read as {wanted}", file.display())]

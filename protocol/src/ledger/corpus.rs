@@ -251,6 +251,36 @@ fn pruned_cases(out: &mut Vec<Case>) {
         out.push(case(name, c, Expect::Invalid { height }));
     }
 
+    // Two jobs that started from one model (one seed): each job's block may
+    // name it, once per job.
+    let mut c = TestConsortium::new(3);
+    c.job(1, 1);
+    c.create_job(2);
+    c.accept_and_seal(2);
+    c.append(&Payload::RoundCompleted(Box::new(c.round(
+        2,
+        1,
+        &initial,
+        &of_round(2, 1),
+    ))));
+    c.append(&Payload::JobEnded(JobEnded {
+        job_id: 2,
+        status: "failed".into(),
+        reason: "corpus".into(),
+        rounds_done: 1,
+        final_model_sha256: None,
+    }));
+    c.append(&pruned(std::slice::from_ref(&initial)));
+    let mut of_two = vec![initial.clone(), of_round(2, 1)];
+    of_two.sort();
+    c.append(&Payload::ModelsPruned(ModelsPruned {
+        job_id: 2,
+        models: of_two,
+        by: "operator-1".into(),
+        reason: "corpus".into(),
+    }));
+    out.push(case("models_pruned_shared_by_two_jobs", c, Expect::Final));
+
     // While the job runs, its models are still in use.
     let mut c = TestConsortium::new(3);
     c.append(&created(1));
