@@ -220,6 +220,16 @@ impl Store {
         Ok(())
     }
 
+    /// Copies the write-ahead log into the database file and empties it (a
+    /// clean shutdown), so that the file alone holds everything.
+    pub async fn checkpoint(&self) -> anyhow::Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await
+            .context("checkpoint failed")?;
+        Ok(())
+    }
+
     /// Compacts the database file after rows were deleted (`tessera job
     /// prune`): returns its size before and after, in bytes. VACUUM needs
     /// free disk space for a copy of the live rows; when it fails, the freed

@@ -247,7 +247,38 @@ fn run(path: &Path, o: Overrides, allow_insecure_plaintext: bool, withhold_site_
         config.tls_dir = Some(dir);
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(daemon::run(config))
+    let replica = config.state_dir.join("ledger.db");
+    runtime.block_on(async {
+        tokio::select! {
+            result = daemon::run(config) => result,
+            () = shutdown_signal() => {
+                tracing::info!("shutting down");
+                // The replica file alone then holds the whole ledger (a
+                // regulator may copy `ledger.db` without its -wal file).
+                if replica.exists() {
+                    let checkpoint = async { tessera_protocol::ledger::store::LedgerStore::open(&replica).await?.checkpoint().await };
+                    if let Err(e) = checkpoint.await {
+                        tracing::warn!("cannot checkpoint {}: {e}", replica.display());
+                    }
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (systemd, `docker stop`, `kill`). Stopping
+/// the daemon between two awaits is no worse than a crash, which every
+/// step already survives (egress log, contributions, replica).
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 fn enroll(site: &str, state_dir: &Path) -> anyhow::Result<()> {

@@ -395,6 +395,30 @@ impl Federation {
             false
         });
     }
+
+    /// Stops the coordinator or a participant as systemd would (SIGTERM)
+    /// and returns how it exited.
+    pub fn terminate(&mut self, name: &str) -> std::process::ExitStatus {
+        let index = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        let (_, mut child) = self.children.remove(index);
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {name} failed");
+        for _ in 0..600 {
+            if let Some(status) = child.try_wait().expect("wait for process") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        panic!("{name} did not exit within 30 s of SIGTERM");
+    }
 }
 
 impl Drop for Federation {

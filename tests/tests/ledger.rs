@@ -3,7 +3,7 @@
 //! verifier written from docs/ledger-format.md) check it, and tampering,
 //! forks and restarts are caught.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use tessera_tests::{Federation, SITES, bin, example_job, repo};
@@ -588,6 +588,65 @@ fn pruned_models_leave_a_verifiable_ledger_and_the_final_model() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("nothing to prune"), "{}", text(&out));
     assert_eq!(verify_json(&db)["blocks"].as_u64().unwrap(), height + 1);
+
+    // A copy a regulator can carry: one file, no -wal beside it, from the
+    // database file or through the API; both verify on their own.
+    let exported = scratch.path().join("export.db");
+    let out = tessera_offline(&[
+        "ledger",
+        "export",
+        db.to_str().unwrap(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let from_api = scratch.path().join("api.db");
+    let out = federation.tessera(&["ledger", "export", "--out", from_api.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    for file in [&exported, &from_api] {
+        assert!(!PathBuf::from(format!("{}-wal", file.display())).exists());
+        let report = verify_json(file);
+        assert_eq!(report["intact"], true, "{report:#}");
+        assert_eq!(report["blocks"].as_u64().unwrap(), height + 1, "{report:#}");
+        assert!(python_verify(file).status.success(), "{}", text(&python_verify(file)));
+    }
+    assert_eq!(verify_json(&exported)["models_checked"], 1);
+    // Never over an existing file.
+    let out = tessera_offline(&[
+        "ledger",
+        "export",
+        db.to_str().unwrap(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("never overwrites"), "{}", text(&out));
+    // A file without its ledger tables (a main file copied without its
+    // -wal) is named as such.
+    let bare = scratch.path().join("bare.db");
+    std::fs::write(&bare, b"").unwrap();
+    let out = tessera_offline(&["ledger", "verify", bare.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("bare.db-wal") && text(&out).contains("tessera ledger export"),
+        "{}",
+        text(&out)
+    );
+
+    // A clean stop (SIGTERM) leaves each file whole on its own: the
+    // coordinator's database and a site's replica, copied without -wal.
+    for (name, file) in [
+        ("cleveland", federation.state_dir("cleveland").join("ledger.db")),
+        ("coordinator", db.clone()),
+    ] {
+        let status = federation.terminate(name);
+        assert!(status.success(), "{name} exited {status:?}");
+        let alone = scratch.path().join(format!("{name}-alone.db"));
+        std::fs::copy(&file, &alone).unwrap();
+        let report = verify_json(&alone);
+        assert_eq!(report["intact"], true, "{name}: {report:#}");
+        assert_eq!(report["blocks"].as_u64().unwrap(), height + 1, "{name}: {report:#}");
+    }
 
     // Deleting a model without a block is still caught.
     let copy = scratch.path().join("coordinator.db");

@@ -186,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     info!(addr = %bound, db = %args.db.display(), "coordinator listening");
+    let on_exit = shared.clone();
     let (g1, g2, g3) = (gate.clone(), gate.clone(), gate);
     server
         .add_service(InterceptedService::new(
@@ -203,12 +204,29 @@ async fn main() -> anyhow::Result<()> {
         // TCP_NODELAY: protocol steps are small request/response exchanges
         // that Nagle's algorithm would delay by ~40 ms each.
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
-            let _ = tokio::signal::ctrl_c().await;
+            shutdown_signal().await;
             info!("shutting down");
         })
         .await
         .context("server failed")?;
+    // The database file alone then holds everything (a regulator may copy
+    // it without its -wal file).
+    if let Err(e) = on_exit.store.checkpoint().await {
+        warn!("cannot checkpoint the database's write-ahead log: {e:#}");
+    }
     Ok(())
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (systemd, `docker stop`, `kill`).
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 /// Serves `/metrics` and `/healthz` on `addr` in the background: HTTP/1.1

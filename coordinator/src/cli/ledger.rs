@@ -2,7 +2,7 @@
 //! ledger file (the coordinator's database or a site's replica), or read-only
 //! against a coordinator; nothing here needs to trust the operator.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -49,6 +49,16 @@ pub(crate) enum LedgerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write one self-contained ledger file that verifies on its own (no
+    /// `-wal` file beside it): a copy of a ledger file (coordinator
+    /// database or site replica) with the pages its write-ahead log holds,
+    /// or, without a file, the coordinator's chain read through its API.
+    Export {
+        path: Option<PathBuf>,
+        /// The file to write; it must not exist.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write one self-contained HTML page for a regulator.
     Report {
         path: Option<PathBuf>,
@@ -92,10 +102,20 @@ async fn load(addr: &str, path: Option<&PathBuf>) -> Result<Loaded, CliError> {
             let store = LedgerStore::open_read_only(path)
                 .await
                 .with_context(|| format!("cannot open {}", path.display()))?;
-            let stored = store
-                .blocks()
-                .await
-                .map_err(|e| CliError::User(format!("{} is not a Tessera ledger: {e}", path.display())))?;
+            let stored = store.blocks().await.map_err(|e| {
+                let wal = PathBuf::from(format!("{}-wal", path.display()));
+                let hint = if wal.exists() {
+                    String::new()
+                } else {
+                    format!(
+                        ". If it is a copy of a running (or crashed) coordinator's database or site's ledger.db, \
+                         its latest pages are in {}, which must be copied with it; `tessera ledger export` \
+                         writes a copy that needs none",
+                        wal.display()
+                    )
+                };
+                CliError::User(format!("{} is not a Tessera ledger: {e}{hint}", path.display()))
+            })?;
             let models = store.models().await.context("cannot read models")?;
             let conflicts = store.conflicts().await.context("cannot read equivocation evidence")?;
             let (blocks, hashes) = stored.into_iter().unzip();
@@ -241,6 +261,7 @@ pub(crate) async fn exec(addr: &str, cmd: LedgerCommand) -> CliResult {
             let loaded = load(addr, path.as_ref()).await?;
             show(&loaded, job, round, json)
         }
+        LedgerCommand::Export { path, out } => export(addr, path.as_ref(), &out).await,
         LedgerCommand::Report { path, out } => {
             let loaded = load(addr, path.as_ref()).await?;
             let html = report::render(&loaded);
@@ -307,6 +328,71 @@ pub(crate) async fn exec(addr: &str, cmd: LedgerCommand) -> CliResult {
                     Ok(ExitCode::from(1))
                 }
             }
+        }
+    }
+}
+
+/// `tessera ledger export`: writes the copy, then verifies it alone.
+async fn export(addr: &str, path: Option<&PathBuf>, out: &Path) -> CliResult {
+    if out.exists() {
+        return Err(CliError::User(format!(
+            "{} exists: the export never overwrites a file",
+            out.display()
+        )));
+    }
+    match path {
+        Some(path) => {
+            if !path.exists() {
+                return Err(CliError::User(format!("no ledger file at {}", path.display())));
+            }
+            let store = LedgerStore::open_read_only(path)
+                .await
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            store
+                .blocks()
+                .await
+                .map_err(|e| CliError::User(format!("{} is not a Tessera ledger: {e}", path.display())))?;
+            store
+                .export_to(out)
+                .await
+                .with_context(|| format!("cannot write {}", out.display()))?;
+        }
+        None => {
+            let loaded = load(addr, None).await?;
+            let store = LedgerStore::open(out)
+                .await
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            for (height, block) in loaded.blocks.iter().enumerate() {
+                store
+                    .append(height as u64, block)
+                    .await
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+            }
+            store.pool().close().await;
+        }
+    }
+    LedgerStore::make_standalone(out)
+        .await
+        .with_context(|| format!("cannot finish {}", out.display()))?;
+    let loaded = load(addr, Some(&out.to_path_buf())).await?;
+    match verdict(&loaded) {
+        Ok((report, _)) => {
+            eprintln!(
+                "wrote {}: {} blocks, intact{}; it verifies on its own: tessera ledger verify {}",
+                out.display(),
+                report.blocks,
+                if report.pending > 0 {
+                    format!(" ({} at the tail not yet final)", report.pending)
+                } else {
+                    String::new()
+                },
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(reason) => {
+            eprintln!("wrote {}, but it does not verify: {reason}", out.display());
+            Ok(ExitCode::from(1))
         }
     }
 }

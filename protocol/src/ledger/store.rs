@@ -78,6 +78,39 @@ impl LedgerStore {
         Ok(Self { pool })
     }
 
+    /// Copies every page of the write-ahead log into the file and empties
+    /// the log: after it (a daemon's clean shutdown), the file alone holds
+    /// the whole ledger, as a regulator who copies only `ledger.db` expects.
+    pub async fn checkpoint(&self) -> sqlx::Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes one self-contained copy of the database (its log's pages
+    /// included, compacted) to `out`, which must not exist: a file a
+    /// regulator can carry and verify alone (`tessera ledger export`).
+    pub async fn export_to(&self, out: &Path) -> sqlx::Result<()> {
+        sqlx::query("VACUUM INTO ?")
+            .bind(out.to_string_lossy().into_owned())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Puts a ledger file (an export) in rollback-journal mode, so that no
+    /// `-wal` file is ever needed or created beside it: a file to carry.
+    pub async fn make_standalone(path: &Path) -> sqlx::Result<()> {
+        use sqlx::{ConnectOptions, Connection};
+        let conn = SqliteConnectOptions::new()
+            .filename(path)
+            .journal_mode(SqliteJournalMode::Delete)
+            .connect()
+            .await?;
+        conn.close().await
+    }
+
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
