@@ -313,6 +313,18 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
         );
         let out = python_verify(&copy);
         assert_eq!(out.status.code(), Some(1), "python, {what}: {}", text(&out));
+        // The report of a tampered copy is written, and says so by its exit.
+        let page = federation.dir.path().join("tampered.html");
+        let out = tessera_offline(&[
+            "ledger",
+            "report",
+            copy.to_str().unwrap(),
+            "--out",
+            page.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(1), "report, {what}: {}", text(&out));
+        assert!(text(&out).contains("does not verify"), "report, {what}: {}", text(&out));
+        assert!(std::fs::read_to_string(&page).unwrap().contains("id=\"verdict\""));
         assert!(
             text(&out).contains(&format!("block {height}")) || what.contains("model"),
             "python, {what}: {}",

@@ -59,7 +59,8 @@ pub(crate) enum LedgerCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Write one self-contained HTML page for a regulator.
+    /// Write one self-contained HTML page for a regulator. Exit 1 (the page
+    /// is still written, saying why) when the ledger does not verify.
     Report {
         path: Option<PathBuf>,
         #[arg(long)]
@@ -266,8 +267,18 @@ pub(crate) async fn exec(addr: &str, cmd: LedgerCommand) -> CliResult {
             let loaded = load(addr, path.as_ref()).await?;
             let html = report::render(&loaded);
             std::fs::write(&out, html).with_context(|| format!("cannot write {}", out.display()))?;
-            eprintln!("wrote {}", out.display());
-            Ok(ExitCode::SUCCESS)
+            // The page says what is wrong; a script that only checks the
+            // exit status must learn it too.
+            match verdict(&loaded) {
+                Ok(_) => {
+                    eprintln!("wrote {}", out.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(reason) => {
+                    eprintln!("wrote {}, for a ledger that does not verify: {reason}", out.display());
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         LedgerCommand::Receipt {
             path,
