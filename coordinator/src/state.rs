@@ -177,6 +177,12 @@ impl Shared {
         true
     }
 
+    /// Forgets the version noted for `site` (it could not be stored), so
+    /// that the next heartbeat stores it again.
+    pub fn forget_version(&self, site: &SiteId) {
+        self.lock().versions.remove(site);
+    }
+
     /// Records how many ledger block kinds `site`'s software knows.
     pub fn note_ledger_kinds(&self, site: &SiteId, kinds: u32) {
         self.lock().ledger_kinds.insert(site.clone(), kinds);

@@ -196,6 +196,8 @@ impl Federation for FederationService {
             && self.shared.note_version(&site, version)
             && let Err(e) = self.shared.store.set_site_version(&site, version, unix_ms()).await
         {
+            // Not cached as recorded: the next heartbeat tries again.
+            self.shared.forget_version(&site);
             warn!(%site, "cannot record the site's version: {e:#}");
         }
         Ok(Response::new(pb::HeartbeatResponse {
