@@ -366,6 +366,29 @@ mod tests {
         assert!(missing.contains("dx.parquet"), "{missing}");
     }
 
+    /// A query that fails after it has handed over rows fails the pass: its
+    /// first rows are never taken for the whole cohort.
+    #[test]
+    fn a_query_that_fails_midway_fails_the_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tables(dir.path());
+        let schema = Schema::from_toml(SCHEMA).unwrap();
+        // One partition: the union's inputs run in order, so the first
+        // one's rows are handed over before the second one fails.
+        let query = "SELECT patient, age, 0 AS diabetes, 0 AS readmitted FROM encounters \
+                     UNION ALL \
+                     SELECT patient, CAST(outcome AS INT) AS age, 0 AS diabetes, 0 AS readmitted FROM encounters";
+        let mut seen = 0;
+        let err = scan_sql(&cohort(dir.path(), query), &schema, 1, &mut |batch| {
+            seen += batch.len();
+            ControlFlow::Continue(())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(seen > 0, "the failure came before any row: {err}");
+        assert!(err.contains("the query failed"), "{err}");
+    }
+
     /// The query reads; it cannot write a file, define a table or change a
     /// setting.
     #[test]
