@@ -5,7 +5,9 @@
 # random site) and started again at once. Then every job is waited for, the
 # processes are stopped cleanly, and the coordinator's ledger is verified.
 #
-#   scripts/chaos.sh [--kills N] [--jobs J] [--rounds R] [--seed S]
+#   scripts/chaos.sh [--kills N] [--jobs J] [--rounds R] [--seed S] [--sites-only]
+#
+# --sites-only never kills the coordinator (a site's crash and rejoin alone).
 #
 # Prints, as its last line:
 #   kills=<N> jobs_completed=<C> ledger_intact=<yes|no> rounds_counted_twice=<D>
@@ -22,12 +24,14 @@ kills=20
 jobs=5
 rounds=200
 seed=1
+sites_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --kills) kills="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     --seed) seed="$2"; shift 2 ;;
+    --sites-only) sites_only=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -102,7 +106,11 @@ all_ended() {
 done_kills=0
 while [ "$done_kills" -lt "$kills" ] && ! all_ended; do
   sleep "$((RANDOM % 3 + 1)).$((RANDOM % 10))"
-  if [ $((RANDOM % 3)) = 0 ]; then victim=coordinator; else victim=${sites[$((RANDOM % 4))]}; fi
+  if [ "$sites_only" = 0 ] && [ $((RANDOM % 3)) = 0 ]; then
+    victim=coordinator
+  else
+    victim=${sites[$((RANDOM % 4))]}
+  fi
   kill -9 "${pid[$victim]}" 2>/dev/null || true
   wait "${pid[$victim]}" 2>/dev/null || true
   echo "$(date +%T) kill -9 $victim" >> "$run_dir/kills.log"
