@@ -561,7 +561,8 @@ mod tests {
         // Mistakes, named.
         let err = read_source(&Source::Postgres(source("SELECT patient_id FROM encounters")), &schema).unwrap_err();
         assert!(
-            err.to_string().contains("the schema's column `age` is not in the"),
+            err.to_string()
+                .contains("the schema's column `age` is missing (its columns: patient_id)"),
             "{err}"
         );
         assert_eq!(err.public_reason(), "schema mismatch: column `age` missing");
