@@ -122,6 +122,24 @@ done
 for _ in $(seq 1200); do all_ended && break; sleep 0.5; done
 completed=$(python3 -c "import json,sys; print(sum(x['status']=='finished' for x in json.load(open(sys.argv[1]))))" "$run_dir/jobs.json")
 
+# The same job once more, with nothing killed: the reference for the final
+# accuracy of the jobs above.
+reference=""
+if "$bin/tessera" --coordinator "$addr" job submit "$job" > "$run_dir/reference.id" 2>> "$run_dir/cli.log"; then
+  for _ in $(seq 1200); do all_ended && break; sleep 0.5; done
+  reference=$(grep -o '[0-9]\+' "$run_dir/reference.id" | head -1)
+fi
+final_accuracy() {
+  "$bin/tessera" --coordinator "$addr" job status "$1" --json 2>> "$run_dir/cli.log" \
+    | python3 -c "import json,sys; a=json.load(sys.stdin).get('final_pooled_accuracy'); print('n/a' if a is None else f'{a:.4f}')"
+}
+
+: > "$run_dir/accuracy.log"
+for id in $(python3 -c "import json,sys; print(' '.join(str(x['job_id']) for x in json.load(open(sys.argv[1]))))" "$run_dir/jobs.json"); do
+  label="job $id"; [ "$id" = "$reference" ] && label="job $id (reference, nothing killed)"
+  echo "$label: final pooled accuracy $(final_accuracy "$id")" >> "$run_dir/accuracy.log"
+done
+
 # Stop cleanly (SIGTERM: the databases are checkpointed), then verify.
 for p in "${pid[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 wait 2>/dev/null || true
@@ -142,5 +160,6 @@ print(sum(1 for n in seen.values() if n > 1))
 PY
 )
 python3 -c "import json,sys; [print(f\"job {x['job_id']}: {x['status']}\", x.get('error','')) for x in json.load(open(sys.argv[1]))]" "$run_dir/jobs.json"
+cat "$run_dir/accuracy.log"
 echo "logs in $run_dir"
 echo "kills=$done_kills jobs_completed=$completed ledger_intact=$intact rounds_counted_twice=$twice"

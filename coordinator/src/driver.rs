@@ -20,7 +20,7 @@ use tessera_protocol::ledger::payload::{
     Commitment, DeclaredCounts, Dropout, JobEnded, Metrics, Payload, PooledMetrics, RoundCompleted, SiteMetrics,
     Summation,
 };
-use tessera_protocol::model::{encode_params, initial_params, model_hash};
+use tessera_protocol::model::{decode_params, encode_params, initial_params, model_hash};
 use tessera_protocol::pb;
 use tessera_protocol::replay::round_sum;
 use tessera_protocol::round::{MemberState, RoundCollector, RoundParams};
@@ -74,7 +74,7 @@ impl From<anyhow::Error> for Stop {
 /// Runs queued jobs forever.
 pub async fn run(shared: Arc<Shared>) {
     loop {
-        match shared.store.next_queued().await {
+        match shared.store.next_to_run().await {
             Ok(Some(job)) => run_job(&shared, job).await,
             Ok(None) => {
                 let _ = tokio::time::timeout(Duration::from_millis(500), shared.wake.notified()).await;
@@ -94,7 +94,9 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
         // changed or the validation rules tightened since.
         Err(e) => ("failed", format!("job file no longer valid: {e}")),
         Ok(spec) => {
-            if let Err(e) = shared.store.set_status(job_id, "running", "", unix_ms()).await {
+            if row.status == "running" {
+                info!(job = %job_id, phase = %row.phase, rounds_done = row.rounds_done, "job resumes after a coordinator restart");
+            } else if let Err(e) = shared.store.set_status(job_id, "running", "", unix_ms()).await {
                 error!("job {job_id}: {e:#}");
             }
             shared.lock().active = Some(ActiveJob {
@@ -109,7 +111,7 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
                 restarted: BTreeSet::new(),
             });
             info!(job = %job_id, name = %spec.name, "job started");
-            let result = drive(shared, job_id, &spec).await;
+            let result = drive(shared, job_id, &spec, &row).await;
             shared.lock().active = None;
             shared.wake.notify_waiters();
             match result {
@@ -183,6 +185,7 @@ async fn end_job(shared: &Arc<Shared>, job_id: JobId, status: &str, reason: &str
     };
     let mut tx = shared.ledger.begin().await?;
     Store::set_status_in(&mut tx.tx, job_id, status, reason, now_ms).await?;
+    Store::forget_sessions_in(&mut tx.tx, job_id, u32::MAX).await?;
     if let Some(block) = final_metrics {
         tx.append(&block, now_ms as u64).await?;
     }
@@ -325,13 +328,13 @@ async fn metrics_block(shared: &Arc<Shared>, job_id: JobId, round: u32, model_ha
     }))
 }
 
-async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<(), Stop> {
-    let job_hash = shared
-        .lock()
-        .active
-        .as_ref()
-        .map(|a| a.job_hash.clone())
-        .unwrap_or_default();
+/// Takes a job from its stored progress to its end: from the start for a
+/// new job; for a job a previous coordinator process left running, from
+/// where its stored progress ends (the preprocessing, the last recorded
+/// round and the strategy's state after it, the stored stage of a secure
+/// summation in flight).
+async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow) -> Result<(), Stop> {
+    let job_hash = row.job_hash.clone();
     let timing = spec.timing;
     let dropout_ms = timing.dropout_after_s * 1000;
     let secure = match &spec.aggregation {
@@ -343,63 +346,84 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
             "secure aggregation needs the consortium roster (start the coordinator with --roster)".into(),
         ));
     }
-    set_phase(shared, job_id, "waiting for sites").await;
-    let members = wait_for_sites(shared, spec).await?;
-    info!(job = %job_id, sites = ?names(&members), secure = secure.is_some(), "sites gathered");
-
-    set_phase(shared, job_id, "preprocessing").await;
-    let (total, secure_sum) = preprocess(shared, job_id, spec, &members).await?;
-    // From here on the job is its sealed cohort's: a site that never
-    // accepted it on the ledger is in no round, nor is a site left out of
-    // it (its encoding differs from the others').
-    let cohort = shared.ledger.cohort(job_id.0);
-    let left_out: BTreeSet<SiteId> = shared
-        .store
-        .problems(job_id)
-        .await?
-        .into_iter()
-        .filter_map(|(site, _)| SiteId::new(&site).ok())
-        .collect();
-    let members: BTreeSet<SiteId> = members
-        .intersection(&cohort)
-        .filter(|s| !left_out.contains(*s))
-        .cloned()
-        .collect();
-    let normalization = Normalization::from_stats(&total).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
-    let n_features = total.sum.len();
-    if let Some((sum, transcript)) = secure_sum {
-        // Committed before any round: every site derives the normalisation
-        // from this sum (aggregate "round 0") instead of taking it on trust.
-        let block = summation_block(Summation::STATISTICS, &sum, &transcript, Some(&normalization));
-        let bytes: Vec<u8> = sum.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let mut tx = shared.ledger.begin().await?;
-        Store::put_aggregate_in(&mut tx.tx, job_id, 0, &hex::encode(commitment(&sum)), &bytes).await?;
-        tx.append(&block, unix_ms() as u64).await?;
-        tx.commit().await?;
-    }
-    shared
-        .store
-        .set_preprocessing(job_id, n_features, &normalization)
-        .await?;
-    info!(job = %job_id, n_features, rows = total.count, "global feature statistics computed");
+    let (members, normalization) = match stored_preprocessing(row)? {
+        Some(normalization) => {
+            // Resumed past its preprocessing: the job is its sealed cohort's.
+            set_phase(shared, job_id, "waiting for sites").await;
+            let cohort = shared.ledger.cohort(job_id.0);
+            let members = job_members(shared, job_id, &cohort).await?;
+            wait_for_members(shared, spec, &members).await?;
+            (members, normalization)
+        }
+        None => {
+            set_phase(shared, job_id, "waiting for sites").await;
+            let gathered = wait_for_sites(shared, spec).await?;
+            info!(job = %job_id, sites = ?names(&gathered), secure = secure.is_some(), "sites gathered");
+            set_phase(shared, job_id, "preprocessing").await;
+            let (total, secure_sum) = preprocess(shared, job_id, spec, &gathered).await?;
+            // From here on the job is its sealed cohort's: a site that never
+            // accepted it on the ledger is in no round, nor is a site left out
+            // of it (its encoding differs from the others').
+            let members = job_members(shared, job_id, &gathered).await?;
+            let normalization =
+                Normalization::from_stats(&total).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
+            // Stored with the statistics' block (committed before any round:
+            // every site derives the normalisation from this sum, aggregate
+            // "round 0", instead of taking it on trust): a resumed job skips
+            // its preprocessing exactly when both are stored.
+            let mut tx = shared.ledger.begin().await?;
+            if let Some((sum, transcript)) = secure_sum {
+                let block = summation_block(Summation::STATISTICS, &sum, &transcript, Some(&normalization));
+                let bytes: Vec<u8> = sum.iter().flat_map(|w| w.to_le_bytes()).collect();
+                Store::put_aggregate_in(&mut tx.tx, job_id, 0, &hex::encode(commitment(&sum)), &bytes).await?;
+                tx.append(&block, unix_ms() as u64).await?;
+            }
+            Store::set_preprocessing_in(&mut tx.tx, job_id, total.sum.len(), &normalization).await?;
+            Store::forget_sessions_in(&mut tx.tx, job_id, 0).await?;
+            tx.commit().await?;
+            info!(job = %job_id, n_features = total.sum.len(), rows = total.count, "global feature statistics computed");
+            (members, normalization)
+        }
+    };
+    let n_features = normalization.mean.len();
 
     let layout = spec.model.layout(n_features);
-    let mut global = initial_params(&layout, spec.seed);
+    let mut strategy = strategy::from_spec(&spec.strategy);
+    let first_round = row.rounds_done as u32 + 1;
+    let mut global = match &row.final_model_hash {
+        Some(hash) if first_round > 1 => {
+            strategy
+                .load_state(&shared.store.strategy_state(job_id).await?)
+                .map_err(|e| Stop::Failed(format!("cannot resume after round {}: {e}", first_round - 1)))?;
+            let bytes = shared
+                .store
+                .model(hash)
+                .await?
+                .with_context(|| format!("the model of round {} ({hash}) is not stored", first_round - 1))?;
+            decode_params(&bytes).with_context(|| format!("the stored model {hash} does not decode"))?
+        }
+        _ => initial_params(&layout, spec.seed),
+    };
     let mut global_hash = model_hash(&global);
     shared
         .store
         .put_model(&global_hash, global.len(), &encode_params(&global), unix_ms())
         .await?;
-    let mut strategy = strategy::from_spec(&spec.strategy);
     let pb_normalization = pb::Normalization {
         mean: normalization.mean.clone(),
         std: normalization.std.clone(),
     };
 
-    for round in 1..=spec.rounds {
+    for round in first_round..=spec.rounds {
         set_phase(shared, job_id, &format!("round {round}/{}", spec.rounds)).await;
         let started_at_ms = unix_ms();
-        let round_members = taking_part(shared, &members, dropout_ms);
+        // A secure summation in flight when a previous process stopped goes
+        // on from its stored stage, with the members it started with.
+        let restored = restored_session(shared, job_id, round, secure.is_some()).await?;
+        let round_members = match &restored {
+            Some(session) => session.members.iter().cloned().collect(),
+            None => taking_part(shared, &members, dropout_ms),
+        };
         let announcement = pb::RoundAnnouncement {
             job_id: job_id.0,
             round,
@@ -415,7 +439,18 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
         };
         let result = match secure {
             None => plaintext_round(shared, spec, announcement, &round_members, global.len()).await?,
-            Some(secure) => secure_round(shared, spec, &secure, announcement, &round_members, global.len()).await?,
+            Some(secure) => {
+                secure_round(
+                    shared,
+                    spec,
+                    &secure,
+                    announcement,
+                    &round_members,
+                    global.len(),
+                    restored,
+                )
+                .await?
+            }
         };
         let next = strategy
             .aggregate_train(&global, &result.sum)
@@ -462,6 +497,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
                     .aggregate
                     .as_deref()
                     .map(|a| (result.aggregate_sha256.as_str(), a)),
+                strategy_state: &strategy.save_state(),
             },
         )
         .await?;
@@ -483,12 +519,35 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
         global_hash = next_hash;
     }
 
-    // Final evaluation of the last model.
+    // Final evaluation of the last model (done already when a previous
+    // process stopped after recording it).
+    if row.phase == "done" {
+        return Ok(());
+    }
     set_phase(shared, job_id, "final evaluation").await;
-    let members = taking_part(shared, &members, dropout_ms);
+    let round = spec.rounds + 1;
+    let ctx = RoundContext {
+        job_id: job_id.0,
+        round,
+    };
+    let session = match (secure, restored_session(shared, job_id, round, secure.is_some()).await?) {
+        (_, Some(restored)) => Some(restored),
+        (Some(secure), None) => {
+            // The final model's evaluation, pooled by secure sum.
+            let cohort = shared.ledger.cohort(job_id.0).len();
+            let params = secure.params(cohort, spec.min_sites as usize, evaluation::WORDS);
+            let members = taking_part(shared, &members, dropout_ms);
+            Some(durable(shared, SecureSession::new(ctx, params, members, shared.roster.clone())).await?)
+        }
+        (None, None) => None,
+    };
+    let members = match &session {
+        Some(session) => session.members.iter().cloned().collect(),
+        None => taking_part(shared, &members, dropout_ms),
+    };
     let announcement = pb::RoundAnnouncement {
         job_id: job_id.0,
-        round: spec.rounds + 1,
+        round,
         job_toml: String::new(),
         job_hash: String::new(),
         model_hash: global_hash,
@@ -499,36 +558,135 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Result<()
         members: members.iter().map(|s| s.to_string()).collect(),
         secure: secure.is_some(),
     };
-    let session = match secure {
-        Some(secure) => {
-            // The final model's evaluation, pooled by secure sum.
-            let ctx = RoundContext {
-                job_id: job_id.0,
-                round: announcement.round,
-            };
-            let cohort = shared.ledger.cohort(job_id.0).len();
-            let params = secure.params(cohort, spec.min_sites as usize, evaluation::WORDS);
-            Some(SecureSession::new(ctx, params, members.clone(), shared.roster.clone()))
+    install_round(shared, announcement, None, session, &members).await?;
+    let mut tx = match run_phase(shared).await? {
+        (_, Some(Ok((sum, transcript)))) => {
+            store_pooled(shared, ctx, &contributors(&transcript), &sum).await?;
+            let block = summation_block(Summation::FINAL_EVALUATION, &sum, &transcript, None);
+            let mut tx = shared.ledger.begin().await?;
+            tx.append(&block, unix_ms() as u64).await?;
+            tx
         }
-        None => None,
-    };
-    let ctx = RoundContext {
-        job_id: job_id.0,
-        round: announcement.round,
-    };
-    install_round(shared, announcement, None, session, &members);
-    if let (_, Some(outcome)) = run_phase(shared).await? {
-        match outcome {
-            Ok((sum, transcript)) => {
-                store_pooled(shared, ctx, &contributors(&transcript), &sum).await?;
-                let block = summation_block(Summation::FINAL_EVALUATION, &sum, &transcript, None);
-                shared.ledger.append(&block, unix_ms() as u64).await?;
-            }
-            Err(e) => warn!(job = %job_id, "final evaluation: secure sum aborted: {e}"),
+        (_, Some(Err(e))) => {
+            warn!(job = %job_id, "final evaluation: secure sum aborted: {e}");
+            shared.ledger.begin().await?
         }
-    }
-    set_phase(shared, job_id, "done").await;
+        (_, None) => shared.ledger.begin().await?,
+    };
+    // "done" with the evaluation's block: a resumed job runs it once.
+    Store::set_phase_in(&mut tx.tx, job_id, "done").await?;
+    tx.commit().await?;
     Ok(())
+}
+
+/// The members of a job among `candidates`: in its sealed cohort, and not
+/// left out of it (a site whose encoding differs from the others').
+async fn job_members(
+    shared: &Arc<Shared>,
+    job_id: JobId,
+    candidates: &BTreeSet<SiteId>,
+) -> Result<BTreeSet<SiteId>, Stop> {
+    let cohort = shared.ledger.cohort(job_id.0);
+    let left_out: BTreeSet<SiteId> = shared
+        .store
+        .problems(job_id)
+        .await?
+        .into_iter()
+        .filter_map(|(site, _)| SiteId::new(&site).ok())
+        .collect();
+    Ok(candidates
+        .intersection(&cohort)
+        .filter(|s| !left_out.contains(*s))
+        .cloned()
+        .collect())
+}
+
+/// The normalisation a job's preprocessing stored, if it got that far.
+fn stored_preprocessing(row: &JobRow) -> Result<Option<Normalization>, Stop> {
+    let Some(json) = &row.normalization else {
+        return Ok(None);
+    };
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        mean: Vec<f64>,
+        std: Vec<f64>,
+    }
+    let stored: Stored = serde_json::from_str(json)
+        .map_err(|e| Stop::Failed(format!("cannot resume: the stored normalisation does not parse: {e}")))?;
+    Ok(Some(Normalization {
+        mean: stored.mean,
+        std: stored.std,
+    }))
+}
+
+/// The secure summation of `round` a previous process left in flight, as
+/// its open stage began.
+async fn restored_session(
+    shared: &Arc<Shared>,
+    job_id: JobId,
+    round: u32,
+    secure: bool,
+) -> Result<Option<SecureSession>, Stop> {
+    if !secure {
+        return Ok(None);
+    }
+    let Some(bytes) = shared.store.session(job_id, round).await? else {
+        return Ok(None);
+    };
+    let session = SecureSession::restore(&bytes)?;
+    if session.ctx.job_id != job_id.0 || session.ctx.round != round {
+        return Err(Stop::Failed(format!(
+            "cannot resume round {round}: its stored summation is of job {} round {}",
+            session.ctx.job_id, session.ctx.round
+        )));
+    }
+    info!(job = %job_id, round, stage = session.stage(), "secure summation resumes from its stored stage");
+    Ok(Some(session))
+}
+
+/// Stores a new summation's first stage, so that no site gets a step of a
+/// summation a crash would lose.
+async fn durable(shared: &Arc<Shared>, mut session: SecureSession) -> Result<SecureSession, Stop> {
+    if let Some(snapshot) = session.snapshot() {
+        shared
+            .store
+            .put_session(JobId(session.ctx.job_id), session.ctx.round, &snapshot)
+            .await?;
+    }
+    session.mark_durable();
+    Ok(session)
+}
+
+/// After a restart: waits until the job's members are back (all of them,
+/// or `min_sites` and a short grace for the rest).
+async fn wait_for_members(shared: &Arc<Shared>, spec: &JobSpec, members: &BTreeSet<SiteId>) -> Result<(), Stop> {
+    let window = spec.timing.dropout_after_s * 1000;
+    let start = shared.now_ms();
+    let mut ready_since: Option<u64> = None;
+    loop {
+        if cancel_requested(shared) {
+            return Err(Stop::Cancelled);
+        }
+        let now = shared.now_ms();
+        let back = shared.online(window).intersection(members).count();
+        if back == members.len() {
+            return Ok(());
+        }
+        if back >= spec.min_sites as usize {
+            let since = *ready_since.get_or_insert(now);
+            if now - since >= GATHER_GRACE_MS {
+                return Ok(());
+            }
+        } else if now - start >= spec.timing.round_timeout_s * 1000 {
+            return Err(Stop::Failed(format!(
+                "after the coordinator restarted, {back} of the job's {} sites came back within {} s; min_sites is {}",
+                members.len(),
+                spec.timing.round_timeout_s,
+                spec.min_sites
+            )));
+        }
+        tokio::time::sleep(TICK).await;
+    }
 }
 
 /// What a round hands to the strategy and the store.
@@ -567,7 +725,7 @@ async fn plaintext_round(
         dropout_after_ms: spec.timing.dropout_after_s * 1000,
     };
     let collector = RoundCollector::new(params, members.iter().cloned(), shared.now_ms());
-    install_round(shared, announcement, Some(collector), None, members);
+    install_round(shared, announcement, Some(collector), None, members).await?;
     let (collector, _) = run_phase(shared).await?;
     let collector = collector.expect("training round keeps its collector");
     let outcome = collector
@@ -626,6 +784,7 @@ async fn secure_round(
     announcement: pb::RoundAnnouncement,
     members: &BTreeSet<SiteId>,
     n_params: usize,
+    restored: Option<SecureSession>,
 ) -> Result<RoundResult, Stop> {
     let round = announcement.round;
     let ctx = RoundContext {
@@ -638,8 +797,17 @@ async fn secure_round(
     // Sized from the cohort on the ledger, as every site sizes its own.
     let cohort = shared.ledger.cohort(ctx.job_id).len();
     let params = secure.params(cohort, spec.min_sites as usize, n_params + evaluation::WORDS);
-    let session = SecureSession::new(ctx, params, members.clone(), shared.roster.clone());
-    install_round(shared, announcement, None, Some(session), members);
+    let session = match restored {
+        Some(session) => session,
+        None => {
+            durable(
+                shared,
+                SecureSession::new(ctx, params, members.clone(), shared.roster.clone()),
+            )
+            .await?
+        }
+    };
+    install_round(shared, announcement, None, Some(session), members).await?;
     let (_, outcome) = run_phase(shared).await?;
     let (sum, transcript) = outcome.expect("secure round yields its outcome").map_err(|e| {
         Stop::Failed(format!(
@@ -700,6 +868,17 @@ async fn preprocess(
             session: None,
         })),
     );
+    // The secure sum of the statistics, in flight when a previous process
+    // stopped: the encodings were agreed and the cohort sealed before it
+    // began, so it goes on from its stored stage.
+    if let Some(session) = restored_session(shared, job_id, 0, secure.is_some()).await? {
+        let n_features = (0..=session.vector_len)
+            .find(|&n| FeatureStats::secure_len(n) * exact::LIMBS == session.vector_len)
+            .ok_or_else(|| {
+                Stop::Failed("cannot resume the statistics' secure sum: its length fits no feature count".into())
+            })?;
+        return secure_stats(shared, job_id, session, n_features).await;
+    }
     let deadline = shared.now_ms() + spec.timing.round_timeout_s * 1000;
     let dropout_ms = spec.timing.dropout_after_s * 1000;
     let (mut reports, encodings, held, awaited) = loop {
@@ -812,7 +991,17 @@ async fn preprocess(
         job_id: job_id.0,
         round: 0,
     };
-    let session = SecureSession::new(ctx, params, sites, shared.roster.clone());
+    let session = durable(shared, SecureSession::new(ctx, params, sites, shared.roster.clone())).await?;
+    secure_stats(shared, job_id, session, n_features).await
+}
+
+/// The secure sum of the statistics, over `n_features` features.
+async fn secure_stats(
+    shared: &Arc<Shared>,
+    job_id: JobId,
+    session: SecureSession,
+    n_features: usize,
+) -> Result<(FeatureStats, Option<(Vec<u32>, Transcript)>), Stop> {
     if let Some(Phase::Stats(stats)) = shared.lock().active.as_mut().map(|a| &mut a.phase) {
         stats.session = Some(session);
     }
@@ -902,13 +1091,25 @@ async fn absent_reasons(
     })
 }
 
-fn install_round(
+/// Installs a round (or the final evaluation). Its metrics are awaited from
+/// the members that have not reported them: all of them, unless a previous
+/// process ran part of this round before it stopped.
+async fn install_round(
     shared: &Arc<Shared>,
     mut announcement: pb::RoundAnnouncement,
     collector: Option<RoundCollector>,
     session: Option<SecureSession>,
     members: &BTreeSet<SiteId>,
-) {
+) -> Result<(), Stop> {
+    let round = i64::from(announcement.round);
+    let reported: BTreeSet<String> = shared
+        .store
+        .metrics(JobId(announcement.job_id))
+        .await?
+        .into_iter()
+        .filter(|m| m.round == round)
+        .map(|m| m.site_id)
+        .collect();
     {
         let inner = shared.lock();
         let active = inner.active.as_ref().expect("active job installed by run_job");
@@ -921,9 +1122,14 @@ fn install_round(
             announcement,
             collector,
             session,
-            awaiting_metrics: members.clone(),
+            awaiting_metrics: members
+                .iter()
+                .filter(|s| !reported.contains(s.as_str()))
+                .cloned()
+                .collect(),
         })),
     );
+    Ok(())
 }
 
 /// Ticks the installed phase until every member has done its part or
@@ -941,87 +1147,118 @@ async fn run_phase(shared: &Arc<Shared>) -> Result<(Option<RoundCollector>, Opti
     };
     let opened = shared.now_ms();
     let mut stage_opened = opened;
+    let job_id = shared
+        .lock()
+        .active
+        .as_ref()
+        .expect("active job installed by run_job")
+        .job_id;
+    // A summation resumed from a previous process: the members whose daemon
+    // restarted meanwhile lost their part of it.
+    let restored = shared.lock().session_mut().is_some_and(|s| s.is_restored());
+    if restored {
+        for site in shared.drop_restarted_while_down() {
+            warn!(%site, "site restarted while the coordinator was down: dropped from the resumed summation at once");
+        }
+    }
     loop {
         let _ = tokio::time::timeout(TICK, shared.progress.notified()).await;
         let now = shared.now_ms();
-        let mut inner = shared.lock();
-        let last_seen = inner.last_seen.clone();
-        let active = inner.active.as_mut().expect("active job installed by run_job");
-        // A site that said it cannot go on, or that restarted during this
-        // phase's summation, counts as gone at once.
-        let failed: BTreeSet<SiteId> = active.failed.union(&active.restarted).cloned().collect();
-        let silent =
-            |s: &SiteId| failed.contains(s) || now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) >= dropout_ms;
-        if active.cancel_requested {
-            return Err(Stop::Cancelled);
-        }
-        let timed_out = now.saturating_sub(opened) >= timeout_ms;
-        let (collector, session, awaiting_metrics, round_number) = match &mut active.phase {
-            Phase::Round(round) => (
-                round.collector.as_mut(),
-                round.session.as_mut(),
-                Some(&mut round.awaiting_metrics),
-                round.announcement.round,
-            ),
-            Phase::Stats(stats) => (None, stats.session.as_mut(), None, 0),
-            Phase::WaitingForSites => unreachable!("run_phase runs after sites gathered"),
-        };
-        if let Some(collector) = collector {
-            for (site, &seen) in &last_seen {
-                collector.handle_heartbeat(seen, site);
+        // The stage a secure summation just opened, to store before any
+        // site is given its step.
+        let opened_stage = {
+            let mut inner = shared.lock();
+            let last_seen = inner.last_seen.clone();
+            let active = inner.active.as_mut().expect("active job installed by run_job");
+            // A site that said it cannot go on, or that restarted during this
+            // phase's summation, counts as gone at once.
+            let failed: BTreeSet<SiteId> = active.failed.union(&active.restarted).cloned().collect();
+            let silent = |s: &SiteId| {
+                failed.contains(s) || now.saturating_sub(last_seen.get(s).copied().unwrap_or(0)) >= dropout_ms
+            };
+            if active.cancel_requested {
+                return Err(Stop::Cancelled);
             }
-            for site in &failed {
-                if collector.handle_failure(site) {
-                    warn!(%site, round = round_number, "site dropped from round: it cannot go on");
-                }
-            }
-            for site in collector.handle_tick(now) {
-                warn!(%site, round = round_number, "site dropped from round");
-            }
-        }
-        let mut secure_done = true;
-        if let Some(session) = session {
-            let stage_timed_out = now.saturating_sub(stage_opened) >= timeout_ms;
-            let live_pending = session.pending().into_iter().filter(|s| !silent(s)).count();
-            if !session.is_done() && (live_pending == 0 || stage_timed_out) {
-                for site in session.pending() {
-                    warn!(%site, round = round_number, "site dropped from secure aggregation");
-                }
-                let closed = session.advance();
-                // `stage_ms` is what scripts/bench_rounds.sh reads per phase.
-                let stage_ms = now.saturating_sub(stage_opened);
-                shared.telemetry.stage_closed(closed, stage_ms);
-                info!(
-                    round = round_number,
-                    stage = closed,
-                    stage_ms,
-                    "secure aggregation stage closed"
-                );
-                stage_opened = now;
-                shared.wake.notify_waiters();
-            }
-            secure_done = session.is_done();
-        }
-        let metrics_done = match awaiting_metrics {
-            Some(awaiting) => {
-                awaiting.retain(|s| !timed_out && !silent(s));
-                awaiting.is_empty()
-            }
-            None => true,
-        };
-        let settled = match &active.phase {
-            Phase::Round(round) => round.collector.as_ref().is_none_or(|c| c.is_settled()),
-            _ => true,
-        };
-        if settled && secure_done && metrics_done {
-            return Ok(match &mut active.phase {
+            let timed_out = now.saturating_sub(opened) >= timeout_ms;
+            let (collector, session, awaiting_metrics, round_number) = match &mut active.phase {
                 Phase::Round(round) => (
-                    round.collector.take(),
-                    round.session.as_mut().and_then(|s| s.take_result()),
+                    round.collector.as_mut(),
+                    round.session.as_mut(),
+                    Some(&mut round.awaiting_metrics),
+                    round.announcement.round,
                 ),
-                Phase::Stats(stats) => (None, stats.session.as_mut().and_then(|s| s.take_result())),
-                Phase::WaitingForSites => (None, None),
-            });
+                Phase::Stats(stats) => (None, stats.session.as_mut(), None, 0),
+                Phase::WaitingForSites => unreachable!("run_phase runs after sites gathered"),
+            };
+            if let Some(collector) = collector {
+                for (site, &seen) in &last_seen {
+                    collector.handle_heartbeat(seen, site);
+                }
+                for site in &failed {
+                    if collector.handle_failure(site) {
+                        warn!(%site, round = round_number, "site dropped from round: it cannot go on");
+                    }
+                }
+                for site in collector.handle_tick(now) {
+                    warn!(%site, round = round_number, "site dropped from round");
+                }
+            }
+            let mut secure_done = true;
+            let mut opened_stage = None;
+            if let Some(session) = session {
+                let stage_timed_out = now.saturating_sub(stage_opened) >= timeout_ms;
+                let live_pending = session.pending().into_iter().filter(|s| !silent(s)).count();
+                if !session.is_done() && (live_pending == 0 || stage_timed_out) {
+                    for site in session.pending() {
+                        warn!(%site, round = round_number, "site dropped from secure aggregation");
+                    }
+                    let closed = session.advance();
+                    // `stage_ms` is what scripts/bench_rounds.sh reads per phase.
+                    let stage_ms = now.saturating_sub(stage_opened);
+                    shared.telemetry.stage_closed(closed, stage_ms);
+                    info!(
+                        round = round_number,
+                        stage = closed,
+                        stage_ms,
+                        "secure aggregation stage closed"
+                    );
+                    stage_opened = now;
+                    opened_stage = session.snapshot().map(|snapshot| (session.ctx.round, snapshot));
+                    if opened_stage.is_none() {
+                        shared.wake.notify_waiters();
+                    }
+                }
+                secure_done = session.is_done();
+            }
+            let metrics_done = match awaiting_metrics {
+                Some(awaiting) => {
+                    awaiting.retain(|s| !timed_out && !silent(s));
+                    awaiting.is_empty()
+                }
+                None => true,
+            };
+            let settled = match &active.phase {
+                Phase::Round(round) => round.collector.as_ref().is_none_or(|c| c.is_settled()),
+                _ => true,
+            };
+            if settled && secure_done && metrics_done {
+                return Ok(match &mut active.phase {
+                    Phase::Round(round) => (
+                        round.collector.take(),
+                        round.session.as_mut().and_then(|s| s.take_result()),
+                    ),
+                    Phase::Stats(stats) => (None, stats.session.as_mut().and_then(|s| s.take_result())),
+                    Phase::WaitingForSites => (None, None),
+                });
+            }
+            opened_stage
+        };
+        if let Some((round, snapshot)) = opened_stage {
+            shared.store.put_session(job_id, round, &snapshot).await?;
+            if let Some(session) = shared.lock().session_mut() {
+                session.mark_durable();
+            }
+            shared.wake.notify_waiters();
         }
     }
 }

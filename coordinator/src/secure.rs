@@ -5,6 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use anyhow::Context;
+use prost::Message;
+
 use tessera_protocol::ids::SiteId;
 use tessera_protocol::pb;
 use tessera_protocol::secagg::server::{self, Abort, Misbehaviour, Transcript};
@@ -20,6 +23,13 @@ pub struct SecureSession {
     pub members: Vec<SiteId>,
     pub vector_len: usize,
     stage: Stage,
+    /// Whether the open stage is stored (`snapshot`): until it is, no site
+    /// is given its step, so a coordinator that crashes meanwhile resumes
+    /// from the stage before, whose steps every site can still answer
+    /// (with the very answer it gave, `tessera-participant`'s `answers`).
+    durable: bool,
+    /// Read back from a previous process's snapshot.
+    restored: bool,
     /// Test builds only: the survivor-set signatures a malicious
     /// coordinator collects without checking them.
     stolen: Vec<pb::SurvivorSignature>,
@@ -66,8 +76,80 @@ impl SecureSession {
             vector_len: params.vector_len,
             members: members.iter().cloned().collect(),
             stage: Stage::Keys(server::ExpectKeys::new(ctx, params, members, roster)),
+            durable: false,
+            restored: false,
             stolen: Vec::new(),
         }
+    }
+
+    /// The session as its open stage began, for the coordinator's database
+    /// (bincode 2): taken right after the stage opened, before any site
+    /// was given its step. `None` once done (nothing left to resume).
+    pub fn snapshot(&self) -> Option<Vec<u8>> {
+        let stage = match &self.stage {
+            Stage::Keys(m) => StageRef::Keys(m),
+            Stage::Shares(m, list) => StageRef::Shares(m, list.encode_to_vec()),
+            Stage::Masked(m, mailbox) => StageRef::Masked(
+                m,
+                mailbox
+                    .iter()
+                    .map(|(s, inbox)| (s.clone(), inbox.encode_to_vec()))
+                    .collect(),
+            ),
+            Stage::Consistency(m, list) => StageRef::Consistency(m, list.encode_to_vec()),
+            Stage::Unmask(m, signatures) => StageRef::Unmask(m, signatures.encode_to_vec()),
+            Stage::Forged { .. } | Stage::Done(_) | Stage::Moving => return None,
+        };
+        let snapshot = SnapshotRef {
+            ctx: self.ctx,
+            members: &self.members,
+            vector_len: self.vector_len,
+            stage,
+        };
+        Some(bincode::serde::encode_to_vec(&snapshot, bincode::config::standard()).expect("a session always encodes"))
+    }
+
+    /// The session a [`SecureSession::snapshot`] was taken of, at the start
+    /// of the stage it was in. It is stored already, so its steps are
+    /// handed out at once.
+    pub fn restore(bytes: &[u8]) -> anyhow::Result<Self> {
+        let (snapshot, _): (Snapshot, _) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+            .context("a stored secure summation does not decode")?;
+        let stage = match snapshot.stage {
+            StageOwned::Keys(m) => Stage::Keys(m),
+            StageOwned::Shares(m, list) => Stage::Shares(m, pb::KeyList::decode(list.as_slice())?),
+            StageOwned::Masked(m, mailbox) => Stage::Masked(
+                m,
+                mailbox
+                    .into_iter()
+                    .map(|(s, inbox)| Ok((s, pb::ShareInbox::decode(inbox.as_slice())?)))
+                    .collect::<Result<_, prost::DecodeError>>()?,
+            ),
+            StageOwned::Consistency(m, list) => Stage::Consistency(m, pb::SurvivorList::decode(list.as_slice())?),
+            StageOwned::Unmask(m, signatures) => {
+                Stage::Unmask(m, pb::SurvivorSignatures::decode(signatures.as_slice())?)
+            }
+        };
+        Ok(Self {
+            ctx: snapshot.ctx,
+            members: snapshot.members,
+            vector_len: snapshot.vector_len,
+            stage,
+            durable: true,
+            restored: true,
+            stolen: Vec::new(),
+        })
+    }
+
+    /// Whether this session was read back from a previous process's
+    /// snapshot.
+    pub fn is_restored(&self) -> bool {
+        self.restored
+    }
+
+    /// Records that the open stage is stored: its steps may go out.
+    pub fn mark_durable(&mut self) {
+        self.durable = true;
     }
 
     /// Sites the current stage is still waiting for.
@@ -131,7 +213,7 @@ impl SecureSession {
 
     /// The step `site` should take next, if the current stage waits for it.
     pub fn task_for(&self, site: &SiteId) -> Option<pb::SecAggStep> {
-        if !self.pending().contains(site) {
+        if !self.durable || !self.pending().contains(site) {
             return None;
         }
         let kind = match &self.stage {
@@ -239,6 +321,9 @@ impl SecureSession {
             ),
         };
         self.stage = next;
+        // A stage with nothing to resume (test builds' forged one) is
+        // handed out at once.
+        self.durable = matches!(self.stage, Stage::Forged { .. } | Stage::Done(_));
         closed
     }
 
@@ -292,6 +377,43 @@ impl SecureSession {
     pub fn awaits_masked_from(&self, site: &SiteId) -> bool {
         matches!(&self.stage, Stage::Masked(m, _) if m.pending().contains(site))
     }
+}
+
+/// What [`SecureSession::snapshot`] stores: the server machine of the open
+/// stage, and the step it hands out (protobuf bytes).
+#[derive(serde::Serialize)]
+struct SnapshotRef<'a> {
+    ctx: RoundContext,
+    members: &'a [SiteId],
+    vector_len: usize,
+    stage: StageRef<'a>,
+}
+
+#[derive(serde::Serialize)]
+enum StageRef<'a> {
+    Keys(&'a server::ExpectKeys),
+    Shares(&'a server::ExpectShares, Vec<u8>),
+    Masked(&'a server::ExpectMaskedInputs, BTreeMap<SiteId, Vec<u8>>),
+    Consistency(&'a server::ExpectConsistency, Vec<u8>),
+    Unmask(&'a server::ExpectUnmasking, Vec<u8>),
+}
+
+/// [`SnapshotRef`] read back (same fields, same order, owned).
+#[derive(serde::Deserialize)]
+struct Snapshot {
+    ctx: RoundContext,
+    members: Vec<SiteId>,
+    vector_len: usize,
+    stage: StageOwned,
+}
+
+#[derive(serde::Deserialize)]
+enum StageOwned {
+    Keys(server::ExpectKeys),
+    Shares(server::ExpectShares, Vec<u8>),
+    Masked(server::ExpectMaskedInputs, BTreeMap<SiteId, Vec<u8>>),
+    Consistency(server::ExpectConsistency, Vec<u8>),
+    Unmask(server::ExpectUnmasking, Vec<u8>),
 }
 
 impl Stage {

@@ -52,8 +52,16 @@ pub struct Inner {
     persisted_seen: HashMap<SiteId, u64>,
     /// The version each site last reported (its heartbeat carries it).
     versions: HashMap<SiteId, String>,
-    /// The session id each site's daemon drew when it started.
+    /// The session id each site's daemon drew when it started (as the
+    /// previous process stored it, until the site is heard from).
     sessions: HashMap<SiteId, String>,
+    /// Sites whose daemon restarted since the previous coordinator process
+    /// last heard from them: they lost their part of any summation that
+    /// process left in flight.
+    restarted_while_down: BTreeSet<SiteId>,
+    /// Sites heard from by this process (whose session id is this
+    /// process's to compare).
+    sessions_heard: BTreeSet<SiteId>,
     /// How many ledger block kinds each site's software knows (heartbeat).
     ledger_kinds: HashMap<SiteId, u32>,
     pub active: Option<ActiveJob>,
@@ -84,6 +92,43 @@ pub struct ActiveJob {
     /// summation at once and given no more of its steps. Cleared when the
     /// next phase is installed: the site takes part again from there.
     pub restarted: BTreeSet<SiteId>,
+}
+
+/// What a request's session id said about the site's daemon.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionNote {
+    /// The first one this process has heard (and the previous one stored none).
+    First,
+    Same,
+    /// Another than before: the daemon restarted. With the stage of the
+    /// secure summation in flight it was dropped from, if any.
+    Restarted(Option<&'static str>),
+}
+
+impl SessionNote {
+    /// Whether the session id is new, and due to be stored.
+    pub fn is_new(&self) -> bool {
+        *self != SessionNote::Same
+    }
+}
+
+impl ActiveJob {
+    /// Drops a restarted `site` from the summation in flight if it held part
+    /// of it; returns that summation's stage if so (for the log).
+    fn drop_restarted(&mut self, site: &SiteId) -> Option<&'static str> {
+        let stage = match &self.phase {
+            // Its statistics input lived only in memory: lost.
+            Phase::Stats(stats) => stats.session.as_ref(),
+            // A site that has not advertised its keys yet holds nothing of
+            // the round's summation: it is given the round again and can
+            // still take part (dropping it could cost the round its quorum).
+            Phase::Round(round) => round.session.as_ref().filter(|s| !s.awaits_keys_from(site)),
+            Phase::WaitingForSites => None,
+        }
+        .filter(|s| !s.is_done() && s.is_member(site))?
+        .stage();
+        self.restarted.insert(site.clone()).then_some(stage)
+    }
 }
 
 /// What the active job is waiting for.
@@ -200,30 +245,49 @@ impl Shared {
             .collect()
     }
 
+    /// The session ids the previous process stored for each site.
+    pub fn remember_sessions(&self, sessions: impl IntoIterator<Item = (SiteId, String)>) {
+        self.lock().sessions.extend(sessions);
+    }
+
     /// Records the session id `site`'s daemon sent. When it differs from
     /// the last one, the daemon restarted: if it held part of the secure
     /// summation in flight (a member past advertising its keys, or any
-    /// member of a statistics summation), it is dropped from it, and the
-    /// summation's stage is returned (for the log).
-    pub fn note_session(&self, site: &SiteId, session: &str) -> Option<&'static str> {
+    /// member of a statistics summation), it is dropped from it.
+    pub fn note_session(&self, site: &SiteId, session: &str) -> SessionNote {
         let mut inner = self.lock();
+        let first_heard = inner.sessions_heard.insert(site.clone());
         let before = inner.sessions.insert(site.clone(), session.to_owned());
-        if before.is_none_or(|b| b == session) {
-            return None;
+        match before {
+            None => return SessionNote::First,
+            Some(b) if b == session => return SessionNote::Same,
+            Some(_) => {}
         }
-        let active = inner.active.as_mut()?;
-        let stage = match &active.phase {
-            // Its statistics input lived only in memory: lost.
-            Phase::Stats(stats) => stats.session.as_ref(),
-            // A site that has not advertised its keys yet holds nothing of
-            // the round's summation: it is given the round again and can
-            // still take part (dropping it could cost the round its quorum).
-            Phase::Round(round) => round.session.as_ref().filter(|s| !s.awaits_keys_from(site)),
-            Phase::WaitingForSites => None,
+        // The first request of this process from a site whose daemon
+        // restarted meanwhile: any summation resumed from before is lost
+        // to it too (`drop_restarted_while_down`).
+        if first_heard {
+            inner.restarted_while_down.insert(site.clone());
         }
-        .filter(|s| !s.is_done() && s.is_member(site))?
-        .stage();
-        active.restarted.insert(site.clone()).then_some(stage)
+        let Some(active) = inner.active.as_mut() else {
+            return SessionNote::Restarted(None);
+        };
+        SessionNote::Restarted(active.drop_restarted(site))
+    }
+
+    /// A summation resumed from a previous process: its members whose
+    /// daemon restarted since that process last heard from them are
+    /// dropped from it at once. Returns them.
+    pub fn drop_restarted_while_down(&self) -> Vec<SiteId> {
+        let mut inner = self.lock();
+        let sites: Vec<SiteId> = inner.restarted_while_down.iter().cloned().collect();
+        let Some(active) = inner.active.as_mut() else {
+            return Vec::new();
+        };
+        sites
+            .into_iter()
+            .filter(|site| active.drop_restarted(site).is_some())
+            .collect()
     }
 
     /// Sites heard from within the last `window_ms`.

@@ -109,13 +109,12 @@ pub struct RoundRecord<'a> {
     pub members: Vec<(SiteId, String, u64)>,
     /// A secure round's released aggregate: (SHA-256 hex, little-endian u32 words).
     pub aggregate: Option<(&'a str, &'a [u8])>,
+    /// The strategy's state after this round (`Strategy::save_state`).
+    pub strategy_state: &'a [u8],
 }
 
 /// The reason recorded for a job an operator cancelled.
 pub const CANCELLED: &str = "cancelled by operator";
-
-/// Why a job left running by a previous process is failed.
-pub const INTERRUPTED: &str = "coordinator restarted while the job was running";
 
 /// Columns of [`JobRow`]; a constant, so the formatted queries carry no input.
 const JOB_COLUMNS: &str = "id, name, job_toml, job_hash, status, phase, rounds_total, rounds_done, strategy, model, \
@@ -256,9 +255,12 @@ impl Store {
     }
 
     /// The oldest queued job, if any.
-    pub async fn next_queued(&self) -> anyhow::Result<Option<JobRow>> {
+    /// The job to run next: one left running by a previous process first
+    /// (it resumes where its stored progress ends), then the oldest queued.
+    pub async fn next_to_run(&self) -> anyhow::Result<Option<JobRow>> {
         let row = sqlx::query_as::<_, JobRow>(AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE status IN ('running', 'queued') \
+             ORDER BY status = 'running' DESC, id LIMIT 1"
         )))
         .fetch_optional(&self.pool)
         .await
@@ -305,37 +307,25 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Jobs left `running` by a previous coordinator process cannot resume
-    /// (their round state lived in memory): marks them failed, inside the
-    /// caller's transaction, and returns them as they were.
-    pub async fn fail_interrupted_in(conn: &mut SqliteConnection, now_ms: i64) -> anyhow::Result<Vec<JobRow>> {
-        let rows = sqlx::query_as::<_, JobRow>(AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'running' ORDER BY id"
-        )))
-        .fetch_all(&mut *conn)
-        .await
-        .context("cannot read interrupted jobs")?;
-        sqlx::query("UPDATE jobs SET status = 'failed', error = ?, finished_at_ms = ? WHERE status = 'running'")
-            .bind(INTERRUPTED)
-            .bind(now_ms)
-            .execute(&mut *conn)
-            .await
-            .context("cannot mark interrupted jobs")?;
-        Ok(rows)
+    pub async fn set_phase(&self, job_id: JobId, phase: &str) -> anyhow::Result<()> {
+        Self::set_phase_in(&mut *self.pool.acquire().await?, job_id, phase).await
     }
 
-    pub async fn set_phase(&self, job_id: JobId, phase: &str) -> anyhow::Result<()> {
+    pub async fn set_phase_in(conn: &mut SqliteConnection, job_id: JobId, phase: &str) -> anyhow::Result<()> {
         sqlx::query("UPDATE jobs SET phase = ? WHERE id = ?")
             .bind(phase)
             .bind(job_id.0 as i64)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await
             .with_context(|| format!("cannot update job {job_id}"))?;
         Ok(())
     }
 
-    pub async fn set_preprocessing(
-        &self,
+    /// Stores the job's feature count and normalisation, inside the caller's
+    /// transaction (with the statistics' ledger block when there is one):
+    /// a resumed job skips its preprocessing exactly when they are stored.
+    pub async fn set_preprocessing_in(
+        conn: &mut SqliteConnection,
         job_id: JobId,
         n_features: usize,
         normalization: &Normalization,
@@ -345,10 +335,58 @@ impl Store {
             .bind(n_features as i64)
             .bind(json)
             .bind(job_id.0 as i64)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await
             .with_context(|| format!("cannot store preprocessing of job {job_id}"))?;
         Ok(())
+    }
+
+    /// Stores the snapshot of a secure summation's open stage, replacing
+    /// the one of the stage before.
+    pub async fn put_session(&self, job_id: JobId, round: u32, snapshot: &[u8]) -> anyhow::Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO secure_sessions (job_id, round, snapshot) VALUES (?, ?, ?)")
+            .bind(job_id.0 as i64)
+            .bind(i64::from(round))
+            .bind(snapshot)
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("cannot store the secure summation of job {job_id} round {round}"))?;
+        Ok(())
+    }
+
+    /// The stored snapshot of a secure summation in flight, if any.
+    pub async fn session(&self, job_id: JobId, round: u32) -> anyhow::Result<Option<Vec<u8>>> {
+        let row = sqlx::query_scalar("SELECT snapshot FROM secure_sessions WHERE job_id = ? AND round = ?")
+            .bind(job_id.0 as i64)
+            .bind(i64::from(round))
+            .fetch_optional(&self.pool)
+            .await
+            .with_context(|| format!("cannot read the secure summation of job {job_id} round {round}"))?;
+        Ok(row)
+    }
+
+    /// Forgets the snapshots of a job's summations up to `round` (all of
+    /// them: `u32::MAX`), inside the transaction that records their end.
+    pub async fn forget_sessions_in(conn: &mut SqliteConnection, job_id: JobId, round: u32) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM secure_sessions WHERE job_id = ? AND round <= ?")
+            .bind(job_id.0 as i64)
+            .bind(i64::from(round))
+            .execute(&mut *conn)
+            .await
+            .with_context(|| format!("cannot forget the secure summations of job {job_id}"))?;
+        Ok(())
+    }
+
+    /// What the job's strategy carried into its next round, as stored with
+    /// its last round (empty before the first).
+    pub async fn strategy_state(&self, job_id: JobId) -> anyhow::Result<Vec<u8>> {
+        let state: Option<Vec<u8>> = sqlx::query_scalar("SELECT strategy_state FROM jobs WHERE id = ?")
+            .bind(job_id.0 as i64)
+            .fetch_optional(&self.pool)
+            .await
+            .with_context(|| format!("cannot read the strategy state of job {job_id}"))?
+            .flatten();
+        Ok(state.unwrap_or_default())
     }
 
     pub async fn put_model(&self, hash: &str, n_params: usize, bytes: &[u8], now_ms: i64) -> anyhow::Result<()> {
@@ -447,9 +485,11 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("UPDATE jobs SET rounds_done = ?, final_model_hash = ? WHERE id = ?")
+        Self::forget_sessions_in(tx, r.job_id, r.round).await?;
+        sqlx::query("UPDATE jobs SET rounds_done = ?, final_model_hash = ?, strategy_state = ? WHERE id = ?")
             .bind(i64::from(r.round))
             .bind(r.model_hash)
+            .bind(r.strategy_state)
             .bind(job)
             .execute(&mut *tx)
             .await
@@ -581,6 +621,35 @@ impl Store {
         Ok(())
     }
 
+    /// Records the session id `site`'s daemon sent (it draws one when it
+    /// starts), for the next coordinator process.
+    pub async fn set_site_session(&self, site: &SiteId, session: &str, now_ms: i64) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO sites (site_id, first_seen_ms, last_seen_ms, session) VALUES (?, ?, ?, ?) \
+             ON CONFLICT(site_id) DO UPDATE SET session = excluded.session",
+        )
+        .bind(site.as_str())
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(session)
+        .execute(&self.pool)
+        .await
+        .with_context(|| format!("cannot record the session of site {site}"))?;
+        Ok(())
+    }
+
+    /// The session id each site's daemon last sent.
+    pub async fn site_sessions(&self) -> anyhow::Result<Vec<(SiteId, String)>> {
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT site_id, session FROM sites WHERE session != ''")
+            .fetch_all(&self.pool)
+            .await
+            .context("cannot read the sites' sessions")?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(site, session)| Some((SiteId::new(&site).ok()?, session)))
+            .collect())
+    }
+
     /// Every site ever heard from: id, when last heard from (unix ms) and
     /// the version it reported.
     pub async fn sites(&self) -> anyhow::Result<Vec<(String, i64, String)>> {
@@ -651,11 +720,6 @@ mod tests {
             let mut conn = self.pool.acquire().await?;
             Self::cancel_if_queued_in(&mut conn, job_id, now_ms).await
         }
-
-        async fn fail_interrupted(&self, now_ms: i64) -> anyhow::Result<usize> {
-            let mut conn = self.pool.acquire().await?;
-            Ok(Self::fail_interrupted_in(&mut conn, now_ms).await?.len())
-        }
     }
 
     #[tokio::test]
@@ -665,8 +729,10 @@ mod tests {
         let store = Store::open(&path).await.unwrap();
         let a = store.insert_job(&new_job("a")).await.unwrap();
         let b = store.insert_job(&new_job("b")).await.unwrap();
-        assert_eq!(store.next_queued().await.unwrap().unwrap().id, a.0 as i64);
+        assert_eq!(store.next_to_run().await.unwrap().unwrap().id, a.0 as i64);
         store.set_status(a, "running", "", 2).await.unwrap();
+        store.put_session(a, 1, b"stage of round 1").await.unwrap();
+        store.put_session(a, 2, b"stage of round 2").await.unwrap();
         let site = SiteId::new("s1").unwrap();
         store
             .record_round(&RoundRecord {
@@ -683,6 +749,7 @@ mod tests {
                 started_at_ms: 3,
                 finished_at_ms: 4,
                 members: vec![(site.clone(), "submitted".into(), 10)],
+                strategy_state: b"moments",
             })
             .await
             .unwrap();
@@ -693,13 +760,18 @@ mod tests {
         );
         drop(store);
 
-        // A new coordinator process: the running job is marked failed, the
-        // round and its model are intact.
+        // A new coordinator process: the running job is the next to run,
+        // with its round, its model, its strategy state and the summation
+        // of the round in flight (not the one of the round recorded).
         let store = Store::open(&path).await.unwrap();
-        assert_eq!(store.fail_interrupted(6).await.unwrap(), 1);
-        let job = store.job(a).await.unwrap().unwrap();
-        assert_eq!(job.status, "failed");
-        assert!(job.error.contains("restarted"));
+        let job = store.next_to_run().await.unwrap().unwrap();
+        assert_eq!((job.id, job.status.as_str()), (a.0 as i64, "running"));
+        assert_eq!(store.strategy_state(a).await.unwrap(), b"moments");
+        assert_eq!(store.session(a, 1).await.unwrap(), None);
+        assert_eq!(
+            store.session(a, 2).await.unwrap().as_deref(),
+            Some(&b"stage of round 2"[..])
+        );
         assert_eq!(job.rounds_done, 1);
         assert_eq!(job.final_model_hash.as_deref(), Some("m1"));
         assert_eq!(store.model("m1").await.unwrap(), Some(vec![1, 2, 3, 4]));
@@ -707,7 +779,8 @@ mod tests {
         assert_eq!(members.len(), 1);
         assert_eq!(members[0].n_samples, 10);
         assert_eq!(store.job(b).await.unwrap().unwrap().status, "cancelled");
-        assert!(store.next_queued().await.unwrap().is_none());
+        store.set_status(a, "finished", "", 7).await.unwrap();
+        assert!(store.next_to_run().await.unwrap().is_none());
     }
 
     #[tokio::test]
@@ -729,6 +802,7 @@ mod tests {
             started_at_ms: 0,
             finished_at_ms: 1,
             members: vec![],
+            strategy_state: &[],
         };
         store.record_round(&record(1)).await.unwrap();
         // The same round twice violates the primary key: the transaction

@@ -33,6 +33,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, error, info, warn};
 
+use crate::answers::{Answer, Answers, PlainUpdates};
 use crate::config::{Policy, SiteConfig};
 use crate::contributions::Contributions;
 use crate::egress::EgressLog;
@@ -154,6 +155,9 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         inputs: HashMap::new(),
         training: HashMap::new(),
         sessions: HashMap::new(),
+        answers: Answers::default(),
+        plain_updates: PlainUpdates::default(),
+        stats_sent: None,
         metric_inputs: HashMap::new(),
         replays: HashMap::new(),
         normalizations: HashMap::new(),
@@ -251,6 +255,17 @@ struct Site {
     training: HashMap<(u64, u32), (usize, Training)>,
     /// Secure summations in progress.
     sessions: HashMap<(u64, u32), ClientState>,
+    /// The last step this site answered in each of `sessions`, with its
+    /// answer: a coordinator restored after a crash asks for its current
+    /// stage's step again, and gets the same bytes, never a new answer
+    /// (`answers`).
+    answers: Answers,
+    /// Plaintext jobs: the last update submitted, sent again (the same
+    /// bytes) when a restarted coordinator starts its round over.
+    plain_updates: PlainUpdates,
+    /// The last statistics report sent, sent again (the same bytes) when a
+    /// restarted coordinator starts the job's preprocessing over.
+    stats_sent: Option<pb::StatsReport>,
     /// Secure jobs: this site's evaluation of a round's model, waiting to be
     /// appended to its update.
     metric_inputs: HashMap<(u64, u32), Vec<u32>>,
@@ -849,6 +864,18 @@ impl Site {
         task: pb::ComputeStats,
     ) -> anyhow::Result<()> {
         if !self.done.insert((task.job_id, 0, Work::Stats)) {
+            // Asked again: a restarted coordinator gathers the statistics
+            // anew. The report it may have lost goes again, unchanged (a
+            // secure job's carries only the encoding; its input is still
+            // waiting for the summation).
+            if let Some(report) = self.stats_sent.as_ref().filter(|r| r.job_id == task.job_id) {
+                info!(
+                    job = task.job_id,
+                    "sending the same statistics report again (the coordinator restarted?)"
+                );
+                self.egress.record("SubmitStats", report)?;
+                client.submit_stats(report.clone()).await?;
+            }
             return Ok(());
         }
         let spec = self.job(client, task.job_id, &task.job_toml, &task.job_hash).await?;
@@ -892,6 +919,7 @@ impl Site {
             }
         };
         self.egress.record("SubmitStats", &report)?;
+        self.stats_sent = Some(report.clone());
         client.submit_stats(report).await?;
         Ok(())
     }
@@ -965,14 +993,39 @@ impl Site {
             .retain(|&(job, round), _| job != a.job_id || round >= a.round);
         self.sessions
             .retain(|&(job, round), _| job != a.job_id || round >= a.round);
+        self.answers.retain(|(job, round)| job != a.job_id || round >= a.round);
+        // A restarted coordinator starts a plaintext round over and announces
+        // it again: a site that already submitted its update for this round
+        // of this model sends the same one again (the coordinator saw it in
+        // the clear anyway), instead of leaving the round to time out. Any
+        // other model gets nothing: this site trains once per round.
+        if a.train
+            && !spec.is_secure()
+            && self.done.contains(&(a.job_id, a.round, Work::Update))
+            && let Some((header, delta)) = self.plain_updates.repeat(a.job_id, a.round, &a.model_hash)
+        {
+            info!(
+                "sending the same plaintext update for round {} of job {} again (the coordinator restarted?)",
+                a.round, a.job_id
+            );
+            let (commitment, next) = self
+                .send_update_stream(client, header.clone(), bytemuck::cast_slice(delta))
+                .await?;
+            self.replica.committed(a.job_id, a.round, commitment);
+            return Ok(next);
+        }
         let global = match &spec.aggregation {
             Aggregation::Secure(secure) => self.replayed_model(client, &spec, secure, &layout, &a).await?,
             Aggregation::InsecurePlaintext => self.fetch_model(client, &a.model_hash, a.n_params).await?,
         };
         let secure = spec.is_secure();
-        if self.done.insert((a.job_id, a.round, Work::Metrics)) {
+        // Done once the coordinator has it: a report lost with the
+        // connection (to a coordinator that crashed) is made again when the
+        // restarted coordinator announces the round again.
+        if !self.done.contains(&(a.job_id, a.round, Work::Metrics)) {
             self.report_metrics(client, &a, secure, &layout, &global, &normalization)
                 .await?;
+            self.done.insert((a.job_id, a.round, Work::Metrics));
         }
         if secure && !a.train && self.done.insert((a.job_id, a.round, Work::Update)) {
             // Final evaluation: the secure sum carries only the metrics.
@@ -1243,9 +1296,13 @@ impl Site {
         };
         // The commitment to a plaintext update is the hash of its f32 words'
         // bit patterns (`round::update_commitment`).
-        let (commitment, next) = self
-            .send_update_stream(client, header, bytemuck::cast_slice(&delta))
-            .await?;
+        let sent = self
+            .send_update_stream(client, header.clone(), bytemuck::cast_slice(&delta))
+            .await;
+        // Kept whether or not it arrived: what may be sent again is this
+        // update, the only one this site trains for the round.
+        self.plain_updates.record(header, delta);
+        let (commitment, next) = sent?;
         self.replica.committed(job_id, round, commitment);
         Ok(next)
     }
@@ -1320,7 +1377,12 @@ impl Site {
             Ok(_) => {
                 self.sessions.insert(key, state);
             }
-            Err(e) => warn!(job = a.job_id, round = a.round, "keys not advertised early: {e:#}"),
+            Err(e) => {
+                // Its state is dropped: the keys cannot be followed up, so
+                // they are not sent again either.
+                self.answers.forget(key);
+                warn!(job = a.job_id, round = a.round, "keys not advertised early: {e:#}")
+            }
         }
     }
 
@@ -1355,15 +1417,42 @@ impl Site {
     ) -> anyhow::Result<Option<pb::Task>> {
         let key = (step.job_id, step.round);
         let Some(kind) = step.kind else { return Ok(None) };
+        // A coordinator restored after a crash asks again for the step of
+        // the stage it restored. The exact step this site last answered gets
+        // the exact answer it sent, and the client state machine is not run
+        // again: the same bytes reveal nothing new, where fresh shares or a
+        // second unmask response could. Any other step goes on below.
+        if let Some(answer) = self.answers.repeat(key, &kind) {
+            info!(
+                "answering a repeated step of round {} of job {} with the same answer (the coordinator restarted?)",
+                key.1, key.0
+            );
+            return match answer {
+                Answer::Message(message) => self.send_secagg(client, key, message.clone(), true).await,
+                Answer::Masked(masked) => {
+                    let (commitment, next) = self.send_masked(client, key, masked).await?;
+                    // The same commitment as the first time (which may not
+                    // have been recorded, if that send failed).
+                    self.replica.committed(key.0, key.1, commitment);
+                    Ok(next)
+                }
+            };
+        }
         let state = self.sessions.remove(&key);
-        let (next, result) = match (state, kind) {
+        // Each answer is recorded once handed to the transport, whether or
+        // not it arrived: the state machine has moved on either way, so
+        // that answer is the only one this site can give to this step, and
+        // sending its bytes again reveals nothing (the simplest rule, and a
+        // site whose send failed can still answer the step when asked again).
+        let (next, result) = match (state, &kind) {
             (None, sec_agg_step::Kind::Advertise(advertise)) => match self
                 .inputs
                 .get(&key)
                 .map(Vec::len)
                 .or(self.training.get(&key).map(|(len, _)| *len))
             {
-                Some(len) => self.advertise(client, key, &advertise, len, true).await,
+                // Records its answer itself.
+                Some(len) => self.advertise(client, key, advertise, len, true).await,
                 None => (
                     ClientState::Done,
                     Err(anyhow::anyhow!(
@@ -1381,14 +1470,16 @@ impl Site {
                     .collect::<Result<Vec<_>, _>>()?;
                 match s.handle_keys(&keys, &mut rand::rng()) {
                     Ok((s, shares)) => {
-                        let kind = pb::sec_agg_message::Kind::Shares(wire::shares_to_pb(&shares));
-                        (ClientState::Shares(s), self.send_secagg(client, key, kind, true).await)
+                        let message = pb::sec_agg_message::Kind::Shares(wire::shares_to_pb(&shares));
+                        let sent = self.send_secagg(client, key, message.clone(), true).await;
+                        self.answers.record(key, &kind, Answer::Message(message));
+                        (ClientState::Shares(s), sent)
                     }
                     Err(e) => (ClientState::Done, Err(anyhow::anyhow!("refusing the key list: {e}"))),
                 }
             }
             (Some(ClientState::Shares(s)), sec_agg_step::Kind::Shares(inbox)) => {
-                let shares = wire::shares_from_pb(&inbox)?;
+                let shares = wire::shares_from_pb(inbox)?;
                 let input = self.take_input(key).await?;
                 match s.handle_shares(&shares, &input) {
                     Ok(_) if !self.contributions.claim(key.0, key.1)? => (
@@ -1406,21 +1497,21 @@ impl Site {
                             self.replica.committed(key.0, key.1, commitment);
                             next
                         });
+                        self.answers.record(key, &kind, Answer::Masked(masked));
                         (ClientState::Survivors(s), sent)
                     }
                     Err(e) => (ClientState::Done, Err(anyhow::anyhow!("refusing the shares: {e}"))),
                 }
             }
             (Some(ClientState::Survivors(s)), sec_agg_step::Kind::Survivors(list)) => {
-                let survivors = wire::survivors_from_pb(&list)?;
+                let survivors = wire::survivors_from_pb(list)?;
                 match s.handle_survivors(&survivors) {
                     Ok((s, signature)) => {
-                        let kind =
+                        let message =
                             pb::sec_agg_message::Kind::SurvivorsSignature(wire::survivor_signature_to_pb(&signature));
-                        (
-                            ClientState::Signatures(s),
-                            self.send_secagg(client, key, kind, true).await,
-                        )
+                        let sent = self.send_secagg(client, key, message.clone(), true).await;
+                        self.answers.record(key, &kind, Answer::Message(message));
+                        (ClientState::Signatures(s), sent)
                     }
                     Err(e) => (
                         ClientState::Done,
@@ -1433,11 +1524,13 @@ impl Site {
                 }
             }
             (Some(ClientState::Signatures(s)), sec_agg_step::Kind::Signatures(list)) => {
-                let signatures = wire::survivor_signatures_from_pb(&list)?;
+                let signatures = wire::survivor_signatures_from_pb(list)?;
                 match s.handle_signatures(&signatures) {
                     Ok(response) => {
-                        let kind = pb::sec_agg_message::Kind::Unmask(wire::unmask_response_to_pb(&response));
-                        (ClientState::Done, self.send_secagg(client, key, kind, true).await)
+                        let message = pb::sec_agg_message::Kind::Unmask(wire::unmask_response_to_pb(&response));
+                        let sent = self.send_secagg(client, key, message.clone(), true).await;
+                        self.answers.record(key, &kind, Answer::Message(message));
+                        (ClientState::Done, sent)
                     }
                     Err(e) => (
                         ClientState::Done,
@@ -1450,9 +1543,11 @@ impl Site {
                 }
             }
             (state, _) => {
-                // A step this site cannot take (already taken, or its state was
-                // lost in a restart): keep what it has; the coordinator will
-                // count it as dropped if it never answers.
+                // A step this site cannot take: already taken with other
+                // content (a step it answered is repeated above, only if
+                // identical), or its state was lost in a restart. Keep what
+                // it has; the coordinator will count it as dropped if it
+                // never answers.
                 if let Some(state) = state {
                     self.sessions.insert(key, state);
                 }
@@ -1535,7 +1630,12 @@ impl Site {
         };
         let (state, keys) = client::ExpectKeys::new(cfg, &mut rand::rng());
         let kind = pb::sec_agg_message::Kind::Keys(wire::keys_to_pb(&keys));
-        let result = self.send_secagg(client, key, kind, wait_for_task).await;
+        let result = self.send_secagg(client, key, kind.clone(), wait_for_task).await;
+        // The answer to the coordinator's `Advertise` step for these
+        // members and this length (the step `advertise_early` and
+        // `start_summation` answer before it is asked).
+        let step = sec_agg_step::Kind::Advertise(advertise.clone());
+        self.answers.record(key, &step, Answer::Message(kind));
         (ClientState::Keys(state), result)
     }
 

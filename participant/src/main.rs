@@ -1,5 +1,6 @@
 //! `tessera-participant`: the daemon a hospital runs next to its data.
 
+mod answers;
 mod baseline;
 mod config;
 mod contributions;

@@ -5,7 +5,11 @@ use std::fmt;
 
 /// A hospital's identity in a consortium. Restricted to a small alphabet so it
 /// is safe in file names, logs and SQL without escaping.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// Deserialising checks the alphabet too: a snapshot read back from disk is
+/// input like any other.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct SiteId(String);
 
 /// Why a string is not a valid [`SiteId`].
@@ -39,6 +43,20 @@ impl SiteId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl TryFrom<String> for SiteId {
+    type Error = SiteIdError;
+
+    fn try_from(id: String) -> Result<Self, Self::Error> {
+        Self::new(&id)
+    }
+}
+
+impl From<SiteId> for String {
+    fn from(id: SiteId) -> Self {
+        id.0
     }
 }
 

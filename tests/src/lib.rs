@@ -384,6 +384,15 @@ impl Federation {
 }
 
 impl Federation {
+    /// The process id of the coordinator or of a participant.
+    pub fn pid(&self, name: &str) -> u32 {
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, child)| child.id())
+            .unwrap_or_else(|| panic!("no process `{name}`"))
+    }
+
     /// Kills one participant (as a crash would).
     pub fn kill_site(&mut self, site: &str) {
         self.children.retain_mut(|(name, child)| {

@@ -394,28 +394,40 @@ fn check_report_in_chromium(html: &Path, genesis: &str) {
 #[test]
 fn a_restart_keeps_the_chain_and_a_forked_chain_stops_every_site() {
     let mut federation = Federation::running(&SITES);
-    // A coordinator killed mid-job: the job is recorded as failed on restart,
-    // and the chain stays intact.
+    // A coordinator killed mid-job resumes it on restart (it goes on past
+    // the round it was in), and the chain stays intact.
     let long = federation.submit(&federation.write_job("long.toml", &example_job(&[("rounds", "1000")])));
+    let rounds_done = |federation: &Federation| federation.status(long)["job"]["rounds_done"].as_u64().unwrap_or(0);
     for _ in 0..600 {
-        if federation.status(long)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 2 {
+        if rounds_done(&federation) >= 2 {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let before = rounds_done(&federation);
     federation.restart_coordinator();
-    let status = federation.wait_for(long, &["failed"]);
+    for _ in 0..600 {
+        if rounds_done(&federation) >= before + 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert!(
-        status["job"]["error"].as_str().unwrap().contains("restarted"),
-        "{status:#}"
+        rounds_done(&federation) >= before + 2,
+        "the job did not resume:\n{}",
+        federation.logs()
     );
+    let out = federation.tessera(&["job", "cancel", &long.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = federation.wait_for(long, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "cancelled", "{status:#}");
     let report = verify_json(&federation.db());
     assert_eq!(report["intact"], true, "{report:#}");
     let out = tessera_offline(&["ledger", "show", federation.db().to_str().unwrap(), "--json"]);
     let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let last = blocks.as_array().unwrap().last().unwrap();
     assert_eq!(last["kind"], "job_ended");
-    assert_eq!(last["payload"]["status"], "failed");
+    assert_eq!(last["payload"]["status"], "cancelled");
 
     // The sites follow the restarted coordinator and train the next job.
     let next = federation.submit(&federation.write_job("next.toml", &example_job(&[("rounds", "2")])));

@@ -9,11 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tessera_coordinator::ca::{Revoked, consortium_name};
-use tessera_coordinator::driver::job_ended;
 use tessera_coordinator::ledger::Ledger;
 use tessera_coordinator::rpc::{FederationService, JobsService, LedgerService};
 use tessera_coordinator::state::Shared;
-use tessera_coordinator::store::{INTERRUPTED, Store};
+use tessera_coordinator::store::Store;
 use tessera_coordinator::tls::{self, Gate, RateLimiter};
 use tessera_coordinator::{driver, unix_ms};
 use tessera_protocol::identity::Role;
@@ -139,8 +138,9 @@ async fn main() -> anyhow::Result<()> {
         .or_else(|| args.tls_dir.as_deref().and_then(consortium_name))
         .unwrap_or_else(|| "tessera".to_owned());
     let ledger = Ledger::open(store.pool().clone(), key, &consortium, &roster, unix_ms() as u64).await?;
-    fail_interrupted(&ledger).await?;
+    let sessions = store.site_sessions().await?;
     let mut shared = Shared::new(store, ledger, allowed_sites, roster);
+    shared.remember_sessions(sessions);
     shared.insecure_transport = args.insecure_dev;
     let shared = Arc::new(shared);
     tokio::spawn(driver::run(shared.clone()));
@@ -248,25 +248,6 @@ async fn serve_metrics(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<
             tracing::error!("metrics server failed: {e:#}");
         }
     });
-    Ok(())
-}
-
-/// Jobs left running by a previous process cannot resume (their round state
-/// lived in memory): they are marked failed, each with its ledger block.
-async fn fail_interrupted(ledger: &Ledger) -> anyhow::Result<()> {
-    let now_ms = unix_ms();
-    let mut tx = ledger.begin().await?;
-    let interrupted = Store::fail_interrupted_in(&mut tx.tx, now_ms).await?;
-    for row in &interrupted {
-        tx.append(&job_ended(row, "failed", INTERRUPTED), now_ms as u64).await?;
-    }
-    tx.commit().await?;
-    if !interrupted.is_empty() {
-        warn!(
-            interrupted = interrupted.len(),
-            "jobs interrupted by a previous shutdown were marked failed"
-        );
-    }
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::RpcError;
-use crate::state::{Phase, Shared};
+use crate::state::{Phase, SessionNote, Shared};
 use tessera_protocol::ledger::payload::{DeclaredCounts, JobAccepted};
 use tessera_protocol::ledger::verify_decision;
 
@@ -87,7 +87,7 @@ impl FederationService {
     /// daemon that predates it). A new one means the daemon restarted: it
     /// is dropped at once from the secure summation in flight, whose keys
     /// and shares it lost, rather than waited for until the deadline.
-    fn note_session(&self, site: &SiteId, session: &str) -> Result<(), RpcError> {
+    async fn note_session(&self, site: &SiteId, session: &str) -> Result<(), RpcError> {
         if session.len() > 32 || !session.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(RpcError::InvalidArgument(
                 "session must be at most 32 hex digits".into(),
@@ -96,9 +96,17 @@ impl FederationService {
         if session.is_empty() {
             return Ok(());
         }
-        if let Some(stage) = self.shared.note_session(site, session) {
+        let note = self.shared.note_session(site, session);
+        if let SessionNote::Restarted(Some(stage)) = note {
             warn!(%site, stage, "site restarted during a secure summation: dropped from it at once");
             self.shared.progress.notify_one();
+        }
+        // Stored for the next coordinator process (bookkeeping: a request
+        // is not refused because it cannot be stored).
+        if note.is_new()
+            && let Err(e) = self.shared.store.set_site_session(site, session, unix_ms()).await
+        {
+            warn!(%site, "cannot record the site's session: {e:#}");
         }
         Ok(())
     }
@@ -182,7 +190,7 @@ impl Federation for FederationService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let site = self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
-        self.note_session(&site, &request.get_ref().session)?;
+        self.note_session(&site, &request.get_ref().session).await?;
         self.shared.note_ledger_kinds(&site, request.get_ref().ledger_kinds);
         let version = &request.get_ref().version;
         if version.len() > 64 || !version.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
@@ -207,7 +215,7 @@ impl Federation for FederationService {
 
     async fn poll_task(&self, request: Request<pb::PollTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let site = self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
-        self.note_session(&site, &request.get_ref().session)?;
+        self.note_session(&site, &request.get_ref().session).await?;
         Ok(Response::new(self.next_task(&site).await))
     }
 

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha20Rng;
 use crate::ids::SiteId;
 
 /// The masking graph of a job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Graph {
     /// SecAgg: every site masks with every other.
     Complete,

@@ -50,7 +50,7 @@ use crate::ids::SiteId;
 
 /// What binds every signature, key derivation and ciphertext to one round of
 /// one job, so nothing can be replayed into another.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoundContext {
     pub job_id: u64,
     pub round: u32,
@@ -68,7 +68,7 @@ impl RoundContext {
 /// Phase 1 message: a site's two fresh X25519 public keys, a commitment to
 /// its self-mask seed and the Shamir threshold it shares with, signed with
 /// its long-term key.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AdvertisedKeys {
     pub site: SiteId,
     /// Key agreement for encrypting shares.
@@ -140,7 +140,7 @@ pub fn survivors_signed_bytes(ctx: &RoundContext, survivors: &std::collections::
 }
 
 /// Consistency-check message: one site's signature over U3.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SurvivorSignature {
     pub site: SiteId,
     /// Ed25519 over [`survivors_signed_bytes`].
@@ -149,7 +149,7 @@ pub struct SurvivorSignature {
 
 /// Phase 2 message: Shamir shares of the sender's self-mask seed and mask key
 /// for one recipient, encrypted so only that recipient can read them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EncryptedShare {
     pub from: SiteId,
     pub to: SiteId,
@@ -159,7 +159,7 @@ pub struct EncryptedShare {
 /// Last message of a site: for each neighbour that shared with it, the
 /// self-mask share if the neighbour is in the signed U3, else the mask-key
 /// share; never both.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UnmaskResponse {
     /// (owner, share of owner's self-mask seed), one per requested survivor.
     pub self_mask_shares: Vec<(SiteId, shamir::Share)>,
@@ -168,7 +168,7 @@ pub struct UnmaskResponse {
 }
 
 /// The phase at which a site left a round.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
     AdvertiseKeys,
     ShareKeys,
@@ -179,7 +179,7 @@ pub enum Phase {
 }
 
 /// Sizes and thresholds of one secure round.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SecAggParams {
     pub graph: graph::Graph,
     /// Shamir threshold t.

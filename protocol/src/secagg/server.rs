@@ -82,6 +82,7 @@ pub struct Transcript {
 }
 
 /// Phase 1.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct ExpectKeys {
     ctx: RoundContext,
     params: SecAggParams,
@@ -91,6 +92,7 @@ pub struct ExpectKeys {
 }
 
 /// Phase 2.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct ExpectShares {
     ctx: RoundContext,
     params: SecAggParams,
@@ -102,6 +104,7 @@ pub struct ExpectShares {
 }
 
 /// Phase 3.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct ExpectMaskedInputs {
     ctx: RoundContext,
     params: SecAggParams,
@@ -115,6 +118,7 @@ pub struct ExpectMaskedInputs {
 }
 
 /// Phase 4: the consistency check (each site in U3 signs U3).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct ExpectConsistency {
     ctx: RoundContext,
     params: SecAggParams,
@@ -132,13 +136,14 @@ pub struct ExpectConsistency {
 
 /// What a site's unmask response must reveal: self-mask shares of its
 /// sharers in U3, mask-key shares of its sharers outside U3.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Expected {
     survivors: Vec<SiteId>,
     dropped: Vec<SiteId>,
 }
 
 /// Phase 5.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct ExpectUnmasking {
     ctx: RoundContext,
     params: SecAggParams,

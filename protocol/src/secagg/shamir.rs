@@ -12,7 +12,7 @@ use rand::RngCore;
 pub const MAX_SHARES: usize = 255;
 
 /// One share of a 32-byte secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Share {
     pub x: u8,
     pub y: [u8; 32],

@@ -63,10 +63,33 @@ fn run(
     drop_at: &BTreeMap<SiteId, Phase>,
     seed: u64,
 ) -> Result<(Vec<u32>, server::Transcript, Vec<u32>), Abort> {
+    run_resumed(c, params, inputs, drop_at, seed, false)
+}
+
+/// The server machine written to bytes and read back (bincode 2), as a
+/// coordinator restarted after a crash reads the stage it stored.
+fn roundtrip<T: serde::Serialize + serde::de::DeserializeOwned>(machine: T) -> T {
+    let bytes = bincode::serde::encode_to_vec(&machine, bincode::config::standard()).unwrap();
+    let (back, read) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+    assert_eq!(read, bytes.len());
+    back
+}
+
+/// [`run`], where with `resume` the server is written out and read back
+/// at the start of every phase (a coordinator restarted at each one).
+fn run_resumed(
+    c: &Consortium,
+    params: SecAggParams,
+    inputs: &BTreeMap<SiteId, Vec<u32>>,
+    drop_at: &BTreeMap<SiteId, Phase>,
+    seed: u64,
+    resume: bool,
+) -> Result<(Vec<u32>, server::Transcript, Vec<u32>), Abort> {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let alive = |s: &SiteId, phase: Phase| drop_at.get(s).is_none_or(|p| *p > phase);
     let members: BTreeSet<SiteId> = c.sites.iter().cloned().collect();
-    let mut server = server::ExpectKeys::new(CTX, params, members, (*c.roster).clone());
+    let server = server::ExpectKeys::new(CTX, params, members, (*c.roster).clone());
+    let mut server = if resume { roundtrip(server) } else { server };
     let mut clients = BTreeMap::new();
     for site in &c.sites {
         let cfg = c.cfg(site, CTX, params);
@@ -76,7 +99,8 @@ fn run(
             clients.insert(site.clone(), state);
         }
     }
-    let (mut server, list) = server.close()?;
+    let (server, list) = server.close()?;
+    let mut server = if resume { roundtrip(server) } else { server };
     let mut sharing = BTreeMap::new();
     for (site, state) in clients {
         let (state, shares) = state.handle_keys(&list, &mut rng).unwrap();
@@ -85,7 +109,8 @@ fn run(
             sharing.insert(site, state);
         }
     }
-    let (mut server, mailbox) = server.close()?;
+    let (server, mailbox) = server.close()?;
+    let mut server = if resume { roundtrip(server) } else { server };
     let mut masking = BTreeMap::new();
     let mut expected = vec![0u32; params.vector_len];
     for (site, state) in sharing {
@@ -98,7 +123,8 @@ fn run(
             masking.insert(site, state);
         }
     }
-    let (mut server, survivors) = server.close()?;
+    let (server, survivors) = server.close()?;
+    let mut server = if resume { roundtrip(server) } else { server };
     let mut signing = BTreeMap::new();
     for (site, state) in masking {
         let (state, signature) = state.handle_survivors(&survivors).unwrap();
@@ -107,7 +133,8 @@ fn run(
             signing.insert(site, state);
         }
     }
-    let (mut server, signatures) = server.close()?;
+    let (server, signatures) = server.close()?;
+    let mut server = if resume { roundtrip(server) } else { server };
     for (site, state) in signing {
         let response = state.handle_signatures(&signatures).unwrap();
         if alive(&site, Phase::Unmask) {
@@ -143,6 +170,27 @@ const PHASES: [Phase; 5] = [
     Phase::Consistency,
     Phase::Unmask,
 ];
+
+/// A server read back from its bytes at the start of every phase (a
+/// coordinator restarted each time) ends with the very sum and transcript
+/// of one never interrupted, with dropouts at every phase, on both graphs.
+#[test]
+fn a_server_restored_at_every_phase_ends_as_one_never_stopped() {
+    let n = 6;
+    let c = consortium(n);
+    let inputs = random_inputs(&c, 9, 5);
+    for graph in [Graph::Complete, Graph::Sparse { neighbours: 2 }] {
+        let p = params(graph, n, 9);
+        for phase in PHASES {
+            let drop_at = BTreeMap::from([(c.sites[1].clone(), phase)]);
+            let straight = run(&c, p, &inputs, &drop_at, 4).unwrap();
+            let resumed = run_resumed(&c, p, &inputs, &drop_at, 4, true).unwrap();
+            assert_eq!(resumed.0, straight.0, "{graph:?}, dropout at {phase:?}");
+            assert_eq!(resumed.0, straight.2, "the sum is the plain sum");
+            assert_eq!(resumed.1, straight.1);
+        }
+    }
+}
 
 /// Every phase × {0, 1, n−t} dropouts gives the exact sum over the sites that
 /// masked; n−t+1 dropouts aborts with no sum.

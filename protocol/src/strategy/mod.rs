@@ -33,6 +33,26 @@ pub trait Strategy: Send {
     /// Next global model from the current one and the round's weighted sum of
     /// updates (`Δ = w_local − w_global`). `None` keeps the current model.
     fn aggregate_train(&mut self, global: &[f32], sum: &SecureSum) -> Option<Vec<f32>>;
+
+    /// What the strategy carries from one round to the next (a server
+    /// optimiser's moments), as bytes the coordinator stores with each
+    /// round: a coordinator restarted after a crash resumes the job with
+    /// the state the next round would have had. Empty when stateless.
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Restores what [`Strategy::save_state`] returned.
+    fn load_state(&mut self, state: &[u8]) -> Result<(), String> {
+        match state {
+            [] => Ok(()),
+            _ => Err(format!(
+                "{} keeps no state, but {} bytes were stored",
+                self.name(),
+                state.len()
+            )),
+        }
+    }
 }
 
 /// The strategy a validated job asks for.
