@@ -352,12 +352,12 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
             set_phase(shared, job_id, "waiting for sites").await;
             let cohort = shared.ledger.cohort(job_id.0);
             let members = job_members(shared, job_id, &cohort).await?;
-            wait_for_members(shared, spec, &members).await?;
+            wait_for_sites(shared, spec, Some(&members)).await?;
             (members, normalization)
         }
         None => {
             set_phase(shared, job_id, "waiting for sites").await;
-            let gathered = wait_for_sites(shared, spec).await?;
+            let gathered = wait_for_sites(shared, spec, None).await?;
             info!(job = %job_id, sites = ?names(&gathered), secure = secure.is_some(), "sites gathered");
             set_phase(shared, job_id, "preprocessing").await;
             let (total, secure_sum) = preprocess(shared, job_id, spec, &gathered).await?;
@@ -655,38 +655,6 @@ async fn durable(shared: &Arc<Shared>, mut session: SecureSession) -> Result<Sec
     }
     session.mark_durable();
     Ok(session)
-}
-
-/// After a restart: waits until the job's members are back (all of them,
-/// or `min_sites` and a short grace for the rest).
-async fn wait_for_members(shared: &Arc<Shared>, spec: &JobSpec, members: &BTreeSet<SiteId>) -> Result<(), Stop> {
-    let window = spec.timing.dropout_after_s * 1000;
-    let start = shared.now_ms();
-    let mut ready_since: Option<u64> = None;
-    loop {
-        if cancel_requested(shared) {
-            return Err(Stop::Cancelled);
-        }
-        let now = shared.now_ms();
-        let back = shared.online(window).intersection(members).count();
-        if back == members.len() {
-            return Ok(());
-        }
-        if back >= spec.min_sites as usize {
-            let since = *ready_since.get_or_insert(now);
-            if now - since >= GATHER_GRACE_MS {
-                return Ok(());
-            }
-        } else if now - start >= spec.timing.round_timeout_s * 1000 {
-            return Err(Stop::Failed(format!(
-                "after the coordinator restarted, {back} of the job's {} sites came back within {} s; min_sites is {}",
-                members.len(),
-                spec.timing.round_timeout_s,
-                spec.min_sites
-            )));
-        }
-        tokio::time::sleep(TICK).await;
-    }
 }
 
 /// What a round hands to the strategy and the store.
@@ -1411,8 +1379,13 @@ async fn seal_cohort(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec) -> Res
 }
 
 /// Waits until at least `min_sites` sites are online, then a short grace for
-/// the rest (none if every allowed site is already there).
-async fn wait_for_sites(shared: &Arc<Shared>, spec: &JobSpec) -> Result<BTreeSet<SiteId>, Stop> {
+/// the rest (none if every allowed site is already there). `among`: only
+/// those sites count (a resumed job's members, back after a restart).
+async fn wait_for_sites(
+    shared: &Arc<Shared>,
+    spec: &JobSpec,
+    among: Option<&BTreeSet<SiteId>>,
+) -> Result<BTreeSet<SiteId>, Stop> {
     let window = spec.timing.dropout_after_s * 1000;
     let start = shared.now_ms();
     let mut ready_since: Option<u64> = None;
@@ -1421,14 +1394,20 @@ async fn wait_for_sites(shared: &Arc<Shared>, spec: &JobSpec) -> Result<BTreeSet
             return Err(Stop::Cancelled);
         }
         let now = shared.now_ms();
-        let online = shared.online(window);
-        let all_allowed_online = shared
-            .allowed_sites
-            .as_ref()
-            .is_some_and(|allowed| allowed.is_subset(&online));
+        let mut online = shared.online(window);
+        if let Some(among) = among {
+            online.retain(|s| among.contains(s));
+        }
+        let all_online = match among {
+            Some(among) => among.len() == online.len(),
+            None => shared
+                .allowed_sites
+                .as_ref()
+                .is_some_and(|allowed| allowed.is_subset(&online)),
+        };
         if online.len() >= spec.min_sites as usize {
             let since = *ready_since.get_or_insert(now);
-            if all_allowed_online || now - since >= GATHER_GRACE_MS {
+            if all_online || now - since >= GATHER_GRACE_MS {
                 return Ok(online);
             }
         } else {
