@@ -127,6 +127,22 @@ async fn run_job(shared: &Arc<Shared>, row: JobRow) {
         _ => warn!(job = %job_id, status, reason = %reason, "job stopped"),
     }
     record_end(shared, job_id, status, &reason).await;
+    if shared.auto_prune.applies_to(status) {
+        auto_prune(shared, job_id).await;
+    }
+}
+
+/// Prunes an ended job's round models by the coordinator's retention
+/// policy (`--auto-prune`). Refused while a site runs software that would
+/// not verify the block (said in the log; the job's models stay, for a
+/// later `tessera job prune`).
+async fn auto_prune(shared: &Arc<Shared>, job_id: JobId) {
+    let policy = shared.auto_prune.name();
+    let by = format!("the coordinator (--auto-prune {policy})");
+    let reason = format!("retention policy `--auto-prune {policy}`: the job's round models, not its final one");
+    if let Err(e) = crate::prune::apply(shared, &by, &reason, &[job_id.0], false).await {
+        warn!(job = %job_id, "round models not pruned by the retention policy: {e}");
+    }
 }
 
 /// Records how a job ended, retrying while the store fails for a reason

@@ -12,6 +12,50 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use tessera_protocol::ledger::Kind;
+use tessera_protocol::ledger::payload::{ModelsPruned, Payload};
+use tessera_protocol::pb;
+use tracing::info;
+
+use crate::rpc::RpcError;
+use crate::state::Shared;
+use crate::store::Store;
+use crate::unix_ms;
+
+/// Which ended jobs the coordinator prunes by itself, as each ends
+/// (`--auto-prune`): their round models go as `tessera job prune` would
+/// prune them, each job's final model stays.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AutoPrune {
+    /// None: models are pruned only on request.
+    #[default]
+    None,
+    /// Failed and cancelled jobs: nobody trains further from their rounds.
+    Unfinished,
+    /// Every job, finished too.
+    Ended,
+}
+
+impl AutoPrune {
+    /// Whether a job that ended with `status` is pruned.
+    pub fn applies_to(self, status: &str) -> bool {
+        match self {
+            AutoPrune::None => false,
+            AutoPrune::Unfinished => status == "failed" || status == "cancelled",
+            AutoPrune::Ended => true,
+        }
+    }
+
+    /// The flag's value, as the ledger names who pruned.
+    pub fn name(self) -> &'static str {
+        match self {
+            AutoPrune::None => "none",
+            AutoPrune::Unfinished => "unfinished",
+            AutoPrune::Ended => "ended",
+        }
+    }
+}
+
 /// One job as the plan sees it.
 #[derive(Clone, Debug, Default)]
 pub struct JobModels {
@@ -103,6 +147,91 @@ pub fn plan(jobs: &[JobModels], selected: &[u64], stored: &BTreeMap<String, u64>
             })
         })
         .collect())
+}
+
+/// Prunes the models of `job_ids` (every ended job when empty) as `by`
+/// asked, for `reason`, in one transaction with their `models_pruned`
+/// ledger blocks: a job that starts meanwhile makes the transaction fail
+/// (its snapshot is stale) instead of losing a model it uses.
+pub async fn apply(
+    shared: &Shared,
+    by: &str,
+    reason: &str,
+    job_ids: &[u64],
+    dry_run: bool,
+) -> Result<Vec<pb::PrunedJob>, RpcError> {
+    if let Some(active) = shared.lock().active.as_ref() {
+        return Err(RpcError::FailedPrecondition(
+            PlanError::Running(active.job_id.0).to_string(),
+        ));
+    }
+    if !dry_run {
+        let kinds = Kind::ALL.len() as u32;
+        let behind = shared.behind_on_ledger_kinds(&shared.ledger.members(), kinds);
+        if !behind.is_empty() {
+            let names: Vec<String> = behind.iter().map(ToString::to_string).collect();
+            return Err(RpcError::FailedPrecondition(format!(
+                "{} not reported (since the coordinator started) running software that verifies \
+                 `models_pruned` ledger blocks; such a block would stop them: upgrade them, or try again \
+                 once they are connected",
+                match names.as_slice() {
+                    [one] => format!("site {one} has"),
+                    many => format!("sites {} have", many.join(", ")),
+                }
+            )));
+        }
+    }
+    let now_ms = unix_ms();
+    let mut tx = shared.ledger.begin().await?;
+    let rows = Store::jobs_in(&mut tx.tx).await?;
+    let stored = Store::model_sizes_in(&mut tx.tx).await?;
+    let mut on_chain = shared.ledger.job_models().await?;
+    let jobs: Vec<JobModels> = rows
+        .iter()
+        .map(|row| {
+            let (rounds, pruned) = on_chain.remove(&(row.id as u64)).unwrap_or_default();
+            JobModels {
+                job_id: row.id as u64,
+                status: row.status.clone(),
+                final_model: row.final_model_hash.clone(),
+                rounds,
+                pruned,
+            }
+        })
+        .collect();
+    let plan = plan(&jobs, job_ids, &stored).map_err(|e| match e {
+        PlanError::NoSuchJob(_) => RpcError::NotFound(e.to_string()),
+        _ => RpcError::FailedPrecondition(e.to_string()),
+    })?;
+    let mut out = Vec::with_capacity(plan.len());
+    for job in plan {
+        let ledger_height = if dry_run {
+            0
+        } else {
+            Store::delete_models_in(&mut tx.tx, &job.models).await?;
+            let block = Payload::ModelsPruned(ModelsPruned {
+                job_id: job.job_id,
+                models: job.models.clone(),
+                by: by.to_owned(),
+                reason: reason.to_owned(),
+            });
+            tx.append(&block, now_ms as u64).await?
+        };
+        out.push(pb::PrunedJob {
+            job_id: job.job_id,
+            status: job.status,
+            models: job.models.len() as u32,
+            bytes: job.bytes,
+            ledger_height,
+        });
+    }
+    if !dry_run && !out.is_empty() {
+        tx.commit().await?;
+        for job in &out {
+            info!(job = job.job_id, models = job.models, bytes = job.bytes, %by, "models pruned");
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ pub struct Shared {
     pub roster: BTreeMap<SiteId, [u8; 32]>,
     /// Running with `--insecure-dev` (no TLS): recorded in every job block.
     pub insecure_transport: bool,
+    /// Which ended jobs' round models are pruned as each ends.
+    pub auto_prune: crate::prune::AutoPrune,
     /// What `/metrics` shows.
     pub telemetry: crate::telemetry::Telemetry,
     started: Instant,
@@ -178,6 +180,7 @@ impl Shared {
             progress: Notify::new(),
             allowed_sites,
             insecure_transport: false,
+            auto_prune: Default::default(),
             telemetry: Default::default(),
             started: Instant::now(),
         }

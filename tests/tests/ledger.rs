@@ -680,3 +680,62 @@ fn pruned_models_leave_a_verifiable_ledger_and_the_final_model() {
     assert_eq!(report["intact"], false, "{report:#}");
     assert_eq!(python_verify(&copy).status.code(), Some(1));
 }
+
+/// `--auto-prune unfinished`: a cancelled job's round models go as it ends
+/// (its final model stays), on the record; a finished job's stay.
+#[test]
+fn the_retention_policy_prunes_an_unfinished_jobs_round_models_on_the_record() {
+    let mut federation = Federation::start_with(&SITES, &["--auto-prune", "unfinished"]);
+    for site in SITES {
+        federation.add_site(site);
+    }
+    let db = federation.db();
+    let finished = federation.submit(&federation.write_job("a.toml", &example_job(&[("rounds", "3")])));
+    let status = federation.wait_for(finished, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    // The initial model and the three rounds' models, kept.
+    assert_eq!(stored_models(&db).len(), 4);
+
+    // Another seed: no model in common with the first job.
+    let long = federation.submit(&federation.write_job("b.toml", &example_job(&[("rounds", "1000"), ("seed", "99")])));
+    for _ in 0..600 {
+        if federation.status(long)["job"]["rounds_done"].as_u64().unwrap_or(0) >= 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = federation.tessera(&["job", "cancel", &long.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = federation.wait_for(long, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "cancelled", "{status:#}");
+    let pruned_block = || {
+        let out = tessera_offline(&["ledger", "show", db.to_str().unwrap(), "--json"]);
+        let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        blocks.as_array().and_then(|b| {
+            b.iter()
+                .find(|b| b["kind"] == "models_pruned" && b["payload"]["job_id"] == long)
+                .cloned()
+        })
+    };
+    for _ in 0..200 {
+        if pruned_block().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let block = pruned_block().unwrap_or_else(|| panic!("no models_pruned block:\n{}", federation.logs()));
+    assert_eq!(
+        block["payload"]["by"], "the coordinator (--auto-prune unfinished)",
+        "{block:#}"
+    );
+    // The first job's four models and the cancelled job's final one.
+    let left = stored_models(&db);
+    assert_eq!(left.len(), 5, "{left:?}");
+    let rounds = status["rounds"].as_array().unwrap();
+    let final_model = rounds.last().unwrap()["model_hash"].as_str().unwrap().to_owned();
+    assert!(left.contains(&final_model), "{final_model} not kept: {left:?}");
+    let report = wait_until_final(&federation);
+    assert_eq!(report["intact"], true, "{report:#}");
+    let out = python_verify(&db);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use tessera_coordinator::ca::{Revoked, consortium_name};
 use tessera_coordinator::ledger::Ledger;
+use tessera_coordinator::prune::AutoPrune;
 use tessera_coordinator::rpc::{FederationService, JobsService, LedgerService};
 use tessera_coordinator::state::Shared;
 use tessera_coordinator::store::Store;
@@ -88,6 +89,12 @@ struct Args {
     /// collector).
     #[arg(long, env = "TESSERA_LOG_FORMAT", default_value = "text")]
     log_format: tessera_protocol::cli::LogFormat,
+    /// Prune the round models of ended jobs as each ends, keeping its final
+    /// model (as `tessera job prune` does, with a `models_pruned` ledger
+    /// block naming this policy): `unfinished` for failed and cancelled
+    /// jobs, `ended` for every job.
+    #[arg(long, value_enum, default_value_t = AutoPrune::None)]
+    auto_prune: AutoPrune,
     /// Test builds only: attack the sites (the end-to-end adversarial tests).
     #[cfg(all(feature = "malicious", debug_assertions))]
     #[arg(long, value_enum)]
@@ -142,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
     let mut shared = Shared::new(store, ledger, allowed_sites, roster);
     shared.remember_sessions(sessions);
     shared.insecure_transport = args.insecure_dev;
+    shared.auto_prune = args.auto_prune;
     let shared = Arc::new(shared);
     tokio::spawn(driver::run(shared.clone()));
     if let Some(addr) = args.metrics_listen {

@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use tessera_protocol::ids::JobId;
 use tessera_protocol::job::JobSpec;
-use tessera_protocol::ledger::Kind;
-use tessera_protocol::ledger::payload::{JobCreated, JobEnded, ModelsPruned, Payload};
+use tessera_protocol::ledger::payload::{JobCreated, JobEnded, Payload};
 use tessera_protocol::pb;
 use tessera_protocol::pb::jobs_server::Jobs;
 use tonic::{Request, Response, Status};
@@ -15,7 +14,6 @@ use tracing::{info, warn};
 use super::RpcError;
 use super::federation::chunk_stream;
 use crate::ledger::SOFTWARE;
-use crate::prune::{JobModels, PlanError, plan};
 use crate::state::Shared;
 use crate::store::{CANCELLED, JobRow, NewJob, Store};
 use crate::tls::Caller;
@@ -316,7 +314,15 @@ impl Jobs for JobsService {
             |identity| identity.to_string(),
         );
         let dry_run = request.get_ref().dry_run;
-        let jobs = self.prune(by, request.into_inner()).await?;
+        let request = request.into_inner();
+        let jobs = crate::prune::apply(
+            &self.shared,
+            &by,
+            "tessera job prune: the weights of the job's models other than its final one",
+            &request.job_ids,
+            request.dry_run,
+        )
+        .await?;
         let mut reply = pb::PruneJobsResponse {
             jobs,
             ..Default::default()
@@ -387,86 +393,6 @@ impl Jobs for JobsService {
             "job_toml": row.job_toml,
         });
         Ok(Response::new(chunk_stream(bytes, hash, manifest.to_string())))
-    }
-}
-
-impl JobsService {
-    /// `PruneJobs`: plans in one transaction with the deletion and its
-    /// ledger blocks, so a job that starts meanwhile makes the transaction
-    /// fail (its snapshot is stale) instead of losing a model it uses.
-    async fn prune(&self, by: String, request: pb::PruneJobsRequest) -> Result<Vec<pb::PrunedJob>, RpcError> {
-        if let Some(active) = self.shared.lock().active.as_ref() {
-            return Err(RpcError::FailedPrecondition(
-                PlanError::Running(active.job_id.0).to_string(),
-            ));
-        }
-        if !request.dry_run {
-            let kinds = Kind::ALL.len() as u32;
-            let behind = self.shared.behind_on_ledger_kinds(&self.shared.ledger.members(), kinds);
-            if !behind.is_empty() {
-                let names: Vec<String> = behind.iter().map(ToString::to_string).collect();
-                return Err(RpcError::FailedPrecondition(format!(
-                    "{} not reported (since the coordinator started) running software that verifies \
-                     `models_pruned` ledger blocks; such a block would stop them: upgrade them, or try again \
-                     once they are connected",
-                    match names.as_slice() {
-                        [one] => format!("site {one} has"),
-                        many => format!("sites {} have", many.join(", ")),
-                    }
-                )));
-            }
-        }
-        let now_ms = unix_ms();
-        let mut tx = self.shared.ledger.begin().await?;
-        let rows = Store::jobs_in(&mut tx.tx).await?;
-        let stored = Store::model_sizes_in(&mut tx.tx).await?;
-        let mut on_chain = self.shared.ledger.job_models().await?;
-        let jobs: Vec<JobModels> = rows
-            .iter()
-            .map(|row| {
-                let (rounds, pruned) = on_chain.remove(&(row.id as u64)).unwrap_or_default();
-                JobModels {
-                    job_id: row.id as u64,
-                    status: row.status.clone(),
-                    final_model: row.final_model_hash.clone(),
-                    rounds,
-                    pruned,
-                }
-            })
-            .collect();
-        let plan = plan(&jobs, &request.job_ids, &stored).map_err(|e| match e {
-            PlanError::NoSuchJob(_) => RpcError::NotFound(e.to_string()),
-            _ => RpcError::FailedPrecondition(e.to_string()),
-        })?;
-        let mut out = Vec::with_capacity(plan.len());
-        for job in plan {
-            let ledger_height = if request.dry_run {
-                0
-            } else {
-                Store::delete_models_in(&mut tx.tx, &job.models).await?;
-                let block = Payload::ModelsPruned(ModelsPruned {
-                    job_id: job.job_id,
-                    models: job.models.clone(),
-                    by: by.clone(),
-                    reason: "tessera job prune: the weights of the job's models other than its final one".into(),
-                });
-                tx.append(&block, now_ms as u64).await?
-            };
-            out.push(pb::PrunedJob {
-                job_id: job.job_id,
-                status: job.status,
-                models: job.models.len() as u32,
-                bytes: job.bytes,
-                ledger_height,
-            });
-        }
-        if !request.dry_run && !out.is_empty() {
-            tx.commit().await?;
-            for job in &out {
-                info!(job = job.job_id, models = job.models, bytes = job.bytes, %by, "models pruned");
-            }
-        }
-        Ok(out)
     }
 }
 
