@@ -606,6 +606,8 @@ fn pruned_models_leave_a_verifiable_ledger_and_the_final_model() {
         &job_id.to_string(),
         "--out",
         export.join("model.bin").to_str().unwrap(),
+        "--format",
+        "raw",
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let out = federation.tessera(&["job", "prune"]);

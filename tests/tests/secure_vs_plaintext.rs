@@ -15,7 +15,15 @@ fn train(job: &str, site_args: &[&str]) -> (Vec<f32>, f64) {
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
     assert_eq!(status["job"]["status"], "finished", "{status:#}");
     let out = federation.dir.path().join("model.bin");
-    let export = federation.tessera(&["model", "export", &job_id.to_string(), "--out", out.to_str().unwrap()]);
+    let export = federation.tessera(&[
+        "model",
+        "export",
+        &job_id.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+        "--format",
+        "raw",
+    ]);
     assert!(export.status.success());
     let model = tessera_protocol::model::decode_params(&std::fs::read(&out).unwrap()).unwrap();
     (model, status["final_mean_accuracy"].as_f64().unwrap())

@@ -371,8 +371,24 @@ impl Jobs for JobsService {
             .round_block_for(row.id as u64, &hash)
             .await
             .map_err(RpcError::from)?;
+        // The final model's evaluation, pooled by secure sum (secure jobs).
+        let final_round = row.rounds_done + 1;
+        let pooled = self
+            .shared
+            .store
+            .pooled(JobId(row.id as u64))
+            .await
+            .map_err(RpcError::from)?
+            .into_iter()
+            .find(|p| p.round == final_round)
+            .map(|p| {
+                serde_json::json!({
+                    "n_sites": p.n_sites, "n_test": p.n_test, "accuracy": p.accuracy, "loss": p.loss,
+                })
+            });
         let manifest = serde_json::json!({
             "format": "tessera-model-v1",
+            "final_pooled_metrics": pooled,
             // The ledger block that recorded this model: verify the ledger,
             // then check this file's SHA-256 against the block.
             "ledger_block": block.map(|(height, block_hash)| serde_json::json!({

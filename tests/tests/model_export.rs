@@ -1,0 +1,128 @@
+//! `tessera model export` as an ML team uses it: a finished job's model in
+//! safetensors, loaded with Hugging Face's Python package and NumPy
+//! (installed by scripts/test.sh), gives the probabilities Tessera's own
+//! model (Burn, `tessera_models::train::predict_logits`) gives, to 1e-5.
+
+use std::process::Command;
+
+use rand::{Rng, SeedableRng};
+use tessera_models::data::Dataset;
+use tessera_tests::{Federation, SITES, example_job};
+
+/// Loads the safetensors file, checks it against the raw export, prints
+/// its metadata and the probabilities of the rows in argv[3] (raw,
+/// unstandardised features, as a site's encoded rows are).
+const LOAD: &str = r#"
+import json, sys
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+tensors = load_file(sys.argv[1])
+with safe_open(sys.argv[1], framework="np") as f:
+    meta = f.metadata()
+raw = np.fromfile(sys.argv[2], dtype="<f4")
+n_layers = sum(1 for k in tensors if k.endswith(".weight"))
+flat = np.concatenate([np.concatenate([tensors[f"layers.{i}.weight"].ravel(), tensors[f"layers.{i}.bias"]])
+                       for i in range(n_layers)])
+assert flat.dtype == np.float32 and np.array_equal(flat, raw), "tensors differ from the raw export"
+x = np.array(json.loads(open(sys.argv[3]).read()), dtype=np.float64)
+h = (x - tensors["normalization.mean"]) / tensors["normalization.std"]
+h = h.astype(np.float32)
+for i in range(n_layers):
+    h = h @ tensors[f"layers.{i}.weight"] + tensors[f"layers.{i}.bias"]
+    if i < n_layers - 1:
+        h = np.maximum(h, 0)
+p = 1 / (1 + np.exp(-h[:, 0].astype(np.float64)))
+print(json.dumps({"metadata": meta, "probabilities": p.tolist()}))
+"#;
+
+#[test]
+fn an_exported_model_loads_in_python_and_predicts_as_tessera_does() {
+    let federation = Federation::running(&SITES);
+    let job_id = federation.submit(&federation.write_job("job.toml", &example_job(&[("rounds", "3")])));
+    let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    let dir = federation.dir.path().to_owned();
+    let (st, raw) = (dir.join("model.safetensors"), dir.join("model.bin"));
+    for (file, format) in [(&st, "safetensors"), (&raw, "raw")] {
+        let out = federation.tessera(&[
+            "model",
+            "export",
+            &job_id.to_string(),
+            "--out",
+            file.to_str().unwrap(),
+            "--format",
+            format,
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model.bin.json")).unwrap()).unwrap();
+    let params = tessera_protocol::model::decode_params(&std::fs::read(&raw).unwrap()).unwrap();
+    let n_features = manifest["n_features"].as_u64().unwrap() as usize;
+    let mean: Vec<f64> = serde_json::from_value(manifest["normalization"]["mean"].clone()).unwrap();
+    let std: Vec<f64> = serde_json::from_value(manifest["normalization"]["std"].clone()).unwrap();
+
+    // Rows as a site encodes them (features on their own scale), and what
+    // Tessera's model computes from them: standardised, then its logits.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let rows: Vec<Vec<f64>> = (0..50)
+        .map(|_| {
+            (0..n_features)
+                .map(|j| mean[j] + std[j] * rng.random_range(-2.5..2.5))
+                .collect()
+        })
+        .collect();
+    let standardised = Dataset {
+        n_features,
+        features: rows
+            .iter()
+            .flat_map(|r| r.iter().enumerate().map(|(j, v)| ((v - mean[j]) / std[j]) as f32))
+            .collect(),
+        labels: vec![0.0; rows.len()],
+        groups: Vec::new(),
+    };
+    let spec = tessera_protocol::job::JobSpec::from_toml(manifest["job_toml"].as_str().unwrap()).unwrap();
+    let layout = spec.model.layout(n_features);
+    let device = tessera_models::default_device();
+    let logits = tessera_models::train::predict_logits(&layout, &params, &standardised, &device).unwrap();
+    let tessera: Vec<f64> = logits.iter().map(|&z| 1.0 / (1.0 + (-f64::from(z)).exp())).collect();
+
+    let rows_path = dir.join("rows.json");
+    std::fs::write(&rows_path, serde_json::to_string(&rows).unwrap()).unwrap();
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(LOAD)
+        .arg(&st)
+        .arg(&raw)
+        .arg(&rows_path)
+        .output()
+        .expect("run python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let python: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let probabilities: Vec<f64> = serde_json::from_value(python["probabilities"].clone()).unwrap();
+    assert_eq!(probabilities.len(), tessera.len());
+    let worst = probabilities
+        .iter()
+        .zip(&tessera)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-5, "Python's probabilities differ from Tessera's by {worst}");
+    assert!(
+        probabilities.iter().any(|p| *p < 0.4) && probabilities.iter().any(|p| *p > 0.6),
+        "a model that says the same for every row tests nothing: {probabilities:?}"
+    );
+
+    // The provenance a reader checks against the ledger.
+    let meta = &python["metadata"];
+    assert_eq!(meta["model_hash"], manifest["model_hash"]);
+    assert_eq!(meta["job_id"], job_id.to_string());
+    let block: serde_json::Value = serde_json::from_str(meta["ledger_block"].as_str().unwrap()).unwrap();
+    assert_eq!(block, manifest["ledger_block"]);
+    let pooled: serde_json::Value = serde_json::from_str(meta["final_pooled_metrics"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        pooled["accuracy"], status["final_pooled_accuracy"],
+        "{pooled:#}\n{status:#}"
+    );
+}
