@@ -236,6 +236,8 @@ fn four_hospitals_train_three_rounds() {
         &job_id.to_string(),
         "--out",
         out_path.to_str().unwrap(),
+        "--format",
+        "raw",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bytes = std::fs::read(&out_path).unwrap();
