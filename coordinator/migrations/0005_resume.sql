@@ -17,3 +17,4 @@ ALTER TABLE jobs ADD COLUMN strategy_state BLOB;
 -- starts): a coordinator restarted mid-summation recognises a site that
 -- restarted while it was down, and drops it from the summation it resumes.
 ALTER TABLE sites ADD COLUMN session TEXT NOT NULL DEFAULT '';
+

@@ -362,6 +362,11 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
             "secure aggregation needs the consortium roster (start the coordinator with --roster)".into(),
         ));
     }
+    // Done already, all but recording its end (a previous process stopped
+    // after the final evaluation's block): nothing to wait for.
+    if row.phase == "done" {
+        return Ok(());
+    }
     let (members, normalization) = match stored_preprocessing(row)? {
         Some(normalization) => {
             // Resumed past its preprocessing: the job is its sealed cohort's.
@@ -535,11 +540,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
         global_hash = next_hash;
     }
 
-    // Final evaluation of the last model (done already when a previous
-    // process stopped after recording it).
-    if row.phase == "done" {
-        return Ok(());
-    }
+    // Final evaluation of the last model.
     set_phase(shared, job_id, "final evaluation").await;
     let round = spec.rounds + 1;
     let ctx = RoundContext {
@@ -574,7 +575,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
         members: members.iter().map(|s| s.to_string()).collect(),
         secure: secure.is_some(),
     };
-    install_round(shared, announcement, None, session, &members).await?;
+    install_round(shared, announcement, None, session, &members);
     let mut tx = match run_phase(shared).await? {
         (_, Some(Ok((sum, transcript)))) => {
             store_pooled(shared, ctx, &contributors(&transcript), &sum).await?;
@@ -591,6 +592,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
     };
     // "done" with the evaluation's block: a resumed job runs it once.
     Store::set_phase_in(&mut tx.tx, job_id, "done").await?;
+    Store::forget_sessions_in(&mut tx.tx, job_id, u32::MAX).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -709,7 +711,7 @@ async fn plaintext_round(
         dropout_after_ms: spec.timing.dropout_after_s * 1000,
     };
     let collector = RoundCollector::new(params, members.iter().cloned(), shared.now_ms());
-    install_round(shared, announcement, Some(collector), None, members).await?;
+    install_round(shared, announcement, Some(collector), None, members);
     let (collector, _) = run_phase(shared).await?;
     let collector = collector.expect("training round keeps its collector");
     let outcome = collector
@@ -791,7 +793,7 @@ async fn secure_round(
             .await?
         }
     };
-    install_round(shared, announcement, None, Some(session), members).await?;
+    install_round(shared, announcement, None, Some(session), members);
     let (_, outcome) = run_phase(shared).await?;
     let (sum, transcript) = outcome.expect("secure round yields its outcome").map_err(|e| {
         Stop::Failed(format!(
@@ -842,6 +844,28 @@ async fn preprocess(
         Aggregation::Secure(s) => Some(*s),
         Aggregation::InsecurePlaintext => None,
     };
+    // The secure sum of the statistics, in flight when a previous process
+    // stopped: the encodings were agreed and the cohort sealed before it
+    // began, so it goes on from its stored stage.
+    if let Some(session) = restored_session(shared, job_id, 0, secure.is_some()).await? {
+        let n_features = (0..=session.vector_len)
+            .find(|&n| FeatureStats::secure_len(n) * exact::LIMBS == session.vector_len)
+            .ok_or_else(|| {
+                Stop::Failed("cannot resume the statistics' secure sum: its length fits no feature count".into())
+            })?;
+        // No report is awaited: the encodings were agreed before.
+        install(
+            shared,
+            Phase::Stats(Box::new(StatsPhase {
+                pending: BTreeSet::new(),
+                reports: BTreeMap::new(),
+                encodings: BTreeMap::new(),
+                secure: true,
+                session: None,
+            })),
+        );
+        return secure_stats(shared, job_id, session, n_features).await;
+    }
     install(
         shared,
         Phase::Stats(Box::new(StatsPhase {
@@ -852,17 +876,6 @@ async fn preprocess(
             session: None,
         })),
     );
-    // The secure sum of the statistics, in flight when a previous process
-    // stopped: the encodings were agreed and the cohort sealed before it
-    // began, so it goes on from its stored stage.
-    if let Some(session) = restored_session(shared, job_id, 0, secure.is_some()).await? {
-        let n_features = (0..=session.vector_len)
-            .find(|&n| FeatureStats::secure_len(n) * exact::LIMBS == session.vector_len)
-            .ok_or_else(|| {
-                Stop::Failed("cannot resume the statistics' secure sum: its length fits no feature count".into())
-            })?;
-        return secure_stats(shared, job_id, session, n_features).await;
-    }
     let deadline = shared.now_ms() + spec.timing.round_timeout_s * 1000;
     let dropout_ms = spec.timing.dropout_after_s * 1000;
     let (mut reports, encodings, held, awaited) = loop {
@@ -1076,24 +1089,17 @@ async fn absent_reasons(
 }
 
 /// Installs a round (or the final evaluation). Its metrics are awaited from
-/// the members that have not reported them: all of them, unless a previous
-/// process ran part of this round before it stopped.
-async fn install_round(
+/// every member, in a round resumed after a restart too: a site that
+/// reported already sends the same report again (and is acknowledged), so
+/// each is sure to get the round's announcement, and a site whose report
+/// or training a crash cut short does them then.
+fn install_round(
     shared: &Arc<Shared>,
     mut announcement: pb::RoundAnnouncement,
     collector: Option<RoundCollector>,
     session: Option<SecureSession>,
     members: &BTreeSet<SiteId>,
-) -> Result<(), Stop> {
-    let round = i64::from(announcement.round);
-    let reported: BTreeSet<String> = shared
-        .store
-        .metrics(JobId(announcement.job_id))
-        .await?
-        .into_iter()
-        .filter(|m| m.round == round)
-        .map(|m| m.site_id)
-        .collect();
+) {
     {
         let inner = shared.lock();
         let active = inner.active.as_ref().expect("active job installed by run_job");
@@ -1106,14 +1112,9 @@ async fn install_round(
             announcement,
             collector,
             session,
-            awaiting_metrics: members
-                .iter()
-                .filter(|s| !reported.contains(s.as_str()))
-                .cloned()
-                .collect(),
+            awaiting_metrics: members.clone(),
         })),
     );
-    Ok(())
 }
 
 /// Ticks the installed phase until every member has done its part or

@@ -58,12 +58,9 @@ pub struct Inner {
     /// previous process stored it, until the site is heard from).
     sessions: HashMap<SiteId, String>,
     /// Sites whose daemon restarted since the previous coordinator process
-    /// last heard from them: they lost their part of any summation that
-    /// process left in flight.
+    /// last heard from them (or since this one did): they lost their part
+    /// of any summation that process left in flight.
     restarted_while_down: BTreeSet<SiteId>,
-    /// Sites heard from by this process (whose session id is this
-    /// process's to compare).
-    sessions_heard: BTreeSet<SiteId>,
     /// How many ledger block kinds each site's software knows (heartbeat).
     ledger_kinds: HashMap<SiteId, u32>,
     pub active: Option<ActiveJob>,
@@ -259,19 +256,16 @@ impl Shared {
     /// member of a statistics summation), it is dropped from it.
     pub fn note_session(&self, site: &SiteId, session: &str) -> SessionNote {
         let mut inner = self.lock();
-        let first_heard = inner.sessions_heard.insert(site.clone());
         let before = inner.sessions.insert(site.clone(), session.to_owned());
         match before {
             None => return SessionNote::First,
             Some(b) if b == session => return SessionNote::Same,
             Some(_) => {}
         }
-        // The first request of this process from a site whose daemon
-        // restarted meanwhile: any summation resumed from before is lost
-        // to it too (`drop_restarted_while_down`).
-        if first_heard {
-            inner.restarted_while_down.insert(site.clone());
-        }
+        // Whenever it happened (while this process was down, or before the
+        // summation it resumes is installed), a summation resumed from a
+        // previous process is lost to the site (`drop_restarted_while_down`).
+        inner.restarted_while_down.insert(site.clone());
         let Some(active) = inner.active.as_mut() else {
             return SessionNote::Restarted(None);
         };

@@ -158,6 +158,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         answers: Answers::default(),
         plain_updates: PlainUpdates::default(),
         stats_sent: None,
+        metrics_sent: HashMap::new(),
         metric_inputs: HashMap::new(),
         replays: HashMap::new(),
         normalizations: HashMap::new(),
@@ -263,6 +264,9 @@ struct Site {
     /// Plaintext jobs: the last update submitted, sent again (the same
     /// bytes) when a restarted coordinator starts its round over.
     plain_updates: PlainUpdates,
+    /// The metrics reports sent for the rounds still open, sent again (the
+    /// same bytes) when a restarted coordinator announces the round again.
+    metrics_sent: HashMap<(u64, u32), pb::MetricsReport>,
     /// The last statistics report sent, sent again (the same bytes) when a
     /// restarted coordinator starts the job's preprocessing over.
     stats_sent: Option<pb::StatsReport>,
@@ -863,7 +867,7 @@ impl Site {
         client: &mut FederationClient<Channel>,
         task: pb::ComputeStats,
     ) -> anyhow::Result<()> {
-        if !self.done.insert((task.job_id, 0, Work::Stats)) {
+        if self.done.contains(&(task.job_id, 0, Work::Stats)) {
             // Asked again: a restarted coordinator gathers the statistics
             // anew. The report it may have lost goes again, unchanged (a
             // secure job's carries only the encoding; its input is still
@@ -881,6 +885,9 @@ impl Site {
         let spec = self.job(client, task.job_id, &task.job_toml, &task.job_hash).await?;
         // Secure or not is the accepted job's choice, never the message's.
         spec.check_announced_secure(task.secure)?;
+        // Only now: a job held for the data team and approved later is
+        // asked again, and must be computed then.
+        self.done.insert((task.job_id, 0, Work::Stats));
         // A pass over the training split: off the async threads (a
         // streamed table is read from its file).
         let train = self.data()?.train.clone();
@@ -994,6 +1001,20 @@ impl Site {
         self.sessions
             .retain(|&(job, round), _| job != a.job_id || round >= a.round);
         self.answers.retain(|(job, round)| job != a.job_id || round >= a.round);
+        self.metrics_sent
+            .retain(|&(job, round), _| job != a.job_id || round >= a.round);
+        // Announced again after this site reported: a restarted coordinator
+        // awaits every site's report again. The same report goes again.
+        if self.done.contains(&(a.job_id, a.round, Work::Metrics))
+            && let Some(report) = self.metrics_sent.get(&(a.job_id, a.round)).cloned()
+        {
+            info!(
+                "sending the same metrics report for round {} of job {} again (the coordinator restarted?)",
+                a.round, a.job_id
+            );
+            self.egress.record("ReportMetrics", &report)?;
+            client.report_metrics(report).await?;
+        }
         // A restarted coordinator starts a plaintext round over and announces
         // it again: a site that already submitted its update for this round
         // of this model sends the same one again (the coordinator saw it in
@@ -1199,6 +1220,7 @@ impl Site {
             withheld,
         };
         self.egress.record("ReportMetrics", &report)?;
+        self.metrics_sent.insert((a.job_id, a.round), report.clone());
         client.report_metrics(report).await?;
         Ok(())
     }

@@ -618,8 +618,9 @@ impl Federation for FederationService {
         let site = self.identify(caller.as_ref(), &report.site_id).await?;
         if report.withheld {
             // The site keeps its own figures; its evaluation is in the secure sum.
-            self.check_metrics_expected(JobId(report.job_id), &site, &report)?;
-            self.mark_metrics_received(&site, report.round);
+            if self.check_metrics_expected(JobId(report.job_id), &site, &report)? {
+                self.mark_metrics_received(&site, report.round);
+            }
             return Ok(Response::new(pb::Ack {}));
         }
         if !(0.0..=1.0).contains(&report.accuracy) || !report.loss.is_finite() || report.loss < 0.0 {
@@ -631,7 +632,9 @@ impl Federation for FederationService {
         let job_id = JobId(report.job_id);
         // Check, store, then mark as received: the driver may close the phase
         // only once the metrics are durable.
-        self.check_metrics_expected(job_id, &site, &report)?;
+        if !self.check_metrics_expected(job_id, &site, &report)? {
+            return Ok(Response::new(pb::Ack {}));
+        }
         self.shared
             .store
             .insert_metrics(
@@ -738,9 +741,17 @@ impl FederationService {
         Ok(self.answer(&site, header.wait_for_task).await)
     }
 
-    /// Checks that metrics answer the open round's announcement and that this
-    /// site still owes them.
-    fn check_metrics_expected(&self, job_id: JobId, site: &SiteId, report: &pb::MetricsReport) -> Result<(), RpcError> {
+    /// Checks that metrics answer the open round's announcement; true when
+    /// this site still owes them, false when they are in already (a report
+    /// made again because its answer was lost, to a coordinator that
+    /// crashed or over a broken connection: acknowledged, nothing stored
+    /// twice).
+    fn check_metrics_expected(
+        &self,
+        job_id: JobId,
+        site: &SiteId,
+        report: &pb::MetricsReport,
+    ) -> Result<bool, RpcError> {
         let inner = self.shared.lock();
         let Some(active) = inner.active.as_ref().filter(|a| a.job_id == job_id) else {
             return Err(RpcError::FailedPrecondition(format!("job {job_id} is not running")));
@@ -754,12 +765,7 @@ impl FederationService {
                 report.round, round.announcement.round
             )));
         }
-        if !round.awaiting_metrics.contains(site) {
-            return Err(RpcError::FailedPrecondition(format!(
-                "no metrics expected from `{site}`"
-            )));
-        }
-        Ok(())
+        Ok(round.awaiting_metrics.contains(site))
     }
 
     /// Checks that an update targets the open round, without changing it, and
