@@ -212,9 +212,20 @@ impl Ledger {
 
     /// Starts a transaction that can append blocks. Appends are serialised:
     /// the next one waits until this transaction commits or is dropped.
+    ///
+    /// It takes SQLite's write lock at once (`BEGIN IMMEDIATE`): a deferred
+    /// transaction that reads, then writes after another connection
+    /// committed (a site's endorsement, a heartbeat) fails at its first
+    /// write with "database is locked", without waiting, for its snapshot
+    /// is stale. Taken up front, the lock waits for those short writes.
     pub async fn begin(&self) -> anyhow::Result<LedgerTx<'_>> {
         let chain = self.writer.lock().await;
-        let tx = self.store.pool().begin().await.context("cannot begin transaction")?;
+        let tx = self
+            .store
+            .pool()
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .context("cannot begin transaction")?;
         Ok(LedgerTx {
             tx,
             chain,
@@ -613,6 +624,56 @@ mod tests {
         verify_chain(&blocks, Some(&hashes)).unwrap();
         let mut verifier = Verifier::new();
         blocks.iter().map(|b| verifier.push(b).unwrap().payload).collect()
+    }
+
+    /// A ledger transaction that reads, then writes after another
+    /// connection committed (a site's endorsement landing as a job ends)
+    /// still commits: a deferred one failed there with "database is
+    /// locked", and the retention policy's pruning was lost with it.
+    #[tokio::test]
+    async fn a_ledger_transaction_commits_though_another_connection_wrote_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("c.db"))
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let ledger = Ledger::open(pool.clone(), key(), "test", &roster(&[("a", &key())]), 1)
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE other (x INTEGER)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut tx = ledger.begin().await.unwrap();
+        sqlx::query("SELECT COUNT(*) FROM ledger_blocks")
+            .fetch_one(&mut *tx.tx)
+            .await
+            .unwrap();
+        let mut other = tokio::spawn({
+            let pool = pool.clone();
+            async move { sqlx::query("INSERT INTO other VALUES (1)").execute(&pool).await }
+        });
+        // Lets the other write land first if it can (it must wait instead).
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(300), &mut other).await;
+        sqlx::query("INSERT INTO other VALUES (2)")
+            .execute(&mut *tx.tx)
+            .await
+            .expect("the transaction's write");
+        tx.commit().await.unwrap();
+        other
+            .await
+            .unwrap()
+            .expect("the other connection's write, after the commit");
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM other")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 2);
     }
 
     #[tokio::test]

@@ -151,8 +151,9 @@ pub fn plan(jobs: &[JobModels], selected: &[u64], stored: &BTreeMap<String, u64>
 
 /// Prunes the models of `job_ids` (every ended job when empty) as `by`
 /// asked, for `reason`, in one transaction with their `models_pruned`
-/// ledger blocks: a job that starts meanwhile makes the transaction fail
-/// (its snapshot is stale) instead of losing a model it uses.
+/// ledger blocks. The transaction holds the database's write lock from
+/// its start, so a job cannot start between the plan and the deletion: it
+/// is seen running (and nothing is pruned), or it starts after the commit.
 pub async fn apply(
     shared: &Shared,
     by: &str,
