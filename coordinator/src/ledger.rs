@@ -213,19 +213,20 @@ impl Ledger {
     /// Starts a transaction that can append blocks. Appends are serialised:
     /// the next one waits until this transaction commits or is dropped.
     ///
-    /// It takes SQLite's write lock at once (`BEGIN IMMEDIATE`): a deferred
-    /// transaction that reads, then writes after another connection
-    /// committed (a site's endorsement, a heartbeat) fails at its first
-    /// write with "database is locked", without waiting, for its snapshot
-    /// is stale. Taken up front, the lock waits for those short writes.
+    /// It takes SQLite's write lock at once: a deferred transaction that
+    /// reads, then writes after another connection committed (a site's
+    /// endorsement, a heartbeat) fails at its first write with "database is
+    /// locked", without waiting, for its snapshot is stale. Taken up front,
+    /// the lock waits for those short writes. (A statement that writes
+    /// nothing takes it; `BEGIN IMMEDIATE` would too, but sqlx refuses it on
+    /// a pooled connection whose commit once failed on a full disk.)
     pub async fn begin(&self) -> anyhow::Result<LedgerTx<'_>> {
         let chain = self.writer.lock().await;
-        let tx = self
-            .store
-            .pool()
-            .begin_with("BEGIN IMMEDIATE")
+        let mut tx = self.store.pool().begin().await.context("cannot begin transaction")?;
+        sqlx::query("DELETE FROM ledger_blocks WHERE 0")
+            .execute(&mut *tx)
             .await
-            .context("cannot begin transaction")?;
+            .context("cannot lock the database for writing")?;
         Ok(LedgerTx {
             tx,
             chain,
@@ -358,7 +359,7 @@ impl Ledger {
 
     /// Whether every block from `from` up to `below` (or the tip) carries
     /// endorsements from a majority of the members at its height.
-    async fn all_final(&self, from: u64, below: u64) -> anyhow::Result<bool> {
+    pub async fn all_final(&self, from: u64, below: u64) -> anyhow::Result<bool> {
         let stored = self.store.blocks_from(from, below.saturating_sub(from)).await?;
         let membership = self.membership.lock().expect("membership lock");
         for (i, (block, _)) in stored.iter().enumerate() {

@@ -93,6 +93,30 @@ pub struct ActiveJob {
     pub restarted: BTreeSet<SiteId>,
 }
 
+impl ActiveJob {
+    /// The sites taking part in the current phase (those whose silence
+    /// drops them, and who sync the ledger as they work); `None` while the
+    /// job waits for its sites, when every member may be about to.
+    pub fn at_work(&self) -> Option<BTreeSet<SiteId>> {
+        let sites: BTreeSet<SiteId> = match &self.phase {
+            Phase::WaitingForSites => return None,
+            Phase::Stats(stats) => stats.pending.iter().chain(stats.reports.keys()).cloned().collect(),
+            Phase::Round(round) => round
+                .announcement
+                .members
+                .iter()
+                .filter_map(|s| SiteId::new(s).ok())
+                .collect(),
+        };
+        Some(
+            sites
+                .into_iter()
+                .filter(|s| !self.failed.contains(s) && !self.restarted.contains(s))
+                .collect(),
+        )
+    }
+}
+
 /// What a request's session id said about the site's daemon.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SessionNote {
@@ -288,6 +312,30 @@ impl Shared {
     }
 
     /// Sites heard from within the last `window_ms`.
+    /// Whether `site` takes part in the running job's current phase (or
+    /// may be about to: the job waits for its sites).
+    pub fn at_work(&self, site: &SiteId) -> bool {
+        let inner = self.lock();
+        let Some(active) = inner.active.as_ref() else {
+            return false;
+        };
+        active.at_work().is_none_or(|sites| sites.contains(site))
+    }
+
+    /// Whether the sites at work in the running job are enough to make new
+    /// ledger blocks final by themselves (a majority of the members): the
+    /// other members' endorsements are then not waited for, and idle
+    /// members need not be woken for each block (`PollTask`).
+    pub fn at_work_make_blocks_final(&self) -> bool {
+        let members = self.ledger.members();
+        let inner = self.lock();
+        let Some(at_work) = inner.active.as_ref().and_then(ActiveJob::at_work) else {
+            return false;
+        };
+        let endorsers = members.iter().filter(|m| at_work.contains(*m)).count();
+        endorsers >= tessera_protocol::ledger::verify::majority(members.len())
+    }
+
     pub fn online(&self, window_ms: u64) -> BTreeSet<SiteId> {
         let now = self.now_ms();
         self.lock()
@@ -299,8 +347,8 @@ impl Shared {
     }
 }
 
-/// A site silent this long is named as such in `job status` (heartbeats
-/// come every 2 s).
+/// A site silent this long is named as such in `job status` (a site at
+/// work heartbeats every 2 s).
 const SILENT_MS: u64 = 5_000;
 
 impl Inner {

@@ -41,7 +41,15 @@ use crate::local::LocalData;
 use crate::policy::{self, Approvals, Decision};
 use crate::replica::{HALT_FILE, Refusal, Replica};
 
+/// Heartbeat period unless the coordinator asks for another (within
+/// `HEARTBEAT_BOUNDS`): soon while the site is at work in a job, seldom
+/// while it is idle or sits a job out.
 const HEARTBEAT: Duration = Duration::from_secs(2);
+const HEARTBEAT_BOUNDS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+/// How often an idle site brings its replica up to date by itself. The
+/// coordinator wakes it sooner when blocks need its endorsement to become
+/// final (`Idle.sync_ledger`), and it syncs before any work anyway.
+const IDLE_SYNC: Duration = Duration::from_secs(30);
 /// Reconnect delays: from 250 ms, doubling up to 5 s, each stretched by a
 /// random factor in [1, 2). The randomness keeps a fleet of sites that lost
 /// the coordinator from reconnecting in step when it comes back.
@@ -56,8 +64,8 @@ fn reconnect_delays() -> impl Iterator<Item = Duration> {
         .build()
 }
 /// How long a site waits for the blocks a task relies on to become final
-/// before declining it: long enough for idle members, which sync on each
-/// long poll (5 s), to endorse.
+/// before declining it: long enough for idle members, which the
+/// coordinator wakes to endorse (within its long poll, 5 s), to do so.
 const FINALITY_WAIT: Duration = Duration::from_secs(20);
 
 /// Runs until the process is stopped.
@@ -163,6 +171,8 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         replays: HashMap::new(),
         normalizations: HashMap::new(),
         contributions: Contributions::open(&config.state_dir)?,
+        pace: Arc::default(),
+        synced_at: None,
     };
     let mut delays = reconnect_delays();
     loop {
@@ -176,6 +186,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
                     site.egress.clone(),
                     halted.clone(),
                     site.session.clone(),
+                    site.pace.clone(),
                 ));
                 let result = site
                     .serve(FederationClient::new(channel.clone()), LedgerClient::new(channel))
@@ -191,6 +202,25 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
     }
 }
 
+/// The heartbeat's pace, shared with the task loop: a site the coordinator
+/// let heartbeat seldom (idle) sends one at once when work arrives, so the
+/// coordinator hears from it at the working pace from the first task.
+#[derive(Default)]
+struct HeartbeatPace {
+    slow: AtomicBool,
+    now: tokio::sync::Notify,
+}
+
+impl HeartbeatPace {
+    /// Work arrived: a slow heartbeat is sent now (and paced again by the
+    /// coordinator's answer).
+    fn at_work(&self) {
+        if self.slow.swap(false, Ordering::Relaxed) {
+            self.now.notify_one();
+        }
+    }
+}
+
 /// Heartbeats until the connection ends; a halted site stops them, so the
 /// coordinator stops counting on it.
 async fn heartbeat_loop(
@@ -199,6 +229,7 @@ async fn heartbeat_loop(
     egress: Arc<EgressLog>,
     halted: Arc<AtomicBool>,
     session: String,
+    pace: Arc<HeartbeatPace>,
 ) {
     loop {
         if halted.load(Ordering::Relaxed) {
@@ -213,10 +244,21 @@ async fn heartbeat_loop(
         if egress.record("Heartbeat", &request).is_err() {
             return;
         }
-        if let Err(status) = client.heartbeat(request).await {
-            warn!("heartbeat failed: {}", status.message());
+        let next = match client.heartbeat(request).await {
+            Ok(response) => match response.into_inner().next_heartbeat_ms {
+                0 => HEARTBEAT,
+                ms => Duration::from_millis(ms.into()).clamp(HEARTBEAT_BOUNDS.0, HEARTBEAT_BOUNDS.1),
+            },
+            Err(status) => {
+                warn!("heartbeat failed: {}", status.message());
+                HEARTBEAT
+            }
+        };
+        pace.slow.store(next > HEARTBEAT, Ordering::Relaxed);
+        tokio::select! {
+            () = tokio::time::sleep(next) => {}
+            () = pace.now.notified() => {}
         }
-        tokio::time::sleep(HEARTBEAT).await;
     }
 }
 
@@ -287,6 +329,9 @@ struct Site {
     /// Drawn when the daemon starts and sent with each poll and heartbeat,
     /// so the coordinator knows a restarted daemon (`PollTaskRequest`).
     session: String,
+    pace: Arc<HeartbeatPace>,
+    /// When the replica was last brought up to date (`IDLE_SYNC`).
+    synced_at: Option<tokio::time::Instant>,
 }
 
 /// The job a task belongs to.
@@ -461,6 +506,7 @@ impl Site {
                     let request = pb::PollTaskRequest {
                         site_id: self.id.to_string(),
                         session: self.session.clone(),
+                        ledger_len: self.replica.len(),
                     };
                     self.egress.record("PollTask", &request)?;
                     client.poll_task(request).await.context("poll failed")?.into_inner()
@@ -479,8 +525,19 @@ impl Site {
             // A round syncs and waits for finality itself, after it has
             // advertised its keys (`round`).
             let round = matches!(&task.kind, Some(task::Kind::Round(_)));
-            if !mid_summation && !round {
-                let idle = matches!(&task.kind, None | Some(task::Kind::Idle(_)));
+            // An idle site syncs when the coordinator says blocks wait for
+            // its endorsement, else every `IDLE_SYNC`: a job it sits out
+            // costs it a few requests a minute.
+            let due = self.synced_at.is_none_or(|at| at.elapsed() >= IDLE_SYNC);
+            let (idle, sync) = match &task.kind {
+                None => (true, due),
+                Some(task::Kind::Idle(idle)) => (true, idle.sync_ledger || due),
+                Some(_) => (false, true),
+            };
+            if !idle {
+                self.pace.at_work();
+            }
+            if !mid_summation && !round && sync {
                 self.sync_to_finality(&mut ledger, idle).await?;
             }
             if self.replica.halted().is_some() {
@@ -599,6 +656,7 @@ impl Site {
     /// within milliseconds of this site's own.
     async fn sync_to_finality(&mut self, ledger: &mut LedgerClient<Channel>, idle: bool) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + FINALITY_WAIT;
+        self.synced_at = Some(tokio::time::Instant::now());
         self.replica
             .sync(ledger, &self.egress, None)
             .await

@@ -96,6 +96,12 @@ pub struct Replica {
     roster: Arc<Roster>,
     /// Heights whose objection was logged (once each).
     objected: std::collections::HashSet<u64>,
+    /// Endorsements signed during a sync, sent together at its end (or
+    /// every `BATCH` blocks): one request per sync, not one per block.
+    unsent: Vec<pb::EndorseRequest>,
+    /// Whether the coordinator knows `EndorseBlocks` (an older one answers
+    /// it "unimplemented"; endorsements then go one by one).
+    batches: bool,
 }
 
 impl Replica {
@@ -131,6 +137,8 @@ impl Replica {
             pin,
             roster,
             objected: Default::default(),
+            unsent: Vec::new(),
+            batches: true,
         };
         for (block, stored_hash) in replica.store.blocks().await? {
             if block.hash() != stored_hash {
@@ -270,6 +278,18 @@ impl Replica {
         egress: &EgressLog,
         await_final: Option<(u64, Duration)>,
     ) -> anyhow::Result<()> {
+        // The blocks verified before a failure (or a halt) are endorsed.
+        let fetched = self.fetch(client, egress, await_final).await;
+        let sent = self.send_endorsements(client, egress).await;
+        fetched.and(sent)
+    }
+
+    async fn fetch(
+        &mut self,
+        client: &mut LedgerClient<Channel>,
+        egress: &EgressLog,
+        await_final: Option<(u64, Duration)>,
+    ) -> anyhow::Result<()> {
         if self.halted.is_some() {
             return Ok(());
         }
@@ -307,24 +327,20 @@ impl Replica {
                 if b.height != from {
                     anyhow::bail!("coordinator sent block {} where {from} was expected", b.height);
                 }
-                self.take(client, egress, b).await?;
+                self.take(b).await?;
                 if self.halted.is_some() {
                     return Ok(());
                 }
                 from += 1;
             }
+            self.send_endorsements(client, egress).await?;
             if got == 0 || from >= response.chain_length {
                 return Ok(());
             }
         }
     }
 
-    async fn take(
-        &mut self,
-        client: &mut LedgerClient<Channel>,
-        egress: &EgressLog,
-        b: pb::LedgerBlock,
-    ) -> anyhow::Result<()> {
+    async fn take(&mut self, b: pb::LedgerBlock) -> anyhow::Result<()> {
         let height = b.height;
         let relayed = b.endorsements.clone();
         let mut block = wire::block_from_pb(b);
@@ -341,7 +357,7 @@ impl Replica {
             // An endorsement lost to a crash or a dropped connection is sent
             // again: the coordinator does not hold one from this site.
             if !relayed.iter().any(|e| e.site_id == self.site.as_str()) {
-                self.endorse(client, egress, height, hash, &members, &block).await?;
+                self.endorse(height, hash, &members, &block);
             }
             return Ok(());
         }
@@ -354,25 +370,16 @@ impl Replica {
         };
         self.store.append(height, &block).await?;
         self.merge(height, &relayed).await?;
-        self.endorse(client, egress, height, verified.hash, &verified.members, &block)
-            .await?;
+        self.endorse(height, verified.hash, &verified.members, &block);
         info!(height, kind = verified.payload.kind().name(), "ledger block verified");
         Ok(())
     }
 
-    /// Signs block `height` (verified) and sends the endorsement, if this
-    /// site may endorse it.
-    async fn endorse(
-        &mut self,
-        client: &mut LedgerClient<Channel>,
-        egress: &EgressLog,
-        height: u64,
-        hash: [u8; 32],
-        members: &Members,
-        block: &Block,
-    ) -> anyhow::Result<()> {
+    /// Signs block `height` (verified), if this site may endorse it; the
+    /// endorsement goes with the sync's others (`send_endorsements`).
+    fn endorse(&mut self, height: u64, hash: [u8; 32], members: &Members, block: &Block) {
         if members.get(&self.site) != Some(&self.key.public_key()) {
-            return Ok(());
+            return;
         }
         if let Some(reason) = self.objection(height) {
             if self.objected.insert(height) {
@@ -383,29 +390,66 @@ impl Replica {
                      change is legitimate)"
                 );
             }
-            return Ok(());
+            return;
         }
-        let signature = endorse(&self.key, &hash);
         // The header and the coordinator's signature travel with the
         // endorsement: relayed to the other sites, they prove which block
         // this site was shown at this height (gossip against equivocation).
-        let request = pb::EndorseRequest {
+        self.unsent.push(pb::EndorseRequest {
             site_id: self.site.to_string(),
             height,
             block_hash: hash.to_vec(),
-            signature: signature.clone(),
+            signature: endorse(&self.key, &hash),
             header: block.header.clone(),
             coordinator_signature: block.signature.clone(),
-        };
-        egress.record("Endorse", &request)?;
-        client.endorse(request).await?;
-        let mine = pb::LedgerEndorsement {
-            site_id: self.site.to_string(),
-            signature,
-            header: Vec::new(),
-            coordinator_signature: Vec::new(),
-        };
-        self.merge(height, std::slice::from_ref(&mine)).await
+        });
+    }
+
+    /// Sends the endorsements signed since the last call, in one request,
+    /// then counts them in this replica (an endorsement the coordinator
+    /// did not take is signed and sent again at the next sync: its copy of
+    /// the block lacks it).
+    async fn send_endorsements(
+        &mut self,
+        client: &mut LedgerClient<Channel>,
+        egress: &EgressLog,
+    ) -> anyhow::Result<()> {
+        if self.unsent.is_empty() {
+            return Ok(());
+        }
+        let mut unsent = std::mem::take(&mut self.unsent);
+        if self.batches {
+            let request = pb::EndorseBlocksRequest { endorsements: unsent };
+            egress.record("EndorseBlocks", &request)?;
+            match client.endorse_blocks(request.clone()).await {
+                Ok(_) => return self.count_own(&request.endorsements).await,
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    self.batches = false;
+                    unsent = request.endorsements;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+        for request in unsent {
+            egress.record("Endorse", &request)?;
+            client.endorse(request.clone()).await?;
+            self.count_own(std::slice::from_ref(&request)).await?;
+        }
+        Ok(())
+    }
+
+    /// Stores this site's own endorsements, which the coordinator took.
+    async fn count_own(&mut self, sent: &[pb::EndorseRequest]) -> anyhow::Result<()> {
+        for request in sent {
+            let mine = pb::LedgerEndorsement {
+                site_id: self.site.to_string(),
+                signature: request.signature.clone(),
+                header: Vec::new(),
+                coordinator_signature: Vec::new(),
+            };
+            self.merge(request.height, std::slice::from_ref(&mine)).await?;
+        }
+        Ok(())
     }
 
     /// Why this site must not endorse block `height`: the block itself, or

@@ -306,6 +306,18 @@ impl Federation {
         self.ca().join("sites").join(site)
     }
 
+    /// The kind of each request a site's egress log recorded, in order.
+    pub fn egress_kinds(&self, site: &str) -> Vec<String> {
+        std::fs::read_to_string(self.state_dir(site).join("egress.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let record: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+                record["kind"].as_str().unwrap_or_default().to_owned()
+            })
+            .collect()
+    }
+
     /// The log of the coordinator or of a site.
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()

@@ -200,14 +200,19 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     // Another job outside the policy, rejected after the others started it
     // (its cohort sealed without Hungary, which gets no more tasks for it):
     // a signed rejection is still recorded, at the daemon's next poll, and
-    // still no data used for it. The job runs long enough (many rounds) to
-    // show that the others went on meanwhile, and is cancelled once the
-    // rejection is on the ledger.
+    // still no data used for it. The job runs long enough (many rounds:
+    // the daemon's idle polls come every 5 s) to show that the others went
+    // on meanwhile, and is cancelled once the rejection is on the ledger
+    // (1000 rounds: the most the other sites' default policy allows).
     let stats_before = egress_count(&federation, "SubmitStats");
     let other = federation.write_job(
         "other.toml",
         // As above: Hungary's hold is not waited for.
-        &example_job(&[("rounds", "200"), ("round_timeout_s", "3600"), ("dropout_after_s", "6")]),
+        &example_job(&[
+            ("rounds", "1000"),
+            ("round_timeout_s", "3600"),
+            ("dropout_after_s", "6"),
+        ]),
     );
     let third = federation.submit(&other);
     let pending = federation.state_dir("hungary").join("pending");
@@ -325,4 +330,72 @@ fn a_job_outside_a_sites_policy_waits_for_its_data_team() {
     assert_eq!(egress_count(&federation, "HoldJob"), 3);
     let out = federation.tessera(&["ledger", "verify", "--allow-pending"]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Issue 10: "a held job costs the site < 1 request/s". The site holding a
+/// job is not at work in it: the coordinator neither wakes it for each
+/// round's blocks (the three sites at work make them final) nor asks for
+/// its heartbeat every 2 s, so the job costs it a few requests a minute,
+/// where it cost several per round (a sync and an endorsement per block).
+/// Once the job ends, its replica catches up with every block.
+#[test]
+fn a_held_job_costs_the_holding_site_a_few_requests_not_several_per_round() {
+    let mut federation = Federation::start(&SITES);
+    let policy = federation.write_job("hungary-policy.toml", "max_rounds = 1\n");
+    for site in SITES {
+        if site == "hungary" {
+            federation.add_site_with(site, &["--policy", policy.to_str().unwrap()]);
+        } else {
+            federation.add_site(site);
+        }
+    }
+    let rounds = 100;
+    let job = federation.submit(&federation.write_job(
+        "job.toml",
+        &example_job(&[
+            ("rounds", &rounds.to_string()),
+            ("round_timeout_s", "3600"),
+            ("dropout_after_s", "6"),
+        ]),
+    ));
+    let status = federation.wait_for(job, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}");
+    assert_eq!(status["rounds"].as_array().unwrap().len(), rounds);
+    let kinds = federation.egress_kinds("hungary");
+    let held_at = kinds.iter().position(|k| k == "HoldJob").expect("hungary held the job");
+    let during = &kinds[held_at..];
+    // Polls every 5 s, a heartbeat every 15 s, a sync every 30 s (and one
+    // as the job ends): a few dozen at most however slow the machine,
+    // against about five per round before.
+    assert!(
+        during.len() < rounds / 2,
+        "{} requests while {rounds} rounds ran: {during:?}",
+        during.len()
+    );
+    let synced = during.iter().filter(|k| *k == "GetBlocks").count();
+    let endorsed = during.iter().filter(|k| k.starts_with("Endorse")).count();
+    assert!(endorsed <= synced, "one endorsement request per sync: {during:?}");
+
+    let blocks = |db: &std::path::Path| {
+        let out = federation.tessera(&["ledger", "show", db.to_str().unwrap(), "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let replica = federation.state_dir("hungary").join("ledger.db");
+    let chain = blocks(&federation.db());
+    for _ in 0..600 {
+        if blocks(&replica) == chain {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        blocks(&replica),
+        chain,
+        "hungary's replica did not catch up after the job"
+    );
 }

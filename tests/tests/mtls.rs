@@ -208,6 +208,7 @@ async fn connections_and_roles_are_checked_against_the_consortium_ca() {
             .poll_task(pb::PollTaskRequest {
                 site_id: "cleveland".into(),
                 session: session.into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -30,6 +30,16 @@ use crate::unix_ms;
 /// How long a `PollTask` waits for work before answering `Idle`.
 const LONG_POLL: Duration = Duration::from_secs(5);
 
+/// How long new ledger blocks may wait for the sites at work to make them
+/// final before idle members are woken to endorse them too.
+const FINALITY_GRACE: Duration = Duration::from_secs(1);
+
+/// How often a site taking part in the running job sends a heartbeat (its
+/// silence drops it from a round), and how often any other site does (for
+/// `tessera sites`; its polls say it is there meanwhile).
+const HEARTBEAT_AT_WORK: Duration = Duration::from_secs(2);
+const HEARTBEAT_IDLE: Duration = Duration::from_secs(15);
+
 pub struct FederationService {
     shared: Arc<Shared>,
     /// Whether the last attempt to store when a site was heard from failed.
@@ -112,17 +122,34 @@ impl FederationService {
     }
 
     /// The site's next task, long-polled: a task as soon as there is one
-    /// for `site`, `Idle` once the ledger grew (the site syncs and endorses
-    /// on an idle answer, and a job's next step may wait for that
-    /// endorsement: the cohort seal) or after `LONG_POLL`. A task comes
-    /// before an idle turn: a site syncs before it works anyway, and a
-    /// round announced just after its predecessor's blocks is answered with
-    /// the round, not with an idle turn to sync those blocks first.
-    async fn next_task(&self, site: &SiteId) -> pb::Task {
+    /// for `site`; `Idle` after `LONG_POLL`, or once the ledger grew and
+    /// the new blocks want this site's endorsement (`sync_ledger`: the site
+    /// syncs and endorses, and a job's next step may wait for that: the
+    /// cohort seal). A site at work in the running job is woken for every
+    /// new block, as is every site when the sites at work are too few to
+    /// make blocks final; any other site only if the new blocks are still
+    /// not final after `FINALITY_GRACE`. An idle site otherwise syncs at its
+    /// own pace: a job it holds or sits out costs it a few requests a
+    /// minute, not several per round. A task comes before an idle turn: a
+    /// site syncs before it works anyway, and a round announced just after
+    /// its predecessor's blocks is answered with the round, not with an
+    /// idle turn to sync those blocks first.
+    async fn next_task(&self, site: &SiteId, ledger_len: u64) -> pb::Task {
         let deadline = tokio::time::Instant::now() + LONG_POLL;
-        let chain = self.shared.ledger.committed_len();
-        let idle = pb::Task {
-            kind: Some(pb::task::Kind::Idle(pb::Idle { retry_after_ms: 0 })),
+        let mut chain = self.shared.ledger.committed_len();
+        // A replica behind the chain counts as the chain having grown (a
+        // block appended between two polls, as a job ends, would otherwise
+        // wait for the site's own pace).
+        if ledger_len > 0 {
+            chain = chain.min(ledger_len);
+        }
+        // When the chain grew past `chain` without this site being woken.
+        let mut grown_at: Option<tokio::time::Instant> = None;
+        let idle = |sync_ledger| pb::Task {
+            kind: Some(pb::task::Kind::Idle(pb::Idle {
+                retry_after_ms: 0,
+                sync_ledger,
+            })),
         };
         loop {
             let notified = self.shared.wake.notified();
@@ -131,11 +158,30 @@ impl FederationService {
             if let Some(kind) = self.shared.lock().task_for(site) {
                 return pb::Task { kind: Some(kind) };
             }
-            if self.shared.ledger.committed_len() != chain {
-                return idle;
+            let len = self.shared.ledger.committed_len();
+            if len != chain {
+                if self.shared.at_work(site) || !self.shared.at_work_make_blocks_final() {
+                    return idle(true);
+                }
+                let since = *grown_at.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= FINALITY_GRACE {
+                    match self.shared.ledger.all_final(chain, len).await {
+                        Ok(true) => {
+                            chain = len;
+                            grown_at = None;
+                        }
+                        _ => return idle(true),
+                    }
+                }
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return idle;
+            let wake_at = grown_at.map_or(deadline, |since| deadline.min(since + FINALITY_GRACE));
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(wake_at) => {
+                    if wake_at >= deadline {
+                        return idle(false);
+                    }
+                }
             }
         }
     }
@@ -144,7 +190,7 @@ impl FederationService {
     /// wait for it, nothing otherwise.
     async fn answer(&self, site: &SiteId, wait_for_task: bool) -> Response<pb::Task> {
         Response::new(if wait_for_task {
-            self.next_task(site).await
+            self.next_task(site, 0).await
         } else {
             pb::Task::default()
         })
@@ -208,15 +254,21 @@ impl Federation for FederationService {
             self.shared.forget_version(&site);
             warn!(%site, "cannot record the site's version: {e:#}");
         }
+        let next = if self.shared.at_work(&site) {
+            HEARTBEAT_AT_WORK
+        } else {
+            HEARTBEAT_IDLE
+        };
         Ok(Response::new(pb::HeartbeatResponse {
             server_time_ms: unix_ms() as u64,
+            next_heartbeat_ms: next.as_millis() as u32,
         }))
     }
 
     async fn poll_task(&self, request: Request<pb::PollTaskRequest>) -> Result<Response<pb::Task>, Status> {
         let site = self.identify(Caller::of(&request), &request.get_ref().site_id).await?;
         self.note_session(&site, &request.get_ref().session).await?;
-        Ok(Response::new(self.next_task(&site).await))
+        Ok(Response::new(self.next_task(&site, request.get_ref().ledger_len).await))
     }
 
     type FetchModelStream = ChunkStream;

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use tessera_protocol::identity::Identity;
 use tessera_protocol::ids::SiteId;
 use tessera_protocol::pb::ledger_server::Ledger;
 use tessera_protocol::{pb, wire};
@@ -19,6 +20,9 @@ use crate::tls::Caller;
 /// Blocks per `GetBlocks` answer unless the caller asks for fewer: keeps an
 /// answer far below gRPC's 4 MiB default message limit.
 const MAX_BLOCKS: u32 = 256;
+
+/// Endorsements per `EndorseBlocks` call: a few syncs' worth of blocks.
+const MAX_ENDORSEMENTS: usize = 4 * MAX_BLOCKS as usize;
 
 /// The longest a `GetBlocks` long poll for finality is held.
 const MAX_FINALITY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -67,11 +71,37 @@ impl Ledger for LedgerService {
 
     async fn endorse(&self, request: Request<pb::EndorseRequest>) -> Result<Response<pb::EndorseResponse>, Status> {
         let caller = Caller::of(&request).cloned();
-        let request = request.into_inner();
+        self.take_endorsement(caller.as_ref(), request.into_inner()).await?;
+        Ok(Response::new(pb::EndorseResponse {}))
+    }
+
+    async fn endorse_blocks(
+        &self,
+        request: Request<pb::EndorseBlocksRequest>,
+    ) -> Result<Response<pb::EndorseResponse>, Status> {
+        let caller = Caller::of(&request).cloned();
+        let endorsements = request.into_inner().endorsements;
+        if endorsements.len() > MAX_ENDORSEMENTS {
+            return Err(RpcError::InvalidArgument(format!(
+                "{} endorsements in one call; at most {MAX_ENDORSEMENTS}",
+                endorsements.len()
+            ))
+            .into());
+        }
+        for endorsement in endorsements {
+            self.take_endorsement(caller.as_ref(), endorsement).await?;
+        }
+        Ok(Response::new(pb::EndorseResponse {}))
+    }
+}
+
+impl LedgerService {
+    /// Checks and stores one endorsement, or says why it is refused.
+    async fn take_endorsement(&self, caller: Option<&Identity>, request: pb::EndorseRequest) -> Result<(), Status> {
         let site = SiteId::new(&request.site_id).map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
         // Only a site endorses, and only as itself (the signature would fail
         // anyway; this says why).
-        if let Some(identity) = &caller
+        if let Some(identity) = caller
             && identity.site().as_ref() != Some(&site)
         {
             warn!(%identity, claimed = %site, "endorsement under another identity refused");
@@ -85,23 +115,20 @@ impl Ledger for LedgerService {
             .ledger
             .endorse(&site, request.height, &request.block_hash, &request.signature)
             .await;
-        match result {
-            Ok(()) => Ok(Response::new(pb::EndorseResponse {})),
-            Err(e) => {
-                let refusal = e.to_string();
-                let error = match e {
-                    EndorseError::NoSuchBlock(_) => RpcError::NotFound(refusal.clone()),
-                    EndorseError::NotMember { .. } => RpcError::PermissionDenied(refusal.clone()),
-                    EndorseError::WrongHash(_) => RpcError::FailedPrecondition(refusal.clone()),
-                    EndorseError::BadSignature(_) => RpcError::InvalidArgument(refusal.clone()),
-                    EndorseError::Store(e) => RpcError::Internal(e.into()),
-                };
-                // An internal error (a full disk) is logged once, as such.
-                if !matches!(error, RpcError::Internal(_)) {
-                    warn!(%site, height = request.height, "endorsement refused: {refusal}");
-                }
-                Err(error.into())
+        result.map_err(|e| {
+            let refusal = e.to_string();
+            let error = match e {
+                EndorseError::NoSuchBlock(_) => RpcError::NotFound(refusal.clone()),
+                EndorseError::NotMember { .. } => RpcError::PermissionDenied(refusal.clone()),
+                EndorseError::WrongHash(_) => RpcError::FailedPrecondition(refusal.clone()),
+                EndorseError::BadSignature(_) => RpcError::InvalidArgument(refusal.clone()),
+                EndorseError::Store(e) => RpcError::Internal(e.into()),
+            };
+            // An internal error (a full disk) is logged once, as such.
+            if !matches!(error, RpcError::Internal(_)) {
+                warn!(%site, height = request.height, "endorsement refused: {refusal}");
             }
-        }
+            error.into()
+        })
     }
 }
