@@ -1,7 +1,10 @@
-//! `tessera model export` as an ML team uses it: a finished job's model in
-//! safetensors, loaded with Hugging Face's Python package and NumPy
-//! (installed by scripts/test.sh), gives the probabilities Tessera's own
-//! model (Burn, `tessera_models::train::predict_logits`) gives, to 1e-5.
+//! What an ML team takes away from a job. `tessera model export`: a
+//! finished job's model in safetensors, loaded with Hugging Face's Python
+//! package and NumPy (installed by scripts/test.sh), gives the
+//! probabilities Tessera's own model (Burn,
+//! `tessera_models::train::predict_logits`) gives, to 1e-5. `tessera job
+//! metrics`: the job's metrics as CSV and JSON, the values `job status`
+//! shows. `tessera completions`: a completion script bash loads and uses.
 
 use std::process::Command;
 
@@ -125,4 +128,93 @@ fn an_exported_model_loads_in_python_and_predicts_as_tessera_does() {
         pooled["accuracy"], status["final_pooled_accuracy"],
         "{pooled:#}\n{status:#}"
     );
+
+    // The metrics, as CSV and as JSON: one row per model and source, the
+    // very values `job status --json` shows.
+    let csv_path = dir.join("metrics.csv");
+    let out = federation.tessera(&[
+        "job",
+        "metrics",
+        &job_id.to_string(),
+        "--out",
+        csv_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = federation.tessera(&["job", "metrics", &job_id.to_string(), "--format", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let csv = std::fs::read_to_string(&csv_path).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("model_of_round,source,n_sites,n_test,accuracy,loss,roc_auc")
+    );
+    let cells: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let expected = status["pooled"].as_array().unwrap().len() + status["metrics"].as_array().unwrap().len();
+    assert_eq!(cells.len(), expected, "{csv}");
+    assert_eq!(json.len(), expected);
+    // Rounds 1–3 each evaluate the model before them, and the final
+    // evaluation the last one: models 0 to 3, pooled and per site.
+    let models: std::collections::BTreeSet<&str> = cells.iter().map(|c| c[0]).collect();
+    assert_eq!(models.into_iter().collect::<Vec<_>>(), ["0", "1", "2", "3"]);
+    let number = |v: &serde_json::Value| v.as_f64().map_or(String::new(), |x| x.to_string());
+    for (row, object) in cells.iter().zip(&json) {
+        assert_eq!(row[0], object["model_of_round"].to_string());
+        assert_eq!(row[1], object["source"]);
+        assert_eq!(row[4], number(&object["accuracy"]));
+        let shown = if row[1] == "pooled" {
+            status["pooled"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["model_of_round"] == object["model_of_round"])
+        } else {
+            status["metrics"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["model_of_round"] == object["model_of_round"] && m["site_id"] == object["source"])
+        };
+        let shown = shown.unwrap_or_else(|| panic!("{row:?} is not in job status: {status:#}"));
+        assert_eq!(object["accuracy"], shown["accuracy"], "{row:?}");
+        assert_eq!(object["loss"], shown["loss"], "{row:?}");
+        assert_eq!(object["n_test"], shown["n_test"], "{row:?}");
+    }
+    assert!(cells.iter().any(|c| c[1] == "pooled") && cells.iter().any(|c| c[1] == "cleveland"));
+}
+
+/// `tessera completions bash`: the script bash loads completes the
+/// command's own subcommands; zsh and fish get theirs.
+#[test]
+fn the_shell_completes_tessera_commands() {
+    let tessera = tessera_tests::bin("tessera");
+    let script = Command::new(&tessera).args(["completions", "bash"]).output().unwrap();
+    assert!(script.status.success(), "{}", String::from_utf8_lossy(&script.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tessera.bash");
+    std::fs::write(&path, &script.stdout).unwrap();
+    // What bash offers after `tessera jo<TAB>` and `tessera job <TAB>`.
+    let complete = |words: &str, current: usize| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {} && COMP_WORDS=({words}) && COMP_CWORD={current} && _tessera tessera \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\" && echo \"${{COMPREPLY[@]}}\"",
+                path.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(complete("tessera jo", 1).trim(), "job");
+    let job = complete("tessera job ''", 2);
+    for sub in ["submit", "status", "metrics", "cancel", "prune"] {
+        assert!(job.split_whitespace().any(|w| w == sub), "{sub} not offered: {job}");
+    }
+    for shell in ["zsh", "fish"] {
+        let out = Command::new(&tessera).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains("tessera") && text.contains("metrics"), "{shell}: {text}");
+    }
 }

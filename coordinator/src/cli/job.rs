@@ -1,4 +1,4 @@
-//! `tessera job submit | list | status | cancel | prune`.
+//! `tessera job submit | list | status | metrics | cancel | prune`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use tessera_protocol::pb;
 use tessera_protocol::pb::jobs_client::JobsClient;
 use tonic::transport::Channel;
 
-use super::{CliError, CliResult, connect};
+use super::{CliError, CliResult, connect, metrics};
 
 #[derive(Subcommand)]
 pub(crate) enum JobCommand {
@@ -38,6 +38,16 @@ pub(crate) enum JobCommand {
         watch: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// Write a job's evaluation metrics, one row per model and source (the
+    /// pooled evaluation, then each site): for pandas, R or a spreadsheet.
+    Metrics {
+        job_id: u64,
+        #[arg(long, value_enum, default_value_t = metrics::Format::Csv)]
+        format: metrics::Format,
+        /// Write to FILE instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Cancel a queued or running job.
     Cancel { job_id: u64 },
@@ -78,6 +88,25 @@ pub(crate) async fn exec(addr: &str, cmd: JobCommand) -> CliResult {
             } else {
                 ExitCode::from(1)
             })
+        }
+        JobCommand::Metrics { job_id, format, out } => {
+            let mut client = JobsClient::new(connect(addr).await?);
+            let status = client.job_status(pb::JobStatusRequest { job_id }).await?.into_inner();
+            let rows = metrics::rows(&status);
+            let bytes = metrics::render(&rows, format)?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!("wrote {} ({} rows)", path.display(), rows.len());
+                }
+                None => {
+                    use std::io::Write;
+                    std::io::stdout()
+                        .write_all(&bytes)
+                        .context("cannot write to standard output")?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         JobCommand::Cancel { job_id } => {
             let mut client = JobsClient::new(connect(addr).await?);

@@ -8,6 +8,7 @@
 mod ca;
 mod job;
 mod ledger;
+mod metrics;
 mod model;
 mod sites;
 
@@ -59,6 +60,10 @@ enum Command {
     /// Provision the consortium: CA, coordinator and site/operator/auditor kits.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Print the shell completion script for SHELL, e.g.
+    /// `tessera completions bash > /etc/bash_completion.d/tessera`, or
+    /// `source <(tessera completions bash)` for this shell only.
+    Completions { shell: clap_complete::Shell },
 }
 
 /// A failure the user can act on (exit 1) versus a bug or outage (exit 2).
@@ -159,6 +164,11 @@ pub fn main() -> ExitCode {
             Command::Ledger(cmd) => ledger::exec(&coordinator, cmd).await,
             Command::Sites { json } => sites::exec(&coordinator, json).await,
             Command::Ca(cmd) => ca::exec(cmd),
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(shell, &mut Cli::command(), "tessera", &mut std::io::stdout());
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {
