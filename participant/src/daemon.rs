@@ -37,6 +37,7 @@ use crate::answers::{Answer, Answers, PlainUpdates};
 use crate::config::{Policy, SiteConfig};
 use crate::contributions::Contributions;
 use crate::egress::EgressLog;
+use crate::live::Live;
 use crate::local::LocalData;
 use crate::policy::{self, Approvals, Decision};
 use crate::replica::{HALT_FILE, Refusal, Replica};
@@ -71,6 +72,7 @@ const FINALITY_WAIT: Duration = Duration::from_secs(20);
 /// Runs until the process is stopped.
 pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
     let _lock = lock_state_dir(&config.state_dir)?;
+    let live = Live::start(&config.state_dir, &config.coordinator);
     // A site whose data cannot be used still connects: it declines every
     // job with a reason the ML lead can act on, instead of being a site
     // that is simply absent. The full error stays in this log.
@@ -173,12 +175,14 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         contributions: Contributions::open(&config.state_dir)?,
         pace: Arc::default(),
         synced_at: None,
+        live: live.clone(),
     };
     let mut delays = reconnect_delays();
     loop {
         match endpoint.connect().await {
             Ok(channel) => {
                 info!(coordinator = %config.coordinator, "connected");
+                live.connected(true);
                 delays = reconnect_delays();
                 let heartbeat = tokio::spawn(heartbeat_loop(
                     FederationClient::new(channel.clone()),
@@ -192,11 +196,16 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
                     .serve(FederationClient::new(channel.clone()), LedgerClient::new(channel))
                     .await;
                 heartbeat.abort();
+                live.connected(false);
                 if let Err(e) = result {
                     warn!("connection lost: {e:#}");
+                    live.failed(format!("connection lost: {e:#}"));
                 }
             }
-            Err(e) => warn!(coordinator = %config.coordinator, "cannot connect: {e}; retrying"),
+            Err(e) => {
+                warn!(coordinator = %config.coordinator, "cannot connect: {e}; retrying");
+                live.failed(format!("cannot connect to {}: {e}", config.coordinator));
+            }
         }
         tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(10))).await;
     }
@@ -332,6 +341,34 @@ struct Site {
     pace: Arc<HeartbeatPace>,
     /// When the replica was last brought up to date (`IDLE_SYNC`).
     synced_at: Option<tokio::time::Instant>,
+    /// What `tessera-participant status` shows of this daemon.
+    live: Live,
+}
+
+/// What a task is part of, as `tessera-participant status` says it.
+fn task_step(task: &pb::Task) -> String {
+    let round = match task.kind.as_ref() {
+        Some(task::Kind::Round(a)) => a.round,
+        Some(task::Kind::Secagg(step)) => step.round,
+        _ => 0,
+    };
+    match round {
+        0 => "statistics".to_owned(),
+        r => format!("round {r}"),
+    }
+}
+
+/// Whether a daemon holds `dir`'s lock now, and its pid if so: a daemon
+/// that was killed holds none (its status file says what it last did).
+pub fn running_in(dir: &std::path::Path) -> Option<String> {
+    let path = dir.join("daemon.lock");
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).ok()?;
+    match file.try_lock() {
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Some(std::fs::read_to_string(&path).unwrap_or_default().trim().to_owned())
+        }
+        _ => None,
+    }
 }
 
 /// The job a task belongs to.
@@ -544,6 +581,9 @@ impl Site {
                 continue;
             }
             let job = task_job(&task);
+            if let Some(job) = job {
+                self.live.working_on(job, task_step(&task));
+            }
             if job.is_some_and(|job| self.given_up.contains(&job)) {
                 // The coordinator was told; it sends no more of this job.
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -590,6 +630,7 @@ impl Site {
                         let (pause, new) = self.retries.failed(&message);
                         if new {
                             error!("task failed: {message}");
+                            self.live.failed(message);
                         } else {
                             debug!(attempts = self.retries.failures, "task failed again: {message}");
                         }

@@ -7,6 +7,7 @@ mod contributions;
 mod daemon;
 mod egress;
 mod identity;
+mod live;
 mod local;
 mod policy;
 mod replica;
@@ -87,13 +88,18 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// Show this site's ledger replica: verified or not, how far, and why
-    /// the site halted if it did. Offline. Exit 1 if halted or invalid.
+    /// Show this site's daemon (running or not, connected to which
+    /// coordinator, its last task and last error) and its ledger replica
+    /// (verified or not, how far, and why the site halted if it did).
+    /// Offline: reads the state directory. Exit 1 if halted or invalid.
     Status {
         #[arg(long)]
         config: PathBuf,
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// One JSON object, for monitoring.
+        #[arg(long)]
+        json: bool,
     },
     /// Show exactly what a job waiting for approval would do with this
     /// site's data, and which policy limits it exceeds. Offline.
@@ -187,7 +193,11 @@ fn main() -> ExitCode {
             config,
             state_dir,
         } => decide(&config, state_dir, &job_hash, Decision::Rejected),
-        Command::Status { config, state_dir } => status(&config, state_dir),
+        Command::Status {
+            config,
+            state_dir,
+            json,
+        } => status(&config, state_dir, json),
         Command::PooledBaseline {
             job,
             configs,
@@ -417,31 +427,88 @@ fn pooled(job_path: &Path, configs: &[PathBuf], seed: Option<u64>, json: bool) -
 
 /// `tessera-participant status`: the replica verified from scratch, and the
 /// halt reason if any.
-fn status(path: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+fn status(path: &Path, state_dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     let config = SiteConfig::load(path)?;
     let state_dir = state_dir.unwrap_or(config.state_dir);
     let file = state_dir.join("ledger.db");
     let halted = std::fs::read_to_string(state_dir.join(replica::HALT_FILE)).ok();
-    println!("site `{}`, state in {}", config.site_id, state_dir.display());
-    if !file.exists() {
-        println!("ledger replica: none yet (the site has not synced with a coordinator)");
-    } else {
+    let running = daemon::running_in(&state_dir);
+    let live = live::read(&state_dir)?;
+    let ledger = if file.exists() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let verdict = runtime.block_on(async {
+        Some(runtime.block_on(async {
             let store = tessera_protocol::ledger::store::LedgerStore::open_read_only(&file).await?;
             let (blocks, hashes): (Vec<_>, Vec<_>) = store.blocks().await?.into_iter().unzip();
             anyhow::Ok(tessera_protocol::ledger::verify::verify_chain(&blocks, Some(&hashes)))
-        })?;
-        match verdict {
-            Ok(r) => println!(
+        })?)
+    } else {
+        None
+    };
+    let ago = |at_ms: u64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        format!("{} s ago", now.saturating_sub(at_ms) / 1000)
+    };
+    if json {
+        let verified = ledger.as_ref().and_then(|l| l.as_ref().ok());
+        let report = serde_json::json!({
+            "site": config.site_id.as_str(),
+            "state_dir": state_dir,
+            "running": running.is_some(),
+            "pid": running,
+            "coordinator": live.as_ref().map(|l| &l.coordinator),
+            // A daemon that was killed left its last word behind.
+            "connected": running.is_some() && live.as_ref().is_some_and(|l| l.connected),
+            "since_ms": live.as_ref().map(|l| l.since_ms),
+            "last_task": live.as_ref().and_then(|l| l.last_task.as_ref()),
+            "last_error": live.as_ref().and_then(|l| l.last_error.as_ref()),
+            "ledger": verified.map(|r| serde_json::json!({
+                "blocks": r.blocks,
+                "pending": r.pending,
+                "consortium": r.genesis.consortium,
+                "genesis_hash": hex::encode(r.genesis_hash),
+            })),
+            "ledger_error": ledger.as_ref().and_then(|l| l.as_ref().err()).map(ToString::to_string),
+            "halted": halted,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("site `{}`, state in {}", config.site_id, state_dir.display());
+        match (&running, &live) {
+            (Some(pid), Some(l)) if l.connected => println!(
+                "daemon: running (pid {pid}), connected to {} since {}",
+                l.coordinator,
+                ago(l.since_ms)
+            ),
+            (Some(pid), Some(l)) => println!(
+                "daemon: running (pid {pid}), NOT connected to {} (since {})",
+                l.coordinator,
+                ago(l.since_ms)
+            ),
+            (Some(pid), None) => println!("daemon: running (pid {pid})"),
+            (None, _) => println!("daemon: not running"),
+        }
+        if let Some(task) = live.as_ref().and_then(|l| l.last_task.as_ref()) {
+            println!("last task: job {}, {} ({})", task.job_id, task.step, ago(task.at_ms));
+        }
+        if let Some(error) = live.as_ref().and_then(|l| l.last_error.as_ref()) {
+            println!("last error ({}): {}", ago(error.at_ms), error.message);
+        }
+        match &ledger {
+            None => println!("ledger replica: none yet (the site has not synced with a coordinator)"),
+            Some(Ok(r)) => println!(
                 "ledger replica: {} blocks verified, {} awaiting their endorsement quorum; consortium `{}`, genesis {}",
                 r.blocks,
                 r.pending,
                 r.genesis.consortium,
                 hex::encode(r.genesis_hash)
             ),
-            Err(e) => anyhow::bail!("ledger replica {} does NOT verify: {e}", file.display()),
+            Some(Err(_)) => {}
         }
+    }
+    if let Some(Err(e)) = &ledger {
+        anyhow::bail!("ledger replica {} does NOT verify: {e}", file.display());
     }
     match halted {
         Some(reason) => anyhow::bail!(
@@ -449,7 +516,9 @@ fn status(path: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
             state_dir.join(replica::HALT_FILE).display()
         ),
         None => {
-            println!("training: allowed (no ledger mismatch recorded)");
+            if !json {
+                println!("training: allowed (no ledger mismatch recorded)");
+            }
             Ok(())
         }
     }

@@ -135,14 +135,41 @@ fn every_copy_of_the_ledger_verifies_and_any_tampering_names_its_block() {
     // Every site's replica holds the same chain and verifies on its own.
     let genesis = report["genesis_hash"].as_str().unwrap();
     for site in SITES {
-        let out = federation.site_command(site, &["status"]);
+        // The daemon as an operator sees it: running, connected to this
+        // coordinator, last at work on the job's final evaluation (its
+        // status file follows within a second).
+        let last_task = format!("last task: job {job_id}, round 4");
+        let mut out = federation.site_command(site, &["status"]);
+        for _ in 0..100 {
+            if text(&out).contains(&last_task) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            out = federation.site_command(site, &["status"]);
+        }
         assert!(out.status.success(), "{}", text(&out));
         assert!(text(&out).contains("training: allowed"), "{}", text(&out));
+        assert!(
+            text(&out).contains(&format!("connected to {} since", federation.addr)) && text(&out).contains(&last_task),
+            "{}",
+            text(&out)
+        );
         let replica = federation.state_dir(site).join("ledger.db");
         let r = verify_json(&replica);
         assert_eq!(r["intact"], true, "{site}: {r:#}");
         assert_eq!(r["genesis_hash"], genesis, "{site}");
         assert!(r["blocks"].as_u64().unwrap() >= 13, "{site}: {r:#}");
+        // And as a monitoring script does.
+        let out = federation.site_command(site, &["status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let live: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(live["running"], true, "{site}: {live:#}");
+        assert_eq!(live["connected"], true, "{site}: {live:#}");
+        assert_eq!(live["coordinator"], federation.addr.as_str(), "{site}: {live:#}");
+        assert_eq!(live["last_task"]["job_id"], job_id, "{site}: {live:#}");
+        assert_eq!(live["last_task"]["step"], "round 4", "{site}: {live:#}");
+        assert_eq!(live["ledger"]["genesis_hash"], genesis, "{site}: {live:#}");
+        assert_eq!(live["halted"], serde_json::Value::Null, "{site}: {live:#}");
         // A replica gathers the other sites' endorsements of its last blocks
         // only on its next sync: its tail may still be pending.
         let out = python_verify_with(&replica, &["--allow-pending"]);
@@ -441,6 +468,25 @@ fn a_restart_keeps_the_chain_and_a_forked_chain_stops_every_site() {
     // Now the operator restores an older database (the last block is gone)
     // and carries on: the coordinator's chain forks from the sites' replicas.
     federation.stop_coordinator();
+    // A site's daemon says it lost the coordinator, and why.
+    let live = |federation: &Federation| -> serde_json::Value {
+        let out = federation.site_command("va", &["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+    };
+    for _ in 0..100 {
+        if live(&federation)["connected"] == false {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = live(&federation);
+    assert_eq!(status["connected"], false, "{status:#}");
+    assert_eq!(status["running"], true, "{status:#}");
+    let error = status["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("connection lost") || error.starts_with("cannot connect"),
+        "{status:#}"
+    );
     edit(
         &federation.db(),
         "DELETE FROM ledger_endorsements WHERE height = (SELECT MAX(height) FROM ledger_blocks); \
@@ -467,7 +513,22 @@ fn a_restart_keeps_the_chain_and_a_forked_chain_stops_every_site() {
             "{}",
             text(&out)
         );
+        let out = federation.site_command(site, &["status", "--json"]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let live: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            live["halted"].as_str().unwrap_or_default().contains("forked"),
+            "{live:#}"
+        );
     }
+    // A daemon that is gone is not running, whatever its last word was.
+    federation.terminate("va");
+    let status = live(&federation);
+    assert_eq!(
+        (&status["running"], &status["connected"]),
+        (&false.into(), &false.into()),
+        "{status:#}"
+    );
     // No site took part: the forked job never trained a round.
     let status = federation.status(forked);
     assert_eq!(status["job"]["rounds_done"], 0, "{status:#}");
