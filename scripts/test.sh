@@ -9,6 +9,8 @@
 #     team would, and its predictions compared with Tessera's own.
 #   - PostgreSQL (Debian package): a site's warehouse source is read from a
 #     real server, a throw-away cluster the test creates (initdb) and stops.
+#   - dockerfile-parse, PyYAML (PyPI) and systemd (Debian package): the
+#     deployment units are parsed and `systemd-analyze verify`-ed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -d ../shared/data/heart-disease ]; then
@@ -34,5 +36,15 @@ fi
 if ! python3 -c "import safetensors.numpy, numpy" 2>/dev/null; then
   echo "installing safetensors and numpy (pip) for the model export test" >&2
   python3 -m pip install --quiet safetensors numpy
+fi
+if ! python3 -c "import dockerfile_parse, yaml" 2>/dev/null; then
+  echo "installing dockerfile-parse and PyYAML (pip) for the deployment units test" >&2
+  python3 -m pip install --quiet dockerfile-parse pyyaml
+fi
+if ! command -v systemd-analyze >/dev/null; then
+  echo "installing systemd (apt) for the deployment units test (systemd-analyze verify)" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
 fi
 cargo test --workspace "$@"
