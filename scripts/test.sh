@@ -5,8 +5,8 @@
 #     real headless browser.
 #   - PyNaCl (PyPI): scripts/verify_ledger.py, the independent ledger verifier
 #     written from docs/ledger-format.md, uses it for Ed25519.
-#   - safetensors and NumPy (PyPI): an exported model is loaded as an ML
-#     team would, and its predictions compared with Tessera's own.
+#   - safetensors, NumPy and onnxruntime (PyPI): an exported model is loaded
+#     as an ML team would, and its predictions compared with Tessera's own.
 #   - PostgreSQL (Debian package): a site's warehouse source is read from a
 #     real server, a throw-away cluster the test creates (initdb) and stops.
 #   - dockerfile-parse, PyYAML (PyPI) and systemd (Debian package): the
@@ -33,9 +33,9 @@ if ! python3 -c "import nacl" 2>/dev/null; then
   echo "installing pynacl (pip) for scripts/verify_ledger.py" >&2
   python3 -m pip install --quiet pynacl
 fi
-if ! python3 -c "import safetensors.numpy, numpy" 2>/dev/null; then
-  echo "installing safetensors and numpy (pip) for the model export test" >&2
-  python3 -m pip install --quiet safetensors numpy
+if ! python3 -c "import safetensors.numpy, numpy, onnxruntime" 2>/dev/null; then
+  echo "installing safetensors, numpy and onnxruntime (pip) for the model export test" >&2
+  python3 -m pip install --quiet safetensors numpy onnxruntime
 fi
 if ! python3 -c "import dockerfile_parse, yaml" 2>/dev/null; then
   echo "installing dockerfile-parse and PyYAML (pip) for the deployment units test" >&2

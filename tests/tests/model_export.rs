@@ -40,6 +40,39 @@ p = 1 / (1 + np.exp(-h[:, 0].astype(np.float64)))
 print(json.dumps({"metadata": meta, "probabilities": p.tolist()}))
 "#;
 
+/// Runs the ONNX file in argv[1] with onnxruntime on the rows in argv[2]
+/// (as a site encodes them) and prints its metadata and probabilities.
+const ONNX: &str = r#"
+import json, sys
+import numpy as np
+import onnxruntime as ort
+
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+x = np.array(json.loads(open(sys.argv[2]).read()), dtype=np.float32)
+(p,) = session.run(["probability"], {"features": x})
+meta = session.get_modelmeta().custom_metadata_map
+print(json.dumps({"metadata": meta, "probabilities": p[:, 0].astype(np.float64).tolist(),
+                  "inputs": [i.name for i in session.get_inputs()]}))
+"#;
+
+/// Runs a Python script with `args` and parses the JSON it prints.
+fn run_python(script: &str, args: &[&std::path::Path]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The largest difference between two equally long lists of probabilities.
+fn worst_difference(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
 #[test]
 fn an_exported_model_loads_in_python_and_predicts_as_tessera_does() {
     let federation = Federation::running(&SITES);
@@ -47,8 +80,12 @@ fn an_exported_model_loads_in_python_and_predicts_as_tessera_does() {
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
     assert_eq!(status["job"]["status"], "finished", "{status:#}");
     let dir = federation.dir.path().to_owned();
-    let (st, raw) = (dir.join("model.safetensors"), dir.join("model.bin"));
-    for (file, format) in [(&st, "safetensors"), (&raw, "raw")] {
+    let (st, raw, onnx) = (
+        dir.join("model.safetensors"),
+        dir.join("model.bin"),
+        dir.join("model.onnx"),
+    );
+    for (file, format) in [(&st, "safetensors"), (&raw, "raw"), (&onnx, "onnx")] {
         let out = federation.tessera(&[
             "model",
             "export",
@@ -94,28 +131,26 @@ fn an_exported_model_loads_in_python_and_predicts_as_tessera_does() {
 
     let rows_path = dir.join("rows.json");
     std::fs::write(&rows_path, serde_json::to_string(&rows).unwrap()).unwrap();
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(LOAD)
-        .arg(&st)
-        .arg(&raw)
-        .arg(&rows_path)
-        .output()
-        .expect("run python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let python: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let python = run_python(LOAD, &[&st, &raw, &rows_path]);
     let probabilities: Vec<f64> = serde_json::from_value(python["probabilities"].clone()).unwrap();
-    assert_eq!(probabilities.len(), tessera.len());
-    let worst = probabilities
-        .iter()
-        .zip(&tessera)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let worst = worst_difference(&probabilities, &tessera);
     assert!(worst < 1e-5, "Python's probabilities differ from Tessera's by {worst}");
     assert!(
         probabilities.iter().any(|p| *p < 0.4) && probabilities.iter().any(|p| *p > 0.6),
         "a model that says the same for every row tests nothing: {probabilities:?}"
     );
+
+    // The ONNX graph, run by onnxruntime (installed by scripts/test.sh) on
+    // the same rows: the normalisation and the sigmoid are inside it.
+    let runtime = run_python(ONNX, &[&onnx, &rows_path]);
+    let from_onnx: Vec<f64> = serde_json::from_value(runtime["probabilities"].clone()).unwrap();
+    let worst = worst_difference(&from_onnx, &tessera);
+    assert!(
+        worst < 1e-5,
+        "onnxruntime's probabilities differ from Tessera's by {worst}"
+    );
+    assert_eq!(runtime["inputs"], serde_json::json!(["features"]));
+    assert_eq!(runtime["metadata"]["model_hash"], manifest["model_hash"]);
 
     // The provenance a reader checks against the ledger.
     let meta = &python["metadata"];

@@ -10,6 +10,7 @@ mod job;
 mod ledger;
 mod metrics;
 mod model;
+mod onnx;
 mod sites;
 
 use std::path::PathBuf;
