@@ -216,6 +216,36 @@ fn an_exported_model_loads_in_python_and_predicts_as_tessera_does() {
         assert_eq!(object["n_test"], shown["n_test"], "{row:?}");
     }
     assert!(cells.iter().any(|c| c[1] == "pooled") && cells.iter().any(|c| c[1] == "cleveland"));
+
+    // The watch view: each round once (it printed every round twice), the
+    // pooled accuracy and the sites' mean in labelled columns of their own.
+    let out = federation.tessera(&["job", "status", &job_id.to_string(), "--watch"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for round in 1..=3 {
+        let prefix = format!("  {round}/3 ");
+        let lines = shown.lines().filter(|l| l.starts_with(&prefix)).count();
+        assert_eq!(lines, 1, "round {round} shown {lines} times:\n{shown}");
+    }
+    assert_eq!(shown.matches("acc pooled  acc site mean").count(), 1, "{shown}");
+    // As JSON lines for a script: a `round` event per round, then `end`.
+    let out = federation.tessera(&["job", "status", &job_id.to_string(), "--watch", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not one JSON object: {l}")))
+        .collect();
+    let rounds: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "round").collect();
+    assert_eq!(rounds.len(), 3, "{events:#?}");
+    assert_eq!(rounds[2]["model_hash"], status["rounds"][2]["model_hash"]);
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "end");
+    assert_eq!(last["status"]["job"]["status"], "finished");
 }
 
 /// `tessera completions bash`: the script bash loads completes the

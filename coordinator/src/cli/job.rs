@@ -33,9 +33,12 @@ pub(crate) enum JobCommand {
     /// Show a job's rounds and per-site metrics.
     Status {
         job_id: u64,
-        /// Follow the job live until it ends.
+        /// Follow the job live until it ends: each round once, as it
+        /// completes, under a progress bar.
         #[arg(long)]
         watch: bool,
+        /// JSON; with --watch, one JSON object per line and event (`round`,
+        /// `site`, then `end` with the whole status), for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -71,16 +74,20 @@ pub(crate) async fn exec(addr: &str, cmd: JobCommand) -> CliResult {
         JobCommand::Status { job_id, watch, json } => {
             let mut client = JobsClient::new(connect(addr).await?);
             if watch {
-                watch_job(&mut client, job_id).await?;
+                watch_job(&mut client, job_id, json).await?;
             }
             let status = client.job_status(pb::JobStatusRequest { job_id }).await?.into_inner();
-            if json {
+            if json && watch {
+                let end = json!({ "event": "end", "status": status_json(&status) });
+                println!("{end}");
+            } else if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&status_json(&status)).context("cannot encode JSON")?
                 );
             } else {
-                print_status(&status);
+                // The watch printed each round as it came.
+                print_status(&status, !watch);
             }
             let finished = status.job.as_ref().is_some_and(|j| j.status == "finished");
             Ok(if !watch || finished {
@@ -208,8 +215,13 @@ async fn list(addr: &str, json: bool) -> CliResult {
 }
 
 /// Follows a job with a progress bar, printing a line per completed round.
-async fn watch_job(client: &mut JobsClient<Channel>, job_id: u64) -> Result<(), CliError> {
-    let bar = ProgressBar::new(0);
+async fn watch_job(client: &mut JobsClient<Channel>, job_id: u64, json: bool) -> Result<(), CliError> {
+    // JSON lines go to standard output alone: no bar to interleave.
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} job {prefix} [{bar:30}] {pos}/{len} rounds  {elapsed_precise}  {msg}")
             .expect("static template")
@@ -217,6 +229,15 @@ async fn watch_job(client: &mut JobsClient<Channel>, job_id: u64) -> Result<(), 
     );
     bar.set_prefix(job_id.to_string());
     bar.enable_steady_tick(Duration::from_millis(120));
+    // Without a terminal the bar is hidden, and its `println` with it: the
+    // lines go to standard output then (a log file, a pipe).
+    let say = |line: String| {
+        if bar.is_hidden() {
+            println!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
     let mut printed = 0usize;
     let mut absent_shown = BTreeSet::new();
     loop {
@@ -233,23 +254,31 @@ async fn watch_job(client: &mut JobsClient<Channel>, job_id: u64) -> Result<(), 
         // not have to wait for a timeout.
         for site in absent(&status.sites) {
             if absent_shown.insert((site.site_id.clone(), site.state.clone())) {
-                bar.println(absent_line(site));
+                say(if json {
+                    json!({ "event": "site", "site_id": site.site_id, "state": site.state, "reason": site.reason })
+                        .to_string()
+                } else {
+                    absent_line(site)
+                });
             }
         }
         let metrics = metrics_by_round(&status.metrics);
         let pooled = pooled_by_round(&status.pooled);
+        if printed == 0 && !status.rounds.is_empty() && !json {
+            say(ROUND_HEADER.to_owned());
+        }
         for round in status.rounds.iter().skip(printed) {
-            bar.println(round_line(
-                round,
-                job.rounds_total,
-                metrics.get(&round.round),
-                pooled.get(&round.round).copied(),
-            ));
+            let (metrics, pooled) = (metrics.get(&round.round), pooled.get(&round.round).copied());
+            say(if json {
+                round_event(job_id, round, metrics, pooled).to_string()
+            } else {
+                round_line(round, job.rounds_total, metrics, pooled)
+            });
             printed += 1;
         }
         if matches!(job.status.as_str(), "finished" | "failed" | "cancelled") {
             bar.finish_and_clear();
-            if !job.error.is_empty() {
+            if !job.error.is_empty() && !json {
                 eprintln!("job {job_id} {}: {}", job.status, job.error);
             }
             return Ok(());
@@ -278,39 +307,60 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     if n == 0 { f64::NAN } else { sum / n as f64 }
 }
 
+/// The columns of [`round_line`]. Accuracy is that of the model the round
+/// started from (the sites evaluate it before they train): pooled over
+/// every site's test rows by secure sum, and the mean of the sites' own
+/// figures, in separate columns.
+const ROUND_HEADER: &str = "round       sites  acc pooled  acc site mean  train loss  round ms  model         \
+                            (accuracy: of the model each round started from)";
+
 fn round_line(
     round: &pb::RoundSummary,
     total: u32,
     metrics: Option<&Vec<&pb::SiteMetrics>>,
     pooled: Option<&pb::PooledMetrics>,
 ) -> String {
+    let figure = |v: Option<f64>, width: usize, digits: usize| match v.filter(|v| v.is_finite()) {
+        Some(v) => format!("{v:>width$.digits$}"),
+        None => format!("{:>width$}", "-"),
+    };
     let dropped = if round.dropped.is_empty() {
         String::new()
     } else {
         format!("  dropped: {}", round.dropped.join(", "))
     };
-    // Prefer the pooled figure (secure sum over all test rows); else the mean
-    // of the sites' own reports.
-    let accuracy = match (pooled, metrics) {
-        (Some(p), _) => format!("{:.3} (all sites)", p.accuracy),
-        (None, Some(ms)) => format!("{:.3} site mean", mean(ms.iter().map(|m| m.accuracy))),
-        (None, None) => "  -  ".into(),
-    };
-    let loss = if round.mean_train_loss.is_finite() {
-        format!("{:.4}", round.mean_train_loss)
-    } else {
-        "  -   ".into()
-    };
     format!(
-        "round {:>3}/{total}  sites {}  train loss {loss}  test acc of previous model {accuracy}  {:>6} ms  model {}{dropped}",
-        round.round,
+        "{:<11} {:>5}  {}  {}  {}  {:>8}  {}{dropped}",
+        format!("{:>3}/{total}", round.round),
         round.sites.len(),
+        figure(pooled.map(|p| p.accuracy), 10, 3),
+        figure(metrics.map(|ms| mean(ms.iter().map(|m| m.accuracy))), 13, 3),
+        figure(Some(round.mean_train_loss), 10, 4),
         round.duration_ms,
         &round.model_hash[..12.min(round.model_hash.len())],
     )
 }
 
-fn print_status(status: &pb::JobStatusResponse) {
+/// A round as `--watch --json` streams it.
+fn round_event(
+    job_id: u64,
+    round: &pb::RoundSummary,
+    metrics: Option<&Vec<&pb::SiteMetrics>>,
+    pooled: Option<&pb::PooledMetrics>,
+) -> serde_json::Value {
+    json!({
+        "event": "round", "job_id": job_id, "round": round.round, "sites": round.sites,
+        "dropped": round.dropped, "duration_ms": round.duration_ms,
+        "mean_train_loss": finite(round.mean_train_loss), "model_hash": round.model_hash,
+        "accuracy_before": {
+            "pooled": pooled.map(|p| finite(p.accuracy)),
+            "site_mean": metrics.map(|ms| finite(mean(ms.iter().map(|m| m.accuracy)))),
+        },
+    })
+}
+
+/// The job's status; its rounds too unless `--watch` printed them already.
+fn print_status(status: &pb::JobStatusResponse, with_rounds: bool) {
     let Some(job) = &status.job else { return };
     println!(
         "job {} \"{}\": {} ({}/{} rounds), {}, {}",
@@ -331,7 +381,10 @@ fn print_status(status: &pb::JobStatusResponse) {
     }
     let metrics = metrics_by_round(&status.metrics);
     let pooled = pooled_by_round(&status.pooled);
-    for round in &status.rounds {
+    if with_rounds && !status.rounds.is_empty() {
+        println!("  {ROUND_HEADER}");
+    }
+    for round in status.rounds.iter().filter(|_| with_rounds) {
         println!(
             "  {}",
             round_line(
