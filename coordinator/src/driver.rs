@@ -936,6 +936,7 @@ async fn preprocess(
     // would train on other features (or another label) than the rest.
     let (encoding, outliers) =
         agree_on_encoding(&encodings).map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
+    shared.store.set_features_hash(job_id, &encoding).await?;
     for site in &outliers {
         reports.remove(site);
         let problem = format!(

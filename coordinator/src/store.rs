@@ -36,6 +36,8 @@ pub struct JobRow {
     pub final_model_hash: Option<String>,
     pub n_features: Option<i64>,
     pub normalization: Option<String>,
+    /// The features hash the job's sites agreed on, once they did.
+    pub features_hash: Option<String>,
 }
 
 /// One finished round.
@@ -118,7 +120,7 @@ pub const CANCELLED: &str = "cancelled by operator";
 
 /// Columns of [`JobRow`]; a constant, so the formatted queries carry no input.
 const JOB_COLUMNS: &str = "id, name, job_toml, job_hash, status, phase, rounds_total, rounds_done, strategy, model, \
-     created_at_ms, error, final_model_hash, n_features, normalization";
+     created_at_ms, error, final_model_hash, n_features, normalization, features_hash";
 
 impl Store {
     /// Opens (creating if needed) the database and applies the embedded migrations.
@@ -338,6 +340,17 @@ impl Store {
             .execute(&mut *conn)
             .await
             .with_context(|| format!("cannot store preprocessing of job {job_id}"))?;
+        Ok(())
+    }
+
+    /// Records the encoding the job's sites agreed on (their features hash).
+    pub async fn set_features_hash(&self, job_id: JobId, features_hash: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE jobs SET features_hash = ? WHERE id = ?")
+            .bind(features_hash)
+            .bind(job_id.0 as i64)
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("cannot store the features hash of job {job_id}"))?;
         Ok(())
     }
 

@@ -152,6 +152,27 @@ fn an_exported_model_loads_in_python_and_predicts_as_tessera_does() {
     assert_eq!(runtime["inputs"], serde_json::json!(["features"]));
     assert_eq!(runtime["metadata"]["model_hash"], manifest["model_hash"]);
 
+    // The encoding rows must have to go into the model: the features hash
+    // the sites agreed on, which a site's `check` prints (its first 16
+    // digits) for its own data.
+    let check = Command::new(tessera_tests::bin("tessera-participant"))
+        .args(["check", "--config"])
+        .arg(tessera_tests::repo().join("examples/heart-disease/sites/cleveland.toml"))
+        .output()
+        .unwrap();
+    let check = String::from_utf8_lossy(&check.stdout).into_owned();
+    let site_hash = check
+        .lines()
+        .find_map(|l| l.split("features hash ").nth(1))
+        .unwrap_or_else(|| panic!("{check}"));
+    let agreed = manifest["features_sha256"].as_str().unwrap_or_default();
+    assert!(
+        agreed.len() == 64 && agreed.starts_with(site_hash.trim()),
+        "{agreed} vs {site_hash}"
+    );
+    assert_eq!(python["metadata"]["features_sha256"], agreed);
+    assert_eq!(runtime["metadata"]["features_sha256"], agreed);
+
     // The provenance a reader checks against the ledger.
     let meta = &python["metadata"];
     assert_eq!(meta["model_hash"], manifest["model_hash"]);

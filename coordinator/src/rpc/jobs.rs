@@ -405,6 +405,10 @@ impl Jobs for JobsService {
             "model_hash": hash,
             "n_params": bytes.len() / 4,
             "n_features": row.n_features,
+            // The encoding rows must have to go into this model: the SHA-256
+            // of the schema as the sites applied it (`tessera-participant
+            // check` prints a site's first 16 digits).
+            "features_sha256": row.features_hash,
             "normalization": normalization,
             "job_toml": row.job_toml,
         });
