@@ -106,29 +106,30 @@ all_ended() {
        "$run_dir/jobs.json"
 }
 
-# N counts the coordinator's kills; between two, a random site is killed
-# too, one time in two (--sites-only: N counts site kills, and the
-# coordinator is never killed).
+# N counts the coordinator's kills, one per turn of the loop; before it, a
+# random site is killed too, one turn in two (--sites-only: N counts site
+# kills, and the coordinator is never killed). A kill of the coordinator
+# every turn, not on a coin toss: N kills fit in the jobs' run time however
+# fast the machine runs them.
 done_kills=0
 site_kills=0
+kill_and_restart() {
+  kill -9 "${pid[$1]}" 2>/dev/null || true
+  wait "${pid[$1]}" 2>/dev/null || true
+  echo "$(date +%T) kill -9 $1" >> "$run_dir/kills.log"
+  if [ "$1" = coordinator ]; then start_coordinator; else start_site "$1"; fi
+}
 while [ "$done_kills" -lt "$kills" ] && ! all_ended; do
-  sleep "$((RANDOM % 3 + 1)).$((RANDOM % 10))"
-  if [ "$sites_only" = 0 ] && [ $((RANDOM % 2)) = 0 ]; then
-    victim=coordinator
-  else
-    victim=${sites[$((RANDOM % 4))]}
-  fi
-  kill -9 "${pid[$victim]}" 2>/dev/null || true
-  wait "${pid[$victim]}" 2>/dev/null || true
-  echo "$(date +%T) kill -9 $victim" >> "$run_dir/kills.log"
-  if [ "$victim" = coordinator ]; then
-    start_coordinator
-    done_kills=$((done_kills + 1))
-  else
-    start_site "$victim"
+  if [ "$sites_only" = 1 ] || [ $((RANDOM % 2)) = 0 ]; then
+    sleep "$((RANDOM % 2 + 1)).$((RANDOM % 10))"
+    kill_and_restart "${sites[$((RANDOM % 4))]}"
     site_kills=$((site_kills + 1))
-    [ "$sites_only" = 1 ] && done_kills=$((done_kills + 1))
+    [ "$sites_only" = 1 ] && done_kills=$((done_kills + 1)) && continue
   fi
+  sleep "$((RANDOM % 2 + 1)).$((RANDOM % 10))"
+  all_ended && break
+  kill_and_restart coordinator
+  done_kills=$((done_kills + 1))
 done
 
 # Every job ends (finished, or failed with its reason) within ten minutes.
