@@ -183,10 +183,14 @@ pub async fn apply(
         }
     }
     let now_ms = unix_ms();
+    // Read before the transaction takes the write lock (through another
+    // connection: holding the lock while it waits for one could stall
+    // every writer). No round block is appended meanwhile: a job that
+    // starts is seen running below, and nothing is pruned.
+    let mut on_chain = shared.ledger.job_models().await?;
     let mut tx = shared.ledger.begin().await?;
     let rows = Store::jobs_in(&mut tx.tx).await?;
     let stored = Store::model_sizes_in(&mut tx.tx).await?;
-    let mut on_chain = shared.ledger.job_models().await?;
     let jobs: Vec<JobModels> = rows
         .iter()
         .map(|row| {

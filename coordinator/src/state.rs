@@ -100,7 +100,14 @@ impl ActiveJob {
     pub fn at_work(&self) -> Option<BTreeSet<SiteId>> {
         let sites: BTreeSet<SiteId> = match &self.phase {
             Phase::WaitingForSites => return None,
-            Phase::Stats(stats) => stats.pending.iter().chain(stats.reports.keys()).cloned().collect(),
+            // A site holding the job is not waited for (`held`).
+            Phase::Stats(stats) => stats
+                .pending
+                .iter()
+                .chain(stats.reports.keys())
+                .filter(|s| !self.held.contains_key(*s))
+                .cloned()
+                .collect(),
             Phase::Round(round) => round
                 .announcement
                 .members
@@ -311,7 +318,6 @@ impl Shared {
             .collect()
     }
 
-    /// Sites heard from within the last `window_ms`.
     /// Whether `site` takes part in the running job's current phase (or
     /// may be about to: the job waits for its sites).
     pub fn at_work(&self, site: &SiteId) -> bool {
@@ -336,6 +342,24 @@ impl Shared {
         endorsers >= tessera_protocol::ledger::verify::majority(members.len())
     }
 
+    /// Whether the running job may judge `site` by its silence: while the
+    /// job gathers its sites and their statistics, every site; in its
+    /// rounds, the sites of its sealed cohort (one dropped from a round is
+    /// picked again for the next only if it was heard from lately). They
+    /// heartbeat at the working pace; other sites seldom.
+    pub fn watched(&self, site: &SiteId) -> bool {
+        let in_rounds_of = {
+            let inner = self.lock();
+            match inner.active.as_ref() {
+                None => return false,
+                Some(active) if matches!(active.phase, Phase::Round(_)) => Some(active.job_id),
+                Some(_) => None,
+            }
+        };
+        in_rounds_of.is_none_or(|job_id| self.ledger.cohort(job_id.0).contains(site))
+    }
+
+    /// Sites heard from within the last `window_ms`.
     pub fn online(&self, window_ms: u64) -> BTreeSet<SiteId> {
         let now = self.now_ms();
         self.lock()
@@ -526,5 +550,39 @@ mod tests {
 
         assert_eq!(job(Phase::WaitingForSites, &[]).waiting(now), None);
         assert_eq!(Inner::default().waiting(now), None);
+    }
+
+    /// Who is at work (woken for each new block): while the job gathers
+    /// its sites, anyone; in its statistics, the sites reporting, not one
+    /// holding the job; in a round, its members still in it.
+    #[test]
+    fn at_work_are_the_sites_the_current_phase_waits_on() {
+        assert_eq!(job(Phase::WaitingForSites, &[]).active.unwrap().at_work(), None);
+        let stats = StatsPhase {
+            pending: BTreeSet::from([site("a"), site("h")]),
+            reports: BTreeMap::from([(site("b"), FeatureStats::empty(1))]),
+            encodings: BTreeMap::new(),
+            secure: false,
+            session: None,
+        };
+        let inner = job(Phase::Stats(Box::new(stats)), &["h"]);
+        assert_eq!(
+            inner.active.unwrap().at_work(),
+            Some(BTreeSet::from([site("a"), site("b")]))
+        );
+        let round = RoundPhase {
+            announcement: pb::RoundAnnouncement {
+                members: vec!["a".into(), "c".into(), "d".into()],
+                ..Default::default()
+            },
+            collector: None,
+            session: None,
+            awaiting_metrics: BTreeSet::new(),
+        };
+        let mut inner = job(Phase::Round(Box::new(round)), &[]);
+        let active = inner.active.as_mut().unwrap();
+        active.failed.insert(site("c"));
+        active.restarted.insert(site("d"));
+        assert_eq!(active.at_work(), Some(BTreeSet::from([site("a")])));
     }
 }

@@ -218,12 +218,20 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
 struct HeartbeatPace {
     slow: AtomicBool,
     now: tokio::sync::Notify,
+    /// Tasks worked on so far: a heartbeat answered "seldom" while work
+    /// arrived is paced at the working pace instead.
+    work: std::sync::atomic::AtomicU64,
+    /// Whether the coordinator paces this site (`next_heartbeat_ms`, and
+    /// `Idle.sync_ledger` with it); an older one does not, and wakes an
+    /// idle site only for the site to sync.
+    paced: AtomicBool,
 }
 
 impl HeartbeatPace {
     /// Work arrived: a slow heartbeat is sent now (and paced again by the
     /// coordinator's answer).
     fn at_work(&self) {
+        self.work.fetch_add(1, Ordering::Relaxed);
         if self.slow.swap(false, Ordering::Relaxed) {
             self.now.notify_one();
         }
@@ -253,16 +261,24 @@ async fn heartbeat_loop(
         if egress.record("Heartbeat", &request).is_err() {
             return;
         }
-        let next = match client.heartbeat(request).await {
-            Ok(response) => match response.into_inner().next_heartbeat_ms {
-                0 => HEARTBEAT,
-                ms => Duration::from_millis(ms.into()).clamp(HEARTBEAT_BOUNDS.0, HEARTBEAT_BOUNDS.1),
-            },
+        let work = pace.work.load(Ordering::Relaxed);
+        let mut next = match client.heartbeat(request).await {
+            Ok(response) => {
+                let ms = response.into_inner().next_heartbeat_ms;
+                pace.paced.store(ms > 0, Ordering::Relaxed);
+                match ms {
+                    0 => HEARTBEAT,
+                    ms => Duration::from_millis(ms.into()).clamp(HEARTBEAT_BOUNDS.0, HEARTBEAT_BOUNDS.1),
+                }
+            }
             Err(status) => {
                 warn!("heartbeat failed: {}", status.message());
                 HEARTBEAT
             }
         };
+        if pace.work.load(Ordering::Relaxed) != work {
+            next = next.min(HEARTBEAT);
+        }
         pace.slow.store(next > HEARTBEAT, Ordering::Relaxed);
         tokio::select! {
             () = tokio::time::sleep(next) => {}
@@ -360,9 +376,12 @@ fn task_step(task: &pb::Task) -> String {
 
 /// Whether a daemon holds `dir`'s lock now, and its pid if so: a daemon
 /// that was killed holds none (its status file says what it last did).
+/// (Read-only: a user who may only read the state directory is told too.
+/// The probe holds the lock for an instant: a daemon starting in that
+/// instant refuses to start, saying another one runs.)
 pub fn running_in(dir: &std::path::Path) -> Option<String> {
     let path = dir.join("daemon.lock");
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).ok()?;
+    let file = std::fs::File::open(&path).ok()?;
     match file.try_lock() {
         Err(std::fs::TryLockError::WouldBlock) => {
             Some(std::fs::read_to_string(&path).unwrap_or_default().trim().to_owned())
@@ -565,7 +584,8 @@ impl Site {
             // An idle site syncs when the coordinator says blocks wait for
             // its endorsement, else every `IDLE_SYNC`: a job it sits out
             // costs it a few requests a minute.
-            let due = self.synced_at.is_none_or(|at| at.elapsed() >= IDLE_SYNC);
+            let due =
+                !self.pace.paced.load(Ordering::Relaxed) || self.synced_at.is_none_or(|at| at.elapsed() >= IDLE_SYNC);
             let (idle, sync) = match &task.kind {
                 None => (true, due),
                 Some(task::Kind::Idle(idle)) => (true, idle.sync_ledger || due),
@@ -697,11 +717,13 @@ impl Site {
     /// within milliseconds of this site's own.
     async fn sync_to_finality(&mut self, ledger: &mut LedgerClient<Channel>, idle: bool) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + FINALITY_WAIT;
-        self.synced_at = Some(tokio::time::Instant::now());
         self.replica
             .sync(ledger, &self.egress, None)
             .await
             .context("ledger sync failed")?;
+        // Only a sync that went through counts: after a failed one an idle
+        // site tries again at its next turn, not 30 s later.
+        self.synced_at = Some(tokio::time::Instant::now());
         // Waits for the blocks held when the task arrived, not for blocks
         // appended meanwhile (other sites' decisions keep arriving): the
         // task's own checks decline what it needs and is not final.

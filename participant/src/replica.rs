@@ -357,7 +357,7 @@ impl Replica {
             // An endorsement lost to a crash or a dropped connection is sent
             // again: the coordinator does not hold one from this site.
             if !relayed.iter().any(|e| e.site_id == self.site.as_str()) {
-                self.endorse(height, hash, &members, &block);
+                self.endorse(height, hash, &members, &block).await?;
             }
             return Ok(());
         }
@@ -370,16 +370,20 @@ impl Replica {
         };
         self.store.append(height, &block).await?;
         self.merge(height, &relayed).await?;
-        self.endorse(height, verified.hash, &verified.members, &block);
+        self.endorse(height, verified.hash, &verified.members, &block).await?;
         info!(height, kind = verified.payload.kind().name(), "ledger block verified");
         Ok(())
     }
 
-    /// Signs block `height` (verified), if this site may endorse it; the
-    /// endorsement goes with the sync's others (`send_endorsements`).
-    fn endorse(&mut self, height: u64, hash: [u8; 32], members: &Members, block: &Block) {
+    /// Signs block `height` (verified), if this site may endorse it, and
+    /// counts the endorsement in this replica at once (later blocks' checks
+    /// see the block final as soon as this site's signature makes it so);
+    /// it goes to the coordinator with the sync's others
+    /// (`send_endorsements`), and again at the next sync if the coordinator
+    /// did not take it (its copy of the block then lacks it).
+    async fn endorse(&mut self, height: u64, hash: [u8; 32], members: &Members, block: &Block) -> anyhow::Result<()> {
         if members.get(&self.site) != Some(&self.key.public_key()) {
-            return;
+            return Ok(());
         }
         if let Some(reason) = self.objection(height) {
             if self.objected.insert(height) {
@@ -390,25 +394,31 @@ impl Replica {
                      change is legitimate)"
                 );
             }
-            return;
+            return Ok(());
         }
         // The header and the coordinator's signature travel with the
         // endorsement: relayed to the other sites, they prove which block
         // this site was shown at this height (gossip against equivocation).
+        let signature = endorse(&self.key, &hash);
+        let mine = pb::LedgerEndorsement {
+            site_id: self.site.to_string(),
+            signature: signature.clone(),
+            header: Vec::new(),
+            coordinator_signature: Vec::new(),
+        };
+        self.merge(height, std::slice::from_ref(&mine)).await?;
         self.unsent.push(pb::EndorseRequest {
             site_id: self.site.to_string(),
             height,
             block_hash: hash.to_vec(),
-            signature: endorse(&self.key, &hash),
+            signature,
             header: block.header.clone(),
             coordinator_signature: block.signature.clone(),
         });
+        Ok(())
     }
 
-    /// Sends the endorsements signed since the last call, in one request,
-    /// then counts them in this replica (an endorsement the coordinator
-    /// did not take is signed and sent again at the next sync: its copy of
-    /// the block lacks it).
+    /// Sends the endorsements signed since the last call, in one request.
     async fn send_endorsements(
         &mut self,
         client: &mut LedgerClient<Channel>,
@@ -422,7 +432,7 @@ impl Replica {
             let request = pb::EndorseBlocksRequest { endorsements: unsent };
             egress.record("EndorseBlocks", &request)?;
             match client.endorse_blocks(request.clone()).await {
-                Ok(_) => return self.count_own(&request.endorsements).await,
+                Ok(_) => return Ok(()),
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
                     self.batches = false;
                     unsent = request.endorsements;
@@ -432,22 +442,7 @@ impl Replica {
         }
         for request in unsent {
             egress.record("Endorse", &request)?;
-            client.endorse(request.clone()).await?;
-            self.count_own(std::slice::from_ref(&request)).await?;
-        }
-        Ok(())
-    }
-
-    /// Stores this site's own endorsements, which the coordinator took.
-    async fn count_own(&mut self, sent: &[pb::EndorseRequest]) -> anyhow::Result<()> {
-        for request in sent {
-            let mine = pb::LedgerEndorsement {
-                site_id: self.site.to_string(),
-                signature: request.signature.clone(),
-                header: Vec::new(),
-                coordinator_signature: Vec::new(),
-            };
-            self.merge(request.height, std::slice::from_ref(&mine)).await?;
+            client.endorse(request).await?;
         }
         Ok(())
     }

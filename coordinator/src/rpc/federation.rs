@@ -34,9 +34,10 @@ const LONG_POLL: Duration = Duration::from_secs(5);
 /// final before idle members are woken to endorse them too.
 const FINALITY_GRACE: Duration = Duration::from_secs(1);
 
-/// How often a site taking part in the running job sends a heartbeat (its
-/// silence drops it from a round), and how often any other site does (for
-/// `tessera sites`; its polls say it is there meanwhile).
+/// How often a site the running job may judge by its silence sends a
+/// heartbeat (`Shared::watched`: silence drops it from a round, or leaves
+/// it out of the job), and how often any other site does (for `tessera
+/// sites`; its polls say it is there meanwhile).
 const HEARTBEAT_AT_WORK: Duration = Duration::from_secs(2);
 const HEARTBEAT_IDLE: Duration = Duration::from_secs(15);
 
@@ -143,8 +144,9 @@ impl FederationService {
         if ledger_len > 0 {
             chain = chain.min(ledger_len);
         }
-        // When the chain grew past `chain` without this site being woken.
-        let mut grown_at: Option<tokio::time::Instant> = None;
+        // When the chain grew past `chain` without this site being woken,
+        // and to what length: the blocks given the grace to become final.
+        let mut grown: Option<(tokio::time::Instant, u64)> = None;
         let idle = |sync_ledger| pb::Task {
             kind: Some(pb::task::Kind::Idle(pb::Idle {
                 retry_after_ms: 0,
@@ -163,18 +165,20 @@ impl FederationService {
                 if self.shared.at_work(site) || !self.shared.at_work_make_blocks_final() {
                     return idle(true);
                 }
-                let since = *grown_at.get_or_insert_with(tokio::time::Instant::now);
+                let (since, seen) = *grown.get_or_insert_with(|| (tokio::time::Instant::now(), len));
                 if since.elapsed() >= FINALITY_GRACE {
-                    match self.shared.ledger.all_final(chain, len).await {
+                    // Blocks appended since get their own grace.
+                    match self.shared.ledger.all_final(chain, seen).await {
                         Ok(true) => {
-                            chain = len;
-                            grown_at = None;
+                            chain = seen;
+                            grown = None;
+                            continue;
                         }
                         _ => return idle(true),
                     }
                 }
             }
-            let wake_at = grown_at.map_or(deadline, |since| deadline.min(since + FINALITY_GRACE));
+            let wake_at = grown.map_or(deadline, |(since, _)| deadline.min(since + FINALITY_GRACE));
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep_until(wake_at) => {
@@ -254,7 +258,7 @@ impl Federation for FederationService {
             self.shared.forget_version(&site);
             warn!(%site, "cannot record the site's version: {e:#}");
         }
-        let next = if self.shared.at_work(&site) {
+        let next = if self.shared.watched(&site) {
             HEARTBEAT_AT_WORK
         } else {
             HEARTBEAT_IDLE
