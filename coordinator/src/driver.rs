@@ -832,6 +832,25 @@ async fn secure_round(
     })
 }
 
+/// The members' signed category proposals (checked when each arrived with
+/// its site's acceptance), for the sites to form the job's categories from.
+async fn cohort_proposals(
+    shared: &Arc<Shared>,
+    job_id: JobId,
+    members: &BTreeSet<SiteId>,
+) -> Result<Vec<pb::CategoryProposal>, Stop> {
+    let stored = shared
+        .store
+        .proposals(job_id)
+        .await
+        .map_err(|e| Stop::Failed(format!("{e:#}")))?;
+    Ok(stored
+        .into_iter()
+        .filter(|(site, _)| members.iter().any(|m| m.as_str() == site))
+        .filter_map(|(_, bytes)| <pb::CategoryProposal as prost::Message>::decode(bytes.as_slice()).ok())
+        .collect())
+}
+
 /// Federated preprocessing: the sum of every member's training-split
 /// statistics, securely summed unless the job is plaintext.
 async fn preprocess(
@@ -862,10 +881,13 @@ async fn preprocess(
                 encodings: BTreeMap::new(),
                 secure: true,
                 session: None,
+                proposals: Vec::new(),
+                proposals_ready: false,
             })),
         );
         return secure_stats(shared, job_id, session, n_features).await;
     }
+    let proposals = cohort_proposals(shared, job_id, members).await?;
     install(
         shared,
         Phase::Stats(Box::new(StatsPhase {
@@ -874,6 +896,8 @@ async fn preprocess(
             encodings: BTreeMap::new(),
             secure: secure.is_some(),
             session: None,
+            proposals,
+            proposals_ready: false,
         })),
     );
     let deadline = shared.now_ms() + spec.timing.round_timeout_s * 1000;
@@ -882,12 +906,11 @@ async fn preprocess(
         let _ = tokio::time::timeout(TICK, shared.progress.notified()).await;
         let now = shared.now_ms();
         // A site that declined the job sends nothing: no wait for it.
-        let declined: BTreeSet<SiteId> = shared
-            .ledger
-            .decisions(job_id.0)
-            .into_iter()
+        let decisions = shared.ledger.decisions(job_id.0);
+        let declined: BTreeSet<SiteId> = decisions
+            .iter()
             .filter(|(_, (accepted, _))| !accepted)
-            .map(|(site, _)| site)
+            .map(|(site, _)| site.clone())
             .collect();
         let mut inner = shared.lock();
         let last_seen = inner.last_seen.clone();
@@ -913,6 +936,10 @@ async fn preprocess(
             .filter(|s| !active.held.contains_key(*s))
             .cloned()
             .collect();
+        // The category proposals go out once every member still awaited
+        // has decided (each accepting site's came with its acceptance), so
+        // that every site forms its categories from the same proposals.
+        stats.proposals_ready |= awaited.iter().all(|s| decisions.contains_key(s));
         // Done when no one is left to wait for, or when min_sites can no
         // longer be reached whoever still reports.
         if awaited.is_empty() || stats.reports.len() + awaited.len() < spec.min_sites as usize {

@@ -17,6 +17,10 @@ pub enum Attack {
     /// Serve every released aggregate (the statistics sum, each round's
     /// sum) with one word changed from the one its ledger block commits to.
     TamperedAggregate,
+    /// Add a rare code to another site's category proposal (or leave the
+    /// receiving site's own out) when relaying the cohort's proposals, to
+    /// learn the pooled count of a code no site chose to name.
+    InjectCategory,
 }
 
 #[cfg(all(feature = "malicious", debug_assertions))]

@@ -180,6 +180,28 @@ pub struct StatsPhase {
     pub secure: bool,
     /// Secure jobs: the secure sum, once every encoding is in.
     pub session: Option<SecureSession>,
+    /// The members' signed category proposals (the schema's `discover`
+    /// columns; none otherwise), each stored as its site accepts.
+    pub proposals: Vec<pb::CategoryProposal>,
+    /// Whether every member still awaited has decided: only then are the
+    /// proposals relayed with the task (before, it carries none, and a
+    /// discovering site decides, proposes and asks again).
+    pub proposals_ready: bool,
+}
+
+/// The cohort's category proposals as `site` is sent them: all of them,
+/// unaltered, unless a test build attacks (the site must then refuse).
+fn relayed_proposals(proposals: &[pb::CategoryProposal], site: &SiteId) -> Vec<pb::CategoryProposal> {
+    let mut relayed = proposals.to_vec();
+    if crate::malicious::attack() == Some(Attack::InjectCategory)
+        && let Some(column) = relayed
+            .iter_mut()
+            .find(|p| p.site_id != site.as_str())
+            .and_then(|p| p.columns.first_mut())
+    {
+        column.values.push("V62.84".into());
+    }
+    relayed
 }
 
 /// A training round (or the final evaluation when `collector` is `None`).
@@ -452,6 +474,11 @@ impl Inner {
                         job_hash: active.job_hash.clone(),
                         members: Vec::new(),
                         secure: stats.secure && crate::malicious::attack() != Some(Attack::PlaintextStats),
+                        proposals: if stats.proposals_ready {
+                            relayed_proposals(&stats.proposals, site)
+                        } else {
+                            Vec::new()
+                        },
                     })
                 })
             }
@@ -543,6 +570,8 @@ mod tests {
             encodings: BTreeMap::new(),
             secure: false,
             session: None,
+            proposals: Vec::new(),
+            proposals_ready: false,
         };
         let mut inner = job(Phase::Stats(Box::new(stats)), &["b"]);
         inner.last_seen.insert(site("a"), now);
@@ -564,6 +593,8 @@ mod tests {
             encodings: BTreeMap::new(),
             secure: false,
             session: None,
+            proposals: Vec::new(),
+            proposals_ready: false,
         };
         let inner = job(Phase::Stats(Box::new(stats)), &["h"]);
         assert_eq!(

@@ -547,6 +547,28 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps a site's signed category proposal for a job (the latest
+    /// stands: a site's proposal for one job is the same every time).
+    pub async fn put_proposal(&self, job_id: JobId, site: &SiteId, proposal: &[u8]) -> anyhow::Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO category_proposals (job_id, site_id, proposal) VALUES (?, ?, ?)")
+            .bind(job_id.0 as i64)
+            .bind(site.as_str())
+            .bind(proposal)
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("cannot store the category proposal of `{site}` for job {job_id}"))?;
+        Ok(())
+    }
+
+    /// The sites' category proposals for a job, by site.
+    pub async fn proposals(&self, job_id: JobId) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        sqlx::query_as("SELECT site_id, proposal FROM category_proposals WHERE job_id = ? ORDER BY site_id")
+            .bind(job_id.0 as i64)
+            .fetch_all(&self.pool)
+            .await
+            .with_context(|| format!("cannot read the category proposals of job {job_id}"))
+    }
+
     /// The sites left out of the job, with why.
     pub async fn problems(&self, job_id: JobId) -> anyhow::Result<Vec<(String, String)>> {
         let rows = sqlx::query_as::<_, (String, String)>(

@@ -17,7 +17,9 @@ use arrow_schema::DataType;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 
-use crate::data::{Cell, ColumnBatch, DataError, Dataset, ReadReport, RowEncoder, Visit, label_of, number};
+use crate::data::{
+    Cell, ColumnBatch, DataError, Dataset, ReadReport, RowEncoder, Visit, label_of, number, proposed_text,
+};
 use crate::schema::{ColumnKind, LabelRule, Schema};
 
 /// Rows per record batch: a few MiB for a wide clinical table.
@@ -170,7 +172,7 @@ fn encode_columns(rows: &RowEncoder, schema: &Schema, views: &[View], n: usize) 
     // every column writes its values into them.
     for start in (0..n).step_by(ENCODE_BLOCK_ROWS) {
         let block = start..(start + ENCODE_BLOCK_ROWS).min(n);
-        for ((column, view), slot) in schema.columns.iter().zip(views).zip(rows.slots()) {
+        for (index, ((column, view), slot)) in schema.columns.iter().zip(views).zip(rows.slots()).enumerate() {
             let Some(used) = slot.used else { continue };
             match (view, &column.kind) {
                 // The common case, a numeric column without missing values:
@@ -214,6 +216,9 @@ fn encode_columns(rows: &RowEncoder, schema: &Schema, views: &[View], n: usize) 
                                 let hit = slot.category(cell).ok()?;
                                 if Some(hit) == slot.other() {
                                     batch.other[used] += 1;
+                                    if slot.discover {
+                                        batch.discovered.push((index, proposed_text(cell).into_owned()));
+                                    }
                                 }
                                 *batch.feature(r, slot.offset + hit) = 1.0;
                             }
@@ -285,6 +290,7 @@ impl View {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::sync::Arc;
 
     use arrow_array::{
@@ -564,6 +570,72 @@ missing_markers = ["NA"]
 name = "readmitted"
 kind = "label"
 "#;
+
+    /// A discovered column counts the values its other bucket takes (after
+    /// the map), alike in CSV and Parquet; the categories a job forms from
+    /// them then encode those values as their own features.
+    #[test]
+    fn a_discovered_column_counts_its_other_values_and_encodes_the_formed_categories() {
+        let schema =
+            Schema::from_toml(&CODED.replace("other = true", "other = true\ndiscover = true\ntop_k = 2")).unwrap();
+        // `460.0` is `460`, as a category would match it.
+        let diag = ["250.01", "V45", "428", "V45", "460", "799", "V45", "460.0", "E880"];
+        let text: String = std::iter::once("age,diag,race,readmitted\n".to_owned())
+            .chain(diag.iter().map(|d| format!("50,{d},A,NO\n")))
+            .collect();
+        let (data, report) = read_csv_from(text.as_bytes(), Path::new("extract.csv"), &schema).unwrap();
+        let counts: BTreeMap<String, u64> = [("V45", 3), ("460", 2), ("799", 1)]
+            .into_iter()
+            .map(|(v, n)| (v.to_owned(), n))
+            .collect();
+        assert_eq!(report.discovered, BTreeMap::from([("diag".to_owned(), counts)]));
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            vec![
+                ("age", Arc::new(Float64Array::from(vec![50.0; diag.len()])) as ArrayRef),
+                ("diag", Arc::new(StringArray::from_iter_values(diag))),
+                ("race", Arc::new(StringArray::from_iter_values(diag.map(|_| "A")))),
+                (
+                    "readmitted",
+                    Arc::new(StringArray::from_iter_values(diag.map(|_| "NO"))),
+                ),
+            ],
+        );
+        assert_eq!(read_parquet_batched(&path, &schema, 4).unwrap(), (data, report.clone()));
+
+        // With k = 2, top_k = 2: V45 and 460; 799 stays in the other bucket.
+        let discovered = schema.discovered();
+        let proposal = tessera_protocol::discovery::propose(&discovered, &report.discovered, 2);
+        let union: BTreeMap<String, Vec<String>> = discovered
+            .iter()
+            .map(|c| {
+                let mut categories = c.declared.clone();
+                categories.extend(proposal.columns[&c.column].iter().cloned());
+                (c.column.clone(), categories)
+            })
+            .collect();
+        assert_eq!(union["diag"], ["diabetes", "circulatory", "injury", "460", "V45"]);
+        let resolved = schema.with_categories(&union);
+        assert_ne!(resolved.features_hash(), schema.features_hash());
+        assert_eq!(resolved.features_hash(), schema.with_categories(&union).features_hash());
+        let (data, report) = read_csv_from(text.as_bytes(), Path::new("extract.csv"), &resolved).unwrap();
+        let diag_features: Vec<Vec<f32>> = data.rows().map(|row| row[1..7].to_vec()).collect();
+        #[rustfmt::skip]
+        assert_eq!(diag_features, [
+            // diabetes, circulatory, injury, 460, V45, (other)
+            [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+            [0.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0, 0.0, 0.0],
+            [0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
+        ]);
+        assert_eq!(report.discovered["diag"], BTreeMap::from([("799".to_owned(), 1)]));
+    }
 
     #[test]
     fn codes_are_grouped_bucketed_and_labelled_by_value_alike_in_csv_and_parquet() {

@@ -9,6 +9,7 @@
 //! it (a numeric feature is `NaN` until standardised, a categorical one has
 //! no category, an indicator feature says it was missing).
 
+use std::collections::{BTreeMap, HashMap};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
@@ -54,7 +55,15 @@ pub struct ReadReport {
     /// Values sent to the other bucket, per column that has one (a map
     /// that misses most codes shows here).
     pub other_per_column: Vec<(String, usize)>,
+    /// Per column with `discover = true`: the rows of each value that went
+    /// to the other bucket (what the site may propose as a category). At
+    /// most [`MAX_DISTINCT`] values per column are counted.
+    pub discovered: BTreeMap<String, BTreeMap<String, u64>>,
 }
+
+/// The most distinct values counted in one discovered column: a column of
+/// free text or ids marked `discover` by mistake costs bounded memory.
+pub const MAX_DISTINCT: usize = 1_000_000;
 
 /// Why a data file could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -483,6 +492,8 @@ pub(crate) struct RowEncoder<'s> {
     encoded: Vec<f32>,
     /// Hashes the `[split] group_by` id of a grouped split.
     groups: Option<crate::stream::GroupHasher>,
+    /// Rows per other-bucket value, per schema column with `discover`.
+    discovered: Vec<Option<HashMap<String, u64>>>,
 }
 
 impl<'s> RowEncoder<'s> {
@@ -507,6 +518,11 @@ impl<'s> RowEncoder<'s> {
                 .group_by
                 .as_ref()
                 .map(|_| crate::stream::GroupHasher::new(&schema.split)),
+            discovered: schema
+                .columns
+                .iter()
+                .map(|c| matches!(c.kind, ColumnKind::Categorical { discover: Some(_), .. }).then(HashMap::new))
+                .collect(),
         }
     }
 
@@ -544,6 +560,7 @@ impl<'s> RowEncoder<'s> {
                     let hit = slot.category(cell).map_err(malformed)?;
                     if Some(hit) == slot.other() {
                         self.other_per_column[used] += 1;
+                        count_value(&mut self.discovered[index], &proposed_text(cell));
                     }
                     self.encoded
                         .extend((0..slot.width).map(|k| if k == hit { 1.0 } else { 0.0 }));
@@ -602,6 +619,7 @@ impl<'s> RowEncoder<'s> {
             missing: vec![0; self.missing_per_column.len()],
             other: vec![0; self.missing_per_column.len()],
             groups: if self.groups.is_some() { vec![0; n] } else { Vec::new() },
+            discovered: Vec::new(),
         }
     }
 
@@ -614,6 +632,9 @@ impl<'s> RowEncoder<'s> {
         }
         for (count, other) in self.other_per_column.iter_mut().zip(&batch.other) {
             *count += other;
+        }
+        for (column, value) in &batch.discovered {
+            count_value(&mut self.discovered[*column], value);
         }
         let width = batch.width;
         if self.dataset.is_empty() && batch.keep.iter().all(|&keep| keep) {
@@ -663,6 +684,16 @@ impl<'s> RowEncoder<'s> {
                     Some((column.name.clone(), self.other_per_column[used]))
                 })
                 .collect(),
+            discovered: self
+                .schema
+                .columns
+                .iter()
+                .zip(&self.discovered)
+                .filter_map(|(column, counts)| {
+                    let counts = counts.as_ref()?.iter().map(|(v, n)| (v.clone(), *n)).collect();
+                    Some((column.name.clone(), counts))
+                })
+                .collect(),
         }
     }
 
@@ -678,6 +709,18 @@ impl<'s> RowEncoder<'s> {
     }
 }
 
+/// Counts a value that went to a discovered column's other bucket (`None`:
+/// the column does not discover).
+fn count_value(counts: &mut Option<HashMap<String, u64>>, value: &str) {
+    if let Some(counts) = counts {
+        if let Some(n) = counts.get_mut(value) {
+            *n += 1;
+        } else if counts.len() < MAX_DISTINCT {
+            counts.insert(value.to_owned(), 1);
+        }
+    }
+}
+
 pub(crate) fn number(cell: Cell) -> Result<f64, String> {
     match cell {
         Cell::Text(text) => parse_number(text),
@@ -690,12 +733,25 @@ pub(crate) fn number(cell: Cell) -> Result<f64, String> {
 /// A present cell as text: an integer stored as a number reads as its
 /// digits (`123`, not `123.0`), so a Parquet file's typed codes and ids
 /// match a CSV file's text.
-fn as_text(cell: Cell<'_>) -> std::borrow::Cow<'_, str> {
+pub(crate) fn as_text(cell: Cell<'_>) -> std::borrow::Cow<'_, str> {
     match cell {
         Cell::Text(text) => text.into(),
         Cell::Number(v) if v.fract() == 0.0 && v.abs() < 2f64.powi(53) => (v as i64).to_string().into(),
         Cell::Number(v) => v.to_string().into(),
         Cell::Missing => unreachable!("missing cells are counted, not encoded"),
+    }
+}
+
+/// A value of a discovered column as it is counted and proposed: a number
+/// as its shortest text (`1.0` and `1` are one value, as a category matches
+/// them, and so are `042` and `42`), anything else as written.
+pub(crate) fn proposed_text(cell: Cell<'_>) -> std::borrow::Cow<'_, str> {
+    match cell {
+        Cell::Text(text) => match text.parse::<f64>() {
+            Ok(v) if v.is_finite() => as_text(Cell::Number(v)).into_owned().into(),
+            _ => text.into(),
+        },
+        _ => as_text(cell),
     }
 }
 
@@ -748,6 +804,8 @@ pub(crate) struct Slot {
     /// Whether a categorical column has an other bucket (after its
     /// categories).
     other: bool,
+    /// Whether the column's other-bucket values are counted for discovery.
+    pub(crate) discover: bool,
     /// What a missing value does (`Drop` for the label and id).
     missing: MissingRule,
     /// The column's features: a number, or the categories and the other
@@ -766,15 +824,22 @@ impl Slot {
                 categories: Vec::new(),
                 map: Vec::new(),
                 other: false,
+                discover: false,
                 missing: column.missing,
                 width: 0,
             };
             match &column.kind {
                 ColumnKind::Numeric => slot.width = 1,
-                ColumnKind::Categorical { categories, other, map } => {
+                ColumnKind::Categorical {
+                    categories,
+                    other,
+                    map,
+                    discover,
+                } => {
                     slot.categories = categories.iter().map(|c| (c.clone(), c.parse::<f64>().ok())).collect();
                     slot.map = map.clone();
                     slot.other = *other;
+                    slot.discover = discover.is_some();
                     slot.width = categories.len() + usize::from(*other);
                 }
                 ColumnKind::Label | ColumnKind::Id | ColumnKind::Drop => {}
@@ -857,6 +922,8 @@ pub(crate) struct ColumnBatch {
     /// Values in the other bucket per used column.
     pub(crate) other: Vec<usize>,
     pub(crate) groups: Vec<u64>,
+    /// Other-bucket values of discovered columns: (schema column, value).
+    pub(crate) discovered: Vec<(usize, String)>,
 }
 
 impl ColumnBatch {

@@ -4,6 +4,7 @@
 //! features hash sent with the preprocessing statistics.
 
 use serde::Deserialize;
+use tessera_protocol::discovery::{Discovered, MAX_PROPOSED};
 use tessera_protocol::ids::sha256_hex;
 
 /// A validated schema.
@@ -78,6 +79,11 @@ pub enum ColumnKind {
         /// chapters): the first rule that matches a value decides its
         /// category; an unmatched value is compared with the categories.
         map: Vec<CategoryMap>,
+        /// `discover = true`: more categories are formed per job from the
+        /// sites' signed proposals (`tessera_protocol::discovery`), each
+        /// site proposing at most this many (`top_k`) of its values.
+        /// Until then `categories` holds the declared ones only.
+        discover: Option<usize>,
     },
     Label,
     /// Identifies the patient (or other unit) a row belongs to: never a
@@ -212,8 +218,16 @@ impl Schema {
                 ColumnKind::Drop | ColumnKind::Id => continue,
                 ColumnKind::Numeric => "numeric".to_owned(),
                 ColumnKind::Label => format!("label {:?}", self.label),
-                ColumnKind::Categorical { categories, other, map } => {
-                    format!("categorical {categories:?} other={other} map={map:?}")
+                ColumnKind::Categorical {
+                    categories,
+                    other,
+                    map,
+                    discover,
+                } => {
+                    // Said only when set, so that the hashes of schemas
+                    // without discovery are those older versions computed.
+                    let discover = discover.map(|k| format!(" discover top_k={k}")).unwrap_or_default();
+                    format!("categorical {categories:?} other={other} map={map:?}{discover}")
                 }
             };
             text.push_str(&format!(
@@ -227,11 +241,54 @@ impl Schema {
         text
     }
 
+    /// The columns whose categories a job discovers, as the protocol's
+    /// discovery sees them.
+    pub fn discovered(&self) -> Vec<Discovered> {
+        self.columns
+            .iter()
+            .filter_map(|c| match &c.kind {
+                ColumnKind::Categorical {
+                    categories,
+                    discover: Some(top_k),
+                    ..
+                } => Some(Discovered {
+                    column: c.name.clone(),
+                    declared: categories.clone(),
+                    top_k: *top_k,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// This schema with a job's discovered categories (from
+    /// `tessera_protocol::discovery::union`: the declared ones first) in
+    /// place of the declared ones: the encoding every site of the job uses.
+    pub fn with_categories(&self, union: &std::collections::BTreeMap<String, Vec<String>>) -> Schema {
+        let mut resolved = self.clone();
+        for column in &mut resolved.columns {
+            if let ColumnKind::Categorical {
+                categories,
+                discover: Some(_),
+                ..
+            } = &mut column.kind
+                && let Some(values) = union.get(&column.name)
+            {
+                categories.clone_from(values);
+            }
+        }
+        resolved
+    }
+
     /// The values that mean "missing" in `column`.
     pub fn missing_markers_of<'a>(&'a self, column: &'a Column) -> &'a [String] {
         column.missing_markers.as_deref().unwrap_or(&self.missing_markers)
     }
 }
+
+/// The values one site proposes for a discovered column unless its `top_k`
+/// says otherwise.
+pub const DEFAULT_TOP_K: usize = 100;
 
 /// The name of a categorical column's other bucket (`name=(other)`).
 pub const OTHER: &str = "(other)";
@@ -324,6 +381,9 @@ struct RawColumn {
     other: bool,
     #[serde(default)]
     map: Vec<RawMap>,
+    #[serde(default)]
+    discover: bool,
+    top_k: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -357,9 +417,32 @@ impl RawSchema {
             let kind = match raw.kind.as_str() {
                 "numeric" => ColumnKind::Numeric,
                 "categorical" => {
-                    if raw.categories.is_empty() {
-                        return Err(invalid(field, "a categorical column needs `categories`"));
+                    if raw.categories.is_empty() && !raw.discover {
+                        return Err(invalid(
+                            field,
+                            "a categorical column needs `categories` (or `discover = true`)",
+                        ));
                     }
+                    if raw.discover && !raw.other {
+                        return Err(invalid(
+                            field,
+                            "`discover = true` needs `other = true`: a value too rare to be proposed goes there",
+                        ));
+                    }
+                    let discover = match (raw.discover, raw.top_k) {
+                        (true, Some(k)) if (1..=MAX_PROPOSED).contains(&k) => Some(k),
+                        (true, Some(k)) => {
+                            return Err(invalid(
+                                format!("{field}.top_k"),
+                                format!("must be between 1 and {MAX_PROPOSED}, got {k}"),
+                            ));
+                        }
+                        (true, None) => Some(DEFAULT_TOP_K),
+                        (false, Some(_)) => {
+                            return Err(invalid(format!("{field}.top_k"), "only applies with `discover = true`"));
+                        }
+                        (false, None) => None,
+                    };
                     if raw.categories.iter().any(|c| c == OTHER) {
                         return Err(invalid(
                             field,
@@ -384,6 +467,7 @@ impl RawSchema {
                         categories: raw.categories.clone(),
                         other: raw.other,
                         map,
+                        discover,
                     }
                 }
                 "label" => ColumnKind::Label,
@@ -409,6 +493,8 @@ impl RawSchema {
                     (!raw.categories.is_empty(), "categories"),
                     (raw.other, "other"),
                     (!raw.map.is_empty(), "map"),
+                    (raw.discover, "discover"),
+                    (raw.top_k.is_some(), "top_k"),
                 ] {
                     if set {
                         return Err(invalid(
@@ -576,6 +662,8 @@ fn parse_rule(rule: &str) -> Result<LabelRule, SchemaError> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     pub(crate) const SMALL: &str = r#"
@@ -689,6 +777,64 @@ kind = "label"
         let plain = Schema::from_toml(SMALL).unwrap();
         assert_eq!(schema.feature_names(), plain.feature_names());
         assert_eq!(schema.features_hash(), plain.features_hash());
+    }
+
+    /// `discover` needs an other bucket and bounds what a site proposes;
+    /// a schema without it hashes as before it existed.
+    #[test]
+    fn discovery_is_declared_on_a_categorical_column_with_an_other_bucket() {
+        let cats = "categories = [\"1\", \"2\"]";
+        check_err(cats, "discover = true", "column[1] (c)", "needs `other = true`");
+        check_err(
+            cats,
+            &format!("{cats}\ntop_k = 5"),
+            "column[1] (c).top_k",
+            "only applies with `discover = true`",
+        );
+        check_err(
+            cats,
+            "discover = true\nother = true\ntop_k = 0",
+            "column[1] (c).top_k",
+            "between 1 and 1000",
+        );
+        check_err(
+            cats,
+            "discover = true\nother = true\ntop_k = 1001",
+            "column[1] (c).top_k",
+            "between 1 and 1000",
+        );
+        check_err(
+            "zero_means_missing = true",
+            "discover = true",
+            "column[0] (a)",
+            "`discover` only applies",
+        );
+        let plain = Schema::from_toml(SMALL).unwrap();
+        // No declared category at all: every one is discovered.
+        let discovering = Schema::from_toml(&SMALL.replace(cats, "discover = true\nother = true")).unwrap();
+        assert_eq!(
+            discovering.discovered(),
+            [Discovered {
+                column: "c".into(),
+                declared: vec![],
+                top_k: DEFAULT_TOP_K,
+            }]
+        );
+        assert_eq!(discovering.feature_names(), ["a", "c=(other)"]);
+        assert!(plain.discovered().is_empty());
+        // The encoding text of a schema without discovery is unchanged.
+        assert!(!plain.encoding().contains("discover"));
+        let union = BTreeMap::from([("c".to_owned(), vec!["1".to_owned(), "2".to_owned()])]);
+        let resolved = discovering.with_categories(&union);
+        assert_eq!(resolved.feature_names(), ["a", "c=1", "c=2", "c=(other)"]);
+        // What was discovered is part of the hash: a site that discovered
+        // the same values with a declared list, or none, encodes otherwise.
+        let declared = Schema::from_toml(&SMALL.replace(cats, &format!("{cats}\nother = true"))).unwrap();
+        assert_eq!(declared.feature_names(), resolved.feature_names());
+        assert_ne!(declared.features_hash(), resolved.features_hash());
+        assert_ne!(discovering.features_hash(), resolved.features_hash());
+        // Only discovered columns take the union.
+        assert_eq!(plain.with_categories(&union), plain);
     }
 
     #[test]

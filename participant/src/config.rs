@@ -64,6 +64,15 @@ pub struct Policy {
     /// Most local epochs per round without asking.
     #[serde(default)]
     pub max_local_epochs: Option<u32>,
+    /// The fewest rows a value of a `discover = true` column needs here
+    /// before this site proposes it as a category (k): a rarer code stays
+    /// in the other bucket and is never named outside the site.
+    #[serde(default = "default_discovery_min_rows")]
+    pub discovery_min_rows: u64,
+}
+
+fn default_discovery_min_rows() -> u64 {
+    10
 }
 
 fn default_max_params() -> u64 {
@@ -93,6 +102,7 @@ impl Default for Policy {
             min_sites: default_min_sites(),
             learning_rate: None,
             max_local_epochs: None,
+            discovery_min_rows: default_discovery_min_rows(),
         }
     }
 }

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use tessera_models::stream::{Standardized, feature_stats};
 use tessera_models::train::{LocalTraining, evaluate, train_local};
 use tessera_protocol::CHUNK_BYTES;
+use tessera_protocol::discovery;
 use tessera_protocol::evaluation;
 use tessera_protocol::ids::{SiteId, sha256_hex, sha256_le_words};
 use tessera_protocol::job::{Aggregation, JobSpec, SecureAggSpec};
@@ -34,6 +35,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, error, info, warn};
 
 use crate::answers::{Answer, Answers, PlainUpdates};
+use crate::categories;
 use crate::config::{Policy, SiteConfig};
 use crate::contributions::Contributions;
 use crate::egress::EgressLog;
@@ -147,6 +149,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
         halted: halted.clone(),
         id: config.site_id.clone(),
         data,
+        job_data: None,
         egress,
         done: HashSet::new(),
         device: tessera_models::default_device(),
@@ -297,6 +300,9 @@ struct Site {
     /// The site's data, or why it cannot be used (what may be said about
     /// it outside the site: `local::public_reason`).
     data: Result<LocalData, String>,
+    /// The job whose schema discovers categories, with the site's data
+    /// encoded with them (one job at a time: the coordinator runs one).
+    job_data: Option<(u64, LocalData)>,
     egress: Arc<EgressLog>,
     /// (job, round, what) already done, so a repeated announcement after a
     /// reconnect is not worked twice.
@@ -428,6 +434,12 @@ fn lasting_failure(error: &anyhow::Error) -> Option<String> {
         if let Some(train) = cause.downcast_ref::<TrainError>() {
             return Some(format!("local training cannot run: {train}"));
         }
+        // A proposal from a site whose acceptance is not final here yet
+        // may be soon; any other fault is the coordinator's, every time.
+        if let Some(refused) = cause.downcast_ref::<discovery::DiscoveryError>() {
+            return (!matches!(refused, discovery::DiscoveryError::NotAccepted(_)))
+                .then(|| format!("refused the category proposals the coordinator relayed: {refused}"));
+        }
         // Which coordinate went non-finite is a (small) signal about this
         // site's update: not said.
         cause.downcast_ref::<NonFiniteUpdate>()?;
@@ -516,6 +528,13 @@ struct Held {
     job_id: u64,
     exceeded: String,
 }
+
+/// A discovering job's statistics task came before the members' category
+/// proposals (this site's own was just sent with its acceptance): asked
+/// again shortly, not an error.
+#[derive(Debug, thiserror::Error)]
+#[error("job {0}: waiting for the members' category proposals")]
+struct AwaitingProposals(u64);
 
 /// A secure input being trained, clipped and quantised off the async threads.
 type Training = tokio::task::JoinHandle<anyhow::Result<Vec<u32>>>;
@@ -645,6 +664,8 @@ impl Site {
                     // is asked after every second until it is decided.
                     let pause = if e.downcast_ref::<Held>().is_some() {
                         Duration::from_secs(1)
+                    } else if e.downcast_ref::<AwaitingProposals>().is_some() {
+                        Duration::from_millis(200)
                     } else {
                         let message = format!("{e:#}");
                         let (pause, new) = self.retries.failed(&message);
@@ -882,6 +903,18 @@ impl Site {
         // weights and pooled test counts are computed from them, so no
         // job-constant count is ever summed (and differenced).
         let counts = accepted.then(|| self.counts()).transpose()?;
+        // An accepting site proposes the categories it may name (the
+        // schema's `discover` columns): signed apart from the decision.
+        let job = discovery::JobRef {
+            job_id,
+            job_sha256: &hash,
+        };
+        let proposal = match (&self.data, accepted) {
+            (Ok(data), true) => {
+                categories::proposal(data, self.policy.discovery_min_rows, &self.signing_key, job, &self.id)
+            }
+            _ => None,
+        };
         let decision = pb::JobDecision {
             site_id: self.id.to_string(),
             job_id,
@@ -895,6 +928,7 @@ impl Site {
                 n_train: c.n_train,
                 n_test: c.n_test,
             }),
+            proposal: proposal.as_ref().map(wire::proposal_to_pb),
         };
         self.egress.record("DecideJob", &decision)?;
         client.decide_job(decision).await?;
@@ -943,6 +977,83 @@ impl Site {
         self.data
             .as_ref()
             .map_err(|reason| anyhow::anyhow!("this site's data is not usable: {reason}"))
+    }
+
+    /// The data a job's work reads: the site's own, encoded with the job's
+    /// categories where its schema discovers some ([`Self::form_categories`]).
+    fn data_for(&self, job_id: u64) -> anyhow::Result<&LocalData> {
+        let data = self.data()?;
+        if data.schema.discovered().is_empty() {
+            return Ok(data);
+        }
+        match &self.job_data {
+            Some((id, data)) if *id == job_id => Ok(data),
+            _ => bail!("the categories of job {job_id} are not formed at this site yet"),
+        }
+    }
+
+    /// Forms a discovering job's categories from the cohort's signed
+    /// proposals (`relayed`, with the statistics task), or takes those this
+    /// site formed before a restart, and encodes the site's data with them
+    /// (a pass over it). Nothing the coordinator says decides a category:
+    /// a proposal that is not the cohort's own, signed, within the schema,
+    /// and the site takes no part.
+    async fn form_categories(
+        &mut self,
+        job_id: u64,
+        job_hash: &str,
+        relayed: Option<&[pb::CategoryProposal]>,
+    ) -> anyhow::Result<()> {
+        let data = self.data()?;
+        let discovered = data.schema.discovered();
+        if discovered.is_empty() || self.job_data.as_ref().is_some_and(|(id, _)| *id == job_id) {
+            return Ok(());
+        }
+        let union = match categories::load(&self.state_dir, job_id, job_hash)? {
+            Some(union) => union,
+            None => {
+                let relayed = relayed.with_context(|| {
+                    format!("the categories of job {job_id} are not formed at this site yet (its statistics task forms them)")
+                })?;
+                if relayed.is_empty() {
+                    return Err(AwaitingProposals(job_id).into());
+                }
+                let hash: [u8; 32] = hex::decode(job_hash)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .context("job hash is not 32 hex bytes")?;
+                let job = discovery::JobRef {
+                    job_id,
+                    job_sha256: &hash,
+                };
+                // The cohort is sealed after the encodings agree, so the
+                // proposals are checked against the final acceptances.
+                let accepted = self.replica.accepted(job_id);
+                let own = categories::proposal(data, self.policy.discovery_min_rows, &self.signing_key, job, &self.id)
+                    .expect("the schema discovers");
+                let relayed = relayed
+                    .iter()
+                    .map(wire::proposal_from_pb)
+                    .collect::<Result<Vec<_>, _>>()
+                    .context("a relayed category proposal is malformed")?;
+                let union = discovery::union(job, &self.roster, &accepted, &discovered, &own, &relayed)
+                    .with_context(|| format!("job {job_id}: refusing the relayed category proposals"))?;
+                categories::save(&self.state_dir, job_id, job_hash, &union)?;
+                union
+            }
+        };
+        let resolved = tokio::task::spawn_blocking(data.with_categories(&union))
+            .await
+            .context("encoding task panicked")?
+            .with_context(|| format!("this site's data, encoded with the categories of job {job_id}"))?;
+        let sizes: Vec<String> = union.iter().map(|(c, v)| format!("{c}: {}", v.len())).collect();
+        info!(
+            job = job_id,
+            "categories formed from the cohort's proposals ({})",
+            sizes.join(", ")
+        );
+        self.job_data = Some((job_id, resolved));
+        Ok(())
     }
 
     /// The size of the job's sealed cohort, which the secure summations and
@@ -1006,12 +1117,14 @@ impl Site {
         let spec = self.job(client, task.job_id, &task.job_toml, &task.job_hash).await?;
         // Secure or not is the accepted job's choice, never the message's.
         spec.check_announced_secure(task.secure)?;
+        self.form_categories(task.job_id, &task.job_hash, Some(&task.proposals))
+            .await?;
         // Only now: a job held for the data team and approved later is
         // asked again, and must be computed then.
         self.done.insert((task.job_id, 0, Work::Stats));
         // A pass over the training split: off the async threads (a
         // streamed table is read from its file).
-        let train = self.data()?.train.clone();
+        let train = self.data_for(task.job_id)?.train.clone();
         let stats = tokio::task::spawn_blocking(move || feature_stats(train.as_ref()))
             .await
             .context("statistics task panicked")??;
@@ -1030,7 +1143,7 @@ impl Site {
                 sum: Vec::new(),
                 sum_sq: Vec::new(),
                 missing: Vec::new(),
-                features_hash: self.data()?.schema.features_hash(),
+                features_hash: self.data_for(task.job_id)?.schema.features_hash(),
                 n_features,
             }
         } else {
@@ -1042,7 +1155,7 @@ impl Site {
                 sum: stats.sum,
                 sum_sq: stats.sum_sq,
                 missing: stats.missing,
-                features_hash: self.data()?.schema.features_hash(),
+                features_hash: self.data_for(task.job_id)?.schema.features_hash(),
                 n_features: 0,
             }
         };
@@ -1067,7 +1180,7 @@ impl Site {
             .filter(|spec| spec.is_secure() && a.secure)
             .filter(|_| self.replica.check_job(a.job_id, &a.job_hash).is_ok())
             .filter(|_| self.check_declared(a.job_id).is_ok())
-            .and_then(|spec| Some(spec.model.layout(self.data().ok()?.n_features())));
+            .and_then(|spec| Some(spec.model.layout(self.data_for(a.job_id).ok()?.n_features())));
         if let Some(layout) = accepted {
             self.advertise_early(client, &a, &layout).await;
         }
@@ -1079,7 +1192,8 @@ impl Site {
         }
         let spec = self.job(client, a.job_id, &a.job_toml, &a.job_hash).await?;
         spec.check_announced_secure(a.secure)?;
-        let layout = spec.model.layout(self.data()?.n_features());
+        self.form_categories(a.job_id, &a.job_hash, None).await?;
+        let layout = spec.model.layout(self.data_for(a.job_id)?.n_features());
         if spec.is_secure() {
             self.check_declared(a.job_id)?;
             self.advertise_early(client, &a, &layout).await;
@@ -1103,7 +1217,7 @@ impl Site {
             mean: normalization.mean,
             std: normalization.std,
         };
-        if normalization.mean.len() != self.data()?.n_features()
+        if normalization.mean.len() != self.data_for(a.job_id)?.n_features()
             || normalization.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
         {
             bail!("announced normalization does not fit this site's features");
@@ -1211,7 +1325,7 @@ impl Site {
                          ledger block commits to"
                     );
                 }
-                let stats = FeatureStats::from_secure_sum(&words, self.data()?.n_features())
+                let stats = FeatureStats::from_secure_sum(&words, self.data_for(job_id)?.n_features())
                     .with_context(|| format!("the statistics sum of job {job_id}"))?;
                 let derived =
                     Normalization::from_stats(&stats).with_context(|| format!("the statistics sum of job {job_id}"))?;
@@ -1299,7 +1413,7 @@ impl Site {
         normalization: &Normalization,
     ) -> anyhow::Result<()> {
         // A pass over the test split, off the async threads.
-        let (test, device) = (self.data()?.test.clone(), self.device.clone());
+        let (test, device) = (self.data_for(a.job_id)?.test.clone(), self.device.clone());
         let (layout_owned, global_owned, normalization) = (layout.clone(), global.to_vec(), normalization.clone());
         let eval = tokio::task::spawn_blocking(move || {
             let test = Standardized {
@@ -1362,7 +1476,7 @@ impl Site {
             layout.clone(),
             spec.training.clone(),
             global.to_vec(),
-            self.data()?.train.clone(),
+            self.data_for(a.job_id)?.train.clone(),
             normalization.clone(),
         );
         let local_delta = move || -> anyhow::Result<(Vec<f32>, usize, f64)> {

@@ -7,10 +7,11 @@
 //! memory does not grow with its table. Both give the same rows, split and
 //! model (`tessera_models::stream`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tessera_models::data::{DataError, ReadReport};
+use tessera_models::data::{DataError, ReadReport, Source};
 use tessera_models::schema::{Schema, SchemaError};
 use tessera_models::stream::{Rows, TableSplit, census};
 
@@ -24,6 +25,8 @@ pub struct LocalData {
     pub test: Arc<dyn Rows>,
     /// Whether the rows are read from the file on every pass.
     pub streamed: bool,
+    source: Source,
+    in_memory_mib: u64,
 }
 
 impl LocalData {
@@ -32,15 +35,19 @@ impl LocalData {
             .with_context(|| format!("cannot read schema {}", config.schema_path.display()))?;
         let schema = Schema::from_toml(&schema_text)
             .with_context(|| format!("invalid schema {}", config.schema_path.display()))?;
+        Self::open(config.source.clone(), schema, config.in_memory_mib)
+    }
+
+    fn open(source: Source, schema: Schema, in_memory_mib: u64) -> anyhow::Result<Self> {
         // One pass checks the whole file and counts its rows.
-        let (train, test, report) = TableSplit::open(config.source.clone(), schema.clone())?;
+        let (train, test, report) = TableSplit::open(source.clone(), schema.clone())?;
         let width = schema.feature_names().len() + 1;
         let bytes = report.rows_kept as u64 * width as u64 * 4;
-        let streamed = bytes > config.in_memory_mib * 1024 * 1024;
+        let streamed = bytes > in_memory_mib * 1024 * 1024;
         let (train, test): (Arc<dyn Rows>, Arc<dyn Rows>) = if streamed {
             (Arc::new(train), Arc::new(test))
         } else {
-            let (all, _) = tessera_models::data::read_source(&config.source, &schema)?;
+            let (all, _) = tessera_models::data::read_source(&source, &schema)?;
             let (train, test) = all.split(&schema.split);
             (Arc::new(train), Arc::new(test))
         };
@@ -50,7 +57,25 @@ impl LocalData {
             train,
             test,
             streamed,
+            source,
+            in_memory_mib,
         })
+    }
+
+    /// The same data encoded with a job's discovered categories (a pass to
+    /// check it). The rows are the same: a discovered column has an other
+    /// bucket, so no value of it leaves a row out.
+    /// Returned as work to run off the async threads.
+    pub fn with_categories(
+        &self,
+        union: &BTreeMap<String, Vec<String>>,
+    ) -> impl FnOnce() -> anyhow::Result<Self> + Send + 'static {
+        let (source, schema, in_memory_mib) = (
+            self.source.clone(),
+            self.schema.with_categories(union),
+            self.in_memory_mib,
+        );
+        move || Self::open(source, schema, in_memory_mib)
     }
 
     pub fn n_features(&self) -> usize {

@@ -2,6 +2,7 @@
 
 mod answers;
 mod baseline;
+mod categories;
 mod config;
 mod contributions;
 mod daemon;
@@ -359,6 +360,30 @@ fn check(path: &Path) -> anyhow::Result<()> {
         for (name, n) in &r.other_per_column {
             println!("    {name:<width$} {n}");
         }
+    }
+    let discovered = data.schema.discovered();
+    if !discovered.is_empty() {
+        let k = config.policy.discovery_min_rows;
+        let proposal = tessera_protocol::discovery::propose(&discovered, &r.discovered, k);
+        println!("  categories this site would propose to a job (values with at least {k} rows, discovery_min_rows):");
+        for column in &discovered {
+            let values: Vec<&str> = proposal.columns[&column.column].iter().map(String::as_str).collect();
+            let seen = r.discovered.get(&column.column).map_or(0, |c| c.len());
+            println!(
+                "    {:<width$} {} of {seen} values (top_k {}): {}",
+                column.column,
+                values.len(),
+                column.top_k,
+                if values.is_empty() {
+                    "none".to_owned()
+                } else {
+                    values.join(", ")
+                }
+            );
+        }
+        println!(
+            "    (the job's categories are formed from every accepting site's proposal; the features hash below is before them)"
+        );
     }
     println!(
         "  label: {positives} positive / {} negative ({:.1}% positive)",

@@ -613,6 +613,17 @@ impl Replica {
         self.cohorts.get(&job_id)
     }
 
+    /// The sites whose acceptance of the job is final here.
+    pub fn accepted(&self, job_id: u64) -> std::collections::BTreeSet<SiteId> {
+        self.declared
+            .get(&job_id)
+            .into_iter()
+            .flatten()
+            .filter(|(_, counts)| counts.is_some())
+            .map(|(site, _)| site.clone())
+            .collect()
+    }
+
     /// The row counts `site` declared in its final acceptance of the job.
     pub fn declared(&self, job_id: u64, site: &SiteId) -> Option<DeclaredCounts> {
         self.declared.get(&job_id)?.get(site).copied().flatten()

@@ -19,6 +19,7 @@
 
 pub mod aggregate;
 pub mod cli;
+pub mod discovery;
 #[cfg(feature = "io")]
 pub mod enroll;
 pub mod evaluation;

@@ -2,6 +2,7 @@
 //! coordinator and the participant. Everything a peer sends is checked here
 //! (key lengths, site ids, share coordinates) before it reaches a machine.
 
+use crate::discovery;
 use crate::ids::SiteId;
 use crate::ledger::{Block, Endorsement};
 use crate::pb;
@@ -91,6 +92,67 @@ pub fn shares_to_pb(shares: &[EncryptedShare]) -> pb::ShareInbox {
                 ciphertext: e.ciphertext.clone(),
             })
             .collect(),
+    }
+}
+
+/// The most discovered columns one proposal may name.
+const MAX_PROPOSED_COLUMNS: usize = 64;
+
+/// A relayed category proposal, bounded before anything else reads it:
+/// each column once, at most [`discovery::MAX_PROPOSED`] values of at most
+/// [`discovery::MAX_VALUE_BYTES`] bytes each, each value once.
+pub fn proposal_from_pb(p: &pb::CategoryProposal) -> Result<discovery::SignedProposal, WireError> {
+    if p.columns.len() > MAX_PROPOSED_COLUMNS {
+        return Err(bad(
+            "proposal.columns",
+            format!("more than {MAX_PROPOSED_COLUMNS} columns"),
+        ));
+    }
+    let mut proposal = discovery::Proposal::default();
+    for c in &p.columns {
+        if c.values.len() > discovery::MAX_PROPOSED {
+            return Err(bad(
+                "proposal.columns.values",
+                format!("more than {} values", discovery::MAX_PROPOSED),
+            ));
+        }
+        if c.values.iter().any(|v| v.len() > discovery::MAX_VALUE_BYTES) {
+            return Err(bad(
+                "proposal.columns.values",
+                format!("a value longer than {} bytes", discovery::MAX_VALUE_BYTES),
+            ));
+        }
+        let values: std::collections::BTreeSet<String> = c.values.iter().cloned().collect();
+        if values.len() != c.values.len() {
+            return Err(bad(
+                "proposal.columns.values",
+                format!("a value of `{}` twice", c.column),
+            ));
+        }
+        if proposal.columns.insert(c.column.clone(), values).is_some() {
+            return Err(bad("proposal.columns", format!("`{}` twice", c.column)));
+        }
+    }
+    Ok(discovery::SignedProposal {
+        site: site("proposal.site_id", &p.site_id)?,
+        proposal,
+        signature: p.signature.clone(),
+    })
+}
+
+pub fn proposal_to_pb(p: &discovery::SignedProposal) -> pb::CategoryProposal {
+    pb::CategoryProposal {
+        site_id: p.site.to_string(),
+        columns: p
+            .proposal
+            .columns
+            .iter()
+            .map(|(column, values)| pb::ProposedColumn {
+                column: column.clone(),
+                values: values.iter().cloned().collect(),
+            })
+            .collect(),
+        signature: p.signature.clone(),
     }
 }
 
@@ -360,7 +422,74 @@ mod tests {
         assert_eq!(survivors_from_pb(&list).unwrap_err().field, "survivors.sites");
     }
 
+    #[test]
+    fn malformed_proposals_are_refused_with_the_field() {
+        let column = |name: &str, values: &[&str]| pb::ProposedColumn {
+            column: name.into(),
+            values: values.iter().map(|v| (*v).to_owned()).collect(),
+        };
+        let good = pb::CategoryProposal {
+            site_id: "a".into(),
+            columns: vec![column("diag", &["401", "428"]), column("drug", &[])],
+            signature: vec![1; 64],
+        };
+        assert_eq!(proposal_to_pb(&proposal_from_pb(&good).unwrap()), good);
+        for (columns, field) in [
+            (
+                vec![column("diag", &["401"]), column("diag", &["428"])],
+                "proposal.columns",
+            ),
+            (vec![column("diag", &["401", "401"])], "proposal.columns.values"),
+            (vec![column("diag", &[&"x".repeat(257)])], "proposal.columns.values"),
+            (
+                vec![pb::ProposedColumn {
+                    column: "diag".into(),
+                    values: (0..1001).map(|i| i.to_string()).collect(),
+                }],
+                "proposal.columns.values",
+            ),
+            (
+                (0..65).map(|i| column(&i.to_string(), &[])).collect(),
+                "proposal.columns",
+            ),
+        ] {
+            let bad = pb::CategoryProposal {
+                columns,
+                ..good.clone()
+            };
+            assert_eq!(proposal_from_pb(&bad).unwrap_err().field, field);
+        }
+        let bad_site = pb::CategoryProposal {
+            site_id: "Not A Site".into(),
+            ..good
+        };
+        assert_eq!(proposal_from_pb(&bad_site).unwrap_err().field, "proposal.site_id");
+    }
+
     proptest! {
+        /// What decodes encodes back to the same message (values in order).
+        #[test]
+        fn proposals_round_trip_or_are_refused(
+            columns in prop::collection::vec(("[a-c]{0,2}", prop::collection::vec("[0-9]{0,2}", 0..5)), 0..4),
+        ) {
+            let p = pb::CategoryProposal {
+                site_id: "a".into(),
+                columns: columns
+                    .iter()
+                    .map(|(c, v)| pb::ProposedColumn { column: c.clone(), values: v.clone() })
+                    .collect(),
+                signature: vec![7; 64],
+            };
+            if let Ok(decoded) = proposal_from_pb(&p) {
+                let mut sorted = p.clone();
+                sorted.columns.sort_by(|a, b| a.column.cmp(&b.column));
+                for c in &mut sorted.columns {
+                    c.values.sort();
+                }
+                prop_assert_eq!(proposal_to_pb(&decoded), sorted);
+            }
+        }
+
         #[test]
         fn words_round_trip(words in prop::collection::vec(any::<u32>(), 0..100)) {
             prop_assert_eq!(decode_words(&encode_words(&words)).unwrap(), words);

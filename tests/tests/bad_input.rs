@@ -174,21 +174,53 @@ async fn bad_updates_are_refused_precisely_and_the_round_goes_on() {
         n_train: train.len() as u64,
         n_test: test.len() as u64,
     };
-    client
-        .decide_job(pb::JobDecision {
-            site_id: ME.into(),
-            job_id: stats_task.job_id,
-            job_hash: stats_task.job_hash.clone(),
-            accepted: true,
-            reason: "test site".into(),
-            signature: sign_decision(&key, stats_task.job_id, &job_sha256, true, Some(&counts)),
-            counts: Some(pb::DeclaredCounts {
-                n_train: counts.n_train,
-                n_test: counts.n_test,
-            }),
-        })
-        .await
-        .expect("decision");
+    let decision = pb::JobDecision {
+        site_id: ME.into(),
+        job_id: stats_task.job_id,
+        job_hash: stats_task.job_hash.clone(),
+        accepted: true,
+        reason: "test site".into(),
+        signature: sign_decision(&key, stats_task.job_id, &job_sha256, true, Some(&counts)),
+        counts: Some(pb::DeclaredCounts {
+            n_train: counts.n_train,
+            n_test: counts.n_test,
+        }),
+        proposal: None,
+    };
+    // A category proposal that is not va's own signature for this job (a
+    // key va does not hold; va's key for another job) is refused with the
+    // acceptance it came with, and nothing is recorded.
+    let job = tessera_protocol::discovery::JobRef {
+        job_id: stats_task.job_id,
+        job_sha256: &job_sha256,
+    };
+    let other_job = tessera_protocol::discovery::JobRef {
+        job_id: stats_task.job_id + 1,
+        job_sha256: &job_sha256,
+    };
+    let stranger = tessera_protocol::secagg::crypto::SigningKey::from_pkcs8(
+        &tessera_protocol::secagg::crypto::SigningKey::generate_pkcs8(),
+    )
+    .unwrap();
+    let me = tessera_protocol::ids::SiteId::new(ME).unwrap();
+    let values = tessera_protocol::discovery::Proposal {
+        columns: [("cp".to_owned(), ["9".to_owned()].into())].into(),
+    };
+    for forged in [
+        tessera_protocol::discovery::sign(&stranger, job, &me, values.clone()),
+        tessera_protocol::discovery::sign(&key, other_job, &me, values.clone()),
+    ] {
+        let refused = client
+            .decide_job(pb::JobDecision {
+                proposal: Some(tessera_protocol::wire::proposal_to_pb(&forged)),
+                ..decision.clone()
+            })
+            .await
+            .expect_err("a forged proposal is refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("category proposal"), "{refused:?}");
+    }
+    client.decide_job(decision).await.expect("decision");
     // A features hash is a SHA-256 in hex; anything else (here with a
     // multi-byte character where the coordinator cuts its display prefix)
     // is refused, and the job goes on.

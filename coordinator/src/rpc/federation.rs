@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tessera_protocol::CHUNK_BYTES;
+use tessera_protocol::discovery;
 use tessera_protocol::identity::Identity;
 use tessera_protocol::ids::{JobId, SiteId};
 use tessera_protocol::model::decode_params;
@@ -13,7 +14,7 @@ use tessera_protocol::pb::federation_server::Federation;
 use tessera_protocol::pb::{self, update_chunk};
 use tessera_protocol::round::UpdateHeader;
 use tessera_protocol::stats::FeatureStats;
-use tessera_protocol::wire::MAX_REASON_BYTES;
+use tessera_protocol::wire::{self, MAX_REASON_BYTES};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -568,6 +569,36 @@ impl Federation for FederationService {
         if !verify_decision(key, d.job_id, &job_hash, d.accepted, counts.as_ref(), &d.signature) {
             warn!(%site, job = d.job_id, "job decision with a bad signature refused");
             return Err(RpcError::InvalidArgument("the decision's signature is not valid for this site".into()).into());
+        }
+        if let Some(proposal) = &d.proposal {
+            let signed = wire::proposal_from_pb(proposal).map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
+            let job = discovery::JobRef {
+                job_id: d.job_id,
+                job_sha256: &job_hash,
+            };
+            if !d.accepted || signed.site != site || !discovery::verify(key, job, &signed) {
+                return Err(RpcError::InvalidArgument(
+                    "a category proposal must come with an acceptance, signed by the accepting site for this job"
+                        .into(),
+                )
+                .into());
+            }
+            self.shared
+                .store
+                .put_proposal(JobId(d.job_id), &site, &prost::Message::encode_to_vec(proposal))
+                .await
+                .map_err(RpcError::from)?;
+            if let Some(Phase::Stats(stats)) = self
+                .shared
+                .lock()
+                .active
+                .as_mut()
+                .filter(|a| a.job_id.0 == d.job_id)
+                .map(|a| &mut a.phase)
+            {
+                stats.proposals.retain(|p| p.site_id != site.as_str());
+                stats.proposals.push(proposal.clone());
+            }
         }
         let decision = JobAccepted {
             job_id: d.job_id,
