@@ -887,7 +887,6 @@ async fn preprocess(
         );
         return secure_stats(shared, job_id, session, n_features).await;
     }
-    let proposals = cohort_proposals(shared, job_id, members).await?;
     install(
         shared,
         Phase::Stats(Box::new(StatsPhase {
@@ -896,15 +895,24 @@ async fn preprocess(
             encodings: BTreeMap::new(),
             secure: secure.is_some(),
             session: None,
-            proposals,
+            proposals: Vec::new(),
             proposals_ready: false,
         })),
     );
-    let deadline = shared.now_ms() + spec.timing.round_timeout_s * 1000;
+    let started = shared.now_ms();
+    let deadline = started + spec.timing.round_timeout_s * 1000;
     let dropout_ms = spec.timing.dropout_after_s * 1000;
+    let mut proposals_ready = false;
     let (mut reports, encodings, held, awaited) = loop {
         let _ = tokio::time::timeout(TICK, shared.progress.notified()).await;
         let now = shared.now_ms();
+        // Until they are relayed, the proposals stored with the members'
+        // acceptances (read before the state lock is taken).
+        let stored = if proposals_ready {
+            Vec::new()
+        } else {
+            cohort_proposals(shared, job_id, members).await?
+        };
         // A site that declined the job sends nothing: no wait for it.
         let decisions = shared.ledger.decisions(job_id.0);
         let declined: BTreeSet<SiteId> = decisions
@@ -937,9 +945,21 @@ async fn preprocess(
             .cloned()
             .collect();
         // The category proposals go out once every member still awaited
-        // has decided (each accepting site's came with its acceptance), so
-        // that every site forms its categories from the same proposals.
-        stats.proposals_ready |= awaited.iter().all(|s| decisions.contains_key(s));
+        // has decided (each accepting site's came with its acceptance), or,
+        // when one keeps the others waiting, once min_sites have and a
+        // dropout period has passed. Then they are fixed: every site forms
+        // its categories from the same list, of recorded acceptances only.
+        let accepted = |s: &SiteId| decisions.get(s).is_some_and(|(accepted, _)| *accepted);
+        let deciding = awaited.iter().filter(|s| !decisions.contains_key(*s)).count();
+        let decided = awaited.len() - deciding;
+        if !proposals_ready && (deciding == 0 || (decided >= spec.min_sites as usize && now - started >= dropout_ms)) {
+            stats.proposals = stored
+                .into_iter()
+                .filter(|p| SiteId::new(&p.site_id).is_ok_and(|s| accepted(&s)))
+                .collect();
+            stats.proposals_ready = true;
+            proposals_ready = true;
+        }
         // Done when no one is left to wait for, or when min_sites can no
         // longer be reached whoever still reports.
         if awaited.is_empty() || stats.reports.len() + awaited.len() < spec.min_sites as usize {

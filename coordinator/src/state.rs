@@ -181,11 +181,13 @@ pub struct StatsPhase {
     /// Secure jobs: the secure sum, once every encoding is in.
     pub session: Option<SecureSession>,
     /// The members' signed category proposals (the schema's `discover`
-    /// columns; none otherwise), each stored as its site accepts.
+    /// columns; none otherwise), read from the store, where each is kept
+    /// as its site accepts, and fixed once `proposals_ready`.
     pub proposals: Vec<pb::CategoryProposal>,
-    /// Whether every member still awaited has decided: only then are the
-    /// proposals relayed with the task (before, it carries none, and a
-    /// discovering site decides, proposes and asks again).
+    /// Whether the members have decided (see the driver's `preprocess`):
+    /// only then are the proposals relayed with the task (before, it
+    /// carries none, and a discovering site decides, proposes and asks
+    /// again), each time the same list.
     pub proposals_ready: bool,
 }
 
@@ -474,7 +476,11 @@ impl Inner {
                         job_hash: active.job_hash.clone(),
                         members: Vec::new(),
                         secure: stats.secure && crate::malicious::attack() != Some(Attack::PlaintextStats),
-                        proposals: if stats.proposals_ready {
+                        // Only to a site whose own proposal is among them
+                        // (not to one that declined meanwhile).
+                        proposals: if stats.proposals_ready
+                            && stats.proposals.iter().any(|p| p.site_id == site.as_str())
+                        {
                             relayed_proposals(&stats.proposals, site)
                         } else {
                             Vec::new()

@@ -168,21 +168,24 @@ pub(crate) fn encode_batches(
 fn encode_columns(rows: &RowEncoder, schema: &Schema, views: &[View], n: usize) -> Option<ColumnBatch> {
     let mut batch = rows.start_batch(n);
     let numeric_label = matches!(schema.label, LabelRule::Compare { .. });
+    // The block's numeric columns without missing values: copied together.
+    let mut plain: Vec<(usize, &[f64])> = Vec::new();
     // Rows in blocks whose encoded features stay in the core's cache while
     // every column writes its values into them.
     for start in (0..n).step_by(ENCODE_BLOCK_ROWS) {
         let block = start..(start + ENCODE_BLOCK_ROWS).min(n);
+        plain.clear();
         for (index, ((column, view), slot)) in schema.columns.iter().zip(views).zip(rows.slots()).enumerate() {
             let Some(used) = slot.used else { continue };
             match (view, &column.kind) {
                 // The common case, a numeric column without missing values:
-                // one check of the block, then a strided copy.
+                // one check of the block, then a copy with the others.
                 (View::Numbers(values), ColumnKind::Numeric)
                     if values.null_count() == 0
                         && !column.zero_means_missing
-                        && values.values()[block.clone()].iter().all(|v| v.is_finite()) =>
+                        && all_finite(&values.values()[block.clone()]) =>
                 {
-                    batch.copy_column(block.clone(), slot.offset, &values.values()[block.clone()]);
+                    plain.push((slot.offset, &values.values()[block.clone()]));
                 }
                 (View::Numbers(values), ColumnKind::Numeric) | (View::Numbers(values), ColumnKind::Label)
                     if column.kind == ColumnKind::Numeric || numeric_label =>
@@ -217,7 +220,7 @@ fn encode_columns(rows: &RowEncoder, schema: &Schema, views: &[View], n: usize) 
                                 if Some(hit) == slot.other() {
                                     batch.other[used] += 1;
                                     if slot.discover {
-                                        batch.discovered.push((index, proposed_text(cell).into_owned()));
+                                        batch.discovered.push((index, r, proposed_text(cell).into_owned()));
                                     }
                                 }
                                 *batch.feature(r, slot.offset + hit) = 1.0;
@@ -230,8 +233,15 @@ fn encode_columns(rows: &RowEncoder, schema: &Schema, views: &[View], n: usize) 
                 }
             }
         }
+        batch.copy_columns(block, &plain);
     }
     Some(batch)
+}
+
+/// Whether every value is finite, in one branch-free pass the compiler
+/// vectorises (an early exit per value made this check a tenth of a pass).
+fn all_finite(values: &[f64]) -> bool {
+    values.iter().fold(true, |all, v| all & v.is_finite())
 }
 
 /// Rows encoded together by [`encode_columns`]: 256 rows of a 131-feature
@@ -578,10 +588,17 @@ kind = "label"
     fn a_discovered_column_counts_its_other_values_and_encodes_the_formed_categories() {
         let schema =
             Schema::from_toml(&CODED.replace("other = true", "other = true\ndiscover = true\ntop_k = 2")).unwrap();
-        // `460.0` is `460`, as a category would match it.
-        let diag = ["250.01", "V45", "428", "V45", "460", "799", "V45", "460.0", "E880"];
+        // `460.0` is `460`, as a category would match it; the rows without
+        // an age are left out, and their codes do not count.
+        let diag = [
+            "250.01", "V45", "428", "V45", "460", "799", "V45", "460.0", "E880", "V45", "V10",
+        ];
+        let age = |i: usize| (i < 9).then_some(50.0);
         let text: String = std::iter::once("age,diag,race,readmitted\n".to_owned())
-            .chain(diag.iter().map(|d| format!("50,{d},A,NO\n")))
+            .chain(diag.iter().enumerate().map(|(i, d)| {
+                let age = age(i).map_or("?".to_owned(), |a| a.to_string());
+                format!("{age},{d},A,NO\n")
+            }))
             .collect();
         let (data, report) = read_csv_from(text.as_bytes(), Path::new("extract.csv"), &schema).unwrap();
         let counts: BTreeMap<String, u64> = [("V45", 3), ("460", 2), ("799", 1)]
@@ -593,7 +610,10 @@ kind = "label"
         let path = write(
             dir.path(),
             vec![
-                ("age", Arc::new(Float64Array::from(vec![50.0; diag.len()])) as ArrayRef),
+                (
+                    "age",
+                    Arc::new(Float64Array::from_iter((0..diag.len()).map(age))) as ArrayRef,
+                ),
                 ("diag", Arc::new(StringArray::from_iter_values(diag))),
                 ("race", Arc::new(StringArray::from_iter_values(diag.map(|_| "A")))),
                 (
@@ -620,6 +640,7 @@ kind = "label"
         assert_ne!(resolved.features_hash(), schema.features_hash());
         assert_eq!(resolved.features_hash(), schema.with_categories(&union).features_hash());
         let (data, report) = read_csv_from(text.as_bytes(), Path::new("extract.csv"), &resolved).unwrap();
+        assert_eq!(data.len(), 9);
         let diag_features: Vec<Vec<f32>> = data.rows().map(|row| row[1..7].to_vec()).collect();
         #[rustfmt::skip]
         assert_eq!(diag_features, [

@@ -36,8 +36,10 @@ pub trait Rows: Send + Sync {
         self.len() == 0
     }
     /// One pass from the first row: `visit` gets the rows in order, in
-    /// batches; it stops the pass by returning `Break`.
-    fn scan(&self, visit: &mut dyn FnMut(&Dataset) -> ControlFlow<()>) -> Result<(), DataError>;
+    /// batches; it stops the pass by returning `Break`. Each batch is the
+    /// pass's own copy, which `visit` may change in place (standardising
+    /// it), so no layer copies a batch to change it.
+    fn scan(&self, visit: &mut dyn FnMut(&mut Dataset) -> ControlFlow<()>) -> Result<(), DataError>;
 }
 
 impl Rows for Dataset {
@@ -49,9 +51,10 @@ impl Rows for Dataset {
         Dataset::len(self)
     }
 
-    /// Hands over slices of [`PASS_ROWS`] rows, as a streamed pass would.
-    fn scan(&self, visit: &mut dyn FnMut(&Dataset) -> ControlFlow<()>) -> Result<(), DataError> {
+    /// Hands over copies of [`PASS_ROWS`] rows, as a streamed pass would.
+    fn scan(&self, visit: &mut dyn FnMut(&mut Dataset) -> ControlFlow<()>) -> Result<(), DataError> {
         let width = self.n_features.max(1);
+        let mut batch = Dataset::empty(self.n_features);
         for (index, (features, labels)) in self
             .features
             .chunks(PASS_ROWS * width)
@@ -59,13 +62,13 @@ impl Rows for Dataset {
             .enumerate()
         {
             let groups = self.groups.chunks(PASS_ROWS).nth(index).unwrap_or_default();
-            let batch = Dataset {
-                n_features: self.n_features,
-                features: features.to_vec(),
-                labels: labels.to_vec(),
-                groups: groups.to_vec(),
-            };
-            if visit(&batch).is_break() {
+            batch.features.clear();
+            batch.features.extend_from_slice(features);
+            batch.labels.clear();
+            batch.labels.extend_from_slice(labels);
+            batch.groups.clear();
+            batch.groups.extend_from_slice(groups);
+            if visit(&mut batch).is_break() {
                 break;
             }
         }
@@ -89,13 +92,12 @@ impl<R: Rows + ?Sized> Rows for Standardized<'_, R> {
         self.rows.len()
     }
 
-    fn scan(&self, visit: &mut dyn FnMut(&Dataset) -> ControlFlow<()>) -> Result<(), DataError> {
+    fn scan(&self, visit: &mut dyn FnMut(&mut Dataset) -> ControlFlow<()>) -> Result<(), DataError> {
         self.rows.scan(&mut |batch| {
-            let mut batch = batch.clone();
             for row in batch.features.chunks_exact_mut(batch.n_features.max(1)) {
                 self.normalization.apply(row);
             }
-            visit(&batch)
+            visit(batch)
         })
     }
 }
@@ -259,39 +261,34 @@ impl Rows for TableSplit {
         self.len
     }
 
-    fn scan(&self, visit: &mut dyn FnMut(&Dataset) -> ControlFlow<()>) -> Result<(), DataError> {
+    fn scan(&self, visit: &mut dyn FnMut(&mut Dataset) -> ControlFlow<()>) -> Result<(), DataError> {
         let mut splitter = Splitter::new(&self.schema.split, self.n_rows);
         let mut out = Dataset::empty(self.n_features());
-        let mut other_part = Dataset::empty(self.n_features());
         let mut stopped = false;
         let (mut seen, mut mine) = (0, 0);
+        let wanted = self.part == Part::Test;
         scan_source(&self.source, &self.schema, PASS_ROWS, &mut |batch| {
             seen += batch.len();
-            let before = out.len();
-            match self.part {
-                Part::Train => splitter.deal(&batch, &mut out, &mut other_part),
-                Part::Test => splitter.deal(&batch, &mut other_part, &mut out),
+            for (i, (row, &label)) in batch.rows().zip(&batch.labels).enumerate() {
+                if splitter.next_is_test(batch.groups.get(i)) != wanted {
+                    continue;
+                }
+                mine += 1;
+                out.features.extend_from_slice(row);
+                out.labels.push(label);
+                // Batches of exactly PASS_ROWS rows, as an in-memory
+                // `Dataset` hands them over: a model's logits for a row may
+                // differ in the last bit with the shape of its batch.
+                if out.len() == PASS_ROWS {
+                    if visit(&mut out).is_break() {
+                        stopped = true;
+                        return ControlFlow::Break(());
+                    }
+                    out.features.clear();
+                    out.labels.clear();
+                }
             }
-            mine += out.len() - before;
-            other_part.features.clear();
-            other_part.labels.clear();
-            // Batches of exactly PASS_ROWS rows, as an in-memory `Dataset`
-            // hands them over: a model's logits for a row may differ in the
-            // last bit with the shape of the batch it is computed in.
-            while out.len() >= PASS_ROWS && !stopped {
-                let rest = Dataset {
-                    features: out.features.split_off(PASS_ROWS * out.n_features),
-                    labels: out.labels.split_off(PASS_ROWS),
-                    ..Dataset::empty(out.n_features)
-                };
-                stopped = visit(&out).is_break();
-                out = rest;
-            }
-            if stopped {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
+            ControlFlow::Continue(())
         })?;
         if !stopped && seen == self.n_rows && mine != self.len {
             // As many rows, dealt otherwise (a warehouse whose patients
@@ -312,7 +309,7 @@ impl Rows for TableSplit {
             });
         }
         if !stopped && !out.is_empty() {
-            let _ = visit(&out);
+            let _ = visit(&mut out);
         }
         Ok(())
     }

@@ -94,28 +94,38 @@ fn train_with(
     let mut rng = ChaCha20Rng::seed_from_u64(cfg.seed);
     let (mut loss_sum, mut loss_count) = (0.0, 0usize);
     let mut step = 0;
-    let empty = || Dataset::empty(data.n_features());
     // Shuffles the buffer and trains on its minibatches; unless the pass
-    // is over, an incomplete last minibatch stays in the buffer.
+    // is over, an incomplete last minibatch stays in the buffer. The
+    // buffer and the order keep their memory from window to window (a
+    // 34 MiB buffer allocated anew each time cost page faults and copies).
+    let mut order: Vec<usize> = Vec::new();
     let mut drain = |buffer: &mut Dataset, end_of_pass: bool, step: &mut usize| {
-        let mut order: Vec<usize> = (0..buffer.len()).collect();
+        order.clear();
+        order.extend(0..buffer.len());
         order.shuffle(&mut rng);
-        let mut rest = empty();
+        let mut rest: &[usize] = &[];
         for batch in order.chunks(batch_size) {
             if *step >= total_steps {
                 break;
             }
             if batch.len() < batch_size && !end_of_pass {
-                rest = buffer.select(batch);
+                rest = batch;
                 break;
             }
             loss_sum += learner.step(buffer, batch);
             loss_count += 1;
             *step += 1;
         }
-        *buffer = rest;
+        let kept = buffer.select(rest);
+        buffer.features.clear();
+        buffer.labels.clear();
+        buffer.features.extend_from_slice(&kept.features);
+        buffer.labels.extend_from_slice(&kept.labels);
     };
-    let mut buffer = empty();
+    let mut buffer = Dataset::empty(data.n_features());
+    let rows = n.min(SHUFFLE_ROWS);
+    buffer.features.reserve_exact(rows * data.n_features());
+    buffer.labels.reserve_exact(rows);
     while step < total_steps {
         data.scan(&mut |batch| {
             // The buffer is drained at exactly SHUFFLE_ROWS rows, wherever

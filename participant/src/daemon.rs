@@ -434,6 +434,9 @@ fn lasting_failure(error: &anyhow::Error) -> Option<String> {
         if let Some(train) = cause.downcast_ref::<TrainError>() {
             return Some(format!("local training cannot run: {train}"));
         }
+        if let Some(outside) = cause.downcast_ref::<OutsidePolicy>() {
+            return Some(outside.to_string());
+        }
         // A proposal from a site whose acceptance is not final here yet
         // may be soon; any other fault is the coordinator's, every time.
         if let Some(refused) = cause.downcast_ref::<discovery::DiscoveryError>() {
@@ -535,6 +538,13 @@ struct Held {
 #[derive(Debug, thiserror::Error)]
 #[error("job {0}: waiting for the members' category proposals")]
 struct AwaitingProposals(u64);
+
+/// A job that the site's policy refuses once its work shows more than its
+/// file did (the model grown by discovered categories): the site stops
+/// taking part and says why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct OutsidePolicy(String);
 
 /// A secure input being trained, clipped and quantised off the async threads.
 type Training = tokio::task::JoinHandle<anyhow::Result<Vec<u32>>>;
@@ -1000,6 +1010,7 @@ impl Site {
     /// and the site takes no part.
     async fn form_categories(
         &mut self,
+        spec: &JobSpec,
         job_id: u64,
         job_hash: &str,
         relayed: Option<&[pb::CategoryProposal]>,
@@ -1042,10 +1053,32 @@ impl Site {
                 union
             }
         };
-        let resolved = tokio::task::spawn_blocking(data.with_categories(&union))
+        let opener = data.with_categories(&union);
+        let (n_train, n_test) = (data.train.len(), data.test.len());
+        // One job's encoding in memory at a time.
+        self.job_data = None;
+        let resolved = tokio::task::spawn_blocking(opener)
             .await
             .context("encoding task panicked")?
             .with_context(|| format!("this site's data, encoded with the categories of job {job_id}"))?;
+        // The rows must be those it declared (and proposed from).
+        if (resolved.train.len(), resolved.test.len()) != (n_train, n_test) {
+            bail!(
+                "this site's data changed since the daemon started ({n_train} training and {n_test} test rows then, \
+                 {} and {} now); restart it",
+                resolved.train.len(),
+                resolved.test.len()
+            );
+        }
+        // The policy's model size, with the categories formed.
+        let n_params = spec.model.layout(resolved.n_features()).n_params() as u64;
+        if n_params > self.policy.max_params {
+            return Err(OutsidePolicy(format!(
+                "with the categories formed for job {job_id} its model has {n_params} parameters > policy.max_params {}",
+                self.policy.max_params
+            ))
+            .into());
+        }
         let sizes: Vec<String> = union.iter().map(|(c, v)| format!("{c}: {}", v.len())).collect();
         info!(
             job = job_id,
@@ -1117,7 +1150,7 @@ impl Site {
         let spec = self.job(client, task.job_id, &task.job_toml, &task.job_hash).await?;
         // Secure or not is the accepted job's choice, never the message's.
         spec.check_announced_secure(task.secure)?;
-        self.form_categories(task.job_id, &task.job_hash, Some(&task.proposals))
+        self.form_categories(&spec, task.job_id, &task.job_hash, Some(&task.proposals))
             .await?;
         // Only now: a job held for the data team and approved later is
         // asked again, and must be computed then.
@@ -1192,7 +1225,7 @@ impl Site {
         }
         let spec = self.job(client, a.job_id, &a.job_toml, &a.job_hash).await?;
         spec.check_announced_secure(a.secure)?;
-        self.form_categories(a.job_id, &a.job_hash, None).await?;
+        self.form_categories(&spec, a.job_id, &a.job_hash, None).await?;
         let layout = spec.model.layout(self.data_for(a.job_id)?.n_features());
         if spec.is_secure() {
             self.check_declared(a.job_id)?;
@@ -1872,6 +1905,25 @@ impl Site {
                 );
             }
         };
+        // How this site encodes the job's rows: peers that encode otherwise
+        // (other categories relayed to them) are refused by name.
+        let encoding = match self
+            .data_for(key.0)
+            .ok()
+            .and_then(|data| hex::decode(data.schema.features_hash()).ok())
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        {
+            Some(encoding) => encoding,
+            None => {
+                return (
+                    ClientState::Done,
+                    Err(anyhow::anyhow!(
+                        "job {}: this site's encoding of its rows is not ready",
+                        key.0
+                    )),
+                );
+            }
+        };
         let min_sites = (spec.min_sites as usize).max(self.policy.min_sites as usize);
         let params = secure.params(cohort.len(), min_sites, vector_len);
         let cfg = ClientConfig {
@@ -1884,6 +1936,7 @@ impl Site {
             signing_key: self.signing_key.clone(),
             roster: self.roster.clone(),
             cohort: Arc::new(cohort),
+            encoding,
         };
         let (state, keys) = client::ExpectKeys::new(cfg, &mut rand::rng());
         let kind = pb::sec_agg_message::Kind::Keys(wire::keys_to_pb(&keys));

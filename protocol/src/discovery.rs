@@ -99,7 +99,10 @@ pub enum DiscoveryError {
         count: usize,
         top_k: usize,
     },
-    #[error("`{site}` proposes for `{column}` a value that is empty, longer than {MAX_VALUE_BYTES} bytes or declared")]
+    #[error(
+        "`{site}` proposes for `{column}` a value that is empty, longer than {MAX_VALUE_BYTES} bytes, declared, \
+         not finite or parenthesised"
+    )]
     BadValue { site: SiteId, column: String },
 }
 
@@ -129,8 +132,16 @@ pub fn propose(columns: &[Discovered], counts: &BTreeMap<String, BTreeMap<String
     proposal
 }
 
+/// Whether a value may be a discovered category: not empty, not too long,
+/// not declared, not a number that is no number (`NaN`, `inf`: categories
+/// match numbers by value), and not parenthesised like the names Tessera
+/// gives its own features (`(other)`, `(missing)`).
 fn acceptable(column: &Discovered, value: &str) -> bool {
-    !value.is_empty() && value.len() <= MAX_VALUE_BYTES && !column.declared.iter().any(|d| d == value)
+    !value.is_empty()
+        && value.len() <= MAX_VALUE_BYTES
+        && !column.declared.iter().any(|d| d == value)
+        && value.parse::<f64>().map_or(true, f64::is_finite)
+        && !(value.starts_with('(') && value.ends_with(')'))
 }
 
 /// The bytes a site signs: the domain, the job, the site id, then each
@@ -389,15 +400,27 @@ mod tests {
         let mut forged = c.signed.clone();
         forged[1] = sign(&key(), JOB, &site("b"), values(&["V62.84"]));
         assert_eq!(c.union_at(0, &forged), Err(DiscoveryError::BadSignature(site("b"))));
-        // A member's genuine proposal for another job (replayed).
+        // A member's genuine proposal for another job (replayed): another
+        // id, another file, or both.
         let other_hash = [8; 32];
-        let other = JobRef {
-            job_id: 5,
-            job_sha256: &other_hash,
-        };
-        let mut replayed = c.signed.clone();
-        replayed[1] = sign(&c.keys[&site("b")], other, &site("b"), values(&["V62.84"]));
-        assert_eq!(c.union_at(0, &replayed), Err(DiscoveryError::BadSignature(site("b"))));
+        for other in [
+            JobRef {
+                job_id: 5,
+                job_sha256: &other_hash,
+            },
+            JobRef {
+                job_id: 5,
+                job_sha256: &HASH,
+            },
+            JobRef {
+                job_id: 4,
+                job_sha256: &other_hash,
+            },
+        ] {
+            let mut replayed = c.signed.clone();
+            replayed[1] = sign(&c.keys[&site("b")], other, &site("b"), values(&["V62.84"]));
+            assert_eq!(c.union_at(0, &replayed), Err(DiscoveryError::BadSignature(site("b"))));
+        }
         // A site whose acceptance is not final here, even one on the roster.
         let mut roster = c.roster.clone();
         let outsider_key = key();
@@ -433,6 +456,20 @@ mod tests {
             ),
             (
                 vec![""],
+                DiscoveryError::BadValue {
+                    site: site("b"),
+                    column: "diag".into(),
+                },
+            ),
+            (
+                vec!["(other)"],
+                DiscoveryError::BadValue {
+                    site: site("b"),
+                    column: "diag".into(),
+                },
+            ),
+            (
+                vec!["NaN"],
                 DiscoveryError::BadValue {
                     site: site("b"),
                     column: "diag".into(),

@@ -588,17 +588,6 @@ impl Federation for FederationService {
                 .put_proposal(JobId(d.job_id), &site, &prost::Message::encode_to_vec(proposal))
                 .await
                 .map_err(RpcError::from)?;
-            if let Some(Phase::Stats(stats)) = self
-                .shared
-                .lock()
-                .active
-                .as_mut()
-                .filter(|a| a.job_id.0 == d.job_id)
-                .map(|a| &mut a.phase)
-            {
-                stats.proposals.retain(|p| p.site_id != site.as_str());
-                stats.proposals.push(proposal.clone());
-            }
         }
         let decision = JobAccepted {
             job_id: d.job_id,

@@ -42,6 +42,13 @@ pub struct ClientConfig {
     /// The sites that signed their acceptance of the job, from this site's
     /// verified ledger replica: nobody else may hold a share of its secrets.
     pub cohort: Arc<BTreeSet<SiteId>>,
+    /// The SHA-256 of how this site encodes the job's rows (its features
+    /// hash, categories formed by discovery included): signed into the
+    /// advertisement with the cohort, so that no sum mixes sites whose
+    /// vectors mean different things (a coordinator that relayed other
+    /// category proposals to one site could otherwise read that site's
+    /// count of a code from a slot the others fill with public counts).
+    pub encoding: [u8; 32],
 }
 
 /// Everything a site refuses, each naming the offender.
@@ -61,7 +68,9 @@ pub enum ClientError {
     ThresholdMismatch { site: SiteId, theirs: u32, ours: u32 },
     #[error("site `{site}` counts {theirs} sites in the job's cohort, this site's ledger has {ours}")]
     CohortSizeMismatch { site: SiteId, theirs: u32, ours: u32 },
-    #[error("site `{0}` read another cohort of this job from its ledger than this site did")]
+    #[error(
+        "site `{0}` read another cohort of this job from its ledger, or encodes its rows otherwise, than this site"
+    )]
     CohortMismatch(SiteId),
     #[error("only {got} sites in {phase}, at least {needed} are needed")]
     TooFewSites {
@@ -155,7 +164,7 @@ impl ExpectKeys {
             self_mask_hash: sha256(&self_mask_seed),
             threshold: cfg.params.threshold as u32,
             cohort_size: cfg.params.cohort_size as u32,
-            cohort_sha256: super::cohort_digest(&cfg.cohort),
+            cohort_sha256: super::cohort_digest(&cfg.cohort, &cfg.encoding),
             signature: Vec::new(),
         };
         advertised.signature = cfg.signing_key.sign(&advertised.signed_bytes(&cfg.ctx));
