@@ -84,6 +84,7 @@ pub async fn run(config: SiteConfig) -> anyhow::Result<()> {
                 site = %config.site_id,
                 train = data.train.len(),
                 test = data.test.len(),
+                streamed = data.streamed,
                 "local data loaded"
             );
             Ok(data)
