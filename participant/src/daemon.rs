@@ -1906,16 +1906,17 @@ impl Site {
                 );
             }
         };
-        // How this site encodes the job's rows: peers that encode otherwise
-        // (other categories relayed to them) are refused by name.
-        let encoding = match self
-            .data_for(key.0)
-            .ok()
-            .and_then(|data| hex::decode(data.schema.features_hash()).ok())
-            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-        {
-            Some(encoding) => encoding,
-            None => {
+        // Where categories are discovered, how this site encodes the job's
+        // rows: peers that encode otherwise (other categories relayed to
+        // them) are refused by name.
+        let encoding = match self.data_for(key.0).map(|data| {
+            let discovers = !data.schema.discovered().is_empty();
+            let hash = hex::decode(data.schema.features_hash()).ok();
+            (discovers, hash.and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()))
+        }) {
+            Ok((false, _)) => None,
+            Ok((true, Some(encoding))) => Some(encoding),
+            _ => {
                 return (
                     ClientState::Done,
                     Err(anyhow::anyhow!(

@@ -361,26 +361,9 @@ fn check(path: &Path) -> anyhow::Result<()> {
             println!("    {name:<width$} {n}");
         }
     }
-    let discovered = data.schema.discovered();
-    if !discovered.is_empty() {
-        let k = config.policy.discovery_min_rows;
-        let proposal = tessera_protocol::discovery::propose(&discovered, &r.discovered, k);
-        println!("  categories this site would propose to a job (values with at least {k} rows, discovery_min_rows):");
-        for column in &discovered {
-            let values: Vec<&str> = proposal.columns[&column.column].iter().map(String::as_str).collect();
-            let seen = r.discovered.get(&column.column).map_or(0, |c| c.len());
-            println!(
-                "    {:<width$} {} of {seen} values (top_k {}): {}",
-                column.column,
-                values.len(),
-                column.top_k,
-                if values.is_empty() {
-                    "none".to_owned()
-                } else {
-                    values.join(", ")
-                }
-            );
-        }
+    if !data.schema.discovered().is_empty() {
+        println!("  categories this site would propose to a job:");
+        print_proposal(&data, config.policy.discovery_min_rows, width);
         println!(
             "    (the job's categories are formed from every accepting site's proposal; the features hash below is before them)"
         );
@@ -555,6 +538,28 @@ fn site_state(path: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<(SiteCo
     Ok((config, dir))
 }
 
+/// The values this site would propose for each `discover = true` column
+/// (what `check` and `inspect` show the data team), one line per column.
+fn print_proposal(data: &LocalData, min_rows: u64, width: usize) {
+    let discovered = data.schema.discovered();
+    let proposal = tessera_protocol::discovery::propose(&discovered, &data.report.discovered, min_rows);
+    for column in &discovered {
+        let values: Vec<&str> = proposal.columns[&column.column].iter().map(String::as_str).collect();
+        let seen = data.report.discovered.get(&column.column).map_or(0, |c| c.len());
+        println!(
+            "    {:<width$} {} of {seen} values with at least {min_rows} rows (discovery_min_rows; top_k {}): {}",
+            column.column,
+            values.len(),
+            column.top_k,
+            if values.is_empty() {
+                "none".to_owned()
+            } else {
+                values.join(", ")
+            }
+        );
+    }
+}
+
 /// `tessera-participant inspect`: what the job would do here, in plain words.
 fn inspect(path: &Path, state_dir: Option<PathBuf>, prefix: &str) -> anyhow::Result<()> {
     let (config, dir) = site_state(path, state_dir)?;
@@ -600,6 +605,14 @@ fn inspect(path: &Path, state_dir: Option<PathBuf>, prefix: &str) -> anyhow::Res
         tessera_protocol::job::Aggregation::InsecurePlaintext => println!(
             "  leaves this site: per-feature sums and every round's model update IN THE CLEAR (insecure_plaintext)"
         ),
+    }
+    if !data.schema.discovered().is_empty() {
+        println!(
+            "  also leaves this site, with its acceptance (signed, to the coordinator and the job's sites): \
+             the values it proposes as categories, without counts; the model then has one more input per \
+             category the job's sites propose:"
+        );
+        print_proposal(&data, config.policy.discovery_min_rows, 0);
     }
     println!(
         "  no record leaves the site; every message is listed in {}",

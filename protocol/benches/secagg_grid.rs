@@ -78,7 +78,7 @@ fn one_run(s: &Setup, graph: Graph, d: usize, dropout: f64, seed: u64) -> Option
             signing_key: s.keys[site].clone(),
             roster: s.roster.clone(),
             cohort: cohort.clone(),
-            encoding: [7; 32],
+            encoding: None,
         };
         let (state, keys) = client::ExpectKeys::new(cfg, &mut rng);
         srv.handle_keys(site, keys).unwrap();

@@ -85,9 +85,10 @@ fn formed(federation: &Federation, site: &str, job: u64) -> Option<serde_json::V
     Some(serde_json::from_str(&text).unwrap())
 }
 
-/// `check` shows a data team what its site would propose, offline.
+/// `check`, and `inspect` of a job held for the data team, show what the
+/// site would propose, offline.
 #[test]
-fn check_shows_what_the_site_would_propose() {
+fn check_and_inspect_show_what_the_site_would_propose() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(repo().join("examples/heart-disease/schema.toml")).unwrap();
     let schema = dir.path().join("schema.toml");
@@ -115,10 +116,38 @@ fn check_shows_what_the_site_would_propose() {
     let counts = restecg_counts("va");
     assert_eq!((counts["1"], counts["0"], counts["2"]), (57, 55, 18));
     assert!(
-        stdout.contains(&format!("values with at least {K} rows"))
-            && stdout
-                .lines()
-                .any(|l| l.trim_start().starts_with("restecg ") && l.ends_with(" 1 of 3 values (top_k 1): 1")),
+        stdout.lines().any(|l| l.trim_start().starts_with("restecg ")
+            && l.ends_with(&format!(
+                " 1 of 3 values with at least {K} rows (discovery_min_rows; top_k 1): 1"
+            ))),
+        "{stdout}"
+    );
+
+    // A job held for the data team (as the daemon keeps one).
+    let job = example_job(&[]);
+    let hash = tessera_protocol::ids::sha256_hex(job.as_bytes());
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("pending")).unwrap();
+    std::fs::write(state.join("pending").join(format!("{hash}.toml")), &job).unwrap();
+    std::fs::write(
+        state.join("pending").join(format!("{hash}.txt")),
+        "30 rounds > policy.max_rounds 10",
+    )
+    .unwrap();
+    let out = std::process::Command::new(tessera_tests::bin("tessera-participant"))
+        .args(["inspect", &hash[..12], "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("the values it proposes as categories, without counts")
+            && stdout.contains(&format!(
+                "restecg 1 of 3 values with at least {K} rows (discovery_min_rows; top_k 1): 1"
+            )),
         "{stdout}"
     );
 }

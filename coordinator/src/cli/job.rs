@@ -404,8 +404,12 @@ fn print_status(status: &pb::JobStatusResponse, with_rounds: bool) {
         );
         for m in final_metrics {
             println!(
-                "  {:<16} {:>6} {:>9.4} {:>7.4} {:>7.4}",
-                m.site_id, m.n_test, m.accuracy, m.auc, m.loss
+                "  {:<16} {:>6} {:>9.4} {:>7} {:>7.4}",
+                m.site_id,
+                m.n_test,
+                m.accuracy,
+                auc_cell(m.auc),
+                m.loss
             );
         }
         println!(
@@ -439,6 +443,16 @@ fn summary_json(j: &pb::JobSummary) -> serde_json::Value {
         "strategy": j.strategy, "model": j.model, "job_hash": j.job_hash,
         "created_at_ms": j.created_at_ms, "error": j.error,
     })
+}
+
+/// A ROC AUC as the status table shows it: a test split with one class has
+/// none, and says so (`n/a (one class)`) instead of printing NaN.
+fn auc_cell(auc: f64) -> String {
+    if auc.is_finite() {
+        format!("{auc:.4}")
+    } else {
+        "n/a (one class)".to_owned()
+    }
 }
 
 fn finite(v: f64) -> serde_json::Value {
@@ -501,4 +515,19 @@ fn status_json(status: &pb::JobStatusResponse) -> serde_json::Value {
         "final_mean_accuracy": final_metrics.map(|ms| finite(mean(ms.iter().map(|m| m.accuracy)))),
         "final_pooled_accuracy": final_pooled,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Switzerland's test split in the heart demo has one class: its AUC
+    /// is undefined, said in the table and `null` in JSON, never NaN.
+    #[test]
+    fn an_undefined_auc_is_said_not_printed_as_nan() {
+        assert_eq!(auc_cell(0.81236), "0.8124");
+        assert_eq!(auc_cell(f64::NAN), "n/a (one class)");
+        assert_eq!(finite(f64::NAN), serde_json::Value::Null);
+        assert_eq!(finite(0.5), serde_json::json!(0.5));
+    }
 }

@@ -582,29 +582,31 @@ fn adversarial_cohorts_of_one_size_but_other_members_do_not_share() {
         let other = if i == 1 { &c.sites[0] } else { &c.sites[1] };
         assert_eq!(refused, ClientError::CohortMismatch(other.clone()), "site {i}");
     }
-    // Same cohort, another encoding (a coordinator relayed other category
-    // proposals to site 1): refused alike, by name.
-    let (state, own) = client::ExpectKeys::new(
-        ClientConfig {
-            cohort: views[0].clone(),
-            ..c.cfg(&c.sites[2], CTX, p)
-        },
-        &mut rng,
-    );
-    let (_, other_encoding) = client::ExpectKeys::new(
-        ClientConfig {
-            cohort: views[0].clone(),
-            encoding: [8; 32],
-            ..c.cfg(&c.sites[1], CTX, p)
-        },
-        &mut rng,
-    );
+    // Same cohort, another encoding of discovered categories (a
+    // coordinator relayed other category proposals to site 1): refused
+    // alike, by name; the same encoding is shared with.
+    let with = |site: usize, encoding: u8| {
+        client::ExpectKeys::new(
+            ClientConfig {
+                cohort: views[0].clone(),
+                encoding: Some([encoding; 32]),
+                ..c.cfg(&c.sites[site], CTX, p)
+            },
+            &mut ChaCha20Rng::seed_from_u64(site as u64),
+        )
+    };
+    let (state, own) = with(2, 7);
+    let (_, other_encoding) = with(1, 8);
+    let (_, first) = with(0, 7);
     assert_eq!(
         state
-            .handle_keys(&[list[0].clone(), other_encoding, own], &mut rng)
+            .handle_keys(&[first.clone(), other_encoding, own.clone()], &mut rng)
             .err(),
         Some(ClientError::CohortMismatch(c.sites[1].clone()))
     );
+    let (state, _) = with(2, 7);
+    let (_, same_encoding) = with(1, 7);
+    assert!(state.handle_keys(&[first, same_encoding, own], &mut rng).is_ok());
     // The digest is the signed cohort: altering it breaks the signature.
     let mut forged = list[1].clone();
     forged.cohort_sha256 = list[0].cohort_sha256;

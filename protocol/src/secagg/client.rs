@@ -42,13 +42,16 @@ pub struct ClientConfig {
     /// The sites that signed their acceptance of the job, from this site's
     /// verified ledger replica: nobody else may hold a share of its secrets.
     pub cohort: Arc<BTreeSet<SiteId>>,
-    /// The SHA-256 of how this site encodes the job's rows (its features
-    /// hash, categories formed by discovery included): signed into the
-    /// advertisement with the cohort, so that no sum mixes sites whose
-    /// vectors mean different things (a coordinator that relayed other
-    /// category proposals to one site could otherwise read that site's
-    /// count of a code from a slot the others fill with public counts).
-    pub encoding: [u8; 32],
+    /// Jobs whose categories are discovered: the SHA-256 of how this site
+    /// encodes the job's rows (its features hash, with the categories it
+    /// formed), signed into the advertisement with the cohort, so that no
+    /// sum mixes sites whose vectors mean different things (a coordinator
+    /// that relayed other category proposals to one site could otherwise
+    /// read that site's count of a code from a slot the others fill with
+    /// public counts). `None` otherwise: each site's encoding is then its
+    /// own schema file, which no coordinator can change, and sites on
+    /// older software still share with it.
+    pub encoding: Option<[u8; 32]>,
 }
 
 /// Everything a site refuses, each naming the offender.
@@ -164,7 +167,7 @@ impl ExpectKeys {
             self_mask_hash: sha256(&self_mask_seed),
             threshold: cfg.params.threshold as u32,
             cohort_size: cfg.params.cohort_size as u32,
-            cohort_sha256: super::cohort_digest(&cfg.cohort, &cfg.encoding),
+            cohort_sha256: super::cohort_digest(&cfg.cohort, cfg.encoding.as_ref()),
             signature: Vec::new(),
         };
         advertised.signature = cfg.signing_key.sign(&advertised.signed_bytes(&cfg.ctx));

@@ -86,10 +86,11 @@ pub struct AdvertisedKeys {
     /// The cohort size the site derived its parameters (threshold,
     /// quantiser) from; checked like the threshold.
     pub cohort_size: u32,
-    /// [`cohort_digest`] of the cohort the site read from its ledger and of
-    /// its encoding: checked like the threshold, so two sites whose ledgers
-    /// disagree on the cohort (not only on its size), or whose vectors mean
-    /// different things, never share with each other.
+    /// [`cohort_digest`] of the cohort the site read from its ledger (and,
+    /// where categories are discovered, of its encoding): checked like the
+    /// threshold, so two sites whose ledgers disagree on the cohort (not
+    /// only on its size), or whose vectors mean different things, never
+    /// share with each other.
     pub cohort_sha256: [u8; 32],
     /// Ed25519 over [`AdvertisedKeys::signed_bytes`].
     pub signature: Vec<u8>,
@@ -113,18 +114,24 @@ impl AdvertisedKeys {
     }
 }
 
-/// SHA-256 of a job's cohort and encoding: `"tessera/secagg/v3/cohort"`,
-/// the number of sites, each site id (length-prefixed) in ascending order,
-/// then the 32-byte encoding hash ([`client::ClientConfig::encoding`]).
-pub fn cohort_digest(cohort: &std::collections::BTreeSet<SiteId>, encoding: &[u8; 32]) -> [u8; 32] {
+/// SHA-256 of a job's cohort: `"tessera/secagg/v2/cohort"`, the number of
+/// sites, then each site id (length-prefixed), in ascending order. With an
+/// encoding ([`client::ClientConfig::encoding`]): the domain
+/// `"tessera/secagg/v3/cohort"` and the 32-byte encoding hash after the ids.
+pub fn cohort_digest(cohort: &std::collections::BTreeSet<SiteId>, encoding: Option<&[u8; 32]>) -> [u8; 32] {
     let mut out = Vec::with_capacity(64 + 24 * cohort.len());
-    out.extend_from_slice(b"tessera/secagg/v3/cohort");
+    out.extend_from_slice(match encoding {
+        None => b"tessera/secagg/v2/cohort",
+        Some(_) => b"tessera/secagg/v3/cohort",
+    });
     out.extend_from_slice(&(cohort.len() as u32).to_le_bytes());
     for site in cohort {
         out.extend_from_slice(&(site.as_str().len() as u32).to_le_bytes());
         out.extend_from_slice(site.as_str().as_bytes());
     }
-    out.extend_from_slice(encoding);
+    if let Some(encoding) = encoding {
+        out.extend_from_slice(encoding);
+    }
     client::sha256(&out)
 }
 

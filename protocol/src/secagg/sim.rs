@@ -32,7 +32,7 @@ impl Consortium {
             signing_key: self.keys[site].clone(),
             roster: self.roster.clone(),
             cohort: Arc::new(self.sites.iter().cloned().collect()),
-            encoding: [7; 32],
+            encoding: None,
         }
     }
 }
