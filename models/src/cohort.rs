@@ -373,13 +373,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_tables(dir.path());
         let schema = Schema::from_toml(SCHEMA).unwrap();
-        // One partition: the union's inputs run in order, so the first
-        // one's rows are handed over before the second one fails.
-        let query = "SELECT patient, age, 0 AS diabetes, 0 AS readmitted FROM encounters \
-                     UNION ALL \
-                     SELECT patient, CAST(outcome AS INT) AS age, 0 AS diabetes, 0 AS readmitted FROM encounters";
+        // One table of one partition, read in 8,192-row batches: the first
+        // batch's rows are handed over before the cast fails on the last
+        // row, in the second batch. (A UNION ALL of a good and a failing
+        // input ran its inputs concurrently: now and then the failure came
+        // first.)
+        let mut big = String::from("patient,score\n");
+        for i in 0..10_000 {
+            big.push_str(&format!(
+                "p{i},{}\n",
+                if i == 9_999 { "x".to_owned() } else { i.to_string() }
+            ));
+        }
+        std::fs::write(dir.path().join("big.csv"), big).unwrap();
+        let mut source = cohort(
+            dir.path(),
+            "SELECT patient, CAST(score AS INT) AS age, 0 AS diabetes, 0 AS readmitted FROM big",
+        );
+        source.tables.push(("big".into(), dir.path().join("big.csv")));
         let mut seen = 0;
-        let err = scan_sql(&cohort(dir.path(), query), &schema, 1, &mut |batch| {
+        let err = scan_sql(&source, &schema, 1, &mut |batch| {
             seen += batch.len();
             ControlFlow::Continue(())
         })
