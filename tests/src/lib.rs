@@ -63,6 +63,15 @@ pub fn bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// A hospital's real heart-disease file in `../shared/data/heart-disease`.
+pub fn heart_data(site: &str) -> PathBuf {
+    let name = if site == "hungary" { "hungarian" } else { site };
+    repo()
+        .join("..")
+        .join("shared/data/heart-disease")
+        .join(format!("processed.{name}.data"))
+}
+
 /// A site config (absolute paths) over `data` read through `schema`, in
 /// `dir`; the harness supplies the coordinator, kit and state directory.
 pub fn site_config(dir: &Path, site: &str, data: &Path, schema: &Path) -> PathBuf {

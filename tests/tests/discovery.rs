@@ -7,21 +7,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use tessera_tests::{Federation, example_job, repo, site_config};
+use tessera_tests::{Federation, example_job, heart_data, repo, site_config};
 
 /// Three hospitals (min_sites 3): in each, `restecg` 2 is rarer than k.
 const SITES: [&str; 3] = ["hungary", "switzerland", "va"];
 
 /// This test's k (`[policy] discovery_min_rows`).
 const K: u64 = 30;
-
-fn data_file(site: &str) -> PathBuf {
-    let name = if site == "hungary" { "hungarian" } else { site };
-    repo()
-        .join("..")
-        .join("shared/data/heart-disease")
-        .join(format!("processed.{name}.data"))
-}
 
 /// The heart schema, with `restecg`'s categories discovered per job.
 fn discovering_schema(federation: &Federation) -> PathBuf {
@@ -38,7 +30,7 @@ fn start_sites(federation: &mut Federation) {
     let schema = discovering_schema(federation);
     let policy = federation.write_job("policy.toml", &format!("discovery_min_rows = {K}\n"));
     for site in SITES {
-        let config = site_config(federation.dir.path(), site, &data_file(site), &schema);
+        let config = site_config(federation.dir.path(), site, &heart_data(site), &schema);
         federation.add_site_config(site, &config, &["--policy", policy.to_str().unwrap()]);
     }
 }
@@ -48,7 +40,7 @@ fn start_sites(federation: &mut Federation) {
 /// slope, ca and thal), numbers as numbers (`2.0` is `2`).
 fn restecg_counts(site: &str) -> BTreeMap<String, u64> {
     let mut counts = BTreeMap::new();
-    for line in std::fs::read_to_string(data_file(site)).unwrap().lines() {
+    for line in std::fs::read_to_string(heart_data(site)).unwrap().lines() {
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
         if fields
             .iter()
@@ -100,7 +92,7 @@ fn check_and_inspect_show_what_the_site_would_propose() {
         ),
     )
     .unwrap();
-    let config = site_config(dir.path(), "va", &data_file("va"), &schema);
+    let config = site_config(dir.path(), "va", &heart_data("va"), &schema);
     let mut text = std::fs::read_to_string(&config).unwrap();
     text = text.replace("\n[data]", &format!("\n[policy]\ndiscovery_min_rows = {K}\n\n[data]"));
     std::fs::write(&config, text).unwrap();

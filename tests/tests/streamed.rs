@@ -4,17 +4,7 @@
 //! "the federated result with a streamed source equals the in-memory path
 //! on the heart demo".
 
-use std::path::PathBuf;
-
-use tessera_tests::{Federation, SITES, example_job, plaintext_job, repo, site_config};
-
-fn data_file(site: &str) -> PathBuf {
-    let name = if site == "hungary" { "hungarian" } else { site };
-    repo()
-        .join("..")
-        .join("shared/data/heart-disease")
-        .join(format!("processed.{name}.data"))
-}
+use tessera_tests::{Federation, SITES, example_job, heart_data, plaintext_job, repo, site_config};
 
 /// What a 3-round heart job gave: each round's model hash, and each site's
 /// (accuracy, loss) on the final model, by site.
@@ -27,7 +17,7 @@ fn federated(streamed: bool, job_text: &str) -> Outcome {
     let mut federation = Federation::start(&SITES);
     let schema = repo().join("examples/heart-disease/schema.toml");
     for site in SITES {
-        let config = site_config(federation.dir.path(), site, &data_file(site), &schema);
+        let config = site_config(federation.dir.path(), site, &heart_data(site), &schema);
         let mut text = std::fs::read_to_string(&config).unwrap();
         text = text.replace("\n[data]\n", "\n[policy]\nallow_insecure_plaintext = true\n\n[data]\n");
         if streamed {
