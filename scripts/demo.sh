@@ -134,8 +134,10 @@ result = {
     "status": job["status"], "error": job["error"], "rounds": last, "strategy": job["strategy"],
     "model": job["model"], "federated_mean_accuracy": fed_mean,
     "federated_per_site": {m["site_id"]: m["accuracy"] for m in final},
+    "federated_pooled": status.get("final_pooled"),
     "pooled_mean_accuracy": baseline["mean_accuracy"],
     "pooled_per_site": {s["site_id"]: s["accuracy"] for s in baseline["per_site"]},
+    "central_pooled": baseline.get("pooled"),
     "wall_s": end - start, "median_round_ms": median_ms, "plaintext": sys.argv[9] == "1",
     "coordinator_peak_rss_kb": coord_kb, "participant_peak_rss_kb": site_kb,
 }
@@ -145,13 +147,28 @@ if not quiet:
     print()
     print(f"job {job['job_id']} {job['status']}: {last} rounds of {job['strategy']} on {job['model']}"
           + (f" ({job['error']})" if job["error"] else ""))
-    print("test accuracy of the final federated model, next to the centralised baseline")
-    print("(the same model trained on all sites' training rows together):")
-    print(f"{'site':<14}{'n_test':>7}{'federated':>11}{'central':>9}")
-    pooled = result["pooled_per_site"]
+    print("the final federated model on each site's test split, next to the centralised reference")
+    print("(a development aid: the same model trained on all sites' training rows in one process):")
+    def cell(v, width):
+        return f"{v:>{width}.4f}" if isinstance(v, (int, float)) else f"{'n/a':>{width}}"
+    central = {s["site_id"]: s for s in baseline["per_site"]}
+    print(f"{'test split':<18}{'n_test':>7}{'accuracy':>10}{'roc_auc':>9}{'brier':>8}   "
+          f"{'central acc':>11}{'roc_auc':>9}")
+    def row(name, n, fed, ref):
+        fed, ref = fed or {}, ref or {}
+        print(f"{name:<18}{n:>7}{cell(fed.get('accuracy'), 10)}{cell(fed.get('roc_auc'), 9)}"
+              f"{cell(fed.get('brier'), 8)}   {cell(ref.get('accuracy'), 11)}{cell(ref.get('roc_auc'), 9)}")
     for m in final:
-        print(f"{m['site_id']:<14}{m['n_test']:>7}{m['accuracy']:>11.4f}{pooled.get(m['site_id'], float('nan')):>9.4f}")
-    print(f"{'mean over sites':<21}{fed_mean:>11.4f}{baseline['mean_accuracy']:>9.4f}")
+        row(m["site_id"], m["n_test"], m, central.get(m["site_id"]))
+    print(f"{'mean over sites':<25}{cell(fed_mean, 10)}{'':>20}{cell(baseline['mean_accuracy'], 11)}")
+    fp = result["federated_pooled"]
+    if fp:
+        row("pooled (secure)", fp["n_test"], fp, result["central_pooled"])
+        print(f"pooled by secure sum over {fp['n_sites']} sites: average precision {cell(fp.get('average_precision'), 0)}, "
+              f"calibration intercept {cell(fp.get('calibration_intercept'), 0)}, slope {cell(fp.get('calibration_slope'), 0)}; "
+              f"at threshold {fp.get('threshold')}: sensitivity {cell(fp.get('sensitivity'), 0)}, "
+              f"specificity {cell(fp.get('specificity'), 0)}, PPV {cell(fp.get('ppv'), 0)}")
+    print("(n/a: undefined, e.g. a ROC AUC where a test split has one class)")
     print(f"wall time {result['wall_s']:.1f} s, median round {median_ms} ms; "
           f"peak RSS coordinator {coord_kb/1024:.1f} MiB, participant {site_kb/1024:.1f} MiB")
 sys.exit(0 if job["status"] == "finished" else 1)

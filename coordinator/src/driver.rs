@@ -32,7 +32,7 @@ use tracing::{error, info, warn};
 
 use crate::secure::SecureSession;
 use crate::state::{ActiveJob, Phase, RoundPhase, Shared, StatsPhase};
-use crate::store::{CANCELLED, JobRow, PooledRow, RoundRecord, Store};
+use crate::store::{CANCELLED, JobRow, PooledRow, RoundRecord, Store, binary_json, binary_metrics};
 use crate::unix_ms;
 
 /// Longest wait between two looks at a phase (dropouts are noticed this late
@@ -319,6 +319,7 @@ async fn metrics_block(shared: &Arc<Shared>, job_id: JobId, round: u32, model_ha
             loss: m.loss,
             accuracy: m.accuracy,
             auc: m.auc,
+            binary: binary_metrics(m.binary.as_deref()),
         })
         .collect();
     let pooled = shared
@@ -333,6 +334,7 @@ async fn metrics_block(shared: &Arc<Shared>, job_id: JobId, round: u32, model_ha
                 n_test: p.n_test as u64,
                 loss: p.loss?,
                 accuracy: p.accuracy?,
+                binary: binary_metrics(p.binary.as_deref()),
             })
         });
     Ok(Payload::Metrics(Metrics {
@@ -452,7 +454,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
             job_hash: String::new(),
             model_hash: global_hash.clone(),
             n_params: global.len() as u64,
-            train: true,
+            train: crate::malicious::attack() != Some(crate::malicious::Attack::EvaluateTwice),
             normalization: Some(pb_normalization.clone()),
             proximal_mu: strategy.configure_train(round).proximal_mu,
             members: round_members.iter().map(|s| s.to_string()).collect(),
@@ -552,7 +554,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
         (Some(secure), None) => {
             // The final model's evaluation, pooled by secure sum.
             let cohort = shared.ledger.cohort(job_id.0).len();
-            let params = secure.params(cohort, spec.min_sites as usize, evaluation::WORDS);
+            let params = secure.params(cohort, spec.min_sites as usize, evaluation::FINAL_WORDS);
             let members = taking_part(shared, &members, dropout_ms);
             Some(durable(shared, SecureSession::new(ctx, params, members, shared.roster.clone())).await?)
         }
@@ -578,7 +580,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
     install_round(shared, announcement, None, session, &members);
     let mut tx = match run_phase(shared).await? {
         (_, Some(Ok((sum, transcript)))) => {
-            store_pooled(shared, ctx, &contributors(&transcript), &sum).await?;
+            store_pooled(shared, spec, ctx, &contributors(&transcript), &sum).await?;
             let block = summation_block(Summation::FINAL_EVALUATION, &sum, &transcript, None);
             let mut tx = shared.ledger.begin().await?;
             tx.append(&block, unix_ms() as u64).await?;
@@ -782,7 +784,7 @@ async fn secure_round(
     // the ones the sites declared in the ledger, never summed.
     // Sized from the cohort on the ledger, as every site sizes its own.
     let cohort = shared.ledger.cohort(ctx.job_id).len();
-    let params = secure.params(cohort, spec.min_sites as usize, n_params + evaluation::WORDS);
+    let params = secure.params(cohort, spec.min_sites as usize, n_params + evaluation::ROUND_WORDS);
     let session = match restored {
         Some(session) => session,
         None => {
@@ -811,7 +813,7 @@ async fn secure_round(
         .map(|(site, counts)| (site, secure.weight(counts.n_train)))
         .collect();
     let sum_of_round = round_sum(&quantizer, &sum, n_params, &weights);
-    store_pooled(shared, ctx, &contributors, &sum[n_params..]).await?;
+    let pooled = store_pooled(shared, spec, ctx, &contributors, &sum[n_params..]).await?;
     let outcomes = member_outcomes(&transcript);
     let commitments = transcript.masked.iter().cloned().collect();
     let dropouts = transcript
@@ -821,7 +823,7 @@ async fn secure_round(
         .collect();
     Ok(RoundResult {
         sum: sum_of_round,
-        mean_train_loss: None,
+        mean_train_loss: pooled.and_then(|p| p.train_loss),
         transcript: Some(transcript_json(&transcript, quantizer.bits, secure.clip_norm)),
         members: outcomes,
         commitments,
@@ -1335,24 +1337,42 @@ fn declared(shared: &Arc<Shared>, job_id: u64, sites: &[SiteId]) -> Result<Vec<D
         .collect()
 }
 
-/// Stores the evaluation pooled over `sites` by secure sum.
-async fn store_pooled(shared: &Arc<Shared>, ctx: RoundContext, sites: &[SiteId], words: &[u32]) -> Result<(), Stop> {
+/// Stores the evaluation pooled over `sites` by secure sum: a training
+/// round's tail, or the final evaluation's whole sum (`evaluation`). A sum
+/// that does not decode is logged and stored as nothing: the round's model
+/// does not depend on it.
+async fn store_pooled(
+    shared: &Arc<Shared>,
+    spec: &JobSpec,
+    ctx: RoundContext,
+    sites: &[SiteId],
+    words: &[u32],
+) -> Result<Option<evaluation::Pooled>, Stop> {
     let n_sites = sites.len();
-    let n_test = declared(shared, ctx.job_id, sites)?.iter().map(|c| c.n_test).sum();
-    let pooled = match evaluation::decode_sum(words, n_test) {
+    let counts = declared(shared, ctx.job_id, sites)?;
+    let n_test = counts.iter().map(|c| c.n_test).sum();
+    let n_train = counts.iter().map(|c| c.n_train).sum();
+    let threshold = spec.evaluation.threshold;
+    let decoded = if ctx.round > spec.rounds {
+        evaluation::decode_final(words, n_test, threshold)
+    } else {
+        evaluation::decode_round(words, n_test, n_train, threshold)
+    };
+    let pooled = match decoded {
         Ok(p) => p,
         Err(e) => {
             warn!(round = ctx.round, "pooled evaluation not stored: {e}");
-            return Ok(());
+            return Ok(None);
         }
     };
     info!(
         round = ctx.round,
         n_sites,
-        accuracy = pooled.accuracy,
+        accuracy = ?pooled.accuracy,
+        auc = ?pooled.binary.roc_auc,
+        train_loss = ?pooled.train_loss,
         "pooled evaluation (secure sum)"
     );
-    let finite = |v: f64| v.is_finite().then_some(v);
     shared
         .store
         .insert_pooled(
@@ -1361,12 +1381,13 @@ async fn store_pooled(shared: &Arc<Shared>, ctx: RoundContext, sites: &[SiteId],
                 round: i64::from(ctx.round),
                 n_sites: n_sites as i64,
                 n_test: pooled.n_test as i64,
-                accuracy: finite(pooled.accuracy),
-                loss: finite(pooled.loss),
+                accuracy: pooled.accuracy,
+                loss: pooled.loss,
+                binary: Some(binary_json(&pooled.binary)),
             },
         )
         .await?;
-    Ok(())
+    Ok(Some(pooled))
 }
 
 /// One outcome per site of a secure round. A site can be both a contributor

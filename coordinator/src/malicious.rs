@@ -21,6 +21,11 @@ pub enum Attack {
     /// receiving site's own out) when relaying the cohort's proposals, to
     /// learn the pooled count of a code no site chose to name.
     InjectCategory,
+    /// Announce the training rounds as evaluations only (`train = false`),
+    /// to have the sites send the final evaluation's score histograms in
+    /// another summation (whose difference with the real final one, over
+    /// survivor sets that differ by one site, gives that site's prevalence).
+    EvaluateTwice,
 }
 
 #[cfg(all(feature = "malicious", debug_assertions))]

@@ -10,6 +10,7 @@ use sqlx::AssertSqlSafe;
 use sqlx::SqliteConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use tessera_protocol::ids::{JobId, SiteId};
+use tessera_protocol::metrics::BinaryMetrics;
 use tessera_protocol::stats::Normalization;
 
 /// Handle to the coordinator database.
@@ -70,6 +71,8 @@ pub struct MetricsRow {
     pub loss: f64,
     pub accuracy: f64,
     pub auc: Option<f64>,
+    /// JSON of the site's `BinaryMetrics`; none from a site on older software.
+    pub binary: Option<String>,
 }
 
 /// Evaluation pooled by secure sum.
@@ -80,6 +83,19 @@ pub struct PooledRow {
     pub n_test: i64,
     pub accuracy: Option<f64>,
     pub loss: Option<f64>,
+    /// JSON of the pooled `BinaryMetrics`.
+    pub binary: Option<String>,
+}
+
+/// The clinical metrics a row stores as JSON; a row whose JSON does not
+/// parse (it was written by this code, so it should) reads as none.
+pub fn binary_metrics(json: Option<&str>) -> Option<BinaryMetrics> {
+    serde_json::from_str(json?).ok()
+}
+
+/// How [`binary_metrics`] reads it back.
+pub fn binary_json(m: &BinaryMetrics) -> String {
+    serde_json::to_string(m).expect("metrics serialise")
 }
 
 /// A validated job about to be queued.
@@ -584,8 +600,8 @@ impl Store {
     /// Stores a site's evaluation; a repeated report for the same round is ignored.
     pub async fn insert_metrics(&self, job_id: JobId, m: &MetricsRow) -> anyhow::Result<()> {
         sqlx::query(
-            "INSERT OR IGNORE INTO metrics (job_id, round, site_id, model_hash, n_test, loss, accuracy, auc) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO metrics (job_id, round, site_id, model_hash, n_test, loss, accuracy, auc, binary) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(job_id.0 as i64)
         .bind(m.round)
@@ -595,6 +611,7 @@ impl Store {
         .bind(m.loss)
         .bind(m.accuracy)
         .bind(m.auc)
+        .bind(&m.binary)
         .execute(&self.pool)
         .await
         .with_context(|| format!("cannot store metrics of job {job_id}"))?;
@@ -603,7 +620,7 @@ impl Store {
 
     pub async fn metrics(&self, job_id: JobId) -> anyhow::Result<Vec<MetricsRow>> {
         let rows = sqlx::query_as::<_, MetricsRow>(
-            "SELECT round, site_id, model_hash, n_test, loss, accuracy, auc FROM metrics WHERE job_id = ? \
+            "SELECT round, site_id, model_hash, n_test, loss, accuracy, auc, binary FROM metrics WHERE job_id = ? \
              ORDER BY round, site_id",
         )
         .bind(job_id.0 as i64)
@@ -615,7 +632,8 @@ impl Store {
 
     pub async fn insert_pooled(&self, job_id: JobId, row: &PooledRow) -> anyhow::Result<()> {
         sqlx::query(
-            "INSERT OR IGNORE INTO pooled_metrics (job_id, round, n_sites, n_test, accuracy, loss) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO pooled_metrics (job_id, round, n_sites, n_test, accuracy, loss, binary) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(job_id.0 as i64)
         .bind(row.round)
@@ -623,6 +641,7 @@ impl Store {
         .bind(row.n_test)
         .bind(row.accuracy)
         .bind(row.loss)
+        .bind(&row.binary)
         .execute(&self.pool)
         .await
         .with_context(|| format!("cannot store pooled metrics of job {job_id}"))?;
@@ -631,7 +650,7 @@ impl Store {
 
     pub async fn pooled(&self, job_id: JobId) -> anyhow::Result<Vec<PooledRow>> {
         let rows = sqlx::query_as::<_, PooledRow>(
-            "SELECT round, n_sites, n_test, accuracy, loss FROM pooled_metrics WHERE job_id = ? ORDER BY round",
+            "SELECT round, n_sites, n_test, accuracy, loss, binary FROM pooled_metrics WHERE job_id = ? ORDER BY round",
         )
         .bind(job_id.0 as i64)
         .fetch_all(&self.pool)

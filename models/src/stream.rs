@@ -397,8 +397,8 @@ mod tests {
             normalization: &normalization,
         };
         let update = train_local(&cfg, &initial_params(&layout, 3), &train, &device).unwrap();
-        let eval = evaluate(&layout, &update.params, &test, &device).unwrap();
-        (stats, update.params, [eval.loss, eval.accuracy, eval.auc])
+        let eval = evaluate(&layout, &update.params, &test, 0.5, &device).unwrap();
+        (stats, update.params, [eval.loss, eval.accuracy, eval.auc()])
     }
 
     fn spec(batch_size: usize, local_work: LocalWork) -> TrainingSpec {

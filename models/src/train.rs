@@ -14,7 +14,7 @@ use std::ops::ControlFlow;
 
 use crate::data::Dataset;
 use crate::linear::LinearLearner;
-use crate::metrics::{Evaluation, accuracy, bce_with_logits, roc_auc};
+use crate::metrics::Evaluation;
 use crate::net::{Net, ShapeError};
 use crate::stream::Rows;
 
@@ -252,9 +252,26 @@ impl<'d> Learner<'d> {
     }
 }
 
-/// Loss, accuracy and ROC AUC of `params` on `data`, in one pass (the
-/// scores are kept for the AUC: 8 bytes per row).
-pub fn evaluate(layout: &Layout, params: &[f32], data: &dyn Rows, device: &Device) -> Result<Evaluation, TrainError> {
+/// `params` judged on `data` at `threshold`, in one pass (the scores are
+/// kept for the ranking metrics: 8 bytes per row).
+pub fn evaluate(
+    layout: &Layout,
+    params: &[f32],
+    data: &dyn Rows,
+    threshold: f64,
+    device: &Device,
+) -> Result<Evaluation, TrainError> {
+    let (logits, labels) = score(layout, params, data, device)?;
+    Ok(Evaluation::of_scores(&logits, &labels, threshold))
+}
+
+/// The logits of `params` on every row of `data`, and the rows' labels.
+pub fn score(
+    layout: &Layout,
+    params: &[f32],
+    data: &dyn Rows,
+    device: &Device,
+) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
     check_width(layout, data.n_features())?;
     let model = Net::from_flat(layout, params, device)?;
     let (mut logits, mut labels) = (Vec::with_capacity(data.len()), Vec::with_capacity(data.len()));
@@ -263,12 +280,7 @@ pub fn evaluate(layout: &Layout, params: &[f32], data: &dyn Rows, device: &Devic
         labels.extend_from_slice(&batch.labels);
         ControlFlow::Continue(())
     })?;
-    Ok(Evaluation {
-        n: labels.len(),
-        loss: bce_with_logits(&logits, &labels),
-        accuracy: accuracy(&logits, &labels),
-        auc: roc_auc(&logits, &labels),
-    })
+    Ok((logits, labels))
 }
 
 /// Logits of `params` on every row of `data`, in row order.
@@ -402,7 +414,7 @@ mod tests {
         ] {
             let layout = model.layout(2);
             let init = initial_params(&layout, 3);
-            let before = evaluate(&layout, &init, &data, &device).unwrap();
+            let before = evaluate(&layout, &init, &data, 0.5, &device).unwrap();
             let spec = spec(optimizer, 20);
             let cfg = LocalTraining {
                 layout: &layout,
@@ -411,11 +423,11 @@ mod tests {
                 seed: 1,
             };
             let update = train_local(&cfg, &init, &data, &device).unwrap();
-            let after = evaluate(&layout, &update.params, &data, &device).unwrap();
+            let after = evaluate(&layout, &update.params, &data, 0.5, &device).unwrap();
             assert_eq!(update.n_samples, 200);
             assert!(after.loss < before.loss, "{model:?}: {} !< {}", after.loss, before.loss);
             assert!(after.accuracy >= 0.95, "{model:?}: accuracy {}", after.accuracy);
-            assert!(after.auc >= 0.98);
+            assert!(after.auc() >= 0.98);
         }
     }
 

@@ -4,8 +4,9 @@
 //! runs where all the data files are readable, e.g. the local demo.
 
 use tessera_models::data::Dataset;
+use tessera_models::metrics::Evaluation;
 use tessera_models::stream::{Standardized, to_dataset};
-use tessera_models::train::{LocalTraining, evaluate, train_local};
+use tessera_models::train::{LocalTraining, score, train_local};
 use tessera_protocol::ids::SiteId;
 use tessera_protocol::job::{JobSpec, LocalWork};
 use tessera_protocol::model::initial_params;
@@ -13,10 +14,12 @@ use tessera_protocol::stats::{FeatureStats, Normalization};
 
 use crate::local::LocalData;
 
-/// Test accuracy of the pooled model at each site.
+/// The centrally trained model judged on each site's test split, and on
+/// all of them pooled (exactly: here the scores are all in one process).
 pub struct Baseline {
-    pub per_site: Vec<(SiteId, usize, f64)>,
+    pub per_site: Vec<(SiteId, Evaluation)>,
     pub mean_accuracy: f64,
+    pub pooled: Evaluation,
 }
 
 /// Trains centrally for as many passes over the data as the federated job
@@ -45,18 +48,22 @@ pub fn pooled_baseline(job: &JobSpec, sites: &[(SiteId, LocalData)]) -> anyhow::
     };
     let init = initial_params(&layout, job.seed);
     let trained = train_local(&cfg, &init, &train.standardized(&normalization), &device)?;
-    let mut per_site = Vec::new();
+    let threshold = job.evaluation.threshold;
+    let (mut per_site, mut all_logits, mut all_labels) = (Vec::new(), Vec::new(), Vec::new());
     for (site, data) in sites {
         let test = Standardized {
             rows: data.test.as_ref(),
             normalization: &normalization,
         };
-        let eval = evaluate(&layout, &trained.params, &test, &device)?;
-        per_site.push((site.clone(), eval.n, eval.accuracy));
+        let (logits, labels) = score(&layout, &trained.params, &test, &device)?;
+        per_site.push((site.clone(), Evaluation::of_scores(&logits, &labels, threshold)));
+        all_logits.extend(logits);
+        all_labels.extend(labels);
     }
-    let mean_accuracy = per_site.iter().map(|s| s.2).sum::<f64>() / per_site.len().max(1) as f64;
+    let mean_accuracy = per_site.iter().map(|s| s.1.accuracy).sum::<f64>() / per_site.len().max(1) as f64;
     Ok(Baseline {
         per_site,
         mean_accuracy,
+        pooled: Evaluation::of_scores(&all_logits, &all_labels, threshold),
     })
 }

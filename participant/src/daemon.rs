@@ -12,9 +12,9 @@ use tessera_models::stream::{Standardized, feature_stats};
 use tessera_models::train::{LocalTraining, evaluate, train_local};
 use tessera_protocol::CHUNK_BYTES;
 use tessera_protocol::discovery;
-use tessera_protocol::evaluation;
+use tessera_protocol::evaluation::{self, SiteSums};
 use tessera_protocol::ids::{SiteId, sha256_hex, sha256_le_words};
-use tessera_protocol::job::{Aggregation, JobSpec, SecureAggSpec};
+use tessera_protocol::job::{Aggregation, JobSpec, RoundKind, SecureAggSpec};
 use tessera_protocol::ledger::payload::{DeclaredCounts, Summation};
 use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::sign_decision;
@@ -346,7 +346,7 @@ struct Site {
     stats_sent: Option<pb::StatsReport>,
     /// Secure jobs: this site's evaluation of a round's model, waiting to be
     /// appended to its update.
-    metric_inputs: HashMap<(u64, u32), Vec<u32>>,
+    metric_inputs: HashMap<(u64, u32), SiteSums>,
     /// Per secure job, the model history this site derived itself.
     replays: HashMap<u64, ModelReplay>,
     /// Per secure job, the normalisation this site derived itself.
@@ -1212,6 +1212,7 @@ impl Site {
             .jobs
             .get(&a.job_id)
             .filter(|spec| spec.is_secure() && a.secure)
+            .filter(|spec| spec.round_kind(a.round, a.train).is_ok())
             .filter(|_| self.replica.check_job(a.job_id, &a.job_hash).is_ok())
             .filter(|_| self.check_declared(a.job_id).is_ok())
             .and_then(|spec| Some(spec.model.layout(self.data_for(a.job_id).ok()?.n_features())));
@@ -1226,6 +1227,7 @@ impl Site {
         }
         let spec = self.job(client, a.job_id, &a.job_toml, &a.job_hash).await?;
         spec.check_announced_secure(a.secure)?;
+        spec.round_kind(a.round, a.train)?;
         self.form_categories(&spec, a.job_id, &a.job_hash, None).await?;
         let layout = spec.model.layout(self.data_for(a.job_id)?.n_features());
         if spec.is_secure() {
@@ -1313,7 +1315,7 @@ impl Site {
         // connection (to a coordinator that crashed) is made again when the
         // restarted coordinator announces the round again.
         if !self.done.contains(&(a.job_id, a.round, Work::Metrics)) {
-            self.report_metrics(client, &a, secure, &layout, &global, &normalization)
+            self.report_metrics(client, &a, &spec, &layout, &global, &normalization)
                 .await?;
             self.done.insert((a.job_id, a.round, Work::Metrics));
         }
@@ -1441,11 +1443,12 @@ impl Site {
         &mut self,
         client: &mut FederationClient<Channel>,
         a: &pb::RoundAnnouncement,
-        secure: bool,
+        spec: &JobSpec,
         layout: &Layout,
         global: &[f32],
         normalization: &Normalization,
     ) -> anyhow::Result<()> {
+        let threshold = spec.evaluation.threshold;
         // A pass over the test split, off the async threads.
         let (test, device) = (self.data_for(a.job_id)?.test.clone(), self.device.clone());
         let (layout_owned, global_owned, normalization) = (layout.clone(), global.to_vec(), normalization.clone());
@@ -1454,7 +1457,7 @@ impl Site {
                 rows: test.as_ref(),
                 normalization: &normalization,
             };
-            evaluate(&layout_owned, &global_owned, &test, &device)
+            evaluate(&layout_owned, &global_owned, &test, threshold, &device)
         })
         .await
         .context("evaluation task panicked")??;
@@ -1463,18 +1466,23 @@ impl Site {
             round = a.round,
             accuracy = eval.accuracy,
             loss = eval.loss,
+            auc = ?eval.binary.roc_auc,
             "evaluated global model"
         );
-        if secure {
-            // The evaluation joins this round's secure sum: alone for the
-            // final evaluation, after the update otherwise.
-            let words = evaluation::encode_site(eval.n, eval.accuracy, eval.loss);
-            let slot = if a.train {
-                &mut self.metric_inputs
-            } else {
-                &mut self.inputs
-            };
-            slot.insert((a.job_id, a.round), words);
+        if spec.is_secure() {
+            // The evaluation joins this round's secure sum: after the update
+            // in a training round, with the training loss; alone, with the
+            // score histograms, in the final evaluation (the job file says
+            // which, never the announcement alone: `round_kind`).
+            let key = (a.job_id, a.round);
+            match spec.round_kind(a.round, a.train)? {
+                RoundKind::Training => {
+                    self.metric_inputs.insert(key, eval.sums.clone());
+                }
+                RoundKind::FinalEvaluation => {
+                    self.inputs.insert(key, eval.sums.encode_final());
+                }
+            }
         }
         let withheld = !self.policy.report_site_metrics;
         let report = pb::MetricsReport {
@@ -1485,8 +1493,9 @@ impl Site {
             n_test: if withheld { 0 } else { eval.n as u64 },
             loss: if withheld { 0.0 } else { eval.loss },
             accuracy: if withheld { 0.0 } else { eval.accuracy },
-            auc: if withheld { 0.0 } else { eval.auc },
+            auc: if withheld { 0.0 } else { eval.auc() },
             withheld,
+            binary: (!withheld).then(|| wire::binary_to_pb(&eval.binary)),
         };
         self.egress.record("ReportMetrics", &report)?;
         self.metrics_sent.insert((a.job_id, a.round), report.clone());
@@ -1545,21 +1554,24 @@ impl Site {
             let quantizer = secure.quantizer(self.cohort_size(job_id)?);
             // The weight of the count declared in the ledger (checked to be
             // this data's in `round`), never summed.
-            let weight = secure.weight(self.counts()?.n_train);
+            let n_train = self.counts()?.n_train;
+            let weight = secure.weight(n_train);
             let metrics = self
                 .metric_inputs
                 .remove(&(job_id, round))
                 .context("this round's evaluation is missing; not sending an input without it")?;
-            let vector_len = layout.n_params() + metrics.len();
+            let vector_len = layout.n_params() + evaluation::ROUND_WORDS;
             // Training is CPU-bound: off the async threads, so heartbeats
             // and the summation's steps go on.
             let input = tokio::task::spawn_blocking(move || {
-                let (delta, _, _) = local_delta()?;
+                let (delta, _, train_loss) = local_delta()?;
                 let (mut input, factor) = quantizer.encode_update(&delta, weight, &mut rand::rng())?;
                 if factor < 1.0 {
                     info!(job = job_id, round, factor, "update clipped to the job's clip_norm");
                 }
-                input.extend(metrics);
+                // The training loss weighted by the declared rows, as the
+                // pooled loss is the survivors' weighted mean.
+                input.extend(metrics.encode_round(train_loss * n_train as f64));
                 Ok(input)
             });
             self.training.insert((job_id, round), (vector_len, input));
@@ -1654,10 +1666,11 @@ impl Site {
         if self.sessions.contains_key(&key) || self.done.contains(&(a.job_id, a.round, Work::Update)) {
             return;
         }
+        // `round` checked the announced kind against the job file.
         let vector_len = if a.train {
-            layout.n_params() + evaluation::WORDS
+            layout.n_params() + evaluation::ROUND_WORDS
         } else {
-            evaluation::WORDS
+            evaluation::FINAL_WORDS
         };
         let advertise = pb::Advertise {
             members: a.members.clone(),

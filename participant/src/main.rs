@@ -18,8 +18,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tessera_models::metrics::Evaluation;
 use tessera_models::schema::MissingRule;
 use tessera_protocol::job::JobSpec;
+use tessera_protocol::metrics;
 
 use crate::config::SiteConfig;
 use crate::local::LocalData;
@@ -414,23 +416,57 @@ fn pooled(job_path: &Path, configs: &[PathBuf], seed: Option<u64>, json: bool) -
         let per_site: Vec<_> = result
             .per_site
             .iter()
-            .map(|(s, n, a)| serde_json::json!({ "site_id": s.as_str(), "n_test": n, "accuracy": a }))
+            .map(|(s, e)| {
+                let mut row = evaluation_json(e);
+                row["site_id"] = serde_json::json!(s.as_str());
+                row
+            })
             .collect();
         println!(
             "{}",
-            serde_json::json!({ "per_site": per_site, "mean_accuracy": result.mean_accuracy })
+            serde_json::json!({
+                "per_site": per_site,
+                "mean_accuracy": result.mean_accuracy,
+                "pooled": evaluation_json(&result.pooled),
+            })
         );
     } else {
         println!(
-            "pooled baseline ({} trained centrally on all training splits):",
+            "pooled baseline, a development aid: {} trained centrally on all training splits \
+             (no federation; only possible where every site's data is readable)",
             job.model.label()
         );
-        for (site, n, acc) in &result.per_site {
-            println!("  {:<16} {:>6} {:>9.4}", site.as_str(), n, acc);
+        println!(
+            "  {:<16} {:>6} {:>9} {:>15} {:>7} {:>7}",
+            "test split", "n_test", "accuracy", "roc_auc", "ap", "brier"
+        );
+        let row = |name: &str, e: &Evaluation| {
+            println!(
+                "  {:<16} {:>6} {:>9.4} {:>15} {:>7} {:>7}",
+                name,
+                e.n,
+                e.accuracy,
+                metrics::auc_cell(e.binary.roc_auc),
+                metrics::cell(e.binary.average_precision),
+                metrics::cell(e.binary.brier),
+            )
+        };
+        for (site, e) in &result.per_site {
+            row(site.as_str(), e);
         }
         println!("  {:<16} {:>6} {:>9.4}", "mean over sites", "", result.mean_accuracy);
+        row("all sites pooled", &result.pooled);
     }
     Ok(())
+}
+
+/// An evaluation as the JSON outputs carry it: undefined metrics are `null`.
+fn evaluation_json(e: &Evaluation) -> serde_json::Value {
+    let mut v = serde_json::to_value(e.binary).expect("metrics serialise");
+    v["n_test"] = serde_json::json!(e.n);
+    v["accuracy"] = serde_json::json!(e.accuracy.is_finite().then_some(e.accuracy));
+    v["loss"] = serde_json::json!(e.loss.is_finite().then_some(e.loss));
+    v
 }
 
 /// `tessera-participant status`: the replica verified from scratch, and the

@@ -27,6 +27,21 @@ pub struct JobSpec {
     pub strategy: StrategySpec,
     pub timing: TimingSpec,
     pub aggregation: Aggregation,
+    pub evaluation: EvaluationSpec,
+}
+
+/// How the sites judge each model on their test rows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvaluationSpec {
+    /// A row is predicted positive when its probability exceeds this:
+    /// accuracy, sensitivity, specificity and PPV are taken at it.
+    pub threshold: f64,
+}
+
+impl Default for EvaluationSpec {
+    fn default() -> Self {
+        Self { threshold: 0.5 }
+    }
 }
 
 /// How site contributions are combined.
@@ -171,7 +186,54 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> JobError {
 )]
 pub struct PlaintextRequest;
 
+/// What a round of a job is, by the job file the site accepted: rounds 1 to
+/// `rounds` train, round `rounds + 1` is the final evaluation, and no other
+/// round exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoundKind {
+    Training,
+    /// The one summation per job that carries score histograms
+    /// (`evaluation`): a coordinator cannot call for a second one.
+    FinalEvaluation,
+}
+
+/// A round announced otherwise than the accepted job file allows.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "round {round} was announced {}, but the accepted job has {rounds} training rounds and its final evaluation is round {}; refusing",
+    if *train { "to train" } else { "as an evaluation only" },
+    rounds + 1
+)]
+pub struct AnnouncedRound {
+    pub round: u32,
+    pub train: bool,
+    pub rounds: u32,
+}
+
 impl JobSpec {
+    /// The kind of an announced round, checked against the announcement's
+    /// `train` flag: a coordinator cannot turn a training round into a
+    /// second final evaluation (whose histograms, summed over another
+    /// survivor set, would reveal a site's count of positive test rows).
+    pub fn round_kind(&self, round: u32, announced_train: bool) -> Result<RoundKind, AnnouncedRound> {
+        let refused = AnnouncedRound {
+            round,
+            train: announced_train,
+            rounds: self.rounds,
+        };
+        let kind = if (1..=self.rounds).contains(&round) {
+            RoundKind::Training
+        } else if round == self.rounds.saturating_add(1) {
+            RoundKind::FinalEvaluation
+        } else {
+            return Err(refused);
+        };
+        if (kind == RoundKind::Training) != announced_train {
+            return Err(refused);
+        }
+        Ok(kind)
+    }
+
     /// Parses and validates a job file.
     pub fn from_toml(text: &str) -> Result<Self, JobError> {
         if let Some(reason) = crate::cli::not_config_text(text) {
@@ -243,6 +305,40 @@ struct RawJob {
     #[serde(default)]
     insecure_plaintext: bool,
     secure_aggregation: Option<RawSecureAgg>,
+    #[serde(default)]
+    evaluation: RawEvaluation,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvaluation {
+    #[serde(default = "default_threshold")]
+    threshold: f64,
+}
+
+fn default_threshold() -> f64 {
+    EvaluationSpec::default().threshold
+}
+
+impl Default for RawEvaluation {
+    fn default() -> Self {
+        Self {
+            threshold: default_threshold(),
+        }
+    }
+}
+
+impl RawEvaluation {
+    fn validate(self) -> Result<EvaluationSpec, JobError> {
+        let t = self.threshold;
+        if !(t.is_finite() && t > 0.0 && t < 1.0) {
+            return Err(invalid(
+                "evaluation.threshold",
+                format!("must be a probability strictly between 0 and 1, got {t}"),
+            ));
+        }
+        Ok(EvaluationSpec { threshold: t })
+    }
 }
 
 #[derive(Deserialize)]
@@ -453,6 +549,7 @@ impl RawJob {
                 ));
             }
         };
+        let evaluation = self.evaluation.validate()?;
         Ok(JobSpec {
             name,
             rounds,
@@ -463,6 +560,7 @@ impl RawJob {
             strategy,
             timing,
             aggregation,
+            evaluation,
         })
     }
 }
@@ -631,6 +729,27 @@ learning_rate = 0.1
 local_epochs = 1
 "#;
 
+    /// A coordinator that announces a training round as a final
+    /// evaluation (or the reverse, or a round beyond the last) is refused:
+    /// the score histograms go into one summation per job.
+    #[test]
+    fn adversarial_a_second_final_evaluation_is_refused() {
+        let spec = JobSpec::from_toml(BASE).unwrap();
+        assert_eq!(spec.rounds, 5);
+        assert_eq!(spec.round_kind(1, true), Ok(RoundKind::Training));
+        assert_eq!(spec.round_kind(5, true), Ok(RoundKind::Training));
+        assert_eq!(spec.round_kind(6, false), Ok(RoundKind::FinalEvaluation));
+        let e = spec.round_kind(3, false).unwrap_err();
+        assert!(
+            e.to_string().contains("round 3 was announced as an evaluation only"),
+            "{e}"
+        );
+        assert!(spec.round_kind(6, true).is_err());
+        assert!(spec.round_kind(7, false).is_err());
+        assert!(spec.round_kind(0, true).is_err());
+        assert_eq!(spec.evaluation.threshold, 0.5);
+    }
+
     /// Replaces `from` in the base job with `to` and returns the error.
     fn check_err(from: &str, to: &str, field: &str, reason_part: &str) {
         let text = BASE.replace(from, to);
@@ -732,6 +851,14 @@ local_epochs = 1
             "NaN",
         );
         check_err("rounds = 5", "rounds = 0", "rounds", "between 1");
+        for bad in ["0.0", "1.0", "1.5", "nan", "-0.2"] {
+            check_err(
+                "local_epochs = 1",
+                &format!("local_epochs = 1\n[evaluation]\nthreshold = {bad}"),
+                "evaluation.threshold",
+                "strictly between 0 and 1",
+            );
+        }
         check_err("rounds = 5", "rounds = 5\nmin_sites = 2", "min_sites", "at least 3");
         check_err(
             "local_epochs = 1",

@@ -29,6 +29,7 @@ pub mod job;
 #[cfg(feature = "io")]
 pub mod keyfile;
 pub mod ledger;
+pub mod metrics;
 pub mod model;
 pub mod replay;
 pub mod roster;

@@ -5,6 +5,7 @@
 use crate::discovery;
 use crate::ids::SiteId;
 use crate::ledger::{Block, Endorsement};
+use crate::metrics::BinaryMetrics;
 use crate::pb;
 use crate::secagg::{AdvertisedKeys, EncryptedShare, SurvivorSignature, UnmaskResponse, shamir::Share};
 
@@ -153,6 +154,51 @@ pub fn proposal_to_pb(p: &discovery::SignedProposal) -> pb::CategoryProposal {
             })
             .collect(),
         signature: p.signature.clone(),
+    }
+}
+
+/// A site's clinical metrics as it reports them; every rate must be a
+/// probability and every calibration figure finite, so that nothing stored
+/// or shown is NaN or out of range.
+pub fn binary_from_pb(m: &pb::BinaryMetrics) -> Result<BinaryMetrics, WireError> {
+    let rate = |field: &'static str, v: Option<f64>| match v {
+        Some(v) if !(0.0..=1.0).contains(&v) => Err(bad(field, format!("must be in [0, 1] or unset, got {v}"))),
+        v => Ok(v),
+    };
+    let real = |field: &'static str, v: Option<f64>| match v {
+        Some(v) if !v.is_finite() => Err(bad(field, format!("must be finite or unset, got {v}"))),
+        v => Ok(v),
+    };
+    if !(m.threshold > 0.0 && m.threshold < 1.0) {
+        return Err(bad(
+            "binary.threshold",
+            format!("must be strictly between 0 and 1, got {}", m.threshold),
+        ));
+    }
+    Ok(BinaryMetrics {
+        roc_auc: rate("binary.roc_auc", m.roc_auc)?,
+        average_precision: rate("binary.average_precision", m.average_precision)?,
+        brier: rate("binary.brier", m.brier)?,
+        calibration_intercept: real("binary.calibration_intercept", m.calibration_intercept)?,
+        calibration_slope: real("binary.calibration_slope", m.calibration_slope)?,
+        threshold: m.threshold,
+        sensitivity: rate("binary.sensitivity", m.sensitivity)?,
+        specificity: rate("binary.specificity", m.specificity)?,
+        ppv: rate("binary.ppv", m.ppv)?,
+    })
+}
+
+pub fn binary_to_pb(m: &BinaryMetrics) -> pb::BinaryMetrics {
+    pb::BinaryMetrics {
+        roc_auc: m.roc_auc,
+        average_precision: m.average_precision,
+        brier: m.brier,
+        calibration_intercept: m.calibration_intercept,
+        calibration_slope: m.calibration_slope,
+        threshold: m.threshold,
+        sensitivity: m.sensitivity,
+        specificity: m.specificity,
+        ppv: m.ppv,
     }
 }
 
@@ -330,6 +376,30 @@ pub fn brief_reason(reason: &str) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn site_metrics_out_of_range_are_refused_by_field() {
+        let good = BinaryMetrics {
+            roc_auc: Some(0.8),
+            brier: Some(0.2),
+            calibration_slope: Some(1.3),
+            threshold: 0.5,
+            ..BinaryMetrics::default()
+        };
+        assert_eq!(binary_from_pb(&binary_to_pb(&good)), Ok(good));
+        let mut bad = binary_to_pb(&good);
+        bad.roc_auc = Some(f64::NAN);
+        assert_eq!(binary_from_pb(&bad).unwrap_err().field, "binary.roc_auc");
+        let mut bad = binary_to_pb(&good);
+        bad.ppv = Some(1.5);
+        assert_eq!(binary_from_pb(&bad).unwrap_err().field, "binary.ppv");
+        let mut bad = binary_to_pb(&good);
+        bad.calibration_intercept = Some(f64::INFINITY);
+        assert_eq!(binary_from_pb(&bad).unwrap_err().field, "binary.calibration_intercept");
+        let mut bad = binary_to_pb(&good);
+        bad.threshold = 0.0;
+        assert_eq!(binary_from_pb(&bad).unwrap_err().field, "binary.threshold");
+    }
 
     proptest! {
         #[test]

@@ -100,21 +100,34 @@ fn hex_bytes(hex: &str) -> [u8; 32] {
     bytes.try_into().expect("32 bytes")
 }
 
+/// Reports this site's metrics, after a report whose clinical metrics are
+/// out of range has been refused with the field named (nothing stored: the
+/// good report that follows is the one the job shows).
 async fn report_metrics(client: &mut Client, a: &pb::RoundAnnouncement) {
-    client
-        .report_metrics(pb::MetricsReport {
-            site_id: ME.into(),
-            job_id: a.job_id,
-            round: a.round,
-            model_hash: a.model_hash.clone(),
-            n_test: 45,
-            loss: 0.6,
-            accuracy: 0.5,
-            auc: f64::NAN,
-            withheld: false,
-        })
-        .await
-        .expect("metrics");
+    let report = pb::MetricsReport {
+        site_id: ME.into(),
+        job_id: a.job_id,
+        round: a.round,
+        model_hash: a.model_hash.clone(),
+        n_test: 45,
+        loss: 0.6,
+        accuracy: 0.5,
+        auc: f64::NAN,
+        withheld: false,
+        binary: Some(pb::BinaryMetrics {
+            brier: Some(0.25),
+            threshold: 0.5,
+            ..Default::default()
+        }),
+    };
+    let mut bad = report.clone();
+    bad.binary.as_mut().unwrap().ppv = Some(f64::NAN);
+    check(
+        client.report_metrics(bad).await.map(|_| ()),
+        Code::InvalidArgument,
+        "binary.ppv",
+    );
+    client.report_metrics(report).await.expect("metrics");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,6 +91,65 @@ fn four_hospitals_train_three_rounds() {
         );
     }
 
+    // Clinical metrics (issue 11): the weighted training loss of every
+    // round, summed securely; the pooled Brier score of every model, equal
+    // to the test-row-weighted mean of the sites' own; the final model's
+    // pooled ROC AUC, AP, calibration and threshold metrics from the summed
+    // score histograms.
+    for round in rounds {
+        let loss = round["mean_train_loss"].as_f64();
+        assert!(
+            loss.is_some_and(|l| l.is_finite() && l > 0.0),
+            "round without train loss: {round}"
+        );
+    }
+    for p in pooled {
+        let round = p["model_of_round"].as_u64().unwrap();
+        let reports: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["model_of_round"] == round).collect();
+        let n: f64 = reports.iter().map(|m| m["n_test"].as_f64().unwrap()).sum();
+        let weighted: f64 = reports
+            .iter()
+            .map(|m| m["brier"].as_f64().unwrap() * m["n_test"].as_f64().unwrap())
+            .sum();
+        let brier = p["brier"].as_f64().unwrap_or_else(|| panic!("no pooled Brier: {p}"));
+        assert!((brier - weighted / n).abs() < 1e-4, "{p} vs {}", weighted / n);
+        let is_final = round == 3;
+        assert_eq!(p["roc_auc"].is_number(), is_final, "{p}");
+    }
+    let final_pooled = &status["final_pooled"];
+    for field in [
+        "roc_auc",
+        "average_precision",
+        "brier",
+        "sensitivity",
+        "specificity",
+        "ppv",
+    ] {
+        let v = final_pooled[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field}: {final_pooled}"));
+        assert!((0.0..=1.0).contains(&v), "{field}: {final_pooled}");
+    }
+    assert!(
+        final_pooled["calibration_intercept"]
+            .as_f64()
+            .is_some_and(f64::is_finite)
+    );
+    assert!(final_pooled["calibration_slope"].as_f64().is_some_and(f64::is_finite));
+    assert!(final_pooled["roc_auc"].as_f64().unwrap() > 0.7, "{final_pooled}");
+    // A site whose test split has one class has no AUC: `null`, shown as
+    // "n/a (one class)"; no table shows NaN.
+    let one_class = metrics
+        .iter()
+        .filter(|m| m["model_of_round"] == 3)
+        .inspect(|m| assert!(m["brier"].is_number(), "{m}"))
+        .any(|m| m["roc_auc"].is_null());
+    let out = federation.tessera(&["job", "status", &job_id.to_string()]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !shown.contains("NaN"), "{shown}");
+    assert!(shown.contains("pooled (secure)"), "{shown}");
+    assert_eq!(shown.contains("n/a (one class)"), one_class, "{shown}");
+
     // Differencing: each site declared its row counts in its signed
     // acceptance; its declared test count is the one it evaluated on, and
     // every round's total weight is computed from the declarations of its
@@ -99,6 +158,17 @@ fn four_hospitals_train_three_rounds() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let blocks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let blocks = blocks.as_array().unwrap();
+    // The final model's metrics block records the pooled clinical metrics.
+    let final_block = blocks
+        .iter()
+        .find(|b| b["kind"] == "metrics" && b["payload"]["model_of_round"] == 3)
+        .expect("final metrics block");
+    let recorded = &final_block["payload"]["pooled"]["binary"];
+    assert_eq!(recorded["roc_auc"], final_pooled["roc_auc"], "{final_block:#}");
+    assert!(
+        final_block["payload"]["sites"][0]["binary"]["brier"].is_number(),
+        "{final_block:#}"
+    );
     let declared: std::collections::BTreeMap<&str, (u64, u64)> = blocks
         .iter()
         .filter(|b| b["kind"] == "job_accepted")

@@ -233,3 +233,34 @@ fn adversarial_real_daemons_never_endorse_a_member_their_roster_does_not_list() 
         .expect("the coordinator recorded the addition");
     assert_eq!(report["first_pending"]["height"], added as u64, "{report:#}");
 }
+
+/// Row 27 end to end: the coordinator announces the job's training round as
+/// an evaluation only, to have the sites send score histograms (whose
+/// totals are their positive and negative test rows) in a summation besides
+/// the final one. Every site takes the round's kind from the job file it
+/// accepted, refuses before it evaluates, and sends no metrics and no
+/// input besides its statistics.
+#[test]
+fn adversarial_real_daemons_refuse_to_evaluate_a_training_round_as_final() {
+    let federation = attacked("evaluate-twice");
+    let id = job(&federation);
+    let status = federation.wait_for(id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "failed", "{status:#}");
+    assert!(status["rounds"].as_array().unwrap().is_empty(), "{status:#}");
+    assert!(status["pooled"].as_array().unwrap().is_empty(), "{status:#}");
+    for site in SITES {
+        let log = federation.log(site);
+        assert!(
+            log.contains("round 1 was announced as an evaluation only"),
+            "{site}:\n{log}"
+        );
+        let sent = egress(&federation, site);
+        assert!(!sent.contains("\"kind\":\"ReportMetrics\""), "{site} reported metrics");
+        // One masked input left the site: the statistics (round 0).
+        let bodies = sent
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"SubmitUpdate\"") && l.contains("\"chunks\""))
+            .count();
+        assert_eq!(bodies, 1, "{site} sent an input besides its statistics:\n{sent}");
+    }
+}

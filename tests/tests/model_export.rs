@@ -203,7 +203,10 @@ fn an_exported_model_loads_in_python_and_predicts_as_tessera_does() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
-        Some("model_of_round,source,n_sites,n_test,accuracy,loss,roc_auc")
+        Some(
+            "model_of_round,source,n_sites,n_test,accuracy,loss,roc_auc,average_precision,brier,\
+             calibration_intercept,calibration_slope,threshold,sensitivity,specificity,ppv,train_loss"
+        )
     );
     let cells: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     let expected = status["pooled"].as_array().unwrap().len() + status["metrics"].as_array().unwrap().len();
@@ -235,7 +238,22 @@ fn an_exported_model_loads_in_python_and_predicts_as_tessera_does() {
         assert_eq!(object["accuracy"], shown["accuracy"], "{row:?}");
         assert_eq!(object["loss"], shown["loss"], "{row:?}");
         assert_eq!(object["n_test"], shown["n_test"], "{row:?}");
+        assert_eq!(object["roc_auc"], shown["roc_auc"], "{row:?}");
+        assert_eq!(object["brier"], shown["brier"], "{row:?}");
+        assert_eq!(row[8], number(&object["brier"]), "{row:?}");
     }
+    // The final model's pooled row has the ranking metrics (from the summed
+    // score histograms); a training round's pooled row its training loss.
+    let final_pooled = json
+        .iter()
+        .find(|o| o["source"] == "pooled" && o["model_of_round"] == 3)
+        .unwrap();
+    assert!(final_pooled["roc_auc"].is_number() && final_pooled["average_precision"].is_number());
+    let first_pooled = json
+        .iter()
+        .find(|o| o["source"] == "pooled" && o["model_of_round"] == 0)
+        .unwrap();
+    assert!(first_pooled["train_loss"].is_number(), "{first_pooled}");
     assert!(cells.iter().any(|c| c[1] == "pooled") && cells.iter().any(|c| c[1] == "cleveland"));
 
     // The watch view: each round once (it printed every round twice), the

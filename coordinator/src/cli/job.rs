@@ -10,6 +10,7 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tessera_protocol::job::JobSpec;
+use tessera_protocol::metrics::{auc_cell, cell};
 use tessera_protocol::pb;
 use tessera_protocol::pb::jobs_client::JobsClient;
 use tonic::transport::Channel;
@@ -307,12 +308,13 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     if n == 0 { f64::NAN } else { sum / n as f64 }
 }
 
-/// The columns of [`round_line`]. Accuracy is that of the model the round
-/// started from (the sites evaluate it before they train): pooled over
-/// every site's test rows by secure sum, and the mean of the sites' own
-/// figures, in separate columns.
-const ROUND_HEADER: &str = "round       sites  acc pooled  acc site mean  train loss  round ms  model         \
-                            (accuracy: of the model each round started from)";
+/// The columns of [`round_line`]. The metrics are those of the model the
+/// round started from (the sites evaluate it before they train): pooled
+/// over every site's test rows by secure sum, and the mean of the sites' own
+/// figures, in separate columns. The training loss is the round's own,
+/// weighted by the sites' training rows (securely summed in secure jobs).
+const ROUND_HEADER: &str = "round       sites  acc pooled  acc site mean  brier pooled  auc site mean  train loss  \
+                            round ms  model         (metrics: of the model each round started from)";
 
 fn round_line(
     round: &pb::RoundSummary,
@@ -330,11 +332,13 @@ fn round_line(
         format!("  dropped: {}", round.dropped.join(", "))
     };
     format!(
-        "{:<11} {:>5}  {}  {}  {}  {:>8}  {}{dropped}",
+        "{:<11} {:>5}  {}  {}  {}  {}  {}  {:>8}  {}{dropped}",
         format!("{:>3}/{total}", round.round),
         round.sites.len(),
         figure(pooled.map(|p| p.accuracy), 10, 3),
         figure(metrics.map(|ms| mean(ms.iter().map(|m| m.accuracy))), 13, 3),
+        figure(pooled.and_then(|p| p.binary.as_ref()?.brier), 12, 4),
+        figure(metrics.and_then(|ms| site_mean_auc(ms)), 13, 3),
         figure(Some(round.mean_train_loss), 10, 4),
         round.duration_ms,
         &round.model_hash[..12.min(round.model_hash.len())],
@@ -356,7 +360,16 @@ fn round_event(
             "pooled": pooled.map(|p| finite(p.accuracy)),
             "site_mean": metrics.map(|ms| finite(mean(ms.iter().map(|m| m.accuracy)))),
         },
+        "brier_before": { "pooled": pooled.and_then(|p| p.binary.as_ref()?.brier) },
+        "roc_auc_before": { "site_mean": metrics.and_then(|ms| site_mean_auc(ms)) },
     })
+}
+
+/// The mean ROC AUC over the sites where it is defined (a site whose test
+/// split has one class has none); `None` if no site has one.
+fn site_mean_auc(metrics: &[&pb::SiteMetrics]) -> Option<f64> {
+    let defined: Vec<f64> = metrics.iter().map(|m| m.auc).filter(|a| a.is_finite()).collect();
+    (!defined.is_empty()).then(|| mean(defined.into_iter()))
 }
 
 /// The job's status; its rounds too unless `--watch` printed them already.
@@ -398,33 +411,70 @@ fn print_status(status: &pb::JobStatusResponse, with_rounds: bool) {
     let last_model_round = job.rounds_done;
     if let Some(final_metrics) = metrics.get(&last_model_round).filter(|_| last_model_round > 0) {
         println!("final model (after round {last_model_round}) on each site's test split:");
-        println!(
-            "  {:<16} {:>6} {:>9} {:>7} {:>7}",
-            "site", "n_test", "accuracy", "auc", "loss"
-        );
+        println!("  {FINAL_HEADER}");
         for m in final_metrics {
             println!(
-                "  {:<16} {:>6} {:>9.4} {:>7} {:>7.4}",
-                m.site_id,
-                m.n_test,
-                m.accuracy,
-                auc_cell(m.auc),
-                m.loss
+                "  {}",
+                final_line(&m.site_id, m.n_test, m.accuracy, m.loss, Some(m.auc), m.binary.as_ref())
             );
         }
         println!(
-            "  {:<16} {:>6} {:>9.4}",
+            "  {:<16} {:>6} {:>8} {:>15}",
             "mean over sites",
             "",
-            mean(final_metrics.iter().map(|m| m.accuracy))
+            format!("{:.4}", mean(final_metrics.iter().map(|m| m.accuracy))),
+            cell(site_mean_auc(final_metrics)),
         );
     }
     if let Some(p) = pooled.get(&last_model_round).filter(|_| last_model_round > 0) {
         println!(
-            "  pooled over {} sites ({} test rows, secure sum): accuracy {:.4}, loss {:.4}",
-            p.n_sites, p.n_test, p.accuracy, p.loss
+            "  {}",
+            final_line("pooled (secure)", p.n_test, p.accuracy, p.loss, None, p.binary.as_ref())
+        );
+        println!(
+            "  (pooled: over {} sites' {} test rows by secure sum; threshold {})",
+            p.n_sites,
+            p.n_test,
+            p.binary.as_ref().map_or("-".to_owned(), |b| b.threshold.to_string())
         );
     }
+}
+
+/// The columns of [`final_line`]: a model's clinical metrics on one test split.
+const FINAL_HEADER: &str = "source              n_test accuracy         roc_auc      ap   brier cal_int cal_slp    sens    spec     ppv    loss";
+
+/// One row of the final model's table. `auc` is a site's own figure from
+/// software that reports no `binary` metrics.
+fn final_line(
+    source: &str,
+    n_test: u64,
+    accuracy: f64,
+    loss: f64,
+    auc: Option<f64>,
+    binary: Option<&pb::BinaryMetrics>,
+) -> String {
+    let b = binary.cloned().unwrap_or_default();
+    let auc = if binary.is_some() {
+        b.roc_auc
+    } else {
+        auc.filter(|a| a.is_finite())
+    };
+    let c = |v: Option<f64>| cell(v);
+    format!(
+        "{:<16} {:>9} {:>8} {:>15} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+        source,
+        n_test,
+        c(Some(accuracy)),
+        auc_cell(auc),
+        c(b.average_precision),
+        c(b.brier),
+        c(b.calibration_intercept),
+        c(b.calibration_slope),
+        c(b.sensitivity),
+        c(b.specificity),
+        c(b.ppv),
+        c(Some(loss)),
+    )
 }
 
 /// The sites that are not taking part in the job: held, declined or left out.
@@ -443,16 +493,6 @@ fn summary_json(j: &pb::JobSummary) -> serde_json::Value {
         "strategy": j.strategy, "model": j.model, "job_hash": j.job_hash,
         "created_at_ms": j.created_at_ms, "error": j.error,
     })
-}
-
-/// A ROC AUC as the status table shows it: a test split with one class has
-/// none, and says so (`n/a (one class)`) instead of printing NaN.
-fn auc_cell(auc: f64) -> String {
-    if auc.is_finite() {
-        format!("{auc:.4}")
-    } else {
-        "n/a (one class)".to_owned()
-    }
 }
 
 fn finite(v: f64) -> serde_json::Value {
@@ -479,10 +519,13 @@ fn status_json(status: &pb::JobStatusResponse) -> serde_json::Value {
         .metrics
         .iter()
         .map(|m| {
-            json!({
-                "model_of_round": m.round.saturating_sub(1), "site_id": m.site_id, "n_test": m.n_test,
-                "accuracy": m.accuracy, "auc": finite(m.auc), "loss": m.loss, "model_hash": m.model_hash,
-            })
+            with_binary(
+                json!({
+                    "model_of_round": m.round.saturating_sub(1), "site_id": m.site_id, "n_test": m.n_test,
+                    "accuracy": m.accuracy, "auc": finite(m.auc), "loss": m.loss, "model_hash": m.model_hash,
+                }),
+                m.binary.as_ref(),
+            )
         })
         .collect();
     let by_round = metrics_by_round(&status.metrics);
@@ -491,15 +534,19 @@ fn status_json(status: &pb::JobStatusResponse) -> serde_json::Value {
         .pooled
         .iter()
         .map(|p| {
-            json!({
-                "model_of_round": p.round.saturating_sub(1), "n_sites": p.n_sites, "n_test": p.n_test,
-                "accuracy": finite(p.accuracy), "loss": finite(p.loss),
-            })
+            with_binary(
+                json!({
+                    "model_of_round": p.round.saturating_sub(1), "n_sites": p.n_sites, "n_test": p.n_test,
+                    "accuracy": finite(p.accuracy), "loss": finite(p.loss),
+                }),
+                p.binary.as_ref(),
+            )
         })
         .collect();
-    let final_pooled = pooled_by_round(&status.pooled)
-        .get(&job.rounds_done)
-        .map(|p| finite(p.accuracy));
+    let final_pooled = pooled
+        .iter()
+        .find(|p| p["model_of_round"] == job.rounds_done && job.rounds_done > 0)
+        .cloned();
     let sites: Vec<_> = status
         .sites
         .iter()
@@ -513,8 +560,30 @@ fn status_json(status: &pb::JobStatusResponse) -> serde_json::Value {
         "metrics": metrics,
         "pooled": pooled,
         "final_mean_accuracy": final_metrics.map(|ms| finite(mean(ms.iter().map(|m| m.accuracy)))),
-        "final_pooled_accuracy": final_pooled,
+        "final_pooled_accuracy": final_pooled.as_ref().map(|p| p["accuracy"].clone()),
+        "final_pooled": final_pooled,
     })
+}
+
+/// A metrics object with the clinical metrics alongside (`null` where
+/// undefined, or where the source reported none).
+fn with_binary(mut object: serde_json::Value, binary: Option<&pb::BinaryMetrics>) -> serde_json::Value {
+    let b = binary.cloned().unwrap_or_default();
+    let fields = [
+        ("roc_auc", b.roc_auc),
+        ("average_precision", b.average_precision),
+        ("brier", b.brier),
+        ("calibration_intercept", b.calibration_intercept),
+        ("calibration_slope", b.calibration_slope),
+        ("threshold", binary.map(|b| b.threshold)),
+        ("sensitivity", b.sensitivity),
+        ("specificity", b.specificity),
+        ("ppv", b.ppv),
+    ];
+    for (name, value) in fields {
+        object[name] = json!(value);
+    }
+    object
 }
 
 #[cfg(test)]
@@ -525,8 +594,23 @@ mod tests {
     /// is undefined, said in the table and `null` in JSON, never NaN.
     #[test]
     fn an_undefined_auc_is_said_not_printed_as_nan() {
-        assert_eq!(auc_cell(0.81236), "0.8124");
-        assert_eq!(auc_cell(f64::NAN), "n/a (one class)");
+        assert_eq!(auc_cell(Some(0.81236)), "0.8124");
+        assert_eq!(auc_cell(Some(f64::NAN)), "n/a (one class)");
+        assert_eq!(auc_cell(None), "n/a (one class)");
+        let line = final_line("switzerland", 16, 0.9375, 0.3, Some(f64::NAN), None);
+        assert!(line.contains("n/a (one class)") && !line.contains("NaN"), "{line}");
+        let b = pb::BinaryMetrics {
+            roc_auc: Some(0.75),
+            brier: Some(0.2),
+            threshold: 0.5,
+            ..Default::default()
+        };
+        let line = final_line("pooled (secure)", 120, 0.8, 0.45, None, Some(&b));
+        assert!(
+            line.contains("0.7500") && line.contains("0.2000") && !line.contains("NaN"),
+            "{line}"
+        );
+        assert_eq!(FINAL_HEADER.split_whitespace().count(), 12);
         assert_eq!(finite(f64::NAN), serde_json::Value::Null);
         assert_eq!(finite(0.5), serde_json::json!(0.5));
     }

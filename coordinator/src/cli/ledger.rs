@@ -453,7 +453,7 @@ pub(crate) fn summary(payload: &Payload) -> String {
             m.sites.len(),
             m.pooled
                 .as_ref()
-                .map(|p| format!(", pooled accuracy {:.4} over {} sites", p.accuracy, p.n_sites))
+                .map(|p| format!(", pooled {} over {} sites", pooled_summary(p), p.n_sites))
                 .unwrap_or_default()
         ),
         Payload::JobEnded(e) => format!(
@@ -570,6 +570,21 @@ fn show(loaded: &Loaded, job: Option<u64>, round: Option<u32>, json: bool) -> Cl
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A pooled evaluation in a few words: accuracy, and the ROC AUC and Brier
+/// score where the block records them.
+pub(crate) fn pooled_summary(p: &tessera_protocol::ledger::payload::PooledMetrics) -> String {
+    let mut s = format!("accuracy {:.4}", p.accuracy);
+    if let Some(b) = &p.binary {
+        if let Some(auc) = b.roc_auc {
+            s.push_str(&format!(", ROC AUC {auc:.4}"));
+        }
+        if let Some(brier) = b.brier {
+            s.push_str(&format!(", Brier {brier:.4}"));
+        }
+    }
+    s
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ pub(crate) enum Format {
 
 /// One evaluation of one model: pooled over the sites (under secure
 /// aggregation in secure jobs) or one site's own.
-#[derive(Debug, PartialEq, Serialize)]
+#[derive(Debug, Default, PartialEq, Serialize)]
 pub(crate) struct MetricRow {
     /// The round whose model was evaluated (0: the initial model).
     pub model_of_round: u32,
@@ -28,35 +28,101 @@ pub(crate) struct MetricRow {
     pub n_test: u64,
     pub accuracy: Option<f64>,
     pub loss: Option<f64>,
-    /// A site's ROC AUC; undefined where its test split has one class,
-    /// and not computed for pooled rows yet.
+    /// Undefined where the test rows have one class; pooled only for the
+    /// final model (score histograms are summed once per job).
     pub roc_auc: Option<f64>,
+    pub average_precision: Option<f64>,
+    pub brier: Option<f64>,
+    pub calibration_intercept: Option<f64>,
+    pub calibration_slope: Option<f64>,
+    /// The probability above which a row counts as predicted positive.
+    pub threshold: Option<f64>,
+    pub sensitivity: Option<f64>,
+    pub specificity: Option<f64>,
+    pub ppv: Option<f64>,
+    /// Pooled rows: the weighted training loss of the round that trained
+    /// from this model (securely summed in secure jobs).
+    pub train_loss: Option<f64>,
 }
+
+/// The column names, for the header of an empty CSV.
+const COLUMNS: [&str; 16] = [
+    "model_of_round",
+    "source",
+    "n_sites",
+    "n_test",
+    "accuracy",
+    "loss",
+    "roc_auc",
+    "average_precision",
+    "brier",
+    "calibration_intercept",
+    "calibration_slope",
+    "threshold",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "train_loss",
+];
 
 fn defined(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
+impl MetricRow {
+    /// A row with the clinical metrics of `binary` (from a site on older
+    /// software: none but the ROC AUC it sent as `auc`).
+    fn with_binary(mut self, binary: Option<&pb::BinaryMetrics>) -> Self {
+        if let Some(b) = binary {
+            self.roc_auc = b.roc_auc;
+            self.average_precision = b.average_precision;
+            self.brier = b.brier;
+            self.calibration_intercept = b.calibration_intercept;
+            self.calibration_slope = b.calibration_slope;
+            self.threshold = Some(b.threshold);
+            self.sensitivity = b.sensitivity;
+            self.specificity = b.specificity;
+            self.ppv = b.ppv;
+        }
+        self
+    }
+}
+
 /// The rows of a job's status, by model, the pooled row first, then the
 /// sites by id.
 pub(crate) fn rows(status: &pb::JobStatusResponse) -> Vec<MetricRow> {
-    let pooled = status.pooled.iter().map(|p| MetricRow {
-        model_of_round: p.round.saturating_sub(1),
-        source: "pooled".to_owned(),
-        n_sites: Some(p.n_sites),
-        n_test: p.n_test,
-        accuracy: defined(p.accuracy),
-        loss: defined(p.loss),
-        roc_auc: None,
+    let train_loss = |model_of_round: u32| {
+        status
+            .rounds
+            .iter()
+            .find(|r| r.round == model_of_round + 1)
+            .and_then(|r| defined(r.mean_train_loss))
+    };
+    let pooled = status.pooled.iter().map(|p| {
+        let model_of_round = p.round.saturating_sub(1);
+        MetricRow {
+            model_of_round,
+            source: "pooled".to_owned(),
+            n_sites: Some(p.n_sites),
+            n_test: p.n_test,
+            accuracy: defined(p.accuracy),
+            loss: defined(p.loss),
+            train_loss: train_loss(model_of_round),
+            ..MetricRow::default()
+        }
+        .with_binary(p.binary.as_ref())
     });
-    let sites = status.metrics.iter().map(|m| MetricRow {
-        model_of_round: m.round.saturating_sub(1),
-        source: m.site_id.clone(),
-        n_sites: None,
-        n_test: m.n_test,
-        accuracy: defined(m.accuracy),
-        loss: defined(m.loss),
-        roc_auc: defined(m.auc),
+    let sites = status.metrics.iter().map(|m| {
+        MetricRow {
+            model_of_round: m.round.saturating_sub(1),
+            source: m.site_id.clone(),
+            n_test: m.n_test,
+            accuracy: defined(m.accuracy),
+            loss: defined(m.loss),
+            roc_auc: defined(m.auc),
+            ..MetricRow::default()
+        }
+        .with_binary(m.binary.as_ref())
     });
     let mut rows: Vec<MetricRow> = pooled.chain(sites).collect();
     rows.sort_by(|a, b| {
@@ -76,15 +142,7 @@ pub(crate) fn render(rows: &[MetricRow], format: Format) -> anyhow::Result<Vec<u
         Format::Csv => {
             let mut writer = csv::Writer::from_writer(Vec::new());
             if rows.is_empty() {
-                writer.write_record([
-                    "model_of_round",
-                    "source",
-                    "n_sites",
-                    "n_test",
-                    "accuracy",
-                    "loss",
-                    "roc_auc",
-                ])?;
+                writer.write_record(COLUMNS)?;
             }
             for row in rows {
                 writer.serialize(row)?;
@@ -98,6 +156,9 @@ pub(crate) fn render(rows: &[MetricRow], format: Format) -> anyhow::Result<Vec<u
 mod tests {
     use super::*;
 
+    const HEADER: &str = "model_of_round,source,n_sites,n_test,accuracy,loss,roc_auc,average_precision,brier,\
+                          calibration_intercept,calibration_slope,threshold,sensitivity,specificity,ppv,train_loss";
+
     fn status() -> pb::JobStatusResponse {
         let site = |round, site_id: &str, accuracy, auc| pb::SiteMetrics {
             round,
@@ -107,6 +168,7 @@ mod tests {
             accuracy,
             auc,
             model_hash: String::new(),
+            binary: None,
         };
         pb::JobStatusResponse {
             metrics: vec![
@@ -121,6 +183,12 @@ mod tests {
                     n_test: 20,
                     accuracy: 0.125,
                     loss: f64::NAN,
+                    binary: Some(pb::BinaryMetrics {
+                        roc_auc: Some(0.75),
+                        brier: Some(0.125),
+                        threshold: 0.5,
+                        ..Default::default()
+                    }),
                 },
                 pb::PooledMetrics {
                     round: 1,
@@ -128,8 +196,14 @@ mod tests {
                     n_test: 20,
                     accuracy: 0.375,
                     loss: 0.25,
+                    binary: None,
                 },
             ],
+            rounds: vec![pb::RoundSummary {
+                round: 1,
+                mean_train_loss: 0.5,
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -147,12 +221,14 @@ mod tests {
         let csv = String::from_utf8(render(&rows, Format::Csv).unwrap()).unwrap();
         assert_eq!(
             csv,
-            "model_of_round,source,n_sites,n_test,accuracy,loss,roc_auc\n\
-             0,pooled,2,20,0.375,0.25,\n\
-             0,cleveland,,10,0.25,0.5,0.5\n\
-             0,va,,10,0.5,0.5,0.625\n\
-             1,pooled,2,20,0.125,,\n\
-             1,va,,10,0.75,0.5,\n"
+            format!(
+                "{HEADER}\n\
+                 0,pooled,2,20,0.375,0.25,,,,,,,,,,0.5\n\
+                 0,cleveland,,10,0.25,0.5,0.5,,,,,,,,,\n\
+                 0,va,,10,0.5,0.5,0.625,,,,,,,,,\n\
+                 1,pooled,2,20,0.125,,0.75,,0.125,,,0.5,,,,\n\
+                 1,va,,10,0.75,0.5,,,,,,,,,,\n"
+            )
         );
         let json: serde_json::Value = serde_json::from_slice(&render(&rows, Format::Json).unwrap()).unwrap();
         assert_eq!(json[3]["loss"], serde_json::Value::Null);
@@ -165,6 +241,6 @@ mod tests {
     #[test]
     fn no_metrics_is_a_header_alone() {
         let csv = render(&[], Format::Csv).unwrap();
-        assert_eq!(csv, b"model_of_round,source,n_sites,n_test,accuracy,loss,roc_auc\n");
+        assert_eq!(csv, format!("{HEADER}\n").as_bytes());
     }
 }

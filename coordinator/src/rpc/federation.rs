@@ -24,7 +24,7 @@ use crate::state::{Phase, SessionNote, Shared};
 use tessera_protocol::ledger::payload::{DeclaredCounts, JobAccepted};
 use tessera_protocol::ledger::verify_decision;
 
-use crate::store::MetricsRow;
+use crate::store::{MetricsRow, binary_json};
 use crate::tls::Caller;
 use crate::unix_ms;
 
@@ -705,6 +705,12 @@ impl Federation for FederationService {
         if !report.auc.is_nan() && !(0.0..=1.0).contains(&report.auc) {
             return Err(RpcError::InvalidArgument("auc must be in [0, 1] or NaN".into()).into());
         }
+        let binary = report
+            .binary
+            .as_ref()
+            .map(wire::binary_from_pb)
+            .transpose()
+            .map_err(|e| RpcError::InvalidArgument(e.to_string()))?;
         let job_id = JobId(report.job_id);
         // Check, store, then mark as received: the driver may close the phase
         // only once the metrics are durable.
@@ -723,6 +729,7 @@ impl Federation for FederationService {
                     loss: report.loss,
                     accuracy: report.accuracy,
                     auc: (!report.auc.is_nan()).then_some(report.auc),
+                    binary: binary.as_ref().map(binary_json),
                 },
             )
             .await

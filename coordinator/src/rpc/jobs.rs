@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tessera_protocol::ids::JobId;
 use tessera_protocol::job::JobSpec;
 use tessera_protocol::ledger::payload::{JobCreated, JobEnded, Payload};
-use tessera_protocol::pb;
 use tessera_protocol::pb::jobs_server::Jobs;
+use tessera_protocol::{pb, wire};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -15,7 +15,7 @@ use super::RpcError;
 use super::federation::chunk_stream;
 use crate::ledger::SOFTWARE;
 use crate::state::Shared;
-use crate::store::{CANCELLED, JobRow, NewJob, Store};
+use crate::store::{CANCELLED, JobRow, NewJob, Store, binary_metrics};
 use crate::tls::Caller;
 use crate::unix_ms;
 
@@ -176,6 +176,7 @@ impl Jobs for JobsService {
                 loss: m.loss,
                 accuracy: m.accuracy,
                 auc: m.auc.unwrap_or(f64::NAN),
+                binary: binary_metrics(m.binary.as_deref()).as_ref().map(wire::binary_to_pb),
                 model_hash: m.model_hash,
             })
             .collect();
@@ -190,6 +191,7 @@ impl Jobs for JobsService {
                 n_test: p.n_test as u64,
                 accuracy: p.accuracy.unwrap_or(f64::NAN),
                 loss: p.loss.unwrap_or(f64::NAN),
+                binary: binary_metrics(p.binary.as_deref()).as_ref().map(wire::binary_to_pb),
             })
             .collect();
         let waiting = {
@@ -382,9 +384,13 @@ impl Jobs for JobsService {
             .into_iter()
             .find(|p| p.round == final_round)
             .map(|p| {
-                serde_json::json!({
+                let mut pooled = serde_json::json!({
                     "n_sites": p.n_sites, "n_test": p.n_test, "accuracy": p.accuracy, "loss": p.loss,
-                })
+                });
+                if let Some(binary) = binary_metrics(p.binary.as_deref()) {
+                    pooled["binary"] = serde_json::to_value(binary).expect("metrics serialise");
+                }
+                pooled
             });
         let manifest = serde_json::json!({
             "format": "tessera-model-v1",

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::BinaryMetrics;
+
 use super::Kind;
 
 /// A consortium member as the ledger knows it.
@@ -175,6 +177,9 @@ pub struct SiteMetrics {
     pub loss: f64,
     pub accuracy: f64,
     pub auc: Option<f64>,
+    /// The site's clinical metrics (absent from blocks written before them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<BinaryMetrics>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -183,6 +188,10 @@ pub struct PooledMetrics {
     pub n_test: u64,
     pub loss: f64,
     pub accuracy: f64,
+    /// Pooled clinical metrics: the Brier score for every model, the ranking
+    /// and threshold metrics for the final one (absent from older blocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<BinaryMetrics>,
 }
 
 /// How a job ended.

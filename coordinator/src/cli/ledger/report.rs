@@ -128,13 +128,18 @@ pub(crate) fn render(loaded: &Loaded) -> String {
                 .as_ref()
                 .map(|p| {
                     format!(
-                        "pooled accuracy {:.4} ({} sites, {} records)",
-                        p.accuracy, p.n_sites, p.n_test
+                        "pooled {} ({} sites, {} records)",
+                        super::pooled_summary(p),
+                        p.n_sites,
+                        p.n_test
                     )
                 })
                 .unwrap_or_default();
             for site in &m.sites {
                 let _ = write!(s, "<br>{}: accuracy {:.4}", esc(&site.site), site.accuracy);
+                if let Some(auc) = site.auc.filter(|a| a.is_finite()) {
+                    let _ = write!(s, ", ROC AUC {auc:.4}");
+                }
             }
             s
         });
