@@ -7,6 +7,8 @@
 #   scripts/demo.sh                 # the demo, with a live progress bar
 #   scripts/demo.sh --seed 3 --quiet --json-out FILE   # used by the benchmark
 #   scripts/demo.sh --insecure-plaintext                # same job without secure aggregation
+#   scripts/demo.sh --job examples/heart-severe/job.toml --sites examples/heart-severe/sites
+#                                   # another task on the same hospitals' data
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,10 +18,12 @@ quiet=0
 plaintext=0
 json_out=""
 job_file="examples/heart-disease/job.toml"
+sites_dir="examples/heart-disease/sites"
 while [ $# -gt 0 ]; do
   case "$1" in
     --seed) seed="$2"; shift 2 ;;
     --job) job_file="$2"; shift 2 ;;
+    --sites) sites_dir="$2"; shift 2 ;;
     --quiet) quiet=1; shift ;;
     --insecure-plaintext) plaintext=1; shift ;;
     --json-out) json_out="$2"; shift 2 ;;
@@ -84,7 +88,7 @@ addr="https://127.0.0.1:$(cat "$run_dir/port")"
 
 participant_pids=()
 for s in "${sites[@]}"; do
-  "$bin/tessera-participant" run --config "examples/heart-disease/sites/$s.toml" \
+  "$bin/tessera-participant" run --config "$sites_dir/$s.toml" \
     --coordinator "$addr" --state-dir "$ca/sites/$s" --tls-dir "$ca/sites/$s" --roster "$ca/roster.toml" \
     "${plaintext_flag[@]}" 2> "$run_dir/site-$s.log" &
   pids+=("$!")
@@ -111,7 +115,7 @@ coord_kb=$(peak "$coordinator_pid")
 site_kb=$(peak "${participant_pids[0]}")
 
 configs=()
-for s in "${sites[@]}"; do configs+=(--config "examples/heart-disease/sites/$s.toml"); done
+for s in "${sites[@]}"; do configs+=(--config "$sites_dir/$s.toml"); done
 baseline_args=()
 [ -n "$seed" ] && baseline_args=(--seed "$seed")
 "$bin/tessera-participant" pooled-baseline --job "$job" "${configs[@]}" "${baseline_args[@]}" --json \

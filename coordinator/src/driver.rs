@@ -26,7 +26,7 @@ use tessera_protocol::replay::round_sum;
 use tessera_protocol::round::{MemberState, RoundCollector, RoundParams};
 use tessera_protocol::secagg::server::{Abort, Transcript};
 use tessera_protocol::secagg::{Phase as SecPhase, RoundContext, commitment, exact};
-use tessera_protocol::stats::{FeatureStats, Normalization, sum_plaintext_stats};
+use tessera_protocol::stats::{ClassCounts, FeatureStats, Normalization, sum_plaintext_stats};
 use tessera_protocol::strategy;
 use tracing::{error, info, warn};
 
@@ -369,14 +369,14 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
     if row.phase == "done" {
         return Ok(());
     }
-    let (members, normalization) = match stored_preprocessing(row)? {
-        Some(normalization) => {
+    let (members, normalization, classes) = match stored_preprocessing(row)? {
+        Some((normalization, classes)) => {
             // Resumed past its preprocessing: the job is its sealed cohort's.
             set_phase(shared, job_id, "waiting for sites").await;
             let cohort = shared.ledger.cohort(job_id.0);
             let members = job_members(shared, job_id, &cohort).await?;
             wait_for_sites(shared, spec, Some(&members)).await?;
-            (members, normalization)
+            (members, normalization, classes)
         }
         None => {
             set_phase(shared, job_id, "waiting for sites").await;
@@ -401,13 +401,24 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
                 Store::put_aggregate_in(&mut tx.tx, job_id, 0, &hex::encode(commitment(&sum)), &bytes).await?;
                 tx.append(&block, unix_ms() as u64).await?;
             }
-            Store::set_preprocessing_in(&mut tx.tx, job_id, total.sum.len(), &normalization).await?;
+            Store::set_preprocessing_in(&mut tx.tx, job_id, total.sum.len(), &normalization, total.classes()).await?;
             Store::forget_sessions_in(&mut tx.tx, job_id, 0).await?;
             tx.commit().await?;
             info!(job = %job_id, n_features = total.sum.len(), rows = total.count, "global feature statistics computed");
-            (members, normalization)
+            (members, normalization, total.classes())
         }
     };
+    // The class weight every site derives from the same statistics sum
+    // (and checks against this announced one).
+    let mut pos_weight = classes
+        .pos_weight(spec.training.pos_weight)
+        .map_err(|e| Stop::Failed(format!("preprocessing: {e}")))?;
+    if crate::malicious::attack() == Some(crate::malicious::Attack::SkewClassWeight) {
+        pos_weight *= 2.0;
+    }
+    if pos_weight != 1.0 {
+        info!(job = %job_id, pos_weight, rows = classes.rows, positives = classes.positives, "class weight");
+    }
     let n_features = normalization.mean.len();
 
     let layout = spec.model.layout(n_features);
@@ -459,6 +470,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
             proximal_mu: strategy.configure_train(round).proximal_mu,
             members: round_members.iter().map(|s| s.to_string()).collect(),
             secure: secure.is_some(),
+            pos_weight,
         };
         let result = match secure {
             None => plaintext_round(shared, spec, announcement, &round_members, global.len()).await?,
@@ -576,6 +588,7 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
         proximal_mu: 0.0,
         members: members.iter().map(|s| s.to_string()).collect(),
         secure: secure.is_some(),
+        pos_weight,
     };
     install_round(shared, announcement, None, session, &members);
     let mut tx = match run_phase(shared).await? {
@@ -621,8 +634,9 @@ async fn job_members(
         .collect())
 }
 
-/// The normalisation a job's preprocessing stored, if it got that far.
-fn stored_preprocessing(row: &JobRow) -> Result<Option<Normalization>, Stop> {
+/// The normalisation and class counts a job's preprocessing stored, if it
+/// got that far.
+fn stored_preprocessing(row: &JobRow) -> Result<Option<(Normalization, ClassCounts)>, Stop> {
     let Some(json) = &row.normalization else {
         return Ok(None);
     };
@@ -630,13 +644,21 @@ fn stored_preprocessing(row: &JobRow) -> Result<Option<Normalization>, Stop> {
     struct Stored {
         mean: Vec<f64>,
         std: Vec<f64>,
+        rows: u64,
+        positives: u64,
     }
     let stored: Stored = serde_json::from_str(json)
-        .map_err(|e| Stop::Failed(format!("cannot resume: the stored normalisation does not parse: {e}")))?;
-    Ok(Some(Normalization {
-        mean: stored.mean,
-        std: stored.std,
-    }))
+        .map_err(|e| Stop::Failed(format!("cannot resume: the stored preprocessing does not parse: {e}")))?;
+    Ok(Some((
+        Normalization {
+            mean: stored.mean,
+            std: stored.std,
+        },
+        ClassCounts {
+            rows: stored.rows,
+            positives: stored.positives,
+        },
+    )))
 }
 
 /// The secure summation of `round` a previous process left in flight, as

@@ -26,6 +26,9 @@ pub enum Attack {
     /// another summation (whose difference with the real final one, over
     /// survivor sets that differ by one site, gives that site's prevalence).
     EvaluateTwice,
+    /// Announce twice the class weight the job's statistics give, to skew
+    /// what the sites' training optimises.
+    SkewClassWeight,
 }
 
 #[cfg(all(feature = "malicious", debug_assertions))]

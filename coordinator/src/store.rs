@@ -11,7 +11,7 @@ use sqlx::SqliteConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use tessera_protocol::ids::{JobId, SiteId};
 use tessera_protocol::metrics::BinaryMetrics;
-use tessera_protocol::stats::Normalization;
+use tessera_protocol::stats::{ClassCounts, Normalization};
 
 /// Handle to the coordinator database.
 #[derive(Clone)]
@@ -347,8 +347,13 @@ impl Store {
         job_id: JobId,
         n_features: usize,
         normalization: &Normalization,
+        classes: ClassCounts,
     ) -> anyhow::Result<()> {
-        let json = serde_json::json!({ "mean": normalization.mean, "std": normalization.std }).to_string();
+        let json = serde_json::json!({
+            "mean": normalization.mean, "std": normalization.std,
+            "rows": classes.rows, "positives": classes.positives,
+        })
+        .to_string();
         sqlx::query("UPDATE jobs SET n_features = ?, normalization = ? WHERE id = ?")
             .bind(n_features as i64)
             .bind(json)

@@ -168,12 +168,14 @@ fn epoch(file: PathBuf, schema_path: &Path) {
         learning_rate: 0.05,
         batch_size: 256,
         local_work: LocalWork::Epochs(1),
+        pos_weight: Default::default(),
     };
     let cfg = LocalTraining {
         layout: &layout,
         spec: &spec,
         proximal_mu: 0.0,
         seed: 1,
+        pos_weight: 1.0,
     };
     let device = tessera_models::default_device();
     let mut params = initial_params(&layout, 1);

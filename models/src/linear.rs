@@ -24,6 +24,8 @@ pub(crate) struct LinearLearner {
     /// The global model and FedProx μ, when the proximal term is on.
     anchor: Option<(Vec<f32>, f32)>,
     learning_rate: f32,
+    /// The weight of a positive row's loss and gradient.
+    pos_weight: f32,
     adam: Option<Adam>,
     grad: Vec<f32>,
 }
@@ -36,12 +38,19 @@ struct Adam {
 
 impl LinearLearner {
     /// Starts from `global` (`n_features` weights, then the bias).
-    pub(crate) fn new(global: &[f32], optimizer: OptimizerKind, learning_rate: f64, proximal_mu: f64) -> Self {
+    pub(crate) fn new(
+        global: &[f32],
+        optimizer: OptimizerKind,
+        learning_rate: f64,
+        proximal_mu: f64,
+        pos_weight: f64,
+    ) -> Self {
         let n = global.len();
         Self {
             params: global.to_vec(),
             anchor: (proximal_mu > 0.0).then(|| (global.to_vec(), proximal_mu as f32)),
             learning_rate: learning_rate as f32,
+            pos_weight: pos_weight as f32,
             adam: matches!(optimizer, OptimizerKind::Adam).then(|| Adam {
                 moment_1: vec![0.0; n],
                 moment_2: vec![0.0; n],
@@ -92,8 +101,11 @@ impl LinearLearner {
             let row = data.row(i);
             let z = dot(row, weights) + bias;
             let y = data.labels[i];
-            loss += bce_with_logit(z, y);
-            let residual = (sigmoid(z) - y) * scale;
+            // 1.0 for a negative (and for every row when unweighted): the
+            // products below are then exact, and the step the plain one.
+            let weight = if y > 0.5 { self.pos_weight } else { 1.0 };
+            loss += f64::from(weight) * bce_with_logit(z, y);
+            let residual = weight * (sigmoid(z) - y) * scale;
             axpy(residual, row, grad_w);
             grad_b[0] += residual;
         }
@@ -209,7 +221,7 @@ mod tests {
             labels: vec![1.0, 0.0],
             ..Dataset::empty(2)
         };
-        let mut learner = LinearLearner::new(&[1.0, -1.0, 0.5], OptimizerKind::Sgd, 0.1, 0.0);
+        let mut learner = LinearLearner::new(&[1.0, -1.0, 0.5], OptimizerKind::Sgd, 0.1, 0.0, 1.0);
         let loss = learner.step(&data, &[0, 1]);
         // z = [1 - 2 + 0.5, -1 - 0.5 + 0.5] = [-0.5, -1.0]
         let (s0, s1) = (sigmoid(-0.5), sigmoid(-1.0));

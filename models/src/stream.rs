@@ -330,6 +330,7 @@ pub fn feature_stats(rows: &dyn Rows) -> Result<FeatureStats, DataError> {
     let mut stats = FeatureStats::of_rows(rows.n_features(), std::iter::empty());
     rows.scan(&mut |batch| {
         stats.add_rows(batch.rows());
+        stats.add_labels(&batch.labels);
         ControlFlow::Continue(())
     })?;
     Ok(stats)
@@ -386,6 +387,7 @@ mod tests {
             spec,
             proximal_mu: 0.0,
             seed: 11,
+            pos_weight: 1.0,
         };
         let device = crate::default_device();
         let train = Standardized {
@@ -407,6 +409,7 @@ mod tests {
             learning_rate: 0.05,
             batch_size,
             local_work,
+            pos_weight: Default::default(),
         }
     }
 

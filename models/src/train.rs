@@ -27,6 +27,9 @@ pub struct LocalTraining<'a> {
     pub proximal_mu: f64,
     /// Seeds the minibatch order (vary it per site and round).
     pub seed: u64,
+    /// The weight of a positive row's loss (1: the plain loss), resolved
+    /// from the job's `pos_weight` (`stats::ClassCounts::pos_weight`).
+    pub pos_weight: f64,
 }
 
 /// The result of local training: new weights and the sample count that
@@ -194,6 +197,7 @@ struct GraphLearner<'d> {
     anchor: Option<Vec<(Tensor<2>, Tensor<1>)>>,
     proximal_mu: f64,
     learning_rate: f64,
+    pos_weight: f64,
     device: &'d Device,
 }
 
@@ -208,6 +212,7 @@ impl<'d> Learner<'d> {
                 cfg.spec.optimizer,
                 cfg.spec.learning_rate,
                 cfg.proximal_mu,
+                cfg.pos_weight,
             )));
         }
         Ok(Learner::Graph(GraphLearner {
@@ -219,6 +224,7 @@ impl<'d> Learner<'d> {
             anchor: (cfg.proximal_mu > 0.0).then(|| anchor_tensors(cfg.layout, global, device)),
             proximal_mu: cfg.proximal_mu,
             learning_rate: cfg.spec.learning_rate,
+            pos_weight: cfg.pos_weight,
             device,
         }))
     }
@@ -231,7 +237,7 @@ impl<'d> Learner<'d> {
             Learner::Graph(g) => {
                 let (x, y) = batch_tensors(data, batch, g.device);
                 let net = g.model.take().expect("model present between steps");
-                let data_loss = bce_loss(net.forward(x), y);
+                let data_loss = bce_loss(net.forward(x), y, g.pos_weight);
                 let loss_value = f64::from(data_loss.clone().into_scalar::<f32>());
                 let loss = match &g.anchor {
                     Some(anchor) => data_loss + proximal_term(&net, anchor) * (g.proximal_mu / 2.0),
@@ -334,8 +340,14 @@ fn batch_tensors(data: &Dataset, batch: &[usize], device: &Device) -> (Tensor<2>
 }
 
 /// Mean binary cross-entropy on logits: `−[y·logσ(z) + (1−y)·logσ(−z)]`.
-fn bce_loss(logits: Tensor<2>, labels: Tensor<2>) -> Tensor<1> {
-    let positive = log_sigmoid(logits.clone()) * labels.clone();
+/// Mean binary cross-entropy, a positive row's term weighted by
+/// `pos_weight` (left out of the graph when it is 1, so the plain loss is
+/// computed exactly as before).
+fn bce_loss(logits: Tensor<2>, labels: Tensor<2>, pos_weight: f64) -> Tensor<1> {
+    let mut positive = log_sigmoid(logits.clone()) * labels.clone();
+    if pos_weight != 1.0 {
+        positive = positive * pos_weight;
+    }
     let negative = log_sigmoid(logits.neg()) * (labels.neg() + 1.0);
     (positive + negative).neg().mean()
 }
@@ -377,6 +389,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use rand::Rng;
+    use tessera_protocol::job::PosWeight;
     use tessera_protocol::model::{ModelSpec, initial_params};
 
     /// Linearly separable data: label = x0 > 0.
@@ -401,6 +414,7 @@ mod tests {
             learning_rate: 0.1,
             batch_size: 16,
             local_work: LocalWork::Epochs(epochs),
+            pos_weight: PosWeight::default(),
         }
     }
 
@@ -421,6 +435,7 @@ mod tests {
                 spec: &spec,
                 proximal_mu: 0.0,
                 seed: 1,
+                pos_weight: 1.0,
             };
             let update = train_local(&cfg, &init, &data, &device).unwrap();
             let after = evaluate(&layout, &update.params, &data, 0.5, &device).unwrap();
@@ -442,7 +457,7 @@ mod tests {
             ..ProptestConfig::default()
         })]
         /// The closed-form learner is an optimisation of the graph one: on
-        /// random data, optimisers, FedProx μ and batch sizes, both end at
+        /// random data, optimisers, FedProx μ, class weights and batch sizes, both end at
         /// the same weights and report the same loss, up to float rounding.
         #[test]
         fn the_linear_learner_trains_as_burns_graph_does(
@@ -450,6 +465,7 @@ mod tests {
             n_rows in 1usize..150,
             adam in any::<bool>(),
             mu in prop::sample::select(vec![0.0, 0.5]),
+            pos_weight in prop::sample::select(vec![1.0, 4.5]),
             batch_size in 1usize..40,
             epochs in 1u32..3,
             seed in any::<u64>(),
@@ -468,8 +484,9 @@ mod tests {
                 learning_rate: 0.05,
                 batch_size,
                 local_work: LocalWork::Epochs(epochs),
+                pos_weight: PosWeight::default(),
             };
-            let cfg = LocalTraining { layout: &layout, spec: &spec, proximal_mu: mu, seed };
+            let cfg = LocalTraining { layout: &layout, spec: &spec, proximal_mu: mu, seed, pos_weight };
             prop_assert_eq!(Engine::for_layout(&layout), Engine::Linear);
             let linear = train_with(&cfg, &init, &data, &device, Engine::Linear).unwrap();
             let graph = train_with(&cfg, &init, &data, &device, Engine::Graph).unwrap();
@@ -478,6 +495,38 @@ mod tests {
             }
             prop_assert!((linear.train_loss - graph.train_loss).abs() <= 1e-4 * (1.0 + graph.train_loss));
             prop_assert_eq!(linear.n_samples, graph.n_samples);
+        }
+    }
+
+    /// A positive class weight above 1 makes positives cost more: the
+    /// model then predicts a higher risk for every row, in both engines.
+    #[test]
+    fn a_positive_class_weight_raises_the_predicted_risk() {
+        let device = crate::default_device();
+        let mut data = separable(200);
+        // Overlapping classes, 1 positive in 4: a weight has room to act.
+        for (i, y) in data.labels.iter_mut().enumerate() {
+            *y = f32::from(u8::from(i % 4 == 0));
+        }
+        for model in [ModelSpec::LogisticRegression, ModelSpec::Mlp { hidden: vec![4] }] {
+            let layout = model.layout(2);
+            let init = initial_params(&layout, 3);
+            let spec = spec(OptimizerKind::Sgd, 20);
+            let mean_logit = |pos_weight: f64| {
+                let cfg = LocalTraining {
+                    layout: &layout,
+                    spec: &spec,
+                    proximal_mu: 0.0,
+                    seed: 1,
+                    pos_weight,
+                };
+                let params = train_local(&cfg, &init, &data, &device).unwrap().params;
+                let (logits, _) = score(&layout, &params, &data, &device).unwrap();
+                logits.iter().map(|&z| f64::from(z)).sum::<f64>() / logits.len() as f64
+            };
+            let (plain, weighted) = (mean_logit(1.0), mean_logit(3.0));
+            // ln 3 ≈ 1.1 is what a weight of 3 shifts an intercept-only model by.
+            assert!(weighted > plain + 0.5, "{model:?}: {weighted} vs {plain}");
         }
     }
 
@@ -494,6 +543,7 @@ mod tests {
                 spec: &spec,
                 proximal_mu: 0.0,
                 seed,
+                pos_weight: 1.0,
             };
             train_local(&cfg, &init, &data, &device).unwrap().params
         };
@@ -514,6 +564,7 @@ mod tests {
                 spec: &spec,
                 proximal_mu: mu,
                 seed: 1,
+                pos_weight: 1.0,
             };
             let p = train_local(&cfg, &init, &data, &device).unwrap().params;
             p.iter().zip(&init).map(|(a, b)| (a - b) * (a - b)).sum::<f32>()
@@ -536,6 +587,7 @@ mod tests {
             spec: &spec,
             proximal_mu: 0.0,
             seed: 1,
+            pos_weight: 1.0,
         };
         assert!(matches!(
             train_local(&cfg, &init, &data, &device).unwrap_err(),

@@ -31,7 +31,8 @@ pub fn pooled_baseline(job: &JobSpec, sites: &[(SiteId, LocalData)]) -> anyhow::
             .map(|(_, d)| to_dataset(d.train.as_ref()))
             .collect::<Result<Vec<_>, _>>()?,
     );
-    let stats = FeatureStats::of_rows(train.n_features, train.rows());
+    let mut stats = FeatureStats::of_rows(train.n_features, train.rows());
+    stats.add_labels(&train.labels);
     let normalization = Normalization::from_stats(&stats)?;
     let layout = job.model.layout(train.n_features);
     let mut spec = job.training.clone();
@@ -45,6 +46,9 @@ pub fn pooled_baseline(job: &JobSpec, sites: &[(SiteId, LocalData)]) -> anyhow::
         spec: &spec,
         proximal_mu: 0.0,
         seed: job.seed,
+        // "balanced" from the union's classes: what the cohort's secure
+        // statistics give the federated sites.
+        pos_weight: stats.classes().pos_weight(job.training.pos_weight)?,
     };
     let init = initial_params(&layout, job.seed);
     let trained = train_local(&cfg, &init, &train.standardized(&normalization), &device)?;

@@ -14,7 +14,7 @@ use tessera_protocol::CHUNK_BYTES;
 use tessera_protocol::discovery;
 use tessera_protocol::evaluation::{self, SiteSums};
 use tessera_protocol::ids::{SiteId, sha256_hex, sha256_le_words};
-use tessera_protocol::job::{Aggregation, JobSpec, RoundKind, SecureAggSpec};
+use tessera_protocol::job::{Aggregation, JobSpec, PosWeight, RoundKind, SecureAggSpec};
 use tessera_protocol::ledger::payload::{DeclaredCounts, Summation};
 use tessera_protocol::ledger::pin::Consortium;
 use tessera_protocol::ledger::sign_decision;
@@ -28,7 +28,7 @@ use tessera_protocol::secagg::client::{self, ClientConfig};
 use tessera_protocol::secagg::crypto::SigningKey;
 use tessera_protocol::secagg::quantize::NonFiniteUpdate;
 use tessera_protocol::secagg::{RoundContext, commitment, exact};
-use tessera_protocol::stats::{FeatureStats, Normalization};
+use tessera_protocol::stats::{ClassCounts, FeatureStats, Normalization};
 use tessera_protocol::wire;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -350,7 +350,7 @@ struct Site {
     /// Per secure job, the model history this site derived itself.
     replays: HashMap<u64, ModelReplay>,
     /// Per secure job, the normalisation this site derived itself.
-    normalizations: HashMap<u64, Normalization>,
+    normalizations: HashMap<u64, (Normalization, ClassCounts)>,
     /// The rounds this site has sent a masked input to, on disk: never two
     /// summations of one round's input (their difference would reveal it).
     contributions: Contributions,
@@ -1179,6 +1179,7 @@ impl Site {
                 missing: Vec::new(),
                 features_hash: self.data_for(task.job_id)?.schema.features_hash(),
                 n_features,
+                positives: 0,
             }
         } else {
             info!(job = task.job_id, name = %spec.name, "sending preprocessing statistics in the clear");
@@ -1191,6 +1192,7 @@ impl Site {
                 missing: stats.missing,
                 features_hash: self.data_for(task.job_id)?.schema.features_hash(),
                 n_features: 0,
+                positives: stats.positives,
             }
         };
         self.egress.record("SubmitStats", &report)?;
@@ -1263,6 +1265,8 @@ impl Site {
         } else {
             normalization
         };
+        // Checked before this site evaluates or trains anything.
+        self.pos_weight(&spec, &a)?;
         // Inputs and summations of earlier rounds of this job can no longer
         // be used.
         self.inputs
@@ -1333,6 +1337,41 @@ impl Site {
         Ok(None)
     }
 
+    /// The weight of a positive row's loss in this job. A secure job's is
+    /// this site's own, from the class counts of the statistics sum it
+    /// derived (`derived_normalization`), and the announced one must be it:
+    /// a coordinator cannot skew what the site's training optimises. A
+    /// plaintext job's "balanced" weight is taken as announced (its
+    /// statistics were sent in the clear to the coordinator that sums them).
+    fn pos_weight(&self, spec: &JobSpec, a: &pb::RoundAnnouncement) -> anyhow::Result<f64> {
+        let own = match (spec.is_secure(), spec.training.pos_weight) {
+            (true, asked) => {
+                let (_, classes) = self
+                    .normalizations
+                    .get(&a.job_id)
+                    .context("the class counts of this secure job were not derived")?;
+                classes.pos_weight(asked)?
+            }
+            (false, PosWeight::Fixed(w)) => w,
+            (false, PosWeight::Balanced) => {
+                if !(a.pos_weight.is_finite() && a.pos_weight > 0.0) {
+                    bail!("announced class weight {} is not a positive number", a.pos_weight);
+                }
+                a.pos_weight
+            }
+        };
+        if own != a.pos_weight {
+            bail!(
+                "round {} of job {} was announced with class weight {}, but this site derives {own} from the \
+                 job file and its statistics; refusing",
+                a.round,
+                a.job_id,
+                a.pos_weight
+            );
+        }
+        Ok(own)
+    }
+
     /// The normalisation of a secure job, derived by this site from the
     /// statistics sum its final `summation` block commits to (fetched and
     /// checked against `aggregate_sha256`); the block's
@@ -1345,7 +1384,7 @@ impl Site {
         announced: Normalization,
     ) -> anyhow::Result<Normalization> {
         let derived = match self.normalizations.get(&job_id) {
-            Some(n) => n.clone(),
+            Some((n, _)) => n.clone(),
             None => {
                 let block = self
                     .replica
@@ -1373,7 +1412,7 @@ impl Site {
                     self.replica.refuse(reason.clone());
                     bail!("{reason}");
                 }
-                self.normalizations.insert(job_id, derived.clone());
+                self.normalizations.insert(job_id, (derived.clone(), stats.classes()));
                 derived
             }
         };
@@ -1512,6 +1551,7 @@ impl Site {
         global: &[f32],
         normalization: &Normalization,
     ) -> anyhow::Result<Option<pb::Task>> {
+        let pos_weight = self.pos_weight(spec, a)?;
         let seed = spec.seed ^ (u64::from(a.round) << 32) ^ seed_of(&self.id);
         let (job_id, round, proximal_mu) = (a.job_id, a.round, a.proximal_mu);
         let (device, layout_owned, training, global_owned, train, normalization) = (
@@ -1528,6 +1568,7 @@ impl Site {
                 spec: &training,
                 proximal_mu,
                 seed,
+                pos_weight,
             };
             let train = Standardized {
                 rows: train.as_ref(),

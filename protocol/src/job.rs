@@ -104,6 +104,26 @@ pub struct TrainingSpec {
     pub learning_rate: f64,
     pub batch_size: usize,
     pub local_work: LocalWork,
+    /// How much a positive row's loss counts against a negative one's.
+    pub pos_weight: PosWeight,
+}
+
+/// The weight of the positive class in the training loss (PyTorch's
+/// `pos_weight`): for rare outcomes, where an unweighted model learns to
+/// predict "negative" for everyone.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PosWeight {
+    /// A fixed weight; 1 is the plain loss.
+    Fixed(f64),
+    /// Negatives per positive over the cohort's training rows, which every
+    /// site computes from the secure statistics (`stats::ClassCounts`).
+    Balanced,
+}
+
+impl Default for PosWeight {
+    fn default() -> Self {
+        PosWeight::Fixed(1.0)
+    }
 }
 
 /// Local optimiser used by the sites.
@@ -439,6 +459,15 @@ struct RawTraining {
     batch_size: i64,
     local_epochs: Option<i64>,
     local_steps: Option<i64>,
+    pos_weight: Option<RawPosWeight>,
+}
+
+/// `pos_weight = 3.0` or `pos_weight = "balanced"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPosWeight {
+    Number(f64),
+    Text(String),
 }
 
 fn default_optimizer() -> String {
@@ -625,11 +654,23 @@ impl RawTraining {
                 ));
             }
         };
+        let pos_weight = match self.pos_weight {
+            None => PosWeight::default(),
+            Some(RawPosWeight::Number(w)) => PosWeight::Fixed(finite_in("training.pos_weight", w, 0.0, 1e4)?),
+            Some(RawPosWeight::Text(t)) if t == "balanced" => PosWeight::Balanced,
+            Some(RawPosWeight::Text(t)) => {
+                return Err(invalid(
+                    "training.pos_weight",
+                    format!("expected a number or \"balanced\", got \"{t}\""),
+                ));
+            }
+        };
         Ok(TrainingSpec {
             optimizer,
             learning_rate,
             batch_size,
             local_work,
+            pos_weight,
         })
     }
 }
@@ -786,6 +827,16 @@ local_epochs = 1
         assert_eq!(job.model, ModelSpec::LogisticRegression);
         assert_eq!(job.training.optimizer, OptimizerKind::Sgd);
         assert_eq!(job.training.local_work, LocalWork::Epochs(1));
+        assert_eq!(job.training.pos_weight, PosWeight::Fixed(1.0));
+        let with = |v: &str| {
+            JobSpec::from_toml(&BASE.replace("local_epochs = 1", &format!("local_epochs = 1\npos_weight = {v}")))
+                .unwrap()
+                .training
+                .pos_weight
+        };
+        assert_eq!(with("\"balanced\""), PosWeight::Balanced);
+        assert_eq!(with("3"), PosWeight::Fixed(3.0));
+        assert_eq!(with("0.5"), PosWeight::Fixed(0.5));
         assert_eq!(job.strategy, StrategySpec::FedAvg);
         let Aggregation::Secure(secure) = job.aggregation else {
             panic!("secure by default")
@@ -851,6 +902,18 @@ local_epochs = 1
             "NaN",
         );
         check_err("rounds = 5", "rounds = 0", "rounds", "between 1");
+        for (bad, reason) in [
+            ("0.0", "(0, 10000]"),
+            ("-2", "(0, 10000]"),
+            ("\"balance\"", "\"balanced\""),
+        ] {
+            check_err(
+                "local_epochs = 1",
+                &format!("local_epochs = 1\npos_weight = {bad}"),
+                "training.pos_weight",
+                reason,
+            );
+        }
         for bad in ["0.0", "1.0", "1.5", "nan", "-0.2"] {
             check_err(
                 "local_epochs = 1",

@@ -259,15 +259,17 @@ fn newton(groups: &[Group], free_slope: bool) -> Option<(f64, f64)> {
             }
             (g0 / h00, 0.0)
         };
-        // Step halving keeps every step uphill.
+        // Step halving keeps every step uphill (a NaN likelihood is no
+        // improvement).
+        let uphill = |next: f64| next.partial_cmp(&ll).is_some_and(|o| o.is_ge());
         let mut step = 1.0;
         let (mut next_a, mut next_b, mut next_ll) = (a + da, b + db, log_likelihood(groups, a + da, b + db));
-        while !(next_ll >= ll) && step > 1e-6 {
+        while !uphill(next_ll) && step > 1e-6 {
             step /= 2.0;
             (next_a, next_b) = (a + step * da, b + step * db);
             next_ll = log_likelihood(groups, next_a, next_b);
         }
-        if !(next_ll >= ll) {
+        if !uphill(next_ll) {
             return None;
         }
         let moved = (next_a - a).abs().max((next_b - b).abs());
@@ -392,7 +394,8 @@ mod tests {
             let logits: Vec<f32> = rows.iter().map(|r| f32::from(r.0) / 2.0).collect();
             let labels: Vec<f32> = rows.iter().map(|r| if r.1 { 1.0 } else { 0.0 }).collect();
             let m = BinaryMetrics::of_scores(&logits, &labels, 0.5);
-            let (pos, neg): (Vec<&(i8, bool)>, Vec<&(i8, bool)>) = rows.iter().partition(|r| r.1);
+            let pos: Vec<i8> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
+            let neg: Vec<i8> = rows.iter().filter(|r| !r.1).map(|r| r.0).collect();
             if pos.is_empty() || neg.is_empty() {
                 prop_assert_eq!(m.roc_auc, None);
                 return Ok(());
@@ -400,14 +403,14 @@ mod tests {
             let mut wins = 0.0;
             for p in &pos {
                 for n in &neg {
-                    wins += if p.0 > n.0 { 1.0 } else if p.0 == n.0 { 0.5 } else { 0.0 };
+                    wins += if p > n { 1.0 } else if p == n { 0.5 } else { 0.0 };
                 }
             }
             let expected = wins / (pos.len() * neg.len()) as f64;
             prop_assert!((m.roc_auc.unwrap() - expected).abs() < 1e-12);
             // AP: precision at threshold "score ≥ s" for each positive's score s.
             let ap: f64 = pos.iter().map(|p| {
-                let above = rows.iter().filter(|r| r.0 >= p.0);
+                let above = rows.iter().filter(|r| r.0 >= *p);
                 let (tp, all) = above.fold((0.0, 0.0), |(t, a), r| (t + f64::from(u8::from(r.1)), a + 1.0));
                 tp / all
             }).sum::<f64>() / pos.len() as f64;

@@ -7,6 +7,8 @@
 //! encoding, see `secagg::exact`); [`sum_plaintext_stats`] combines them only
 //! for `insecure_plaintext` jobs.
 
+use crate::job::PosWeight;
+
 /// Statistics of one site's training split over the encoded features.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FeatureStats {
@@ -17,6 +19,41 @@ pub struct FeatureStats {
     pub sum_sq: Vec<f64>,
     /// Per feature, the rows where it was missing and is to be imputed.
     pub missing: Vec<u64>,
+    /// Rows whose label is positive: what a "balanced" class weight needs.
+    pub positives: u64,
+}
+
+/// The training rows of a job's cohort by class, from the statistics sum:
+/// every site derives them itself, as it derives the normalisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClassCounts {
+    pub rows: u64,
+    pub positives: u64,
+}
+
+/// Why a class weight cannot be resolved.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "pos_weight = \"balanced\" needs both classes in the cohort's training rows, which hold {positives} positive of {rows}"
+)]
+pub struct OneClass {
+    pub rows: u64,
+    pub positives: u64,
+}
+
+impl ClassCounts {
+    /// The positive-class weight a job asks for: its fixed value, or the
+    /// cohort's negatives per positive for "balanced".
+    pub fn pos_weight(self, asked: PosWeight) -> Result<f64, OneClass> {
+        match asked {
+            PosWeight::Fixed(w) => Ok(w),
+            PosWeight::Balanced if self.positives == 0 || self.positives >= self.rows => Err(OneClass {
+                rows: self.rows,
+                positives: self.positives,
+            }),
+            PosWeight::Balanced => Ok((self.rows - self.positives) as f64 / self.positives as f64),
+        }
+    }
 }
 
 /// Per-feature mean and standard deviation used to standardise inputs.
@@ -37,7 +74,7 @@ pub enum StatsError {
     Ragged { sum: usize, sum_sq: usize, missing: usize },
     #[error("statistics contain a value that is not finite or a negative sum of squares")]
     NotFinite,
-    #[error("a feature is missing in more rows than there are")]
+    #[error("a feature is missing in, or a label positive in, more rows than there are")]
     MissingExceedsRows,
     #[error("sites have no training rows in total")]
     NoRows,
@@ -53,14 +90,29 @@ impl FeatureStats {
             sum: vec![0.0; width],
             sum_sq: vec![0.0; width],
             missing: vec![0; width],
+            positives: 0,
         }
+    }
+
+    /// The class counts of these rows.
+    pub fn classes(&self) -> ClassCounts {
+        ClassCounts {
+            rows: self.count,
+            positives: self.positives,
+        }
+    }
+
+    /// Counts the positive labels (1.0) among `labels`, the labels of rows
+    /// added with [`Self::add_rows`].
+    pub fn add_labels(&mut self, labels: &[f32]) {
+        self.positives += labels.iter().filter(|&&y| y > 0.5).count() as u64;
     }
 
     /// How many values a site's statistics over `n_features` features
     /// put into the secure sum: the count, then per feature the sums, the
-    /// sums of squares and the missing counts.
+    /// sums of squares and the missing counts, then the positive labels.
     pub fn secure_len(n_features: usize) -> usize {
-        1 + 3 * n_features
+        2 + 3 * n_features
     }
 
     /// The values a site puts into the secure sum, in the order
@@ -71,6 +123,7 @@ impl FeatureStats {
         values.extend(&self.sum);
         values.extend(&self.sum_sq);
         values.extend(self.missing.iter().map(|&m| m as f64));
+        values.push(self.positives as f64);
         values
     }
 
@@ -83,7 +136,7 @@ impl FeatureStats {
         if values.len() != Self::secure_len(n_features) {
             return Err(StatsError::Width {
                 expected: n_features,
-                got: values.len().saturating_sub(1) / 3,
+                got: values.len().saturating_sub(2) / 3,
             });
         }
         let count = |v: f64| v.round().max(0.0) as u64;
@@ -92,7 +145,8 @@ impl FeatureStats {
             count: count(values[0]),
             sum: values[1..1 + n].to_vec(),
             sum_sq: values[1 + n..1 + 2 * n].to_vec(),
-            missing: values[1 + 2 * n..].iter().map(|&v| count(v)).collect(),
+            missing: values[1 + 2 * n..1 + 3 * n].iter().map(|&v| count(v)).collect(),
+            positives: count(values[1 + 3 * n]),
         };
         stats.check()?;
         Ok(stats)
@@ -140,7 +194,7 @@ impl FeatureStats {
         if self.sum.iter().any(|v| !v.is_finite()) || self.sum_sq.iter().any(|v| !v.is_finite() || *v < 0.0) {
             return Err(StatsError::NotFinite);
         }
-        if self.missing.iter().any(|&m| m > self.count) {
+        if self.missing.iter().any(|&m| m > self.count) || self.positives > self.count {
             return Err(StatsError::MissingExceedsRows);
         }
         Ok(())
@@ -161,6 +215,7 @@ pub fn sum_plaintext_stats(reports: &[FeatureStats]) -> Result<FeatureStats, Sta
             });
         }
         total.count += report.count;
+        total.positives += report.positives;
         for j in 0..width {
             total.sum[j] += report.sum[j];
             total.sum_sq[j] += report.sum_sq[j];
@@ -305,7 +360,9 @@ mod tests {
     #[test]
     fn secure_values_round_trip_through_the_exact_sum() {
         use crate::secagg::exact;
-        let stats = FeatureStats::of_rows(2, [[1.5f32, f32::NAN].as_slice(), [-2.0, 4.0].as_slice()]);
+        let mut stats = FeatureStats::of_rows(2, [[1.5f32, f32::NAN].as_slice(), [-2.0, 4.0].as_slice()]);
+        stats.add_labels(&[1.0, 0.0]);
+        assert_eq!(stats.classes(), ClassCounts { rows: 2, positives: 1 });
         let values = stats.secure_values();
         assert_eq!(values.len(), FeatureStats::secure_len(2));
         let words = exact::encode(&values).unwrap();
@@ -321,6 +378,30 @@ mod tests {
             FeatureStats::from_secure_sum(&words, 2),
             Err(StatsError::MissingExceedsRows)
         );
+    }
+
+    /// "balanced" weighs a positive row by the cohort's negatives per
+    /// positive; a cohort with one class cannot be balanced, and says so.
+    #[test]
+    fn a_balanced_class_weight_comes_from_the_class_counts() {
+        let counts = ClassCounts {
+            rows: 740,
+            positives: 100,
+        };
+        assert_eq!(counts.pos_weight(PosWeight::Balanced), Ok(6.4));
+        assert_eq!(counts.pos_weight(PosWeight::Fixed(2.0)), Ok(2.0));
+        let none = ClassCounts {
+            rows: 261,
+            positives: 0,
+        };
+        let e = none.pos_weight(PosWeight::Balanced).unwrap_err();
+        assert!(e.to_string().contains("0 positive of 261"), "{e}");
+        assert!(
+            ClassCounts { rows: 5, positives: 5 }
+                .pos_weight(PosWeight::Balanced)
+                .is_err()
+        );
+        assert_eq!(none.pos_weight(PosWeight::Fixed(1.0)), Ok(1.0));
     }
 
     proptest! {

@@ -162,7 +162,8 @@ async fn bad_updates_are_refused_precisely_and_the_round_goes_on() {
     let data_path = repo().join("../shared/data/heart-disease/processed.va.data");
     let (data, _) = read_csv(&data_path, &schema).unwrap();
     let (train, test) = data.split(&schema.split);
-    let stats = FeatureStats::of_rows(train.n_features, train.rows());
+    let mut stats = FeatureStats::of_rows(train.n_features, train.rows());
+    stats.add_labels(&train.labels);
     let report = pb::StatsReport {
         site_id: ME.into(),
         job_id: stats_task.job_id,
@@ -172,6 +173,7 @@ async fn bad_updates_are_refused_precisely_and_the_round_goes_on() {
         missing: stats.missing,
         features_hash: schema.features_hash(),
         n_features: 0,
+        positives: stats.positives,
     };
     // A site that has not accepted the job on the ledger takes no part in
     // it, not even with its statistics.

@@ -395,6 +395,51 @@ fn imputed_missing_values_keep_every_row_in_a_secure_job() {
     );
 }
 
+/// A rare outcome (severe disease, 13.5 % of rows; none at Hungary) with
+/// `pos_weight = "balanced"`: the weight is the cohort's negatives per
+/// positive over the training rows, which every site derives from the
+/// secure statistics and the coordinator announces (a site would refuse
+/// another, so the job finishing shows they agree). The weighted model
+/// ranks the rare class: its pooled ROC AUC, from the summed histograms.
+#[test]
+fn a_balanced_class_weight_is_derived_from_the_secure_statistics() {
+    let mut federation = Federation::start(&SITES);
+    let dir = federation.dir.path().to_owned();
+    let schema_path = repo().join("examples/heart-severe/schema.toml");
+    let schema = tessera_models::schema::Schema::from_toml(&std::fs::read_to_string(&schema_path).unwrap()).unwrap();
+    let (mut rows, mut positives) = (0u64, 0u64);
+    for site in SITES {
+        let data = tessera_tests::heart_data(site);
+        let (table, _) = tessera_models::data::read_csv(&data, &schema).unwrap();
+        let (train, _) = table.split(&schema.split);
+        rows += train.len() as u64;
+        positives += train.n_positive() as u64;
+        federation.add_site_config(site, &site_config(&dir, site, &data, &schema_path), &[]);
+    }
+    let expected = (rows - positives) as f64 / positives as f64;
+    let job = std::fs::read_to_string(repo().join("examples/heart-severe/job.toml"))
+        .unwrap()
+        .replace("rounds = 30", "rounds = 3");
+    let job_id = federation.submit(&federation.write_job("job.toml", &job));
+    let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "finished", "{status:#}\n{}", federation.logs());
+    let log = federation.log("coordinator");
+    assert!(
+        log.contains(&format!("pos_weight={expected}")),
+        "expected pos_weight={expected} ({positives} positive of {rows}):\n{log}"
+    );
+    let auc = status["final_pooled"]["roc_auc"].as_f64().unwrap();
+    assert!(auc > 0.7, "{:#}", status["final_pooled"]);
+    // Hungary's test split has no severe case: its own AUC is undefined.
+    let hungary = status["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["site_id"] == "hungary" && m["model_of_round"] == 3)
+        .unwrap();
+    assert!(hungary["roc_auc"].is_null(), "{hungary}");
+}
+
 /// A round that waits for a site that went silent says so, naming the
 /// step, the site, how long it has been silent and when it will be
 /// dropped, instead of "running" until the dropout window ends.

@@ -33,6 +33,15 @@ fn egress(federation: &Federation, site: &str) -> String {
     std::fs::read_to_string(federation.state_dir(site).join("egress.jsonl")).unwrap_or_default()
 }
 
+/// How many masked inputs (or updates) `site` sent: the bodies of its
+/// `SubmitUpdate` uploads in its egress log.
+fn inputs_sent(federation: &Federation, site: &str) -> usize {
+    egress(federation, site)
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"SubmitUpdate\"") && l.contains("\"chunks\""))
+        .count()
+}
+
 /// Attack 3 end to end: the coordinator sets `secure = false` in its request
 /// for a secure job's statistics. Every site refuses; no statistics leave.
 #[test]
@@ -254,13 +263,40 @@ fn adversarial_real_daemons_refuse_to_evaluate_a_training_round_as_final() {
             log.contains("round 1 was announced as an evaluation only"),
             "{site}:\n{log}"
         );
-        let sent = egress(&federation, site);
-        assert!(!sent.contains("\"kind\":\"ReportMetrics\""), "{site} reported metrics");
+        assert!(
+            !egress(&federation, site).contains("\"kind\":\"ReportMetrics\""),
+            "{site} reported metrics"
+        );
         // One masked input left the site: the statistics (round 0).
-        let bodies = sent
-            .lines()
-            .filter(|l| l.contains("\"kind\":\"SubmitUpdate\"") && l.contains("\"chunks\""))
-            .count();
-        assert_eq!(bodies, 1, "{site} sent an input besides its statistics:\n{sent}");
+        assert_eq!(
+            inputs_sent(&federation, site),
+            1,
+            "{site} sent an input besides its statistics"
+        );
+    }
+}
+
+/// Row 28 end to end: the coordinator announces twice the class weight the
+/// job's statistics give. Every site derives the weight itself from the
+/// statistics sum its ledger commits to, refuses the round, and sends no
+/// update.
+#[test]
+fn adversarial_real_daemons_refuse_a_class_weight_they_did_not_derive() {
+    let federation = attacked("skew-class-weight");
+    let id = job(&federation);
+    let status = federation.wait_for(id, &["finished", "failed", "cancelled"]);
+    assert_eq!(status["job"]["status"], "failed", "{status:#}");
+    assert!(status["rounds"].as_array().unwrap().is_empty(), "{status:#}");
+    for site in SITES {
+        let log = federation.log(site);
+        assert!(
+            log.contains("was announced with class weight 2, but this site derives 1"),
+            "{site}:\n{log}"
+        );
+        assert_eq!(
+            inputs_sent(&federation, site),
+            1,
+            "{site} sent an input besides its statistics"
+        );
     }
 }

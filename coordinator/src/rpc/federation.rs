@@ -348,7 +348,12 @@ impl Federation for FederationService {
         let stats = if secure_report {
             // Secure jobs: only the encoding travels here; the statistics
             // follow by secure sum.
-            if report.count != 0 || !report.sum.is_empty() || !report.sum_sq.is_empty() || !report.missing.is_empty() {
+            if report.count != 0
+                || report.positives != 0
+                || !report.sum.is_empty()
+                || !report.sum_sq.is_empty()
+                || !report.missing.is_empty()
+            {
                 return Err(RpcError::InvalidArgument(
                     "a secure job's report carries no statistics in the clear".into(),
                 )
@@ -365,6 +370,7 @@ impl Federation for FederationService {
                 sum: report.sum,
                 sum_sq: report.sum_sq,
                 missing: report.missing,
+                positives: report.positives,
             }
         };
         if stats.sum.is_empty() {
