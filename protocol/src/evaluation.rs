@@ -182,6 +182,27 @@ pub enum DecodeError {
     Exact(#[from] exact::ExactError),
     #[error("{n_test} pooled test rows: beyond what u32 counts can sum")]
     TooManyRows { n_test: u64 },
+    /// No honest set of sites sums to this (a site sent values out of
+    /// range: there are no range proofs), so nothing is published.
+    #[error("the summed evaluation is inconsistent: {0}")]
+    Inconsistent(&'static str),
+}
+
+/// Refuses sums that no honest sites over `n_test` rows can give.
+fn check_sums(correct: f64, loss: f64, brier: f64, n_test: u64) -> Result<(), DecodeError> {
+    let n = n_test as f64;
+    if !(0.0..=n + 0.5).contains(&correct) {
+        return Err(DecodeError::Inconsistent("more correct predictions than test rows"));
+    }
+    // Each row's squared error is at most 1 (and the encoding rounds each
+    // site's sum by at most 2^-17).
+    if !(-1e-3..=n + 1e-3).contains(&brier) {
+        return Err(DecodeError::Inconsistent("a Brier sum outside [0, test rows]"));
+    }
+    if loss < -1e-3 {
+        return Err(DecodeError::Inconsistent("a negative log-loss sum"));
+    }
+    Ok(())
 }
 
 /// Pooled metrics of a training round's tail, from sites whose declared
@@ -194,6 +215,7 @@ pub fn decode_round(words: &[u32], n_test: u64, n_train: u64, threshold: f64) ->
         });
     }
     let v = exact::decode_sum(words)?;
+    check_sums(v[0], v[1], v[2], n_test)?;
     let per = |sum: f64, n: u64| (n > 0).then(|| sum / n as f64);
     Ok(Pooled {
         n_test,
@@ -223,7 +245,20 @@ pub fn decode_final(words: &[u32], n_test: u64, threshold: f64) -> Result<Pooled
     let sums_end = 3 * exact::LIMBS;
     let v = exact::decode_sum(&words[..sums_end])?;
     let (tp, fp) = (words[sums_end], words[sums_end + 1]);
+    check_sums(v[0], v[1], v[2], n_test)?;
     let (positives, negatives) = words[sums_end + 2..].split_at(BINS);
+    let count = |bins: &[u32]| bins.iter().map(|&c| u64::from(c)).sum::<u64>();
+    let (n_pos, n_neg) = (count(positives), count(negatives));
+    if n_pos + n_neg != n_test {
+        return Err(DecodeError::Inconsistent(
+            "the score histograms do not hold the declared test rows",
+        ));
+    }
+    if u64::from(tp) > n_pos || u64::from(fp) > n_neg {
+        return Err(DecodeError::Inconsistent(
+            "more true or false positives than rows of the class",
+        ));
+    }
     let groups: Vec<Group> = (0..BINS)
         .filter(|&b| positives[b] > 0 || negatives[b] > 0)
         .map(|b| Group {
@@ -276,7 +311,7 @@ mod tests {
         assert!((pooled.train_loss.unwrap() - 12.5 / 40.0).abs() < 1e-4);
         assert!(pooled.binary.brier.is_some());
         assert_eq!(pooled.binary.roc_auc, None, "no ranking metric in a round");
-        assert_eq!(decode_round(&sum, 0, 0, 0.5).unwrap().accuracy, None);
+        assert_eq!(decode_round(&[0; ROUND_WORDS], 0, 0, 0.5).unwrap().accuracy, None);
         assert!(matches!(
             decode_round(&sum[1..], 3, 40, 0.5),
             Err(DecodeError::Length { .. })
@@ -294,6 +329,31 @@ mod tests {
         assert_eq!((s.true_positives, s.false_positives), (2, 0));
         assert_eq!(bin_of(f64::NAN), 0);
         assert!((bin_center(bin_of(0.3)) - 0.3).abs() <= LOGIT_SPAN / BINS as f64);
+    }
+
+    /// Sums no honest sites give are refused, not published: histograms
+    /// that hold other than the declared rows, more true positives than
+    /// positives, more correct predictions than rows.
+    #[test]
+    fn inconsistent_sums_are_refused() {
+        let s = SiteSums::of_scores(&[0.3, -2.0, 1.0], &[1.0, 0.0, 0.0], 0.5);
+        assert!(decode_final(&s.encode_final(), 3, 0.5).is_ok());
+        assert!(matches!(
+            decode_final(&s.encode_final(), 4, 0.5),
+            Err(DecodeError::Inconsistent(_))
+        ));
+        let mut lying = s.clone();
+        lying.true_positives = 2;
+        assert!(matches!(
+            decode_final(&lying.encode_final(), 3, 0.5),
+            Err(DecodeError::Inconsistent(_))
+        ));
+        let mut lying = s.clone();
+        lying.correct = 5;
+        assert!(matches!(
+            decode_round(&lying.encode_round(1.0), 3, 3, 0.5),
+            Err(DecodeError::Inconsistent(_))
+        ));
     }
 
     /// A diverged model (infinite logits, NaN) is sent at the bound, never
@@ -332,6 +392,28 @@ mod tests {
         };
         assert_eq!(a.encode_round(5.0), b.encode_round(5.0));
         assert_eq!(a.encode_round(5.0).len(), ROUND_WORDS);
+    }
+
+    proptest! {
+        /// Any summed words (a malicious site can add any value) decode to
+        /// an error or to rates within [0, 1], never a panic.
+        #[test]
+        fn any_summed_words_decode_or_are_refused(
+            words in proptest::collection::vec(any::<u32>(), FINAL_WORDS..=FINAL_WORDS),
+            n_test in 0u64..5_000_000_000,
+            threshold in 0.01f64..0.99,
+        ) {
+            if let Ok(p) = decode_final(&words, n_test, threshold) {
+                let b = p.binary;
+                for rate in [b.roc_auc, b.average_precision, b.brier, b.sensitivity, b.specificity, b.ppv]
+                    .into_iter()
+                    .flatten()
+                {
+                    prop_assert!((-1e-6..=1.0 + 1e-6).contains(&rate), "{b:?}");
+                }
+            }
+            let _ = decode_round(&words[..ROUND_WORDS], n_test, n_test, threshold);
+        }
     }
 
     proptest! {

@@ -595,5 +595,33 @@ mod tests {
             });
             let _ = decode_words(&bytes);
         }
+
+        /// Whatever a site reports, the metrics that get through are
+        /// probabilities and finite calibration figures: nothing stored or
+        /// shown is NaN or out of range.
+        #[test]
+        fn site_metrics_that_decode_are_in_range(
+            values in prop::collection::vec(
+                prop::option::of(prop_oneof![any::<f64>(), -0.5f64..1.5, Just(f64::NAN), Just(f64::INFINITY)]),
+                8,
+            ),
+            threshold in prop_oneof![any::<f64>(), 0.0f64..1.0],
+        ) {
+            let m = pb::BinaryMetrics {
+                roc_auc: values[0], average_precision: values[1], brier: values[2],
+                calibration_intercept: values[3], calibration_slope: values[4], threshold,
+                sensitivity: values[5], specificity: values[6], ppv: values[7],
+            };
+            if let Ok(b) = binary_from_pb(&m) {
+                for rate in [b.roc_auc, b.average_precision, b.brier, b.sensitivity, b.specificity, b.ppv].into_iter().flatten() {
+                    prop_assert!((0.0..=1.0).contains(&rate));
+                }
+                for real in [b.calibration_intercept, b.calibration_slope].into_iter().flatten() {
+                    prop_assert!(real.is_finite());
+                }
+                prop_assert!(b.threshold > 0.0 && b.threshold < 1.0);
+                prop_assert_eq!(binary_to_pb(&b), m);
+            }
+        }
     }
 }

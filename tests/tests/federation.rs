@@ -419,7 +419,7 @@ fn a_balanced_class_weight_is_derived_from_the_secure_statistics() {
     let expected = (rows - positives) as f64 / positives as f64;
     let job = std::fs::read_to_string(repo().join("examples/heart-severe/job.toml"))
         .unwrap()
-        .replace("rounds = 30", "rounds = 3");
+        .replace("rounds = 400", "rounds = 3");
     let job_id = federation.submit(&federation.write_job("job.toml", &job));
     let status = federation.wait_for(job_id, &["finished", "failed", "cancelled"]);
     assert_eq!(status["job"]["status"], "finished", "{status:#}\n{}", federation.logs());

@@ -419,7 +419,7 @@ fn print_status(status: &pb::JobStatusResponse, with_rounds: bool) {
             );
         }
         println!(
-            "  {:<16} {:>6} {:>8} {:>15}",
+            "  {:<16} {:>9} {:>8} {:>15}",
             "mean over sites",
             "",
             format!("{:.4}", mean(final_metrics.iter().map(|m| m.accuracy))),
