@@ -254,6 +254,30 @@ fn an_exported_model_loads_in_python_and_predicts_as_tessera_does() {
         .find(|o| o["source"] == "pooled" && o["model_of_round"] == 0)
         .unwrap();
     assert!(first_pooled["train_loss"].is_number(), "{first_pooled}");
+
+    // Charts of the same metrics: loss, accuracy and ROC AUC, each an SVG
+    // with a line per source (pooled, the site mean, each of the 4 sites).
+    let charts = federation.dir.path().join("charts");
+    let out = federation.tessera(&["job", "plot", &job_id.to_string(), "--out", charts.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    for (file, lines) in [("loss.svg", 7), ("accuracy.svg", 6)] {
+        let svg = std::fs::read_to_string(charts.join(file)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.len() > 2000, "{file}: {svg}");
+        assert!(listing.contains(&format!("{file} ({lines} series)")), "{listing}");
+        // Series lines are 2 or 3 wide; the grid's are 1.
+        let drawn = svg
+            .split("<polyline")
+            .skip(1)
+            .map(|p| p.split('>').next().unwrap_or_default())
+            .filter(|p| p.contains("stroke-width=\"2\"") || p.contains("stroke-width=\"3\""))
+            .count();
+        assert_eq!(drawn, lines, "{file}");
+    }
+    // The pooled ROC AUC exists for the final model only: one marker.
+    let roc = std::fs::read_to_string(charts.join("roc_auc.svg")).unwrap();
+    assert!(roc.contains("ROC AUC, pooled (secure sum)"), "{roc}");
+    assert_eq!(roc.matches("<circle").count(), 1);
     assert!(cells.iter().any(|c| c[1] == "pooled") && cells.iter().any(|c| c[1] == "cleveland"));
 
     // The watch view: each round once (it printed every round twice), the

@@ -15,7 +15,7 @@ use tessera_protocol::pb;
 use tessera_protocol::pb::jobs_client::JobsClient;
 use tonic::transport::Channel;
 
-use super::{CliError, CliResult, connect, metrics};
+use super::{CliError, CliResult, connect, metrics, plot};
 
 #[derive(Subcommand)]
 pub(crate) enum JobCommand {
@@ -52,6 +52,13 @@ pub(crate) enum JobCommand {
         /// Write to FILE instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Draw a job's metrics as SVG charts in DIR: loss, accuracy and ROC
+    /// AUC per round, pooled, the site mean and each site in its own series.
+    Plot {
+        job_id: u64,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// Cancel a queued or running job.
     Cancel { job_id: u64 },
@@ -113,6 +120,18 @@ pub(crate) async fn exec(addr: &str, cmd: JobCommand) -> CliResult {
                         .write_all(&bytes)
                         .context("cannot write to standard output")?;
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Plot { job_id, out } => {
+            let mut client = JobsClient::new(connect(addr).await?);
+            let status = client.job_status(pb::JobStatusRequest { job_id }).await?.into_inner();
+            let charts = plot::charts(&status).with_context(|| format!("job {job_id}"))?;
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            for chart in charts {
+                let path = out.join(chart.file);
+                std::fs::write(&path, &chart.svg).with_context(|| format!("cannot write {}", path.display()))?;
+                println!("{} ({} series)", path.display(), chart.series.len());
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -11,6 +11,7 @@ mod ledger;
 mod metrics;
 mod model;
 mod onnx;
+mod plot;
 mod sites;
 
 use std::path::PathBuf;
