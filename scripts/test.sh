@@ -37,6 +37,10 @@ if ! python3 -c "import safetensors.numpy, numpy, onnxruntime" 2>/dev/null; then
   echo "installing safetensors, numpy and onnxruntime (pip) for the model export test" >&2
   python3 -m pip install --quiet safetensors numpy onnxruntime
 fi
+if ! python3 -c "import dp_accounting" 2>/dev/null; then
+  echo "installing dp-accounting (pip) for the privacy accountant cross-check" >&2
+  python3 -m pip install --quiet dp-accounting
+fi
 if ! python3 -c "import dockerfile_parse, yaml" 2>/dev/null; then
   echo "installing dockerfile-parse and PyYAML (pip) for the deployment units test" >&2
   python3 -m pip install --quiet dockerfile-parse pyyaml

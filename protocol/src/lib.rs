@@ -31,6 +31,7 @@ pub mod keyfile;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
+pub mod privacy;
 pub mod replay;
 pub mod roster;
 pub mod round;
