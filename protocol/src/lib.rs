@@ -31,6 +31,7 @@ pub mod keyfile;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
+pub mod noise;
 pub mod privacy;
 pub mod replay;
 pub mod roster;
