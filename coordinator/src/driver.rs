@@ -597,6 +597,11 @@ async fn drive(shared: &Arc<Shared>, job_id: JobId, spec: &JobSpec, row: &JobRow
             let block = summation_block(Summation::FINAL_EVALUATION, &sum, &transcript, None);
             let mut tx = shared.ledger.begin().await?;
             tx.append(&block, unix_ms() as u64).await?;
+            // Kept for the pooled ROC and calibration curves (`job status`):
+            // an aggregate over the evaluating sites, as the ledger block's
+            // hash commits to.
+            let bytes: Vec<u8> = sum.iter().flat_map(|w| w.to_le_bytes()).collect();
+            Store::put_aggregate_in(&mut tx.tx, job_id, round, &hex::encode(commitment(&sum)), &bytes).await?;
             tx
         }
         (_, Some(Err(e))) => {

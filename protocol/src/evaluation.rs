@@ -230,6 +230,28 @@ pub fn decode_round(words: &[u32], n_test: u64, n_train: u64, threshold: f64) ->
     })
 }
 
+/// The non-empty bins of summed histograms as score groups, in ascending
+/// order of score.
+fn histogram_groups(positives: &[u32], negatives: &[u32]) -> Vec<Group> {
+    (0..BINS)
+        .filter(|&b| positives[b] > 0 || negatives[b] > 0)
+        .map(|b| Group {
+            logit: bin_center(b),
+            positives: f64::from(positives[b]),
+            negatives: f64::from(negatives[b]),
+        })
+        .collect()
+}
+
+/// The score groups of a final evaluation's sum, for the pooled ROC and
+/// calibration curves (`metrics::roc_curve`, `metrics::calibration_curve`):
+/// only from a sum [`decode_final`] accepts.
+pub fn final_groups(words: &[u32], n_test: u64, threshold: f64) -> Result<Vec<Group>, DecodeError> {
+    decode_final(words, n_test, threshold)?;
+    let (positives, negatives) = words[3 * exact::LIMBS + 2..].split_at(BINS);
+    Ok(histogram_groups(positives, negatives))
+}
+
 /// Pooled metrics of the final evaluation over sites whose declared test
 /// rows add up to `n_test`.
 pub fn decode_final(words: &[u32], n_test: u64, threshold: f64) -> Result<Pooled, DecodeError> {
@@ -247,6 +269,7 @@ pub fn decode_final(words: &[u32], n_test: u64, threshold: f64) -> Result<Pooled
     let (tp, fp) = (words[sums_end], words[sums_end + 1]);
     check_sums(v[0], v[1], v[2], n_test)?;
     let (positives, negatives) = words[sums_end + 2..].split_at(BINS);
+    let groups = histogram_groups(positives, negatives);
     let count = |bins: &[u32]| bins.iter().map(|&c| u64::from(c)).sum::<u64>();
     let (n_pos, n_neg) = (count(positives), count(negatives));
     if n_pos + n_neg != n_test {
@@ -259,14 +282,6 @@ pub fn decode_final(words: &[u32], n_test: u64, threshold: f64) -> Result<Pooled
             "more true or false positives than rows of the class",
         ));
     }
-    let groups: Vec<Group> = (0..BINS)
-        .filter(|&b| positives[b] > 0 || negatives[b] > 0)
-        .map(|b| Group {
-            logit: bin_center(b),
-            positives: f64::from(positives[b]),
-            negatives: f64::from(negatives[b]),
-        })
-        .collect();
     let at = AtThreshold {
         threshold,
         true_positives: f64::from(tp),

@@ -135,6 +135,55 @@ impl BinaryMetrics {
     }
 }
 
+/// The ROC curve of score groups in ascending order of score: (false
+/// positive rate, true positive rate) with the threshold lowered past one
+/// group at a time, from (0, 0) to (1, 1). Empty with one class.
+pub fn roc_curve(groups: &[Group]) -> Vec<(f64, f64)> {
+    let n_pos: f64 = groups.iter().map(|g| g.positives).sum();
+    let n_neg: f64 = groups.iter().map(|g| g.negatives).sum();
+    if n_pos == 0.0 || n_neg == 0.0 {
+        return Vec::new();
+    }
+    let mut points = vec![(0.0, 0.0)];
+    let (mut tp, mut fp) = (0.0, 0.0);
+    for g in groups.iter().rev() {
+        tp += g.positives;
+        fp += g.negatives;
+        points.push((fp / n_neg, tp / n_pos));
+    }
+    points
+}
+
+/// A calibration curve: the rows in order of score cut into `bins` groups
+/// of about equal size (a score group is never split), each as (mean
+/// predicted probability, observed rate of positives, rows).
+pub fn calibration_curve(groups: &[Group], bins: usize) -> Vec<(f64, f64, f64)> {
+    let total: f64 = groups.iter().map(|g| g.positives + g.negatives).sum();
+    if total == 0.0 || bins == 0 {
+        return Vec::new();
+    }
+    let per_bin = total / bins as f64;
+    let mut curve = Vec::new();
+    let (mut seen, mut rows, mut predicted, mut positives) = (0.0, 0.0, 0.0, 0.0);
+    for g in groups {
+        let n = g.positives + g.negatives;
+        seen += n;
+        rows += n;
+        predicted += n * sigmoid(g.logit);
+        positives += g.positives;
+        // Close the k-th bin once k shares of the rows have been seen.
+        let share = per_bin * (curve.len() + 1) as f64;
+        if seen >= share * (1.0 - 1e-12) && rows > 0.0 {
+            curve.push((predicted / rows, positives / rows, rows));
+            (rows, predicted, positives) = (0.0, 0.0, 0.0);
+        }
+    }
+    if rows > 0.0 {
+        curve.push((predicted / rows, positives / rows, rows));
+    }
+    curve
+}
+
 /// A metric as a table shows it: four decimals, or `n/a` where undefined.
 pub fn cell(v: Option<f64>) -> String {
     match v.filter(|v| v.is_finite()) {
@@ -376,6 +425,50 @@ mod tests {
         let m = BinaryMetrics::of_groups(&groups(1.0, 0.7), at);
         assert!((m.calibration_intercept.unwrap() + 0.7).abs() < 1e-9, "{m:?}");
         assert!((m.calibration_slope.unwrap() - 1.0).abs() < 1e-9, "{m:?}");
+    }
+
+    #[test]
+    fn curves_by_hand() {
+        // Scores ascending: (neg), (pos, neg), (pos).
+        let groups = [
+            Group {
+                logit: -1.0,
+                positives: 0.0,
+                negatives: 1.0,
+            },
+            Group {
+                logit: 0.0,
+                positives: 1.0,
+                negatives: 1.0,
+            },
+            Group {
+                logit: 2.0,
+                positives: 1.0,
+                negatives: 0.0,
+            },
+        ];
+        assert_eq!(roc_curve(&groups), [(0.0, 0.0), (0.0, 0.5), (0.5, 1.0), (1.0, 1.0)]);
+        assert!(roc_curve(&groups[2..]).is_empty(), "one class: no curve");
+        // Two bins of 2 rows: {-1 (neg), 0 (half)} then {2 (pos)}: the
+        // middle group is not split, so the first bin takes 3 rows.
+        let curve = calibration_curve(&groups, 2);
+        assert_eq!(curve.len(), 2);
+        assert_eq!((curve[0].2, curve[1].2), (3.0, 1.0));
+        assert!((curve[0].1 - 1.0 / 3.0).abs() < 1e-12);
+        let predicted = (sigmoid(-1.0) + 2.0 * 0.5) / 3.0;
+        assert!((curve[0].0 - predicted).abs() < 1e-12);
+        assert_eq!(curve[1].1, 1.0);
+        // Many equal groups in ten bins: ten bins of equal size.
+        let flat: Vec<Group> = (0..100)
+            .map(|i| Group {
+                logit: f64::from(i) / 10.0 - 5.0,
+                positives: 1.0,
+                negatives: 1.0,
+            })
+            .collect();
+        let curve = calibration_curve(&flat, 10);
+        assert_eq!(curve.len(), 10);
+        assert!(curve.iter().all(|c| c.2 == 20.0), "{curve:?}");
     }
 
     #[test]

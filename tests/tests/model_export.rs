@@ -278,6 +278,18 @@ fn an_exported_model_loads_in_python_and_predicts_as_tessera_does() {
     let roc = std::fs::read_to_string(charts.join("roc_auc.svg")).unwrap();
     assert!(roc.contains("ROC AUC, pooled (secure sum)"), "{roc}");
     assert_eq!(roc.matches("<circle").count(), 1);
+    // The final model's pooled ROC and calibration curves, from the summed
+    // score histograms: the ROC curve from (0, 0) to (1, 1), rising.
+    let curve = status["final_roc_curve"].as_array().unwrap();
+    assert!(curve.len() > 10, "{curve:?}");
+    assert_eq!(curve[0], serde_json::json!([0.0, 0.0]));
+    assert_eq!(curve.last().unwrap(), &serde_json::json!([1.0, 1.0]));
+    let calibration = status["final_calibration"].as_array().unwrap();
+    let rows: f64 = calibration.iter().map(|b| b["rows"].as_f64().unwrap()).sum();
+    assert_eq!(rows, status["final_pooled"]["n_test"].as_f64().unwrap());
+    for file in ["roc_curve.svg", "calibration.svg"] {
+        assert!(listing.contains(&format!("{file} (2 series)")), "{listing}");
+    }
     assert!(cells.iter().any(|c| c[1] == "pooled") && cells.iter().any(|c| c[1] == "cleveland"));
 
     // The watch view: each round once (it printed every round twice), the

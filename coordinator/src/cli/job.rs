@@ -581,6 +581,12 @@ fn status_json(status: &pb::JobStatusResponse) -> serde_json::Value {
         "final_mean_accuracy": final_metrics.map(|ms| finite(mean(ms.iter().map(|m| m.accuracy)))),
         "final_pooled_accuracy": final_pooled.as_ref().map(|p| p["accuracy"].clone()),
         "final_pooled": final_pooled,
+        "final_roc_curve": status.roc_curve.iter().map(|p| [p.x, p.y]).collect::<Vec<_>>(),
+        "final_calibration": status
+            .calibration
+            .iter()
+            .map(|b| json!({ "predicted": b.predicted, "observed": b.observed, "rows": b.rows }))
+            .collect::<Vec<_>>(),
     })
 }
 

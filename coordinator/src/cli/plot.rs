@@ -1,7 +1,7 @@
 //! `tessera job plot`: a job's metrics as SVG charts an ML lead puts in a
 //! slide or a report, from the same rows `tessera job metrics` writes.
 //!
-//! Three charts, one series per source (pooled by secure sum, the mean of
+//! Charts with one series per source (pooled by secure sum, the mean of
 //! the sites' own figures, and each site that reports its own), so that the
 //! pooled figure and the site mean are never mixed in one line:
 //! - `loss.svg`: the weighted training loss of each round and the test loss
@@ -9,6 +9,10 @@
 //! - `accuracy.svg`: test accuracy of each model;
 //! - `roc_auc.svg`: ROC AUC of each model (pooled for the final model only:
 //!   score histograms are summed once per job).
+//! - `roc_curve.svg` and `calibration.svg` (deciles of predicted risk): the
+//!   final model's, pooled from the summed score histograms, when the job
+//!   has them (a secure job whose final evaluation ran, both classes
+//!   present).
 //!
 //! SVG, drawn with plotters' SVG backend: no fonts or system libraries.
 
@@ -55,23 +59,90 @@ pub(crate) fn charts(status: &pb::JobStatusResponse) -> anyhow::Result<Vec<Chart
     };
     let mut loss = vec![train_loss];
     loss.extend(by_source(&rows, |r| r.loss, "test loss"));
-    Ok(vec![
-        render("loss.svg", "Loss", "loss", loss, None)?,
+    let rate = |label: &'static str| Axes {
+        y_label: label,
+        y_max: Some(1.0),
+        ..Axes::ROUNDS
+    };
+    let mut charts = vec![
+        render("loss.svg", "Loss", Axes::ROUNDS, loss)?,
         render(
             "accuracy.svg",
             "Test accuracy",
-            "accuracy",
+            rate("accuracy"),
             by_source(&rows, |r| r.accuracy, "accuracy"),
-            Some(1.0),
         )?,
         render(
             "roc_auc.svg",
             "ROC AUC",
-            "ROC AUC",
+            rate("ROC AUC"),
             by_source(&rows, |r| r.roc_auc, "ROC AUC"),
-            Some(1.0),
         )?,
-    ])
+    ];
+    // The final model's curves, from the pooled histograms: against the
+    // diagonal, on the unit square.
+    let diagonal = |name: &str| Series {
+        name: name.into(),
+        points: vec![(0.0, 0.0), (1.0, 1.0)],
+        marker: false,
+    };
+    let unit = |x_label, y_label| Axes {
+        x_label,
+        y_label,
+        y_max: Some(1.0),
+        rounds: false,
+    };
+    if !status.roc_curve.is_empty() {
+        let curve = Series {
+            name: "final model, pooled (secure sum)".into(),
+            points: status.roc_curve.iter().map(|p| (p.x, p.y)).collect(),
+            marker: false,
+        };
+        let axes = unit(
+            "false positive rate (1 - specificity)",
+            "true positive rate (sensitivity)",
+        );
+        charts.push(render(
+            "roc_curve.svg",
+            "ROC curve",
+            axes,
+            vec![curve, diagonal("chance")],
+        )?);
+    }
+    if !status.calibration.is_empty() {
+        let curve = Series {
+            name: "final model, pooled: deciles of predicted risk".into(),
+            points: status.calibration.iter().map(|b| (b.predicted, b.observed)).collect(),
+            marker: false,
+        };
+        let axes = unit("predicted probability", "observed rate of positives");
+        charts.push(render(
+            "calibration.svg",
+            "Calibration",
+            axes,
+            vec![curve, diagonal("perfect calibration")],
+        )?);
+    }
+    Ok(charts)
+}
+
+/// A chart's axes: x in rounds (whole numbers) or in [0, 1].
+#[derive(Clone, Copy)]
+struct Axes {
+    x_label: &'static str,
+    y_label: &'static str,
+    /// The top of the y axis (1 for a rate); from the data when `None`.
+    y_max: Option<f64>,
+    rounds: bool,
+}
+
+impl Axes {
+    const ROUNDS: Axes = Axes {
+        x_label: "round (metrics: of the model after it; 0 is the initial model)",
+        y_label: "loss",
+        y_max: None,
+        rounds: true,
+    };
 }
 
 /// The pooled series, the mean over the sites that report, then each site,
@@ -116,19 +187,14 @@ fn by_source(rows: &[MetricRow], value: impl Fn(&MetricRow) -> Option<f64>, what
     series
 }
 
-/// Draws the non-empty series on one chart; `y_max` fixes the top of the
-/// axis (1 for a rate), or it is taken from the data.
-fn render(
-    file: &'static str,
-    title: &str,
-    y_label: &str,
-    series: Vec<Series>,
-    y_max: Option<f64>,
-) -> anyhow::Result<Chart> {
+/// Draws the non-empty series on one chart.
+fn render(file: &'static str, title: &str, axes: Axes, series: Vec<Series>) -> anyhow::Result<Chart> {
     let series: Vec<Series> = series.into_iter().filter(|s| !s.points.is_empty()).collect();
     let points = || series.iter().flat_map(|s| s.points.iter());
     let x_max = points().map(|p| p.0).fold(1.0, f64::max);
-    let y_max = y_max.unwrap_or_else(|| points().map(|p| p.1).fold(f64::MIN_POSITIVE, f64::max) * 1.1);
+    let y_max = axes
+        .y_max
+        .unwrap_or_else(|| points().map(|p| p.1).fold(f64::MIN_POSITIVE, f64::max) * 1.1);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (900, 520)).into_drawing_area();
@@ -143,13 +209,19 @@ fn render(
             .map_err(|e| draw(&e))?;
         // Rounds are whole numbers: at most one label per round.
         let round_label = |x: &f64| format!("{x:.0}");
+        let rate_label = |x: &f64| format!("{x:.1}");
+        let (x_labels, x_format): (usize, &dyn Fn(&f64) -> String) = if axes.rounds {
+            ((x_max as usize + 1).min(12), &round_label)
+        } else {
+            (11, &rate_label)
+        };
         chart
             .configure_mesh()
-            .x_labels((x_max as usize + 1).min(12))
-            .x_label_formatter(&round_label)
+            .x_labels(x_labels)
+            .x_label_formatter(x_format)
             .light_line_style(RGBColor(238, 238, 238))
-            .x_desc("round (metrics: of the model after it; 0 is the initial model)")
-            .y_desc(y_label)
+            .x_desc(axes.x_label)
+            .y_desc(axes.y_label)
             .draw()
             .map_err(|e| draw(&e))?;
         for (i, s) in series.iter().enumerate() {
@@ -225,6 +297,9 @@ mod tests {
                 site(2, "b", 0.8, f64::NAN),
             ],
             pooled: vec![pooled(1, 0.55, None), pooled(2, 0.75, Some(final_binary))],
+            roc_curve: [(0.0, 0.0), (0.2, 0.7), (1.0, 1.0)]
+                .map(|(x, y)| pb::CurvePoint { x, y })
+                .to_vec(),
             rounds: vec![pb::RoundSummary {
                 round: 1,
                 mean_train_loss: 0.45,
@@ -251,7 +326,9 @@ mod tests {
     fn charts_have_a_series_per_source_with_values() {
         let charts = charts(&status()).unwrap();
         let names: Vec<&str> = charts.iter().map(|c| c.file).collect();
-        assert_eq!(names, ["loss.svg", "accuracy.svg", "roc_auc.svg"]);
+        assert_eq!(names, ["loss.svg", "accuracy.svg", "roc_auc.svg", "roc_curve.svg"]);
+        assert_eq!(charts[3].series, ["final model, pooled (secure sum)", "chance"]);
+        assert_eq!(series_lines(&charts[3].svg), 2);
         for chart in &charts {
             assert!(chart.svg.starts_with("<svg") && chart.svg.trim_end().ends_with("</svg>"));
             assert!(!chart.svg.contains("NaN"), "{}", chart.file);

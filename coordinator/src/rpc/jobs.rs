@@ -7,6 +7,7 @@ use tessera_protocol::ids::JobId;
 use tessera_protocol::job::JobSpec;
 use tessera_protocol::ledger::payload::{JobCreated, JobEnded, Payload};
 use tessera_protocol::pb::jobs_server::Jobs;
+use tessera_protocol::{evaluation, metrics};
 use tessera_protocol::{pb, wire};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -180,7 +181,7 @@ impl Jobs for JobsService {
                 model_hash: m.model_hash,
             })
             .collect();
-        let pooled = store
+        let pooled: Vec<pb::PooledMetrics> = store
             .pooled(job_id)
             .await
             .map_err(RpcError::from)?
@@ -194,6 +195,7 @@ impl Jobs for JobsService {
                 binary: binary_metrics(p.binary.as_deref()).as_ref().map(wire::binary_to_pb),
             })
             .collect();
+        let (roc_curve, calibration) = final_curves(store, &row, &pooled).await?;
         let waiting = {
             let inner = self.shared.lock();
             match inner.active.as_ref() {
@@ -208,6 +210,8 @@ impl Jobs for JobsService {
             rounds,
             metrics,
             pooled,
+            roc_curve,
+            calibration,
         }))
     }
 
@@ -454,6 +458,45 @@ fn site_states(
         sites.entry(site).or_insert(s);
     }
     sites.into_values().collect()
+}
+
+/// The final model's pooled ROC and calibration curves, from the final
+/// evaluation's stored sum (score histograms); none before it ran, for a
+/// plaintext job, or for a sum that does not decode.
+async fn final_curves(
+    store: &Store,
+    row: &JobRow,
+    pooled: &[pb::PooledMetrics],
+) -> Result<(Vec<pb::CurvePoint>, Vec<pb::CalibrationBin>), RpcError> {
+    let round = row.rounds_total as u32 + 1;
+    let Some(n_test) = pooled.iter().find(|p| p.round == round).map(|p| p.n_test) else {
+        return Ok(Default::default());
+    };
+    let Some((_, bytes)) = store.aggregate(JobId(row.id as u64), round).await? else {
+        return Ok(Default::default());
+    };
+    let Ok(spec) = JobSpec::from_toml(&row.job_toml) else {
+        return Ok(Default::default());
+    };
+    let Ok(words) = wire::decode_words(&bytes) else {
+        return Ok(Default::default());
+    };
+    let Ok(groups) = evaluation::final_groups(&words, n_test, spec.evaluation.threshold) else {
+        return Ok(Default::default());
+    };
+    let roc = metrics::roc_curve(&groups)
+        .into_iter()
+        .map(|(x, y)| pb::CurvePoint { x, y })
+        .collect();
+    let calibration = metrics::calibration_curve(&groups, 10)
+        .into_iter()
+        .map(|(predicted, observed, rows)| pb::CalibrationBin {
+            predicted,
+            observed,
+            rows,
+        })
+        .collect();
+    Ok((roc, calibration))
 }
 
 #[cfg(test)]
