@@ -251,8 +251,10 @@ FIELDS = {
                 # AUC is undefined (e.g. a test set of one class), so allow it.
                 "sites": list_of(obj_with({"site": is_str, "n_test": is_int, "loss": is_num,
                                            "accuracy": is_num, "auc": nullable(is_num)})),
+                # accuracy is null for models evaluated during training
+                # (counts of rows are pooled once per job, at the end).
                 "pooled": nullable(obj_with({"n_sites": is_int, "n_test": is_int,
-                                             "loss": is_num, "accuracy": is_num}))},
+                                             "loss": is_num, "accuracy": nullable(is_num)}))},
     "job_ended": {"job_id": is_int, "status": one_of("finished", "cancelled", "failed"),
                   "reason": is_str, "rounds_done": is_int,
                   "final_model_sha256": nullable(is_h32)},

@@ -333,7 +333,7 @@ async fn metrics_block(shared: &Arc<Shared>, job_id: JobId, round: u32, model_ha
                 n_sites: p.n_sites as u64,
                 n_test: p.n_test as u64,
                 loss: p.loss?,
-                accuracy: p.accuracy?,
+                accuracy: p.accuracy,
                 binary: binary_metrics(p.binary.as_deref()),
             })
         });
@@ -649,7 +649,11 @@ fn stored_preprocessing(row: &JobRow) -> Result<Option<(Normalization, ClassCoun
     struct Stored {
         mean: Vec<f64>,
         std: Vec<f64>,
+        // Absent from jobs preprocessed before class weights: those jobs
+        // can only have a fixed weight, which never reads them.
+        #[serde(default)]
         rows: u64,
+        #[serde(default)]
         positives: u64,
     }
     let stored: Stored = serde_json::from_str(json)

@@ -41,8 +41,11 @@ pub struct Policy {
     #[serde(default)]
     pub allow_insecure_plaintext: bool,
     /// Whether this site reports its own test metrics to the coordinator (on
-    /// by default, as Flower and FLARE do). Off: its evaluation only enters
-    /// the secure sum, so the coordinator sees pooled figures alone.
+    /// by default, as Flower and FLARE do), into the ledger every member and
+    /// regulator reads. They include sensitivity and specificity, from which
+    /// with the accuracy and the declared test rows the site's test
+    /// prevalence follows. Off: its evaluation only enters the secure sum,
+    /// so the coordinator sees pooled figures alone.
     #[serde(default = "yes")]
     pub report_site_metrics: bool,
     /// Model kinds (`logistic_regression`, `mlp`) this site trains without

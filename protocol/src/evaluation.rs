@@ -3,26 +3,34 @@
 //!
 //! Two tails, appended to a site's secure input:
 //! - **Every training round** ([`ROUND_WORDS`]): for the model the round
-//!   started from, the site's correct predictions at the job's threshold, its
-//!   summed log loss and summed squared error (Brier); and its own training
-//!   loss of the round times its declared training rows. Pooled: accuracy,
-//!   loss, Brier, and the weighted training loss.
-//! - **The final evaluation** ([`FINAL_WORDS`], once per job): the same sums
-//!   for the final model, its true and false positives at the threshold, and
-//!   a histogram of its test scores, [`BINS`] logit bins per class. From the
-//!   summed histograms the coordinator computes the pooled ROC AUC, average
-//!   precision and calibration (`metrics`), within the binning error of the
-//!   exact values on the pooled scores.
+//!   started from, the site's summed log loss and summed squared error
+//!   (Brier); and its own training loss of the round times its declared
+//!   training rows. Pooled: loss, Brier, and the weighted training loss.
+//! - **The final evaluation** ([`FINAL_WORDS`], once per job): the final
+//!   model's correct predictions at the job's threshold, loss and Brier sums,
+//!   its true and false positives, and a histogram of its test scores,
+//!   [`BINS`] logit bins per class. From the summed histograms the
+//!   coordinator computes the pooled ROC AUC, average precision and
+//!   calibration (`metrics`), within the binning error of the exact values
+//!   on the pooled scores.
 //!
-//! **Why histograms only once per job (differencing).** A histogram's totals
-//! are the site's positive and negative test rows: the same in every round.
-//! Summed in two rounds whose survivor sets differ by one site, they would
-//! reveal that site's count of positive test rows (its prevalence). So every
-//! job-constant quantity is summed at most once per job (as the statistics
-//! in round 0 are); per-round sums carry only quantities that change with
-//! the model. The test-row counts themselves are declared in each site's
-//! signed acceptance (public in the ledger), and the pooled count is the sum
-//! of the survivors' declarations.
+//! **Why counts only once per job (differencing).** A histogram's totals are
+//! the site's positive and negative test rows: the same in every round. A
+//! count at a threshold can be too: a model (or a threshold, which the job
+//! file sets) that puts every row on one side makes the correct predictions
+//! the site's negatives, or its positives, round after round. Summed in two
+//! rounds whose survivor sets differ by one site, either would reveal that
+//! site's prevalence exactly. So every count of rows is summed at most once
+//! per job, in the final evaluation (as the statistics are in round 0), and
+//! a site takes which round that is from the job file it accepted
+//! (`JobSpec::round_kind`). The per-round tail holds only continuous sums of
+//! the model's fit. Like the update itself (whose bias gradient, for a model
+//! that predicts one class everywhere, is about a count of rows), those can
+//! approach such a count for a degenerate model: differencing of per-round
+//! aggregates is bounded only by noise, which is issue 12's distributed DP,
+//! not by this layout. The test-row counts themselves are declared in each
+//! site's signed acceptance (public in the ledger), and the pooled count is
+//! the sum of the survivors' declarations.
 //!
 //! Counts travel as plain u32 words (the pooled test rows of a job are far
 //! below 2^32; the coordinator refuses to decode otherwise); real-valued sums
@@ -40,7 +48,7 @@ pub const BINS: usize = 2048;
 pub const LOGIT_SPAN: f64 = 16.0;
 
 /// Words a site's evaluation adds to a training round's secure input.
-pub const ROUND_WORDS: usize = 4 * exact::LIMBS;
+pub const ROUND_WORDS: usize = 3 * exact::LIMBS;
 /// Words of the final evaluation's secure input.
 pub const FINAL_WORDS: usize = 3 * exact::LIMBS + 2 + 2 * BINS;
 
@@ -113,11 +121,12 @@ impl SiteSums {
         s
     }
 
-    /// The tail of a training round's input: this evaluation of the round's
-    /// starting model, and `train_loss_sum` (the site's mean training loss
-    /// times its declared training rows).
+    /// The tail of a training round's input: this evaluation's loss and
+    /// Brier sums for the round's starting model, and `train_loss_sum` (the
+    /// site's mean training loss times its declared training rows). No count
+    /// of rows: those go into the final evaluation only.
     pub fn encode_round(&self, train_loss_sum: f64) -> Vec<u32> {
-        encode_sums(&[self.correct as f64, self.loss_sum, self.brier_sum, train_loss_sum])
+        encode_sums(&[self.loss_sum, self.brier_sum, train_loss_sum])
     }
 
     /// The final evaluation's whole input.
@@ -163,6 +172,7 @@ fn encode_sums(values: &[f64]) -> Vec<u32> {
 pub struct Pooled {
     /// The survivors' declared test rows.
     pub n_test: u64,
+    /// The final evaluation's only (a count of rows).
     pub accuracy: Option<f64>,
     pub loss: Option<f64>,
     /// Brier score in every round; the ranking and threshold metrics too in
@@ -215,18 +225,19 @@ pub fn decode_round(words: &[u32], n_test: u64, n_train: u64, threshold: f64) ->
         });
     }
     let v = exact::decode_sum(words)?;
-    check_sums(v[0], v[1], v[2], n_test)?;
+    check_sums(0.0, v[0], v[1], n_test)?;
     let per = |sum: f64, n: u64| (n > 0).then(|| sum / n as f64);
     Ok(Pooled {
         n_test,
-        accuracy: per(v[0].round(), n_test),
-        loss: per(v[1], n_test),
+        // A count at the threshold: the final evaluation's alone.
+        accuracy: None,
+        loss: per(v[0], n_test),
         binary: BinaryMetrics {
-            brier: per(v[2], n_test),
+            brier: per(v[1], n_test),
             threshold,
             ..BinaryMetrics::default()
         },
-        train_loss: per(v[3], n_train),
+        train_loss: per(v[2], n_train),
     })
 }
 
@@ -319,14 +330,16 @@ mod tests {
         assert_eq!((a.correct, b.correct), (1, 1));
         let sum = add(&a.encode_round(0.5 * 10.0), &b.encode_round(0.25 * 30.0));
         let pooled = decode_round(&sum, 3, 40, 0.5).unwrap();
-        assert_eq!(pooled.accuracy, Some(2.0 / 3.0));
+        assert_eq!(pooled.accuracy, None, "no count in a round");
+        let final_sum = add(&a.encode_final(), &b.encode_final());
+        assert_eq!(decode_final(&final_sum, 3, 0.5).unwrap().accuracy, Some(2.0 / 3.0));
         let loss = (log_loss(2.0, true) + log_loss(-1.0, true) + log_loss(-3.0, false)) / 3.0;
         assert!((pooled.loss.unwrap() - loss).abs() < 1e-4);
         // Training loss weighted by declared rows: (5 + 7.5) / 40.
         assert!((pooled.train_loss.unwrap() - 12.5 / 40.0).abs() < 1e-4);
         assert!(pooled.binary.brier.is_some());
         assert_eq!(pooled.binary.roc_auc, None, "no ranking metric in a round");
-        assert_eq!(decode_round(&[0; ROUND_WORDS], 0, 0, 0.5).unwrap().accuracy, None);
+        assert_eq!(decode_round(&[0; ROUND_WORDS], 0, 0, 0.5).unwrap().loss, None);
         assert!(matches!(
             decode_round(&sum[1..], 3, 40, 0.5),
             Err(DecodeError::Length { .. })
@@ -348,7 +361,8 @@ mod tests {
 
     /// Sums no honest sites give are refused, not published: histograms
     /// that hold other than the declared rows, more true positives than
-    /// positives, more correct predictions than rows.
+    /// positives, more correct predictions than rows, a Brier sum above the
+    /// rows.
     #[test]
     fn inconsistent_sums_are_refused() {
         let s = SiteSums::of_scores(&[0.3, -2.0, 1.0], &[1.0, 0.0, 0.0], 0.5);
@@ -366,6 +380,12 @@ mod tests {
         let mut lying = s.clone();
         lying.correct = 5;
         assert!(matches!(
+            decode_final(&lying.encode_final(), 3, 0.5),
+            Err(DecodeError::Inconsistent(_))
+        ));
+        let mut lying = s.clone();
+        lying.brier_sum = 4.0;
+        assert!(matches!(
             decode_round(&lying.encode_round(1.0), 3, 3, 0.5),
             Err(DecodeError::Inconsistent(_))
         ));
@@ -381,13 +401,16 @@ mod tests {
         assert!(pooled.loss.unwrap() > 1e6);
     }
 
-    /// Differencing: the per-round tail holds nothing the same in every
-    /// round. Two sites with the same round sums but different test-row
-    /// counts and prevalence send the same words.
+    /// Differencing: the per-round tail holds no count of rows. Two sites
+    /// with the same loss and Brier sums but other test-row counts,
+    /// prevalence and correct predictions send the same words; and a job
+    /// whose threshold puts every row on one side (where the correct
+    /// predictions are the site's negatives in every round) gives a round
+    /// tail that does not depend on that count.
     #[test]
     fn adversarial_differencing_round_tail_reveals_no_job_constant_count() {
-        // 100 rows, all positive, vs 120 rows, all negative: the same
-        // correct predictions, loss and Brier sums, so the same words.
+        // 100 rows vs 120 rows, other prevalence and correct counts: the
+        // same loss and Brier sums, so the same words.
         let a = SiteSums {
             n: 100,
             correct: 60,
@@ -400,6 +423,7 @@ mod tests {
         };
         let b = SiteSums {
             n: 120,
+            correct: 70,
             true_positives: 3,
             positives: vec![0; BINS],
             negatives: vec![2; BINS],
@@ -407,6 +431,13 @@ mod tests {
         };
         assert_eq!(a.encode_round(5.0), b.encode_round(5.0));
         assert_eq!(a.encode_round(5.0).len(), ROUND_WORDS);
+        // Threshold 1e-9: every row predicted positive, so `correct` is the
+        // site's positives; the round tail does not carry it.
+        let one_side = SiteSums::of_scores(&[0.5, -1.0, 2.0], &[1.0, 0.0, 0.0], 1e-9);
+        assert_eq!(one_side.correct, 1);
+        let mut other = one_side.clone();
+        other.correct = 2;
+        assert_eq!(one_side.encode_round(1.0), other.encode_round(1.0));
     }
 
     proptest! {

@@ -329,10 +329,12 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
 
 /// The columns of [`round_line`]. The metrics are those of the model the
 /// round started from (the sites evaluate it before they train): pooled
-/// over every site's test rows by secure sum, and the mean of the sites' own
-/// figures, in separate columns. The training loss is the round's own,
-/// weighted by the sites' training rows (securely summed in secure jobs).
-const ROUND_HEADER: &str = "round       sites  acc pooled  acc site mean  brier pooled  auc site mean  train loss  \
+/// over every site's test rows by secure sum (log loss and Brier score:
+/// counts such as accuracy are pooled for the final model only), and the
+/// mean of the sites' own figures, in separate columns. The training loss
+/// is the round's own, weighted by the sites' training rows (securely
+/// summed in secure jobs).
+const ROUND_HEADER: &str = "round       sites  loss pooled  brier pooled  acc site mean  auc site mean  train loss  \
                             round ms  model         (metrics: of the model each round started from)";
 
 fn round_line(
@@ -354,9 +356,9 @@ fn round_line(
         "{:<11} {:>5}  {}  {}  {}  {}  {}  {:>8}  {}{dropped}",
         format!("{:>3}/{total}", round.round),
         round.sites.len(),
-        figure(pooled.map(|p| p.accuracy), 10, 3),
-        figure(metrics.map(|ms| mean(ms.iter().map(|m| m.accuracy))), 13, 3),
+        figure(pooled.map(|p| p.loss), 11, 4),
         figure(pooled.and_then(|p| p.binary.as_ref()?.brier), 12, 4),
+        figure(metrics.map(|ms| mean(ms.iter().map(|m| m.accuracy))), 13, 3),
         figure(metrics.and_then(|ms| site_mean_auc(ms)), 13, 3),
         figure(Some(round.mean_train_loss), 10, 4),
         round.duration_ms,
@@ -376,9 +378,9 @@ fn round_event(
         "dropped": round.dropped, "duration_ms": round.duration_ms,
         "mean_train_loss": finite(round.mean_train_loss), "model_hash": round.model_hash,
         "accuracy_before": {
-            "pooled": pooled.map(|p| finite(p.accuracy)),
             "site_mean": metrics.map(|ms| finite(mean(ms.iter().map(|m| m.accuracy)))),
         },
+        "loss_before": { "pooled": pooled.map(|p| finite(p.loss)) },
         "brier_before": { "pooled": pooled.and_then(|p| p.binary.as_ref()?.brier) },
         "roc_auc_before": { "site_mean": metrics.and_then(|ms| site_mean_auc(ms)) },
     })

@@ -572,10 +572,13 @@ fn show(loaded: &Loaded, job: Option<u64>, round: Option<u32>, json: bool) -> Cl
     Ok(ExitCode::SUCCESS)
 }
 
-/// A pooled evaluation in a few words: accuracy, and the ROC AUC and Brier
-/// score where the block records them.
+/// A pooled evaluation in a few words: the accuracy (final models), or the
+/// loss, and the ROC AUC and Brier score where the block records them.
 pub(crate) fn pooled_summary(p: &tessera_protocol::ledger::payload::PooledMetrics) -> String {
-    let mut s = format!("accuracy {:.4}", p.accuracy);
+    let mut s = match p.accuracy {
+        Some(accuracy) => format!("accuracy {accuracy:.4}"),
+        None => format!("loss {:.4}", p.loss),
+    };
     if let Some(b) = &p.binary {
         if let Some(auc) = b.roc_auc {
             s.push_str(&format!(", ROC AUC {auc:.4}"));

@@ -187,7 +187,10 @@ pub struct PooledMetrics {
     pub n_sites: u64,
     pub n_test: u64,
     pub loss: f64,
-    pub accuracy: f64,
+    /// A count of rows: pooled for the final model only (`null` in the
+    /// blocks of models evaluated during training since the clinical
+    /// metrics; see `evaluation`).
+    pub accuracy: Option<f64>,
     /// Pooled clinical metrics: the Brier score for every model, the ranking
     /// and threshold metrics for the final one (absent from older blocks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
